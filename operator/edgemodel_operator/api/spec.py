@@ -1,0 +1,319 @@
+"""The desired state of an EdgeModel (`spec`), as pydantic models.
+
+These classes are the single source of truth: the CRD's OpenAPI schema and the field
+reference in docs/ are generated from them, and the operator parses custom objects with them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from edgemodel_operator.api.fields import (
+    ApiModel,
+    Duration,
+    Fraction,
+    PositiveNumber,
+    Quantity,
+    Rate,
+    Sha256,
+    Uri,
+    cel,
+    validations,
+)
+
+Engine = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+DType = Literal[
+    "float32",
+    "float16",
+    "float64",
+    "bfloat16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+]
+
+
+class ArtifactRef(ApiModel):
+    """A file fetched by URI and verified against its SHA-256 digest before it is used."""
+
+    uri: Uri = Field(description="Where to fetch the file: an https:// or oci:// URI.")
+    sha256: Sha256 = Field(
+        description="SHA-256 of the file's bytes, 64 lowercase hex characters. "
+        "The download is refused when it does not match."
+    )
+
+
+class TensorSpec(ApiModel):
+    """One model input with its dynamic dimensions fixed."""
+
+    name: str = Field(
+        min_length=1, max_length=256, pattern=r"^\S+$", description="Input name as it appears in the ONNX graph."
+    )
+    shape: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
+        max_length=8,
+        description="Concrete shape used to build, validate and benchmark the engine; every dimension is at least 1.",
+    )
+    dtype: DType = Field(description="Element type of the input tensor.")
+
+
+class HardwareMatch(ApiModel):
+    """Which hardware classes an engine entry applies to.
+
+    Every field that is set must match; an empty match applies to every class.
+    """
+
+    arch: Literal["amd64", "arm64", "arm", "riscv64"] | None = Field(
+        default=None, description="CPU architecture, as in the node label kubernetes.io/arch."
+    )
+    accelerator: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        description="Accelerator family of the class: `none` for CPU-only nodes, `nvidia` for any NVIDIA GPU, "
+        "or a specific one such as `nvidia-orin` for Jetson Orin modules.",
+    )
+    gpu_product: str | None = Field(
+        default=None,
+        max_length=128,
+        description="GPU product as labelled by GPU Feature Discovery (nvidia.com/gpu.product), e.g. NVIDIA-A2.",
+    )
+    compute_capability: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+\.[0-9]+$",
+        max_length=8,
+        description="CUDA compute capability, e.g. `8.7`. "
+        "TensorRT engines only run on the capability they were built for.",
+    )
+    cpu_features: list[Annotated[str, Field(max_length=64, pattern=r"^[A-Z0-9_]+$")]] | None = Field(
+        default=None,
+        max_length=16,
+        description="CPU features the class must have, by Node Feature Discovery's cpuid names, e.g. AVX512VNNI.",
+    )
+
+
+class EngineTarget(ApiModel):
+    """The engine and precision to build for the hardware classes that `match` selects."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.precision == 'int8' || !has(self.quantization)",
+                "quantization applies only to precision int8",
+                ".quantization",
+            ),
+            cel(
+                "self.precision != 'int8' || has(self.calibration) "
+                "|| (has(self.quantization) && self.quantization == 'dynamic')",
+                "int8 with static quantization needs calibration data: set calibration {uri, sha256}, "
+                "or quantization: dynamic (onnxruntime only)",
+                ".calibration",
+            ),
+            cel(
+                "!has(self.quantization) || self.quantization != 'dynamic' || self.engine == 'onnxruntime'",
+                "dynamic quantization is only available with engine onnxruntime",
+                ".quantization",
+            ),
+            cel(
+                "!has(self.calibrationMethod) || has(self.calibration)",
+                "calibrationMethod needs calibration data",
+                ".calibrationMethod",
+            ),
+            cel(
+                "self.engine != 'tensorrt' || !has(self.match.accelerator) || self.match.accelerator != 'none'",
+                "engine tensorrt needs an NVIDIA accelerator, but this entry matches CPU-only classes",
+                ".engine",
+            ),
+        )
+    }
+
+    match: HardwareMatch = Field(
+        description="The hardware classes this entry applies to; the first matching entry wins."
+    )
+    engine: Engine = Field(description="Engine to build: onnxruntime (any class) or tensorrt (NVIDIA GPUs only).")
+    precision: Precision = Field(default="fp32", description="Numeric precision of the engine.")
+    quantization: Literal["static", "dynamic"] | None = Field(
+        default=None,
+        description="For int8: static quantization calibrated on `calibration` (the default), "
+        "or dynamic quantization of the weights only (onnxruntime).",
+    )
+    calibration: ArtifactRef | None = Field(
+        default=None, description="An .npz file of representative inputs, used to calibrate static int8 quantization."
+    )
+    calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(
+        default=None, description="How activation ranges are chosen from the calibration data (default minmax)."
+    )
+
+
+class Targets(ApiModel):
+    """Which nodes get engines, and which engine each hardware class gets."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None,
+        max_length=32,
+        description="Only nodes with all of these labels are considered. Default: every schedulable node.",
+    )
+    engines: list[EngineTarget] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Engine and precision per hardware match, first match wins. Default: onnxruntime fp32 on CPU "
+        "classes and tensorrt fp16 on NVIDIA classes.",
+        json_schema_extra=validations(
+            cel(
+                "self.all(a, self.exists_one(b, b.match == a.match))",
+                "two entries have the same match; the second could never be used",
+            )
+        ),
+    )
+
+
+class Tolerance(ApiModel):
+    """How far a built engine's outputs may drift from the fp32 ONNX Runtime reference."""
+
+    max_abs_error: PositiveNumber | None = Field(
+        default=None, description="Largest allowed absolute difference of any output element."
+    )
+    max_relative_error: PositiveNumber | None = Field(
+        default=None,
+        description="Largest allowed absolute difference relative to the reference output's range (max - min).",
+    )
+    min_cosine: Fraction | None = Field(
+        default=None, description="Smallest allowed cosine similarity between engine and reference outputs, in (0, 1]."
+    )
+    min_top1_agreement: Fraction | None = Field(
+        default=None,
+        description="Smallest allowed share of samples whose arg-max class matches the reference, in (0, 1]; "
+        "for classifier-like outputs.",
+    )
+
+
+class LatencyBudget(ApiModel):
+    """The latency an engine must achieve on its own hardware class."""
+
+    p99_ms: PositiveNumber = Field(description="99th percentile latency of one inference, in milliseconds.")
+
+
+class Validation(ApiModel):
+    """How each built engine is checked before it may serve."""
+
+    reference: ArtifactRef | None = Field(
+        default=None,
+        description="An .npz file with realistic inputs (and optionally expected outputs). "
+        "Default: seeded random inputs compared with fp32 on CPU.",
+    )
+    tolerance: Tolerance | None = Field(default=None, description="Accuracy limits against the reference.")
+    latency_budget: LatencyBudget | None = Field(default=None, description="Latency limits on the target class.")
+
+
+class Resources(ApiModel):
+    """Compute resources of each serving container, as in a Pod spec."""
+
+    requests: dict[str, Quantity] | None = Field(default=None, max_length=8, description="Resources reserved.")
+    limits: dict[str, Quantity] | None = Field(default=None, max_length=8, description="Resources not to exceed.")
+
+
+class Serving(ApiModel):
+    """How engines are rolled out as inference pods."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.mode != 'DaemonSet' || !has(self.replicasPerClass)",
+                "replicasPerClass does not apply to mode DaemonSet, which runs one pod per node",
+                ".replicasPerClass",
+            )
+        )
+    }
+
+    mode: Literal["Deployment", "DaemonSet"] = Field(
+        default="Deployment",
+        description="Deployment: replicasPerClass pods per hardware class; "
+        "DaemonSet: one pod on every node of a class.",
+    )
+    replicas_per_class: int | None = Field(
+        default=None, ge=1, le=1000, description="Pods per hardware class in Deployment mode (default 1)."
+    )
+    resources: Resources | None = Field(default=None, description="Resources of each serving container.")
+    port: int = Field(
+        default=8080, ge=1024, le=65535, description="Port the inference server listens on (unprivileged: 1024-65535)."
+    )
+
+
+class Shadow(ApiModel):
+    """How long and how much live traffic is mirrored to a candidate revision."""
+
+    mirror_percent: float = Field(
+        default=100,
+        gt=0,
+        le=100,
+        description="Share of live requests copied to the candidate, in (0, 100].",
+    )
+    min_requests: int = Field(
+        default=100, ge=1, le=100_000_000, description="Mirrored requests needed before a decision."
+    )
+    duration: Duration = Field(default="5m", description="Shortest time to shadow before a decision, e.g. 5m.")
+
+
+class Analysis(ApiModel):
+    """The evidence a candidate must show during shadowing to be promoted."""
+
+    min_agreement: Fraction = Field(
+        default=0.99, description="Smallest share of mirrored requests whose outputs agree with stable, in (0, 1]."
+    )
+    max_latency_ratio: PositiveNumber = Field(
+        default=1.5, description="Largest allowed ratio of candidate to stable latency."
+    )
+    max_error_rate: Rate = Field(
+        default=0.01, description="Largest allowed share of mirrored requests that fail on the candidate, in [0, 1]."
+    )
+
+
+class Rollout(ApiModel):
+    """How a new revision replaces the stable one."""
+
+    shadow: Shadow = Field(
+        default_factory=Shadow, description="Shadow traffic settings.", json_schema_extra={"default": {}}
+    )
+    analysis: Analysis = Field(
+        default_factory=Analysis, description="Promotion criteria.", json_schema_extra={"default": {}}
+    )
+    auto_promote: bool = Field(
+        default=True,
+        description="Promote a candidate that passes analysis without waiting; when false, the operator waits "
+        "for an approval set on the EdgeModel.",
+    )
+    auto_rollback: bool = Field(
+        default=True, description="Remove a candidate that fails analysis without waiting for a person."
+    )
+
+
+class EdgeModelSpec(ApiModel):
+    """What to build, validate, serve and roll out."""
+
+    model: ArtifactRef = Field(description="The ONNX model, by URI and SHA-256 digest.")
+    inputs: list[TensorSpec] | None = Field(
+        default=None,
+        max_length=32,
+        description="Model inputs with their dynamic dimensions fixed. Default: the shapes in the model, "
+        "with dynamic dimensions set to 1.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    targets: Targets | None = Field(default=None, description="Which nodes and which engines.")
+    validation: Validation | None = Field(default=None, description="Checks each engine must pass.")
+    serving: Serving = Field(
+        default_factory=Serving, description="How engines are served.", json_schema_extra={"default": {}}
+    )
+    rollout: Rollout = Field(
+        default_factory=Rollout,
+        description="How a new revision is shadowed and promoted.",
+        json_schema_extra={"default": {}},
+    )

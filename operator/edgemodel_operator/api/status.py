@@ -1,0 +1,95 @@
+"""The observed state of an EdgeModel (`status`), written only by the operator."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from edgemodel_operator.api.fields import ApiModel
+
+ConditionType = Literal["Ready", "EnginesBuilt", "Validated", "Progressing", "Degraded"]
+"""The condition types the operator sets; Ready is the one kstatus, Flux and Argo CD read."""
+
+
+class Condition(ApiModel):
+    """One aspect of the object's state, following Kubernetes API conventions."""
+
+    type: str = Field(max_length=316, description="Ready, EnginesBuilt, Validated, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field(
+        max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase cause."
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    observed_generation: int = Field(ge=0, description="The metadata.generation this condition was computed from.")
+    last_transition_time: datetime = Field(description="When the status last changed.")
+
+
+class Revisions(ApiModel):
+    """Which revisions of the spec are serving."""
+
+    stable: str | None = Field(default=None, description="Revision answering client requests.")
+    candidate: str | None = Field(default=None, description="Revision being built or shadowed, if any.")
+
+
+class EngineMetrics(ApiModel):
+    """Validation and latency figures measured by a build on its hardware class."""
+
+    max_abs_error: float | None = Field(default=None, description="Largest absolute difference from the reference.")
+    max_relative_error: float | None = Field(
+        default=None, description="Largest difference relative to the reference's range."
+    )
+    cosine: float | None = Field(default=None, description="Smallest cosine similarity to the reference.")
+    top1_agreement: float | None = Field(default=None, description="Share of samples with the same arg-max class.")
+    latency_p50_ms: float | None = Field(default=None, description="Median latency of one inference.")
+    latency_p99_ms: float | None = Field(default=None, description="99th percentile latency of one inference.")
+
+
+class ShadowStatus(ApiModel):
+    """Evidence gathered while a candidate receives mirrored traffic."""
+
+    requests: int = Field(default=0, ge=0, description="Mirrored requests compared so far.")
+    agreement: float | None = Field(default=None, description="Share of mirrored requests whose outputs agreed.")
+    latency_ratio: float | None = Field(default=None, description="Candidate latency divided by stable latency.")
+    error_rate: float | None = Field(default=None, description="Share of mirrored requests that failed.")
+    decision: Literal["Pending", "Promote", "Rollback", "AwaitingApproval"] | None = Field(
+        default=None, description="What the analysis concluded."
+    )
+    reason: str | None = Field(default=None, description="Why, with the figures that decided it.")
+
+
+class ClassStatus(ApiModel):
+    """State of one hardware class."""
+
+    key: str = Field(description="Stable identifier of the hardware class.")
+    nodes: list[str] = Field(default_factory=list, description="Nodes of this class.")
+    engine: str | None = Field(default=None, description="Engine built for this class.")
+    precision: str | None = Field(default=None, description="Precision of the engine (after any fallback).")
+    cache_key: str | None = Field(default=None, description="Hash that identifies the build; same key, same engine.")
+    artifact_digest: str | None = Field(default=None, description="Digest of the published engine artifact.")
+    build_seconds: float | None = Field(default=None, description="How long the build took.")
+    metrics: EngineMetrics | None = Field(default=None, description="Validation and latency figures.")
+    ready_replicas: int = Field(default=0, ge=0, description="Serving pods of this class that are ready.")
+    state: Literal["Pending", "Building", "Built", "Failed", "Serving", "Shadowing", "RolledBack"] = Field(
+        default="Pending", description="Where this class is in the rollout."
+    )
+    message: str | None = Field(default=None, description="Details of the current state, e.g. why a build failed.")
+    shadow: ShadowStatus | None = Field(default=None, description="Shadow evidence for this class's candidate.")
+
+
+class EdgeModelStatus(ApiModel):
+    """What the operator observed and did."""
+
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    phase: str | None = Field(default=None, description="Summary derived from the conditions, for display only.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready, EnginesBuilt, Validated, Progressing and Degraded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    revisions: Revisions | None = Field(default=None, description="Stable and candidate revisions.")
+    classes_ready: str | None = Field(default=None, description="Ready classes out of all classes, e.g. 2/3.")
+    classes: list[ClassStatus] = Field(default_factory=list, description="One entry per hardware class.")
+    shadow: ShadowStatus | None = Field(default=None, description="Shadow evidence summed over all classes.")
