@@ -50,6 +50,8 @@ def _log(message: str) -> None:
 class Testbed:
     """One control plane and its simulated nodes, described by files under `directory`."""
 
+    __test__ = False  # not a test class, despite the name
+
     directory: Path
 
     @property
@@ -228,6 +230,8 @@ class Testbed:
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--server-address=127.0.0.1:{ports['kwok']}",
             "--node-ip=127.0.0.1",
+            # KWOK renews a Lease per node, as a kubelet does, so the node lifecycle controller keeps them Ready.
+            "--node-lease-duration-seconds=40",
             "--cidr=10.244.0.0/16",
         ]
 

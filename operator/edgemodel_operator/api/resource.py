@@ -50,7 +50,6 @@ def _root_schema() -> JsonSchema:
                 f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
                 f"metadata.name must be at most {MAX_NAME_LENGTH} characters, so that the names of the Jobs "
                 "and workloads made from it fit in 63",
-                ".metadata.name",
             )
         ),
     }

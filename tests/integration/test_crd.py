@@ -1,0 +1,220 @@
+"""The EdgeModel CRD on a real API server: it installs, examples apply, bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.testbed.cluster import Testbed
+
+pytestmark = pytest.mark.testbed
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
+
+Manifest = dict[str, Any]
+
+
+def valid_manifest(name: str = "valid") -> Manifest:
+    return {
+        "apiVersion": "edgeml.dev/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "oci://registry.local:5000/models/det:v4", "sha256": DIGEST},
+            "inputs": [{"name": "x", "shape": [1, 3, 480, 640], "dtype": "float32"}],
+            "targets": {
+                "engines": [
+                    {"match": {"arch": "amd64"}, "engine": "onnxruntime", "precision": "fp32"},
+                    {"match": {"accelerator": "nvidia"}, "engine": "tensorrt", "precision": "fp16"},
+                ]
+            },
+            "validation": {"tolerance": {"maxAbsError": 0.01, "minCosine": 0.99}, "latencyBudget": {"p99Ms": 50}},
+            "rollout": {"shadow": {"mirrorPercent": 50, "minRequests": 10, "duration": "1m"}},
+        },
+    }
+
+
+def _set(path: str, value: Any) -> Callable[[Manifest], None]:
+    """A mutation that sets a dotted path (list indexes as numbers) to a value, or deletes it for ..."""
+
+    def mutate(manifest: Manifest) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        node: Any = manifest
+        for part in parents:
+            node = node[part]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+
+    return mutate
+
+
+def _engine(**fields: Any) -> Callable[[Manifest], None]:
+    return _set("spec.targets.engines.0", {"match": {"arch": "amd64"}, "engine": "onnxruntime", **fields})
+
+
+# (test id, mutation of a valid manifest, field named in the error, fragment of the message)
+INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
+    ("model is missing", _set("spec.model", ...), "spec.model", "Required value"),
+    ("digest is missing", _set("spec.model.sha256", ...), "spec.model.sha256", "Required value"),
+    ("digest is too short", _set("spec.model.sha256", "abc123"), "spec.model.sha256", "at least 64"),
+    ("digest is not lowercase hex", _set("spec.model.sha256", DIGEST.upper()), "spec.model.sha256", "should match"),
+    ("uri is plain http", _set("spec.model.uri", "http://models.local/m.onnx"), "spec.model.uri", "https:// or oci://"),
+    ("uri is file://", _set("spec.model.uri", "file:///etc/passwd"), "spec.model.uri", "file:// and local paths"),
+    ("uri is a bare path", _set("spec.model.uri", "/models/det.onnx"), "spec.model.uri", "https:// or oci://"),
+    ("uri has a .. segment", _set("spec.model.uri", "https://h/models/../secret"), "spec.model.uri", "'..'"),
+    ("uri has an encoded .. segment", _set("spec.model.uri", "https://h/a/%2e%2e/b"), "spec.model.uri", "'..'"),
+    ("uri ends in ..", _set("spec.model.uri", "oci://registry/repo/.."), "spec.model.uri", "'..'"),
+    ("uri embeds credentials", _set("spec.model.uri", "https://u:p@h/m.onnx"), "spec.model.uri", "credentials"),
+    (
+        "calibration uri is file://",
+        _engine(precision="int8", calibration={"uri": "file:///tmp/c.npz", "sha256": DIGEST}),
+        "spec.targets.engines[0].calibration.uri",
+        "file://",
+    ),
+    (
+        "reference uri has a .. segment",
+        _set("spec.validation.reference", {"uri": "https://h/../r.npz", "sha256": DIGEST}),
+        "spec.validation.reference.uri",
+        "'..'",
+    ),
+    ("engine is unknown", _engine(engine="openvino"), "spec.targets.engines[0].engine", "Unsupported value"),
+    ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
+    (
+        "static int8 without calibration",
+        _engine(precision="int8"),
+        "spec.targets.engines[0].calibration",
+        "needs calibration data",
+    ),
+    (
+        "dynamic int8 on tensorrt",
+        _set(
+            "spec.targets.engines.1",
+            {"match": {"accelerator": "nvidia"}, "engine": "tensorrt", "precision": "int8", "quantization": "dynamic"},
+        ),
+        "spec.targets.engines[1].quantization",
+        "only available with engine onnxruntime",
+    ),
+    (
+        "quantization on fp16",
+        _engine(precision="fp16", quantization="dynamic"),
+        "spec.targets.engines[0].quantization",
+        "applies only to precision int8",
+    ),
+    (
+        "tensorrt on CPU-only classes",
+        _set("spec.targets.engines.1.match", {"accelerator": "none"}),
+        "spec.targets.engines[1].engine",
+        "needs an NVIDIA accelerator",
+    ),
+    (
+        "two engine entries with the same match",
+        _set("spec.targets.engines.1.match", {"arch": "amd64"}),
+        "spec.targets.engines",
+        "same match",
+    ),
+    ("engines list is empty", _set("spec.targets.engines", []), "spec.targets.engines", "at least 1"),
+    ("zero max abs error", _set("spec.validation.tolerance.maxAbsError", 0), "maxAbsError", "greater than 0"),
+    ("negative max abs error", _set("spec.validation.tolerance.maxAbsError", -1), "maxAbsError", "greater than 0"),
+    ("cosine above 1", _set("spec.validation.tolerance.minCosine", 1.5), "minCosine", "less than or equal to 1"),
+    ("zero latency budget", _set("spec.validation.latencyBudget.p99Ms", 0), "p99Ms", "greater than 0"),
+    ("agreement above 1", _set("spec.rollout.analysis", {"minAgreement": 1.2}), "minAgreement", "less than or equal"),
+    ("error rate above 1", _set("spec.rollout.analysis", {"maxErrorRate": 2}), "maxErrorRate", "less than or equal"),
+    ("zero latency ratio", _set("spec.rollout.analysis", {"maxLatencyRatio": 0}), "maxLatencyRatio", "greater than"),
+    ("mirror percent above 100", _set("spec.rollout.shadow.mirrorPercent", 101), "mirrorPercent", "less than or equal"),
+    ("negative mirror percent", _set("spec.rollout.shadow.mirrorPercent", -5), "mirrorPercent", "greater than 0"),
+    ("zero mirror percent", _set("spec.rollout.shadow.mirrorPercent", 0), "mirrorPercent", "greater than 0"),
+    ("zero min requests", _set("spec.rollout.shadow.minRequests", 0), "minRequests", "greater than or equal to 1"),
+    ("zero shadow duration", _set("spec.rollout.shadow.duration", "0s"), "spec.rollout.shadow.duration", "positive"),
+    ("shadow duration in words", _set("spec.rollout.shadow.duration", "5 minutes"), "duration", "should match"),
+    (
+        "duplicate input names",
+        _set("spec.inputs", [{"name": "x", "shape": [1], "dtype": "float32"}] * 2),
+        "spec.inputs[1]",
+        "Duplicate value",
+    ),
+    ("zero dimension", _set("spec.inputs.0.shape", [1, 0, 4]), "spec.inputs[0].shape[1]", "greater than or equal"),
+    ("unknown dtype", _set("spec.inputs.0.dtype", "float8"), "spec.inputs[0].dtype", "Unsupported value"),
+    ("privileged port", _set("spec.serving", {"port": 80}), "spec.serving.port", "greater than or equal to 1024"),
+    ("zero replicas", _set("spec.serving", {"replicasPerClass": 0}), "spec.serving.replicasPerClass", "greater"),
+    (
+        "replicas with DaemonSet mode",
+        _set("spec.serving", {"mode": "DaemonSet", "replicasPerClass": 2}),
+        "spec.serving.replicasPerClass",
+        "does not apply to mode DaemonSet",
+    ),
+    ("unknown serving mode", _set("spec.serving", {"mode": "StatefulSet"}), "spec.serving.mode", "Unsupported"),
+    ("bad resource quantity", _set("spec.serving", {"resources": {"limits": {"cpu": "lots"}}}), "cpu", "should match"),
+    (
+        "compute capability not x.y",
+        _set("spec.targets.engines.1.match.computeCapability", "sm87"),
+        "computeCapa",
+        "match",
+    ),
+    ("unknown field", _set("spec.modle", {"uri": "https://h/m"}), "spec.modle", "unknown field"),
+    ("name too long for child objects", _set("metadata.name", "a" * 41), "metadata.name", "at most 40 characters"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "field", "fragment"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_edgemodel_is_refused_at_apply_with_a_message_naming_the_field(
+    crd: Testbed, namespace: str, mutate: Callable[[Manifest], None], field: str, fragment: str
+) -> None:
+    manifest = copy.deepcopy(valid_manifest())
+    mutate(manifest)
+    result = crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"accepted: {result.stdout}"
+    assert field in result.stderr, result.stderr
+    assert fragment in result.stderr, result.stderr
+    assert crd.kubectl("get", "em", "-n", namespace, "-o", "name").stdout == ""
+
+
+def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbed, namespace: str) -> None:
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(valid_manifest()))
+    stored = json.loads(crd.kubectl("get", "em", "valid", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["serving"] == {"mode": "Deployment", "port": 8080}
+    assert stored["spec"]["rollout"]["analysis"] == {"minAgreement": 0.99, "maxLatencyRatio": 1.5, "maxErrorRate": 0.01}
+    assert stored["spec"]["rollout"]["autoPromote"] is True
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_every_example_applies_cleanly(crd: Testbed, namespace: str, example: Path) -> None:
+    result = crd.kubectl("apply", "-n", namespace, "-f", str(example))
+    assert "created" in result.stdout
+    assert result.stderr == "", result.stderr
+    name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    assert crd.kubectl("get", "edgemodel", name, "-n", namespace, "-o", "name").stdout.strip() == (
+        f"edgemodel.edgeml.dev/{name}"
+    )
+
+
+def test_kubectl_explain_shows_the_field_docs(crd: Testbed) -> None:
+    result = crd.kubectl("explain", "edgemodel.spec.rollout")
+    assert "How a new revision is shadowed and promoted." in result.stdout
+    for field in ("shadow", "analysis", "autoPromote", "autoRollback"):
+        assert field in result.stdout
+    deep = crd.kubectl("explain", "em.spec.rollout.analysis.minAgreement").stdout
+    assert "Smallest share of mirrored requests" in deep
+
+
+def test_printer_columns_show_in_kubectl_get(crd: Testbed, namespace: str) -> None:
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(valid_manifest("columns")))
+    header = crd.kubectl("get", "em", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "PHASE", "CLASSES", "STABLE", "CANDIDATE", "AGE"]
+
+
+def test_status_is_a_subresource_that_spec_writes_cannot_touch(crd: Testbed, namespace: str) -> None:
+    manifest = valid_manifest("status")
+    manifest["status"] = {"phase": "Ready"}
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    stored = json.loads(crd.kubectl("get", "em", "status", "-n", namespace, "-o", "json").stdout)
+    assert "status" not in stored or stored["status"].get("phase") != "Ready"

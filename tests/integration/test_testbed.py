@@ -1,0 +1,174 @@
+"""The test bed itself: real control-plane components and KWOK nodes that behave as edge nodes.
+
+Later tests build on these behaviours (scheduling by hardware labels, Job pods finishing with a
+termination message), so they are checked here on their own first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.testbed.cluster import Testbed
+from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, build_node
+
+pytestmark = pytest.mark.testbed
+
+EXIT_CODE = "testbed.edgemodel.dev/exit-code"
+MESSAGE = "testbed.edgemodel.dev/termination-message"
+
+
+def _get(bed: Testbed, *args: str) -> Any:
+    return json.loads(bed.kubectl("get", *args, "-o", "json").stdout)
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(0.25)
+
+
+def _job(name: str, node_selector: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"annotations": annotations or {}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": node_selector,
+                    "containers": [{"name": "build", "image": "edgemodel-runtime:test", "args": ["build"]}],
+                },
+            },
+        },
+    }
+
+
+def _pods_of_job(bed: Testbed, namespace: str, job: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = _get(bed, "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
+    return items
+
+
+def test_control_plane_components_report_healthy(testbed: Testbed) -> None:
+    for path in ("/livez", "/readyz"):
+        assert testbed.kubectl("get", "--raw", path).stdout.strip() == "ok"
+    version = json.loads(testbed.kubectl("version", "-o", "json").stdout)
+    assert version["serverVersion"]["gitVersion"] == "v1.36.3"
+
+
+def test_every_simulated_node_is_ready_with_its_hardware_class_labels(testbed: Testbed) -> None:
+    nodes = {n["metadata"]["name"]: n for n in _get(testbed, "nodes", "-l", "type=kwok")["items"]}
+    assert set(nodes) >= {name for name, _ in DEFAULT_NODES}
+    for name, node_class in DEFAULT_NODES:
+        node = nodes[name]
+        ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
+        assert ready == "True", f"{name} is not Ready"
+        assert node["metadata"]["labels"]["kubernetes.io/arch"] == node_class.arch
+        for key, value in node_class.labels.items():
+            assert node["metadata"]["labels"][key] == value
+        assert node["status"]["capacity"] == node_class.capacity
+
+
+def test_classes_differ_in_what_decides_where_an_engine_can_run() -> None:
+    signatures = {
+        (
+            c.arch,
+            c.labels.get("nvidia.com/gpu.product"),
+            c.labels.get("feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI"),
+        )
+        for c in CLASSES
+    }
+    assert len(signatures) == len(CLASSES) >= 3
+
+
+def test_gpu_pod_is_scheduled_only_on_a_node_with_a_free_gpu(testbed: Testbed, namespace: str) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "wants-gpu"},
+        "spec": {
+            "containers": [
+                {"name": "serve", "image": "edgemodel-runtime:test", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+            ],
+            "nodeSelector": {"kubernetes.io/arch": "amd64"},
+        },
+    }
+    testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+    running = _eventually(
+        lambda: (p := _get(testbed, "pod", "wants-gpu", "-n", namespace))["status"].get("phase") == "Running" and p,
+        what="GPU pod Running",
+    )
+    node = _get(testbed, "node", running["spec"]["nodeName"])
+    assert node["status"]["allocatable"].get("nvidia.com/gpu") == "1"
+    conditions = {c["type"]: c["status"] for c in running["status"]["conditions"]}
+    assert conditions["Ready"] == "True"
+    assert running["status"]["podIP"]
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "phase", "job_condition"),
+    [("0", "Succeeded", "Complete"), ("3", "Failed", "Failed")],
+    ids=["succeeds", "fails"],
+)
+def test_job_pod_finishes_with_the_exit_code_and_termination_message_a_test_sets(
+    testbed: Testbed, namespace: str, exit_code: str, phase: str, job_condition: str
+) -> None:
+    report = json.dumps({"version": 1, "ok": exit_code == "0", "reason": 'tolerance "minCosine" missed'})
+    job = _job("build", {"kubernetes.io/arch": "arm64", "nvidia.com/gpu.present": "true"})
+    testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
+    pod = _eventually(
+        lambda: [p for p in _pods_of_job(testbed, namespace, "build") if p["status"].get("phase") == "Running"],
+        what="build pod Running",
+    )[0]
+    assert pod["spec"]["nodeName"].startswith("jetson-orin-")
+    # A build without a result stays Running: the operator sees a build in progress.
+    time.sleep(1)
+    assert _get(testbed, "pod", pod["metadata"]["name"], "-n", namespace)["status"]["phase"] == "Running"
+
+    testbed.kubectl(
+        "annotate", "pod", pod["metadata"]["name"], "-n", namespace, f"{EXIT_CODE}={exit_code}", f"{MESSAGE}={report}"
+    )
+    finished = _eventually(
+        lambda: (p := _get(testbed, "pod", pod["metadata"]["name"], "-n", namespace))["status"]["phase"] == phase and p,
+        what=f"pod {phase}",
+    )
+    terminated = finished["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == int(exit_code)
+    assert json.loads(terminated["message"]) == json.loads(report)
+    _eventually(
+        lambda: any(
+            c["type"] == job_condition and c["status"] == "True"
+            for c in _get(testbed, "job", "build", "-n", namespace)["status"].get("conditions", [])
+        ),
+        what=f"Job {job_condition}",
+    )
+
+
+def test_job_with_the_result_in_its_pod_template_finishes_on_its_own(testbed: Testbed, namespace: str) -> None:
+    job = _job("quick", {"kubernetes.io/arch": "amd64"}, {EXIT_CODE: "0", MESSAGE: "built"})
+    testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
+    testbed.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/quick", "--timeout=60s")
+
+
+def test_a_node_of_a_new_class_joins_and_becomes_ready(testbed: Testbed) -> None:
+    node = build_node("gpu-ws-joined", X86_NVIDIA)
+    node["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-L4"
+    node["metadata"]["labels"]["nvidia.com/gpu.compute.minor"] = "9"
+    testbed.apply_objects([node])
+    try:
+        testbed.kubectl("wait", "--for=condition=Ready", "node/gpu-ws-joined", "--timeout=60s")
+    finally:
+        testbed.kubectl("delete", "node", "gpu-ws-joined", "--wait=false")
