@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,12 +52,14 @@ def namespace(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[str]
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach the tail of every component's log to a failed test that used the test bed."""
-    report: pytest.TestReport = yield
-    if report.failed and "testbed" in getattr(item, "fixturenames", ()):
-        bed: Testbed = item.funcargs.get("testbed") if hasattr(item, "funcargs") else None  # type: ignore[attr-defined]
-        if bed is not None:
+    report = yield
+    if report.failed and isinstance(item, pytest.Function):
+        bed = item.funcargs.get("testbed")
+        if isinstance(bed, Testbed):
             for component in COMPONENTS:
                 report.sections.append((f"{component} log", bed.log_tail(component, 30)))
             report.sections.append(("test bed state", json.dumps(bed.state(), indent=2)))
