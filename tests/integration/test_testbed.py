@@ -7,8 +7,11 @@ termination message), so they are checked here on their own first.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +175,38 @@ def test_a_node_of_a_new_class_joins_and_becomes_ready(testbed: Testbed) -> None
         testbed.kubectl("wait", "--for=condition=Ready", "node/gpu-ws-joined", "--timeout=60s")
     finally:
         testbed.kubectl("delete", "node", "gpu-ws-joined", "--wait=false")
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """host:port of every TCP socket `pid` listens on, read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    addresses = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            host_hex, port_hex = local.split(":")
+            raw = bytes.fromhex(host_hex)
+            # /proc prints addresses as host-order 32-bit words.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addresses.add(f"{socket.inet_ntop(family, packed)}:{int(port_hex, 16)}")
+    return addresses
+
+
+def test_every_component_listens_on_loopback_only(testbed: Testbed) -> None:
+    pids = testbed.state()["pids"]
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+    for name, pid in pids.items():
+        addresses = _listening_addresses(pid)
+        assert addresses, f"{name} listens on nothing"
+        outside = {a for a in addresses if not a.startswith(("127.", "::ffff:127."))}
+        assert not outside, f"{name} listens beyond loopback: {outside}"

@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _up(bed: Testbed) -> int:
-    seconds = bed.start()
-    print(f"test bed ready in {seconds:.1f}s (logs in {bed.logs})", file=sys.stderr)
+    if bed.running():
+        print(f"test bed already running from {bed.directory}", file=sys.stderr)
+    else:
+        seconds = bed.start()
+        print(f"test bed ready in {seconds:.1f}s (logs in {bed.logs})", file=sys.stderr)
     print(bed.kubectl("get", "nodes", "-L", "kubernetes.io/arch,node.kubernetes.io/instance-type").stdout)
     print(f"export KUBECONFIG={bed.kubeconfig.resolve()}")
     print(f"export PATH={Path(bed.state()['binaries']['kubectl']).parent}:$PATH")
@@ -46,8 +49,7 @@ def _show(bed: Testbed, title: str, *args: str, stdin: str | None = None) -> Non
 
 
 def _demo(bed: Testbed) -> int:
-    if not bed.state().get("pids"):
-        _up(bed)
+    _up(bed)
     _show(bed, "install the EdgeModel CRD", "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
     bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
     time.sleep(1)  # discovery refresh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -84,11 +85,14 @@ class Testbed:
 
     def start(self, nodes: Sequence[dict[str, Any]] | None = None) -> float:
         """Build or find the binaries, start every component, register the nodes; returns seconds taken."""
-        if self.state().get("pids"):
+        if self.running():
             raise TestbedError(f"a test bed already runs from {self.directory}; stop it first")
+        self.stop()  # forget components left over from a run that died
         started = time.monotonic()
         paths = binaries.ensure_all()
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Each start is a new cluster: old data would not match the new certificates and keys.
+        shutil.rmtree(self.directory / "etcd", ignore_errors=True)
         self.logs.mkdir(exist_ok=True)
         write_pki(self.pki.directory)
         ports = {
@@ -112,6 +116,11 @@ class Testbed:
             self.stop()
             raise
         return time.monotonic() - started
+
+    def running(self) -> bool:
+        """Whether any component recorded in the state directory is still alive."""
+        state = self.state()
+        return any(_ours(pid, state["binaries"][name]) for name, pid in state.get("pids", {}).items())
 
     def _spawn(self, state: dict[str, Any], name: str, args: list[str]) -> None:
         log = (self.logs / f"{name}.log").open("ab")
@@ -306,10 +315,20 @@ class Testbed:
         state = self.state()
         pids: dict[str, int] = state.get("pids", {})
         for name in reversed(list(pids)):
-            _terminate(pids[name], timeout)
+            if _ours(pids[name], state["binaries"][name]):
+                _terminate(pids[name], timeout)
         if state:
             state["pids"] = {}
             self._save(state)
+
+
+def _ours(pid: int, binary: str) -> bool:
+    """Whether `pid` is alive and still runs `binary` (PIDs are reused after a reboot)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return _alive(pid) and command.decode(errors="replace") == binary
 
 
 def _alive(pid: int) -> bool:
