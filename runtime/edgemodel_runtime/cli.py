@@ -22,9 +22,16 @@ def _version_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def _build_command(argv: Sequence[str]) -> int:
+    """Build, validate and publish an engine for this machine's hardware class."""
+    from edgemodel_runtime.build.cli import build_command
+
+    return build_command(argv)
+
+
 def builtin_commands() -> dict[str, Command]:
     """Commands implemented in the runtime itself."""
-    return {"version": _version_command}
+    return {"version": _version_command, "build": _build_command}
 
 
 def _usage(names: Sequence[str]) -> str:
