@@ -28,10 +28,9 @@ def session(model: Path, threads: int | None = None, optimize: bool = True) -> o
     try:
         return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own Fail/InvalidGraph/NotImplemented kinds
-        kind = type(error).__name__
-        reason = (
-            "UnsupportedOperator" if "NOT_IMPLEMENTED" in str(error) or kind == "NotImplemented" else "InvalidModel"
-        )
+        text, kind = str(error), type(error).__name__
+        unsupported = "NOT_IMPLEMENTED" in text or kind == "NotImplemented" or "is not a registered function/op" in text
+        reason = "UnsupportedOperator" if unsupported else "InvalidModel"
         raise BadInputError(f"{model.name}: onnxruntime cannot load it: {error}", reason=reason) from error
 
 
