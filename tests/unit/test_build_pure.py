@@ -1,0 +1,179 @@
+"""Pure parts of `edgemodel build`: URI checks, metrics, tolerances, cache keys, compact reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgemodel_runtime.build import compare, report, tensors
+from edgemodel_runtime.build.errors import BadInputError, ExitCode
+from edgemodel_runtime.build.fetch import check_digest, parse_source
+
+DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("uri", "allow_local", "kind"),
+    [
+        ("https://models.example/det.onnx", False, "https"),
+        ("HTTPS://models.example/det.onnx", False, "https"),
+        ("oci://127.0.0.1:5000/models/det:v4", False, "oci"),
+        ("models/det.onnx", True, "path"),
+        ("/abs/det.onnx", True, "path"),
+    ],
+)
+def test_accepted_sources(uri: str, allow_local: bool, kind: str) -> None:
+    assert parse_source(uri, allow_local=allow_local).kind == kind
+
+
+@pytest.mark.parametrize(
+    ("uri", "allow_local", "fragment"),
+    [
+        ("file:///etc/passwd", True, "file:// URIs are refused"),
+        ("http://models.example/m.onnx", True, "unsupported scheme"),
+        ("ftp://models.example/m.onnx", True, "unsupported scheme"),
+        ("models/det.onnx", False, "expected an https:// or oci:// URI"),
+        ("https://h/a/../b", True, "'..'"),
+        ("https://h/a/%2E%2e/b", True, "'..'"),
+        ("../outside.onnx", True, "'..'"),
+        ("oci://registry/repo/..", True, "'..'"),
+        ("https://u:p@h/m.onnx", True, "credentials"),
+        ("https://h/m .onnx", True, "whitespace"),
+        ("C:\\models\\m.onnx", True, "backslashes"),
+    ],
+)
+def test_refused_sources_name_the_problem(uri: str, allow_local: bool, fragment: str) -> None:
+    with pytest.raises(BadInputError) as caught:
+        parse_source(uri, allow_local=allow_local)
+    assert fragment in str(caught.value)
+    assert caught.value.exit_code == ExitCode.BAD_INPUT
+
+
+@pytest.mark.parametrize("digest", ["AB" * 32, "sha256:" + "ab" * 32])
+def test_digests_are_normalised(digest: str) -> None:
+    assert check_digest(digest) == DIGEST
+
+
+@pytest.mark.parametrize("digest", ["", "ab" * 31, "zz" * 32, "ab" * 33])
+def test_malformed_digests_are_refused(digest: str) -> None:
+    with pytest.raises(BadInputError, match="not a SHA-256 digest"):
+        check_digest(digest)
+
+
+def _outputs(*arrays: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{"y": a} for a in arrays]
+
+
+def test_identical_outputs_compare_perfectly() -> None:
+    reference = _outputs(np.array([[0.1, 0.9, 0.0]], np.float32))
+    result = compare.compare(reference, reference)
+    assert (result.max_abs_error, result.max_relative_error, result.top1_agreement) == (0, 0, 1.0)
+    assert result.cosine == pytest.approx(1.0)
+
+
+def test_near_zero_reference_leaves_cosine_undefined_instead_of_reporting_noise() -> None:
+    reference = _outputs(np.full((1, 64), 1e-9, np.float32))
+    candidate = _outputs(np.full((1, 64), -1e-9, np.float32))
+    result = compare.compare(reference, candidate)
+    assert result.cosine is None
+    assert result.max_abs_error == pytest.approx(2e-9)
+
+
+def test_relative_error_is_measured_against_the_reference_range() -> None:
+    reference = _outputs(np.array([[0.0, 10.0]], np.float32))
+    candidate = _outputs(np.array([[0.5, 10.0]], np.float32))
+    assert compare.compare(reference, candidate).max_relative_error == pytest.approx(0.05)
+
+
+def test_top1_agreement_counts_positions_with_the_same_argmax() -> None:
+    reference = _outputs(np.array([[[1, 0], [0, 1], [1, 0], [0, 1]]], np.float32))
+    candidate = _outputs(np.array([[[1, 0], [1, 0], [1, 0], [0, 1]]], np.float32))
+    assert compare.compare(reference, candidate).top1_agreement == 0.75
+
+
+def test_outputs_of_different_shapes_cannot_be_compared() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compare.compare(_outputs(np.zeros((1, 2))), _outputs(np.zeros((1, 3))))
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "expected"),
+    [
+        (compare.Tolerance(max_abs_error=0.5), []),
+        (compare.Tolerance(max_abs_error=0.01), ["max abs error 0.1 > maxAbsError 0.01"]),
+        (compare.Tolerance(min_cosine=0.999), ["cosine 0.990000 < minCosine 0.999"]),
+        (compare.Tolerance(min_top1_agreement=0.9), ["top-1 agreement 0.8000 < minTop1Agreement 0.9"]),
+        (compare.Tolerance(max_relative_error=0.05), ["max relative error 0.2 > maxRelativeError 0.05"]),
+    ],
+)
+def test_each_missed_tolerance_is_a_sentence_with_its_numbers(
+    tolerance: compare.Tolerance, expected: list[str]
+) -> None:
+    figures = compare.Comparison(samples=4, max_abs_error=0.1, max_relative_error=0.2, cosine=0.99, top1_agreement=0.8)
+    assert compare.failures(figures, tolerance) == expected
+
+
+def test_cache_key_changes_with_every_input_and_only_then() -> None:
+    base = {
+        "model_sha256": DIGEST,
+        "engine": "onnxruntime",
+        "precision": "fp32",
+        "class_key": "amd64-avx2",
+        "builder_version": "edgemodel-0.1.0+onnxruntime-1.32.0",
+        "options": {"inputs": {"x": [1, 3]}},
+    }
+    key = report.cache_key(**base)  # type: ignore[arg-type]
+    assert key == report.cache_key(**base)  # type: ignore[arg-type]
+    for field, other in [
+        ("model_sha256", "cd" * 32),
+        ("engine", "tensorrt"),
+        ("precision", "int8"),
+        ("class_key", "arm64"),
+        ("builder_version", "edgemodel-0.2.0"),
+        ("options", {"inputs": {"x": [1, 4]}}),
+    ]:
+        assert report.cache_key(**{**base, field: other}) != key, field  # type: ignore[arg-type]
+
+
+def test_compact_report_fits_the_termination_message_limit_even_with_a_huge_message() -> None:
+    full = {
+        "version": 1,
+        "status": "failed",
+        "exitCode": 3,
+        "reason": "ToleranceMissed",
+        "message": "x" * 20000,
+        "cacheKey": DIGEST,
+        "candidate": {"comparison": {"cosine": 0.5}, "latency": {"p50_ms": 1.0, "p99_ms": 2.0}},
+    }
+    text = report.compact(full)
+    assert len(text.encode()) <= report.TERMINATION_LIMIT
+    parsed = json.loads(text)
+    assert parsed["reason"] == "ToleranceMissed"
+    assert parsed["cacheKey"] == DIGEST
+    assert parsed["message"].startswith("xxx")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("x=1x3x224x224", ("x", (1, 3, 224, 224))), ("input.1=8", ("input.1", (8,)))]
+)
+def test_shape_overrides_parse(text: str, expected: tuple[str, tuple[int, ...]]) -> None:
+    assert tensors.parse_shape_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "x=", "x=1x0", "x=ax3", "=1x3"])
+def test_bad_shape_overrides_are_refused(text: str) -> None:
+    with pytest.raises(BadInputError, match="--input"):
+        tensors.parse_shape_override(text)
+
+
+def test_dynamic_dims_become_one_unless_fixed_and_fixed_dims_must_fit() -> None:
+    declared = [("x", [None, 3, "h", "w"], "tensor(float)")]
+    infos = tensors.resolve_inputs(declared, {})
+    assert infos[0].shape == (1, 3, 1, 1)
+    assert tensors.resolve_inputs(declared, {"x": (2, 3, 8, 8)})[0].shape == (2, 3, 8, 8)
+    with pytest.raises(BadInputError, match="does not fit"):
+        tensors.resolve_inputs(declared, {"x": (1, 4, 8, 8)})
+    with pytest.raises(BadInputError, match="not inputs of the model"):
+        tensors.resolve_inputs(declared, {"y": (1,)})
