@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TESTBED_DIR ?= .testbed
 
-.PHONY: venv demo test lint generate testbed testbed-down binaries clean
+.PHONY: venv demo test lint generate testbed testbed-down binaries bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ testbed-down: $(STAMP)
 ## Regenerate crds/ and docs/reference.md from the API models.
 generate: $(STAMP)
 	$(BIN)/python -m edgemodel_operator.api.generate
+
+## Benchmarks (speed goals live here, not in tests); each prints one JSON object last.
+bench: $(STAMP)
+	$(BIN)/python bench/build.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports

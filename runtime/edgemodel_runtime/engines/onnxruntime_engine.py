@@ -81,11 +81,38 @@ def quantize_dynamic_int8(source: Path, target: Path) -> Path:
     """INT8 weights, activations quantised at run time (no calibration data needed)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    prepared = _prepare_for_quantization(source, target)
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
     except Exception as error:
         raise BadInputError(f"dynamic quantisation failed: {error}", reason="QuantizationFailed") from error
+    finally:
+        _remove_scratch(target)
     return target
+
+
+def _prepare_for_quantization(source: Path, target: Path) -> Path:
+    """Opset 13 or later, shapes inferred and constants folded, so that weights are initializers."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_suffix(".pre.onnx")
+    try:
+        upgraded = _with_min_opset(source, target.with_suffix(".opset.onnx"))
+        quant_pre_process(str(upgraded), str(prepared), skip_symbolic_shape=True)
+    except BadInputError:
+        raise
+    except Exception as error:
+        raise BadInputError(
+            f"preparing the model for quantisation failed: {error}", reason="QuantizationFailed"
+        ) from error
+    return prepared
+
+
+def _remove_scratch(target: Path) -> None:
+    target.with_suffix(".pre.onnx").unlink(missing_ok=True)
+    target.with_suffix(".opset.onnx").unlink(missing_ok=True)
+    for leftover in target.parent.glob("*augmented_model*.onnx"):
+        leftover.unlink(missing_ok=True)
 
 
 QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear (the `axis` attribute) needs opset 13
@@ -129,18 +156,14 @@ def quantize_static_int8(
     folding), per-channel signed weights, unsigned activations, QDQ format.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    prepared = target.with_suffix(".pre.onnx")
+    prepared = _prepare_for_quantization(source, target)
     try:
-        quant_pre_process(
-            str(_with_min_opset(source, target.with_suffix(".opset.onnx"))), str(prepared), skip_symbolic_shape=True
-        )
         quantize_static(
             str(prepared),
             str(target),
@@ -151,15 +174,10 @@ def quantize_static_int8(
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
         )
-    except BadInputError:
-        raise
     except Exception as error:
         raise BadInputError(f"static quantisation failed: {error}", reason="QuantizationFailed") from error
     finally:
-        prepared.unlink(missing_ok=True)
-        target.with_suffix(".opset.onnx").unlink(missing_ok=True)
-        for leftover in target.parent.glob("*augmented_model*.onnx"):
-            leftover.unlink(missing_ok=True)
+        _remove_scratch(target)
     return target
 
 

@@ -1,0 +1,138 @@
+"""Benchmark the ONNX Runtime variants `edgemodel build` can produce, per real model, on this machine.
+
+For each model shipped in a PyPI package: FP32 as loaded, offline-optimised FP32, FP16, INT8
+dynamic and INT8 static (calibrated on realistic synthetic inputs), timed in interleaved rounds
+in one run, with accuracy against FP32 on held-out realistic inputs. Prints a Markdown table and,
+as its last line, one JSON object with every figure.
+
+    .venv/bin/python bench/build.py [--seconds 3] [--models ppocr-det-v4,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+
+from edgemodel_runtime.build import compare, hardware, measure  # noqa: E402
+from edgemodel_runtime.build.errors import BuildError  # noqa: E402
+from edgemodel_runtime.engines import onnxruntime_engine as ortx  # noqa: E402
+from tests import samples  # noqa: E402
+from tests.models import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel  # noqa: E402
+
+Inputs = Callable[..., list[dict[str, Any]]]
+MODELS: dict[str, tuple[PackagedModel, Inputs]] = {
+    OCR_DET.name: (OCR_DET, functools.partial(samples.detector_inputs, height=480, width=640)),
+    OCR_REC.name: (OCR_REC, functools.partial(samples.line_inputs, height=48, width=320)),
+    OCR_CLS.name: (OCR_CLS, functools.partial(samples.line_inputs, height=48, width=192)),
+    SILERO_VAD.name: (SILERO_VAD, samples.vad_inputs),
+}
+VARIANTS = ("fp32", "fp32-optimised", "fp16", "int8-dynamic", "int8-static")
+
+
+def _variants(model: Path, work: Path, calibration: list[dict[str, Any]]) -> dict[str, Path | str]:
+    """Each variant's model file, or the error that prevented it."""
+    made: dict[str, Path | str] = {"fp32": model}
+    steps: dict[str, Callable[[], Path]] = {
+        "fp32-optimised": lambda: ortx.optimize_graph(model, work / "opt.onnx"),
+        "fp16": lambda: ortx.convert_fp16(work / "opt.onnx", work / "fp16.onnx"),
+        "int8-dynamic": lambda: ortx.quantize_dynamic_int8(model, work / "dyn.onnx"),
+        "int8-static": lambda: ortx.quantize_static_int8(model, work / "static.onnx", calibration),
+    }
+    for name, step in steps.items():
+        try:
+            made[name] = step()
+        except BuildError as error:
+            made[name] = f"{error.reason}: {str(error)[:160]}"
+    return made
+
+
+def bench_model(name: str, seconds: float) -> dict[str, Any]:
+    model, make_inputs = MODELS[name]
+    calibration, held_out = make_inputs(16, seed=1), make_inputs(8, seed=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        variants = _variants(model.path(), Path(scratch), calibration)
+        sessions = {k: ortx.session(v) for k, v in variants.items() if isinstance(v, Path)}
+        reference = [ortx.run(sessions["fp32"], s) for s in held_out]
+        accuracy = {
+            k: compare.compare(reference, [ortx.run(s, x) for x in held_out]).as_dict() for k, s in sessions.items()
+        }
+        runners: dict[str, measure.Runner] = {
+            k: functools.partial(ortx.run, s, held_out[0]) for k, s in sessions.items()
+        }
+        latency = measure.measure_interleaved(runners, warmup=5, budget_s=seconds)
+    base = latency["fp32"].p50_ms
+    return {
+        "model": name,
+        "input": {k: list(v.shape) for k, v in held_out[0].items()},
+        "variants": {
+            k: {
+                "p50_ms": round(latency[k].p50_ms, 3),
+                "p99_ms": round(latency[k].p99_ms, 3),
+                "speedup_vs_fp32": round(base / latency[k].p50_ms, 3),
+                "max_abs_error": accuracy[k]["max_abs_error"],
+                "max_relative_error": round(accuracy[k]["max_relative_error"], 5),
+                "cosine": None if accuracy[k]["cosine"] is None else round(accuracy[k]["cosine"], 6),
+                "top1_agreement": accuracy[k]["top1_agreement"],
+            }
+            if k in latency
+            else {"error": variants[k]}
+            for k in VARIANTS
+        },
+    }
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | variant | p50 ms | p99 ms | speed vs fp32 | max rel. error | cosine | top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in results:
+        for variant, figures in result["variants"].items():
+            if "error" in figures:
+                lines.append(f"| {result['model']} | {variant} | failed: {figures['error']} | | | | | |")
+                continue
+            top1 = "" if figures["top1_agreement"] is None else f"{figures['top1_agreement']:.3f}"
+            lines.append(
+                f"| {result['model']} | {variant} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} | "
+                f"{figures['speedup_vs_fp32']:.2f}x | {figures['max_relative_error']:.2g} | "
+                f"{figures['cosine']} | {top1} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per variant")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    args = parser.parse_args()
+    results = []
+    for name in args.models.split(","):
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args.seconds))
+    machine = hardware.detect()
+    print(_table(results))
+    summary = {
+        "benchmark": "build",
+        "onnxruntime": ort.__version__,
+        "machine": {"arch": machine.arch, "cpu": machine.cpu_model, "flags": machine.cpu_flags, "cores": machine.cores},
+        "python": platform.python_version(),
+        "results": results,
+    }
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
