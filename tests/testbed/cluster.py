@@ -197,38 +197,33 @@ class Testbed:
             "--profiling=false",
         ]
 
-    def _controller_manager_args(self, paths: dict[str, Path], ports: dict[str, int]) -> list[str]:
+    def _client_component_args(self, name: str, port: int) -> list[str]:
+        """Flags shared by the controller-manager and the scheduler: credentials, loopback serving, no election."""
         kubeconfig = str(self.kubeconfig)
         return [
-            str(paths["kube-controller-manager"]),
             f"--kubeconfig={kubeconfig}",
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
             "--bind-address=127.0.0.1",
-            f"--secure-port={ports['controller-manager']}",
-            f"--cert-dir={self.directory / 'controller-manager-certs'}",
+            f"--secure-port={port}",
+            f"--cert-dir={self.directory / f'{name}-certs'}",
             "--leader-elect=false",
+            "--profiling=false",
+        ]
+
+    def _controller_manager_args(self, paths: dict[str, Path], ports: dict[str, int]) -> list[str]:
+        return [
+            str(paths["kube-controller-manager"]),
+            *self._client_component_args("controller-manager", ports["controller-manager"]),
             f"--root-ca-file={self.pki.ca_cert}",
             f"--service-account-private-key-file={self.pki.service_account_key}",
             f"--cluster-signing-cert-file={self.pki.ca_cert}",
             f"--cluster-signing-key-file={self.pki.ca_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--profiling=false",
         ]
 
     def _scheduler_args(self, paths: dict[str, Path], ports: dict[str, int]) -> list[str]:
-        kubeconfig = str(self.kubeconfig)
-        return [
-            str(paths["kube-scheduler"]),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={ports['scheduler']}",
-            f"--cert-dir={self.directory / 'scheduler-certs'}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ]
+        return [str(paths["kube-scheduler"]), *self._client_component_args("scheduler", ports["scheduler"])]
 
     def _kwok_args(self, paths: dict[str, Path], ports: dict[str, int]) -> list[str]:
         return [
