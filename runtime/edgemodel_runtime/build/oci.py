@@ -1,0 +1,191 @@
+"""Push and pull engine artifacts to an OCI registry with ORAS, addressed by digest.
+
+A reference is `host[:port]/repository[:tag|@sha256:...]`. Registries on loopback addresses,
+and those listed in EDGEMODEL_INSECURE_REGISTRIES (comma-separated host:port), are reached over
+plain HTTP, as container runtimes do for local registries; every other one needs TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgemodel_runtime.build.errors import BadInputError, InfrastructureError
+
+ARTIFACT_TYPE = "application/vnd.edgemodel.engine.v1"
+CACHE_KEY_ANNOTATION = "dev.edgemodel.cache-key"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed OCI reference."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+    def with_tag(self, tag: str) -> str:
+        return f"{self.name}:{tag}"
+
+    def with_digest(self, digest: str) -> str:
+        return f"{self.name}@{digest}"
+
+    def __str__(self) -> str:
+        if self.digest:
+            return self.with_digest(self.digest)
+        return self.with_tag(self.tag or "latest")
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse `host/repo[:tag][@digest]` (an `oci://` prefix is allowed)."""
+    text = text.removeprefix("oci://")
+    registry, slash, remainder = text.partition("/")
+    if not slash or not remainder or "." not in registry and ":" not in registry and registry != "localhost":
+        raise BadInputError(f"{text!r} is not an OCI reference (host[:port]/repository[:tag])", reason="InvalidURI")
+    digest = None
+    if "@" in remainder:
+        remainder, digest = remainder.split("@", 1)
+    tag = None
+    if ":" in remainder.rsplit("/", 1)[-1]:
+        remainder, tag = remainder.rsplit(":", 1)
+    return Reference(registry=registry, repository=remainder, tag=tag, digest=digest)
+
+
+def _insecure(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0].strip("[]")
+    allowed = {entry.strip() for entry in os.environ.get("EDGEMODEL_INSECURE_REGISTRIES", "").split(",") if entry}
+    if registry in allowed or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("EDGEMODEL_REGISTRY_ATTEMPTS", "4")))
+    except ValueError:
+        return 4
+
+
+def _client(registry: str) -> Any:
+    """An ORAS client whose requests follow our retry policy: a few attempts, short backoff, each one logged."""
+    import sys
+    import time
+    import types
+
+    import oras.client
+    import oras.provider
+    import requests
+
+    client = oras.client.OrasClient(hostname=registry, insecure=_insecure(registry))
+    single_request = oras.provider.Registry.do_request.__wrapped__  # ORAS's own retry waits minutes
+    attempts = _attempts()
+
+    def do_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, attempts + 1):
+            try:
+                response = single_request(self, *args, **kwargs)
+                if response.status_code < 500:
+                    return response
+                problem: object = f"HTTP {response.status_code}"
+            except requests.exceptions.RequestException as error:
+                problem = error
+                if attempt == attempts:
+                    raise
+            if attempt == attempts:
+                return response
+            print(f"registry {registry}: attempt {attempt} of {attempts} failed ({problem}); retrying", file=sys.stderr)
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    client.do_request = types.MethodType(do_request, client)
+    return client
+
+
+@contextlib.contextmanager
+def _registry_errors(action: str, reference: str) -> Iterator[None]:
+    import requests
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    except requests.exceptions.RequestException as error:
+        raise InfrastructureError(f"{action} {reference}: registry unreachable: {error}", reason="RegistryError") from error
+    except ValueError as error:
+        raise InfrastructureError(f"{action} {reference}: {error}", reason="RegistryError") from error
+
+
+def pull_files(reference: str) -> list[Path]:
+    """Pull every file of an artifact into a new temporary directory."""
+    parsed = parse_reference(reference)
+    outdir = Path(tempfile.mkdtemp(prefix="edgemodel-pull-"))
+    with _registry_errors("pull", reference):
+        files = _client(parsed.registry).pull(target=str(parsed), outdir=str(outdir))
+    return [Path(file) for file in files]
+
+
+def pull_single_file(reference: str) -> Path:
+    """Pull an artifact with exactly one file into a new temporary directory; return that file."""
+    files = pull_files(reference)
+    if len(files) != 1:
+        raise BadInputError(f"oci://{reference} holds {len(files)} files; expected exactly one", reason="InvalidArtifact")
+    return Path(files[0])
+
+
+def find_by_tag(reference: Reference, tag: str) -> str | None:
+    """The manifest digest tagged `tag` in the repository, or None when there is none."""
+    import requests
+
+    client = _client(reference.registry)
+    target = reference.with_tag(tag)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            response = client.do_request(
+                f"{client.prefix}://{reference.registry}/v2/{reference.repository}/manifests/{tag}",
+                "HEAD",
+                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+            )
+    except requests.exceptions.RequestException as error:
+        raise InfrastructureError(f"look up {target}: registry unreachable: {error}", reason="RegistryError") from error
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        raise InfrastructureError(f"look up {target}: HTTP {response.status_code}", reason="RegistryError")
+    digest: str = response.headers["Docker-Content-Digest"]
+    return digest
+
+
+def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:
+    """Push files as one artifact tagged `tag`; return the manifest digest (`sha256:...`)."""
+    target = reference.with_tag(tag)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = Path(scratch) / "config.json"
+        config.write_text(json.dumps({"artifactType": ARTIFACT_TYPE, **annotations}, sort_keys=True))
+        with _registry_errors("push", target):
+            response = _client(reference.registry).push(
+                target=target,
+                files=[str(path) for path in files],  # each layer is titled with the file's base name
+                manifest_config=f"{config}:{ARTIFACT_TYPE}.config+json",
+                manifest_annotations=annotations,
+                disable_path_validation=True,
+                quiet=True,
+            )
+    if response.status_code not in {200, 201}:
+        raise InfrastructureError(f"push {target}: HTTP {response.status_code}", reason="RegistryError")
+    digest: str = response.headers["Docker-Content-Digest"]
+    return digest

@@ -1,0 +1,430 @@
+"""`edgemodel build` as a Python API: fetch, verify, optimise, validate, measure, publish.
+
+`build(request)` returns the report (a dict, also written to DIR/report.json) or raises a
+BuildError whose exit code says whether the input, the engine's quality, or the infrastructure
+was at fault. A missed tolerance is a failed build with the numbers, never a worse engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, Literal
+
+from edgemodel_runtime.build import compare, fetch, hardware, measure, report, tensors
+from edgemodel_runtime.build.errors import BadInputError, BuildError, ValidationFailedError
+from edgemodel_runtime.engines import onnxruntime_engine as ortx
+
+Engine = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+ARTIFACT_NAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A calibration or reference .npz: a local path, or a URI with its digest."""
+
+    location: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str
+    sha256: str
+    engine: Engine = "onnxruntime"
+    precision: Precision = "fp32"
+    output: Path = Path("engine")
+    quantization: Literal["static", "dynamic"] | None = None
+    calibration: DataFile | None = None
+    calibration_method: ortx.CalibrationMethodName = "minmax"
+    reference: DataFile | None = None
+    tolerance: compare.Tolerance | None = None
+    latency_budget_ms: float | None = None
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    push: str | None = None
+    class_key: str | None = None
+    int8_min_speedup: float = 1.1
+    samples: int = 8
+    seed: int = 0
+    graph_optimization: Literal["basic", "extended", "all"] = "extended"
+    allow_local: bool = True
+    benchmark_seconds: float = 2.0
+
+
+def _log(message: str) -> None:
+    print(f"[build] {message}", file=sys.stderr, flush=True)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _builder_version(engine: Engine) -> str:
+    parts = [f"edgemodel-{package_version('edgemodel')}", f"onnxruntime-{ortx.version()}"]
+    if engine == "tensorrt":
+        from edgemodel_runtime.engines import tensorrt_engine
+
+        parts.append(f"tensorrt-{tensorrt_engine.version()}")
+    return "+".join(parts)
+
+
+def _options(request: BuildRequest) -> dict[str, Any]:
+    """Build options that change the engine, part of the cache key."""
+    return {
+        "inputs": {k: list(v) for k, v in sorted(request.inputs.items())},
+        "quantization": _quantization(request),
+        "calibration": request.calibration.sha256 if request.calibration else None,
+        "calibrationMethod": request.calibration_method if request.precision == "int8" else None,
+        "graphOptimization": request.graph_optimization,
+        "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
+    }
+
+
+def _quantization(request: BuildRequest) -> str | None:
+    if request.precision != "int8":
+        return None
+    return request.quantization or ("static" if request.calibration else None)
+
+
+def check_request(request: BuildRequest) -> None:
+    """Refuse inconsistent options before any work; raise BadInputError naming the option."""
+    fetch.check_digest(request.sha256)
+    fetch.parse_source(request.model, allow_local=request.allow_local)
+    if request.quantization and request.precision != "int8":
+        raise BadInputError("--quantization applies only to --precision int8", reason="InvalidOption")
+    if request.precision == "int8" and _quantization(request) is None:
+        raise BadInputError(
+            "--precision int8 needs --calibration NPZ (static quantisation) or --quantization dynamic",
+            reason="InvalidOption",
+        )
+    if _quantization(request) == "static" and request.calibration is None:
+        raise BadInputError("static int8 quantisation needs --calibration NPZ", reason="InvalidOption")
+    if request.quantization == "dynamic" and request.engine != "onnxruntime":
+        raise BadInputError("dynamic quantisation is only available with --engine onnxruntime", reason="InvalidOption")
+    for name, data in (("calibration", request.calibration), ("reference", request.reference)):
+        if data is None:
+            continue
+        source = fetch.parse_source(data.location, allow_local=request.allow_local)
+        if source.kind != "path" and data.sha256 is None:
+            raise BadInputError(f"--{name} {data.location} is a URI and needs --{name}-sha256", reason="InvalidOption")
+        if data.sha256 is not None:
+            fetch.check_digest(data.sha256)
+    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
+        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
+    if request.engine == "tensorrt":
+        from edgemodel_runtime.engines import tensorrt_engine
+
+        tensorrt_engine.require()
+
+
+def _cached(request: BuildRequest, key: str) -> dict[str, Any] | None:
+    """The earlier report when the output directory already holds a verified build with this key."""
+    path = request.output / "report.json"
+    if not path.exists():
+        return None
+    try:
+        earlier: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    artifact = earlier.get("artifact") or {}
+    file = request.output / str(artifact.get("file", ""))
+    if earlier.get("cacheKey") != key or earlier.get("status") not in {"built", "cached"} or not file.is_file():
+        return None
+    return earlier if _sha256_file(file) == artifact.get("sha256") else None
+
+
+def _fetch_data(data: DataFile, work: Path, name: str, allow_local: bool) -> Path:
+    target = work / f"{name}.npz"
+    if data.sha256 is None:  # a local path given without a digest: record the one it has
+        source = Path(data.location)
+        if not source.is_file():
+            raise BadInputError(f"--{name} {data.location}: no such file", reason="InvalidSampleSet")
+        shutil.copyfile(source, target)
+        return target
+    return fetch.fetch(data.location, data.sha256, target, allow_local=allow_local)
+
+
+class _Build:
+    """The state of one build, step by step; `run` returns the report."""
+
+    def __init__(self, request: BuildRequest, class_key: str, key: str, machine: hardware.Hardware) -> None:
+        self.request = request
+        self.work = request.output / ".work"
+        self.report: dict[str, Any] = {
+            "version": report.REPORT_VERSION,
+            "status": "failed",
+            "exitCode": 0,
+            "cacheKey": key,
+            "engine": request.engine,
+            "requestedPrecision": request.precision,
+            "precision": request.precision,
+            "classKey": class_key,
+            "model": {"uri": request.model, "sha256": fetch.check_digest(request.sha256)},
+            "options": _options(request),
+            "versions": {"builder": _builder_version(request.engine), "python": sys.version.split()[0]},
+            "hardware": machine.as_dict(),
+        }
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        request = self.request
+        self.work.mkdir(parents=True, exist_ok=True)
+        _log(f"step 1/6: fetch {request.model} and verify sha256 {request.sha256[:12]}…")
+        model = fetch.fetch(request.model, request.sha256, self.work / "source.onnx", allow_local=request.allow_local)
+
+        _log("step 2/6: load the fp32 reference with ONNX Runtime on CPU")
+        reference_session = ortx.session(model)
+        inputs = tensors.resolve_inputs(ortx.declared_inputs(reference_session), request.inputs)
+        self.report["inputs"] = [{"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype)} for i in inputs]
+        samples, expected = self._reference_samples(inputs)
+        if expected is None:
+            expected = [ortx.run(reference_session, sample) for sample in samples]
+
+        _log(f"step 3/6: optimise for {request.engine} {request.precision}")
+        candidate = self._optimise(model, inputs)
+
+        _log(f"step 4/6: validate against the fp32 reference on {len(samples)} samples")
+        comparison = self._validate(candidate, samples, expected)
+
+        _log("step 5/6: measure latency on this machine")
+        final = self._measure_and_decide(candidate, model, samples, expected, comparison)
+
+        _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
+        self._publish(final)
+        self.report["buildSeconds"] = round(time.monotonic() - started, 3)
+        self.report["peakRssMb"] = round(measure.peak_rss_mb(), 1)
+        self.report["status"] = "built"
+        self.report["message"] = self._summary()
+        return self.report
+
+    def _reference_samples(
+        self, inputs: list[tensors.TensorInfo]
+    ) -> tuple[list[tensors.Sample], list[tensors.Sample] | None]:
+        request = self.request
+        if request.reference is None:
+            self.report["reference"] = {"kind": "seeded", "samples": request.samples, "seed": request.seed}
+            return tensors.seeded_samples(inputs, request.samples, request.seed), None
+        path = _fetch_data(request.reference, self.work, "reference", request.allow_local)
+        samples, expected = tensors.load_samples(path, inputs)
+        self.report["reference"] = {
+            "kind": "npz",
+            "uri": request.reference.location,
+            "sha256": _sha256_file(path),
+            "samples": len(samples),
+            "expectedOutputs": expected is not None,
+        }
+        return samples, expected
+
+    def _optimise(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
+        request = self.request
+        if request.engine == "tensorrt":
+            from edgemodel_runtime.engines import tensorrt_engine
+
+            source = model
+            if request.precision == "int8":  # explicit quantisation: a QDQ model that TensorRT honours
+                source = self._quantize_static(model, inputs)
+            return tensorrt_engine.build_engine(source, self.work / "candidate.plan", request.precision, inputs)
+        optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization)
+        if request.precision == "fp32":
+            return optimised
+        if request.precision == "fp16":
+            return ortx.convert_fp16(optimised, self.work / "fp16.onnx")
+        if _quantization(request) == "dynamic":
+            return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx")
+        return self._quantize_static(model, inputs)
+
+    def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
+        request = self.request
+        assert request.calibration is not None  # checked by check_request
+        path = _fetch_data(request.calibration, self.work, "calibration", request.allow_local)
+        calibration, _ = tensors.load_samples(path, inputs)
+        self.report["calibration"] = {
+            "uri": request.calibration.location,
+            "sha256": _sha256_file(path),
+            "samples": len(calibration),
+            "method": request.calibration_method,
+        }
+        return ortx.quantize_static_int8(model, self.work / "int8.onnx", calibration, request.calibration_method)
+
+    def _outputs(self, artifact: Path, samples: list[tensors.Sample]) -> list[dict[str, Any]]:
+        if self.request.engine == "tensorrt":
+            from edgemodel_runtime.engines import tensorrt_engine
+
+            return tensorrt_engine.run_all(artifact, samples)
+        engine_session = ortx.session(artifact)
+        return [ortx.run(engine_session, sample) for sample in samples]
+
+    def _validate(
+        self, artifact: Path, samples: list[tensors.Sample], expected: list[tensors.Sample]
+    ) -> compare.Comparison:
+        tolerance = self.request.tolerance or compare.DEFAULT_TOLERANCES[self.request.precision]
+        try:
+            comparison = compare.compare(expected, self._outputs(artifact, samples))
+        except (ValueError, KeyError) as error:
+            raise BadInputError(f"engine outputs do not match the reference's: {error}", reason="OutputMismatch") from error
+        self.report["tolerance"] = vars(tolerance)
+        self.report["candidate"] = {"comparison": comparison.as_dict()}
+        missed = compare.failures(comparison, tolerance)
+        if missed:
+            raise ValidationFailedError(
+                f"{self.request.engine} {self.request.precision} engine missed its tolerance: " + "; ".join(missed),
+                reason="ToleranceMissed",
+                details={"comparison": comparison.as_dict()},
+            )
+        return comparison
+
+    def _runner(self, artifact: Path, sample: tensors.Sample) -> measure.Runner:
+        if self.request.engine == "tensorrt":
+            from edgemodel_runtime.engines import tensorrt_engine
+
+            return tensorrt_engine.runner(artifact, sample)
+        engine_session = ortx.session(artifact)
+        names = [o.name for o in engine_session.get_outputs()]
+
+        def run_once() -> object:
+            return engine_session.run(names, sample)
+
+        return run_once
+
+    def _measure_and_decide(
+        self,
+        candidate: Path,
+        model: Path,
+        samples: list[tensors.Sample],
+        expected: list[tensors.Sample],
+        comparison: compare.Comparison,
+    ) -> Path:
+        request = self.request
+        runners = {"candidate": self._runner(candidate, samples[0])}
+        fp32 = self.work / "fp32.onnx"
+        if request.precision == "int8" and request.engine == "onnxruntime":
+            runners["fp32"] = self._runner(fp32, samples[0])
+        latency = measure.measure_interleaved(runners, budget_s=request.benchmark_seconds)
+        self.report["candidate"]["latency"] = latency["candidate"].as_dict()
+        final = candidate
+        decision = {"action": "keep", "reason": f"{request.precision} engine passed validation"}
+        if "fp32" in latency:
+            speedup = latency["fp32"].p50_ms / latency["candidate"].p50_ms
+            self.report["fp32"] = {"latency": latency["fp32"].as_dict()}
+            self.report["int8Speedup"] = round(speedup, 3)
+            if speedup < request.int8_min_speedup:
+                final = fp32
+                self.report["precision"] = "fp32"
+                fp32_comparison = compare.compare(expected, self._outputs(fp32, samples))
+                self.report["fp32"]["comparison"] = fp32_comparison.as_dict()
+                decision = {
+                    "action": "fallback-fp32",
+                    "reason": f"int8 was {speedup:.2f}x fp32 on this class, below the {request.int8_min_speedup}x "
+                    "threshold; serving the optimised fp32 engine instead",
+                }
+            else:
+                decision["reason"] = f"int8 is {speedup:.2f}x faster than fp32 and within tolerance"
+        self.report["decision"] = decision
+        final_latency = latency["fp32" if final == fp32 and "fp32" in latency else "candidate"]
+        self.report["latency"] = final_latency.as_dict()
+        budget = request.latency_budget_ms
+        if budget is not None and final_latency.p99_ms > budget:
+            raise ValidationFailedError(
+                f"p99 latency {final_latency.p99_ms:.2f} ms exceeds the budget of {budget} ms on this class",
+                reason="LatencyBudgetMissed",
+            )
+        return final
+
+    def _publish(self, artifact: Path) -> None:
+        request = self.request
+        name = ARTIFACT_NAME[request.engine]
+        target = request.output / name
+        shutil.copyfile(artifact, target)
+        self.report["artifact"] = {"file": name, "sha256": _sha256_file(target), "size": target.stat().st_size}
+        self._write()
+        if request.push:
+            from edgemodel_runtime.build import oci
+
+            reference = oci.parse_reference(request.push)
+            annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"]}
+            digest = oci.push(reference, [target, request.output / "report.json"], self.report["cacheKey"], annotations)
+            self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
+
+    def _summary(self) -> str:
+        served = self.report["fp32"] if self.report.get("precision") != self.request.precision else self.report
+        figures = served.get("comparison") or self.report.get("candidate", {}).get("comparison", {})
+        latency = self.report.get("latency", {})
+        return (
+            f"built {self.report['engine']} {self.report['precision']} for {self.report['classKey']}: "
+            f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
+            f"max abs error {figures.get('max_abs_error', 0):.3g}, cosine {figures.get('cosine')}"
+        )
+
+    def _write(self) -> None:
+        self.request.output.mkdir(parents=True, exist_ok=True)
+        (self.request.output / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+
+    def fail(self, error: BuildError) -> dict[str, Any]:
+        self.report.update(
+            status="failed", exitCode=int(error.exit_code), reason=error.reason, message=str(error), **error.details
+        )
+        self.report.pop("artifact", None)
+        self._write()
+        return self.report
+
+
+def build(request: BuildRequest) -> dict[str, Any]:
+    """Build, validate, measure and publish one engine; the report is also written to DIR/report.json.
+
+    Raises BuildError after writing a failed report; returns the report (status `built` or
+    `cached`) on success.
+    """
+    check_request(request)
+    machine = hardware.detect()
+    class_key = request.class_key or machine.class_key()
+    key = report.cache_key(
+        model_sha256=fetch.check_digest(request.sha256),
+        engine=request.engine,
+        precision=request.precision,
+        class_key=class_key,
+        builder_version=_builder_version(request.engine),
+        options=_options(request),
+    )
+    earlier = _cached(request, key)
+    if earlier is not None:
+        _log(f"cache hit: {request.output} already holds the engine for cache key {key[:16]}…; nothing to do")
+        return {**earlier, "status": "cached", "message": f"cache hit for {key}; nothing rebuilt"}
+    if request.push:
+        from edgemodel_runtime.build import oci
+
+        reference = oci.parse_reference(request.push)
+        digest = oci.find_by_tag(reference, key)
+        if digest is not None:
+            _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
+            return {
+                "version": report.REPORT_VERSION,
+                "status": "cached",
+                "exitCode": 0,
+                "cacheKey": key,
+                "engine": request.engine,
+                "precision": request.precision,
+                "classKey": class_key,
+                "artifact": {"reference": f"oci://{reference.with_digest(digest)}"},
+                "message": f"cache hit for {key}; nothing rebuilt",
+            }
+    state = _Build(request, class_key, key, machine)
+    try:
+        result = state.run()
+    except BuildError as error:
+        state.fail(error)
+        raise
+    finally:
+        shutil.rmtree(state.work, ignore_errors=True)
+    state._write()
+    return result
