@@ -29,9 +29,16 @@ def _build_command(argv: Sequence[str]) -> int:
     return build_command(argv)
 
 
+def _serve_command(argv: Sequence[str]) -> int:
+    """Serve an engine over the Open Inference Protocol v2."""
+    from edgemodel_runtime.serve.cli import serve_command
+
+    return serve_command(argv)
+
+
 def builtin_commands() -> dict[str, Command]:
     """Commands implemented in the runtime itself."""
-    return {"version": _version_command, "build": _build_command}
+    return {"version": _version_command, "build": _build_command, "serve": _serve_command}
 
 
 def _usage(names: Sequence[str]) -> str:

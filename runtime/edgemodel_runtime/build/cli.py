@@ -64,7 +64,9 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
     for item in ",".join(items).split(","):
         key, _, raw = item.partition("=")
         if key not in _TOLERANCE_KEYS:
-            raise BadInputError(f"--tolerance {item!r}: unknown key; use {', '.join(_TOLERANCE_KEYS)}", reason="InvalidOption")
+            raise BadInputError(
+                f"--tolerance {item!r}: unknown key; use {', '.join(_TOLERANCE_KEYS)}", reason="InvalidOption"
+            )
         try:
             value = float(raw)
         except ValueError as error:

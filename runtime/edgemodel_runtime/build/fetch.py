@@ -56,7 +56,9 @@ def parse_source(uri: str, *, allow_local: bool) -> Source:
     if scheme == "oci":
         return Source("oci", rest)
     if scheme == "file":
-        raise BadInputError(f"{uri!r}: file:// URIs are refused; pass a local path on the command line", reason="InvalidURI")
+        raise BadInputError(
+            f"{uri!r}: file:// URIs are refused; pass a local path on the command line", reason="InvalidURI"
+        )
     raise BadInputError(f"{uri!r}: unsupported scheme {scheme!r}; use https:// or oci://", reason="InvalidURI")
 
 
@@ -71,7 +73,7 @@ def check_digest(sha256: str) -> str:
 class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
     max_redirections = MAX_REDIRECTS
 
-    def redirect_request(
+    def redirect_request(  # noqa: PLR0917 - the signature urllib calls
         self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
         if urllib.parse.urlsplit(newurl).scheme.lower() != "https":

@@ -53,7 +53,7 @@ def parse_reference(text: str) -> Reference:
     """Parse `host/repo[:tag][@digest]` (an `oci://` prefix is allowed)."""
     text = text.removeprefix("oci://")
     registry, slash, remainder = text.partition("/")
-    if not slash or not remainder or "." not in registry and ":" not in registry and registry != "localhost":
+    if not slash or not remainder or ("." not in registry and ":" not in registry and registry != "localhost"):
         raise BadInputError(f"{text!r} is not an OCI reference (host[:port]/repository[:tag])", reason="InvalidURI")
     digest = None
     if "@" in remainder:
@@ -125,7 +125,9 @@ def _registry_errors(action: str, reference: str) -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     except requests.exceptions.RequestException as error:
-        raise InfrastructureError(f"{action} {reference}: registry unreachable: {error}", reason="RegistryError") from error
+        raise InfrastructureError(
+            f"{action} {reference}: registry unreachable: {error}", reason="RegistryError"
+        ) from error
     except ValueError as error:
         raise InfrastructureError(f"{action} {reference}: {error}", reason="RegistryError") from error
 
@@ -143,7 +145,9 @@ def pull_single_file(reference: str) -> Path:
     """Pull an artifact with exactly one file into a new temporary directory; return that file."""
     files = pull_files(reference)
     if len(files) != 1:
-        raise BadInputError(f"oci://{reference} holds {len(files)} files; expected exactly one", reason="InvalidArtifact")
+        raise BadInputError(
+            f"oci://{reference} holds {len(files)} files; expected exactly one", reason="InvalidArtifact"
+        )
     return Path(files[0])
 
 

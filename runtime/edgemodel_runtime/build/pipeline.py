@@ -272,7 +272,9 @@ class _Build:
         try:
             comparison = compare.compare(expected, self._outputs(artifact, samples))
         except (ValueError, KeyError) as error:
-            raise BadInputError(f"engine outputs do not match the reference's: {error}", reason="OutputMismatch") from error
+            raise BadInputError(
+                f"engine outputs do not match the reference's: {error}", reason="OutputMismatch"
+            ) from error
         self.report["tolerance"] = vars(tolerance)
         self.report["candidate"] = {"comparison": comparison.as_dict()}
         missed = compare.failures(comparison, tolerance)

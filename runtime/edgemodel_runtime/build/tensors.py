@@ -77,7 +77,9 @@ def resolve_inputs(
             raise BadInputError(f"model input {name!r} has unsupported type {ort_type}", reason="UnsupportedModel")
         if name in overrides:
             shape = overrides[name]
-            if len(shape) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape)):
+            if len(shape) != len(dims) or any(
+                isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape, strict=True)
+            ):
                 raise BadInputError(
                     f"--input {name}={'x'.join(map(str, shape))} does not fit the model's shape {list(dims)}",
                     reason="InvalidOption",
@@ -128,11 +130,15 @@ def load_samples(path: Path, inputs: Sequence[TensorInfo]) -> tuple[list[Sample]
                 reason="InvalidSampleSet",
             )
         if array.dtype != info.dtype:
-            raise BadInputError(f"{path}: {info.name} is {array.dtype}, the model wants {info.dtype}", reason="InvalidSampleSet")
+            raise BadInputError(
+                f"{path}: {info.name} is {array.dtype}, the model wants {info.dtype}", reason="InvalidSampleSet"
+            )
         batched[info.name] = array
         counts.add(array.shape[0])
     if len(counts) != 1 or 0 in counts:
-        raise BadInputError(f"{path}: inputs hold different or zero sample counts {sorted(counts)}", reason="InvalidSampleSet")
+        raise BadInputError(
+            f"{path}: inputs hold different or zero sample counts {sorted(counts)}", reason="InvalidSampleSet"
+        )
     count = counts.pop()
     samples = [{name: np.asarray(array[i]) for name, array in batched.items()} for i in range(count)]
     expected_keys = [key for key in arrays if key.startswith(EXPECTED_PREFIX)]

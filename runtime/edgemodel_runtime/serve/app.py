@@ -1,0 +1,249 @@
+"""The inference server as a plain ASGI application: OIP v2 REST, metrics, shadow mirror.
+
+No web framework: the request path is one dictionary lookup, one body read, one parse, one
+inference in a worker thread and one encode, which is what keeps the server's own overhead small
+next to the model's. Errors become OIP error bodies in one place (`_error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edgemodel_runtime.serve import protocol
+from edgemodel_runtime.serve.metrics import ServerMetrics, create
+from edgemodel_runtime.serve.model import Model
+from edgemodel_runtime.serve.openapi import openapi_document
+from edgemodel_runtime.serve.shadow import INFERENCE_TIME_HEADER, ShadowConfig, ShadowMirror
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    revision: str = "stable"
+    max_body_bytes: int = 64 << 20
+    max_concurrency: int = 1
+    shadow: ShadowConfig | None = None
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InferenceServer:
+    """ASGI callable serving one model."""
+
+    def __init__(self, model: Model, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.metrics = metrics or create()
+        self.ready = False
+        self.draining = False
+        self._engine = asyncio.Semaphore(config.max_concurrency)
+        self.shadow: ShadowMirror | None = None
+        self._openapi = orjson.dumps(openapi_document(config.name))
+        self._metadata = orjson.dumps(
+            {
+                "name": config.name,
+                "versions": [config.revision],
+                "platform": model.platform,
+                "inputs": [spec.as_dict() for spec in model.inputs],
+                "outputs": [spec.as_dict() for spec in model.outputs],
+            }
+        )
+        self._labels = {"model": config.name, "revision": config.revision}
+        self._static_routes = self._build_static_routes()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        await asyncio.to_thread(self.model.warm_up)
+        if self.config.shadow is not None:
+            self.shadow = ShadowMirror(self.config.shadow, self.config.name, self.config.revision, self.metrics)
+            await self.shadow.start()
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        self.draining = True
+        if self.shadow is not None:
+            await self.shadow.stop()
+
+    # ---------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            status, body, headers = await self._route(scope, receive)
+        except _HttpError as error:
+            status, body, headers = _error_response(error.status, str(error))
+        except protocol.ProtocolError as error:
+            status, body, headers = _error_response(error.status, str(error))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as error:
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+        path, method = scope["path"], scope["method"]
+        static = self._static_routes.get(path)
+        if static is not None:
+            _allow(method, "GET")
+            return static()
+        match = _MODEL_PATH.match(path)
+        if match is None:
+            raise _HttpError(404, f"no such endpoint: {path}")
+        self._check_model(match["name"], match["version"])
+        if match["rest"] == "/infer":
+            _allow(method, "POST")
+            return await self._infer(scope, receive)
+        _allow(method, "GET")
+        return self._readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
+
+    def _build_static_routes(self) -> dict[str, Callable[[], tuple[int, bytes, dict[str, str]]]]:
+        return {
+            "/v2/health/live": lambda: _json(200, b'{"live":true}'),
+            "/v2/health/ready": self._readiness,
+            "/v2": lambda: _json(200, self._server_metadata()),
+            "/metrics": lambda: (200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}),
+            "/openapi.json": lambda: _json(200, self._openapi),
+        }
+
+    def _readiness(self) -> tuple[int, bytes, dict[str, str]]:
+        return _json(200 if self.ready else 400, b'{"ready":%s}' % (b"true" if self.ready else b"false"))
+
+    def _server_metadata(self) -> bytes:
+        return orjson.dumps(
+            {"name": "edgemodel", "version": package_version("edgemodel"), "extensions": ["binary_tensor_data"]}
+        )
+
+    def _check_model(self, name: str, version: str | None) -> None:
+        if name != self.config.name:
+            raise _HttpError(404, f"unknown model {name!r}; this server serves {self.config.name!r}")
+        if version is not None and version != self.config.revision:
+            raise _HttpError(404, f"unknown version {version!r} of {name!r}; available: {self.config.revision!r}")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.config.max_body_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                raise _HttpError(413, f"request body of {int(value)} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _HttpError(400, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _HttpError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.model.predict(inputs)
+        except Exception as error:
+            # ONNX Runtime reports inputs it cannot compute with (for example, dimensions too small
+            # for a convolution) as INVALID_ARGUMENT or FAIL: the client's input, hence 400.
+            text = str(error)
+            if "INVALID_ARGUMENT" in text or "FAIL" in text or "Invalid" in type(error).__name__:
+                raise protocol.ProtocolError(f"the model cannot run on this input: {text}") from error
+            raise _HttpError(500, f"inference failed: {text}") from error
+
+    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+        if not self.ready:
+            raise _HttpError(503, "model is not ready")
+        started = time.perf_counter()
+        gauge = self.metrics.in_flight.labels(model=self.config.name)
+        gauge.inc()
+        outcome = "server_error"
+        try:
+            body = await self._read_body(scope, receive)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            request = protocol.parse_request(
+                body, headers.get(protocol.BINARY_HEADER), self.model.inputs, self.model.outputs
+            )
+            async with self._engine:
+                queued = time.perf_counter()
+                outputs = await asyncio.to_thread(self._predict, request.inputs)
+                inferred = time.perf_counter()
+            response, response_headers = protocol.encode_response(
+                self.config.name, self.config.revision, request, outputs
+            )
+            inference_seconds = inferred - queued
+            response_headers[INFERENCE_TIME_HEADER] = f"{inference_seconds:.6f}"
+            latency = self.metrics.latency
+            latency.labels(**self._labels, phase="queue").observe(queued - started)
+            latency.labels(**self._labels, phase="inference").observe(inference_seconds)
+            latency.labels(**self._labels, phase="total").observe(time.perf_counter() - started)
+            outcome = "ok"
+            if self.shadow is not None:
+                self.shadow.offer(body, _forwarded(headers), outputs, inference_seconds)
+            return 200, response, response_headers
+        except (protocol.ProtocolError, _HttpError) as error:
+            outcome = "client_error" if getattr(error, "status", 400) < 500 else "server_error"
+            raise
+        finally:
+            gauge.dec()
+            self.metrics.requests.labels(**self._labels, outcome=outcome).inc()
+
+
+def _forwarded(headers: dict[str, str]) -> dict[str, str]:
+    keep = ("content-type", protocol.BINARY_HEADER)
+    return {k: v for k, v in headers.items() if k in keep}
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise _HttpError(405, f"method {method} not allowed; use {allowed}")
+
+
+def _json(status: int, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    return status, body, {"content-type": "application/json"}
+
+
+def _error_response(status: int, message: str) -> tuple[int, bytes, dict[str, str]]:
+    """The single place where failures become OIP error bodies."""
+    return _json(status, orjson.dumps({"error": message}))

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the inference server and its shadow mirror.
+
+Names follow Prometheus conventions (base units, `_total` for counters, `_seconds` for time).
+Agreement is exported as two counters (compared, agreed) so that PromQL can take the ratio over
+any window: sum(rate(edgemodel_shadow_agreed_total[5m])) / sum(rate(edgemodel_shadow_compared_total[5m])).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RATIO_BUCKETS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+ERROR_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class ServerMetrics:
+    """Every metric the server exports, registered in its own registry."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    in_flight: Gauge
+    shadow_mirrored: Counter
+    shadow_dropped: Counter
+    shadow_compared: Counter
+    shadow_agreed: Counter
+    shadow_errors: Counter
+    shadow_latency_ratio: Histogram
+    shadow_max_abs_error: Histogram
+    shadow_cosine: Histogram
+
+
+def create() -> ServerMetrics:
+    registry = CollectorRegistry()
+    shadow_labels = ("model", "stable_revision", "candidate_revision")
+    return ServerMetrics(
+        registry=registry,
+        requests=Counter(
+            "edgemodel_requests",
+            "Inference requests, by outcome (ok, client_error, server_error).",
+            ("model", "revision", "outcome"),
+            registry=registry,
+        ),
+        latency=Histogram(
+            "edgemodel_request_duration_seconds",
+            "Time per inference request, by phase: queue (waiting for the engine), inference, total.",
+            ("model", "revision", "phase"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        in_flight=Gauge(
+            "edgemodel_requests_in_flight", "Inference requests being served now.", ("model",), registry=registry
+        ),
+        shadow_mirrored=Counter(
+            "edgemodel_shadow_mirrored", "Requests copied to the candidate.", shadow_labels, registry=registry
+        ),
+        shadow_dropped=Counter(
+            "edgemodel_shadow_dropped",
+            "Copies dropped because the mirror queue was full.",
+            shadow_labels,
+            registry=registry,
+        ),
+        shadow_compared=Counter(
+            "edgemodel_shadow_compared",
+            "Mirrored requests whose candidate outputs were compared with stable's.",
+            shadow_labels,
+            registry=registry,
+        ),
+        shadow_agreed=Counter(
+            "edgemodel_shadow_agreed",
+            "Compared requests whose outputs agreed within the agreement tolerance.",
+            shadow_labels,
+            registry=registry,
+        ),
+        shadow_errors=Counter(
+            "edgemodel_shadow_candidate_errors",
+            "Mirrored requests the candidate failed (connection, timeout, HTTP error, bad response).",
+            (*shadow_labels, "kind"),
+            registry=registry,
+        ),
+        shadow_latency_ratio=Histogram(
+            "edgemodel_shadow_latency_ratio",
+            "Candidate round-trip time divided by stable's inference time for the same request.",
+            shadow_labels,
+            buckets=RATIO_BUCKETS,
+            registry=registry,
+        ),
+        shadow_max_abs_error=Histogram(
+            "edgemodel_shadow_max_abs_error",
+            "Largest absolute difference between candidate and stable outputs per request.",
+            shadow_labels,
+            buckets=ERROR_BUCKETS,
+            registry=registry,
+        ),
+        shadow_cosine=Histogram(
+            "edgemodel_shadow_cosine_similarity",
+            "Cosine similarity of candidate and stable outputs per request.",
+            shadow_labels,
+            buckets=(0.5, 0.9, 0.99, 0.999, 0.9999, 1.0),
+            registry=registry,
+        ),
+    )

@@ -1,0 +1,173 @@
+"""The one model interface the server uses, and where its engine comes from.
+
+An artifact is a directory written by `edgemodel build` (report.json + model.onnx or
+model.plan), a single model file, or `oci://registry/repo@sha256:...`. Files listed in a
+report are verified against the report's digest before anything loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgemodel_runtime.serve.protocol import NUMPY_TO_DATATYPE, TensorMetadata
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be served: missing, tampered with, or of an unknown kind."""
+
+
+class Model(Protocol):
+    """What the server needs from an engine."""
+
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    platform: str
+
+    def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]: ...
+
+    def warm_up(self) -> None: ...
+
+
+_ORT_DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
+}
+
+
+def _dims(shape: list[Any]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
+
+
+class OnnxRuntimeModel:
+    """An ONNX model on ONNX Runtime, with the best execution provider this machine has."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [p for p in preferred if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:
+            raise ArtifactError(f"{path}: onnxruntime cannot load it: {error}") from error
+        self.inputs = [self._metadata(i) for i in self.session.get_inputs()]
+        self.outputs = [self._metadata(o) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _metadata(node: Any) -> TensorMetadata:
+        if node.type not in _ORT_DATATYPES:
+            raise ArtifactError(f"tensor {node.name!r} has type {node.type}, which this server does not carry")
+        return TensorMetadata(node.name, _ORT_DATATYPES[node.type], _dims(node.shape))
+
+    def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        values = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, values, strict=True))
+
+    def warm_up(self) -> None:
+        """One inference on zeros of the smallest allowed shape, so the first client does not pay for it."""
+        sample = {}
+        for spec in self.inputs:
+            dtype = next(d for d, name in NUMPY_TO_DATATYPE.items() if name == spec.datatype)
+            sample[spec.name] = np.zeros([d if d > 0 else 1 for d in spec.shape], dtype=dtype)
+        # Best effort: a model whose dynamic dimensions reject 1 is still served.
+        with contextlib.suppress(Exception):
+            self.predict(sample)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified engine file and what its build report said about it."""
+
+    path: Path
+    report: dict[str, Any]
+
+    @property
+    def revision(self) -> str | None:
+        key = self.report.get("cacheKey")
+        return str(key)[:12] if key else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_directory(directory: Path) -> Artifact:
+    report_path = directory / "report.json"
+    if not report_path.is_file():
+        candidates = [p for p in ("model.onnx", "model.plan") if (directory / p).is_file()]
+        if not candidates:
+            raise ArtifactError(f"{directory} holds neither report.json nor model.onnx/model.plan")
+        return Artifact(directory / candidates[0], {})
+    try:
+        report: dict[str, Any] = json.loads(report_path.read_text())
+    except ValueError as error:
+        raise ArtifactError(f"{report_path} is not valid JSON: {error}") from error
+    artifact = report.get("artifact") or {}
+    if report.get("status") not in {"built", "cached"} or "file" not in artifact:
+        raise ArtifactError(f"{report_path} describes no built engine (status {report.get('status')!r})")
+    path = directory / Path(str(artifact["file"])).name
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    actual = _sha256(path)
+    if actual != artifact.get("sha256"):
+        raise ArtifactError(f"{path} has sha256 {actual}, but the build report says {artifact.get('sha256')}")
+    return Artifact(path, report)
+
+
+def resolve(location: str, cache: Path) -> Artifact:
+    """Find, fetch if needed, and verify the artifact named on the command line."""
+    if location.startswith("oci://"):
+        from edgemodel_runtime.build import oci
+
+        if "@sha256:" not in location:
+            raise ArtifactError(f"{location}: serve engines by digest (oci://registry/repo@sha256:...)")
+        target = cache / location.rsplit("@sha256:", 1)[1][:16]
+        if not target.exists():
+            files = oci.pull_files(location)
+            target.mkdir(parents=True)
+            for file in files:
+                shutil.move(str(file), target / file.name)
+        return _from_directory(target)
+    path = Path(location)
+    if path.is_dir():
+        return _from_directory(path)
+    if path.is_file():
+        return Artifact(path, {})
+    raise ArtifactError(f"{location}: no such file or directory")
+
+
+def load(artifact: Artifact, threads: int | None = None) -> Model:
+    """The engine module that fits the artifact."""
+    if artifact.path.suffix == ".plan":
+        raise ArtifactError(f"{artifact.path}: TensorRT plans are served through the tensorrt engine module")
+    return OnnxRuntimeModel(artifact.path, threads)
