@@ -163,11 +163,13 @@ class InferenceServer:
         if version is not None and version != self.config.revision:
             raise _HttpError(404, f"unknown version {version!r} of {name!r}; available: {self.config.revision!r}")
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The request body, refused with 413 beyond the limit.
+
+        An oversized body is still read to its end (and discarded, up to a bound) so that the client
+        gets the 413 instead of a connection reset halfway through its upload.
+        """
         limit = self.config.max_body_bytes
-        for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > limit:
-                raise _HttpError(413, f"request body of {int(value)} bytes exceeds the limit of {limit}")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -175,11 +177,15 @@ class InferenceServer:
                 raise _HttpError(400, "client disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise _HttpError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+            if size <= limit:
+                chunks.append(chunk)
+            else:
+                chunks = []
+            if not message.get("more_body") or size > 4 * limit + (1 << 20):
+                break
+        if size > limit:
+            raise _HttpError(413, f"request body of {size} bytes exceeds the limit of {limit}")
+        return b"".join(chunks)
 
     def _predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -200,7 +206,7 @@ class InferenceServer:
         gauge.inc()
         outcome = "server_error"
         try:
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(receive)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             request = protocol.parse_request(
                 body, headers.get(protocol.BINARY_HEADER), self.model.inputs, self.model.outputs
