@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TESTBED_DIR ?= .testbed
 
-.PHONY: venv demo test lint generate testbed testbed-down binaries bench clean
+.PHONY: venv demo cluster-demo test lint generate testbed testbed-down binaries bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ binaries: $(STAMP)
 test: binaries
 	$(BIN)/python -m pytest
 
-## The main job; see README.md.
-demo: binaries
+## The main job: build FP32 and INT8 engines of a real model, shadow one against the other, decide.
+demo: $(STAMP)
+	$(BIN)/edgemodel demo
+
+## The cluster side so far: test bed, CRD, examples/ applied, shown with kubectl.
+cluster-demo: binaries
 	$(BIN)/python -m tests.testbed demo --dir $(TESTBED_DIR)
 
 ## Start a test bed for a person; prints the KUBECONFIG line to use.

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
+from edgemodel_runtime import samples  # noqa: E402
 from edgemodel_runtime.build import compare, hardware, measure  # noqa: E402
 from edgemodel_runtime.build.errors import BuildError  # noqa: E402
 from edgemodel_runtime.engines import onnxruntime_engine as ortx  # noqa: E402
-from tests import samples  # noqa: E402
-from tests.models import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel  # noqa: E402
+from edgemodel_runtime.packaged import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel  # noqa: E402
 
 Inputs = Callable[..., list[dict[str, Any]]]
 MODELS: dict[str, tuple[PackagedModel, Inputs]] = {

@@ -17,11 +17,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from edgemodel_runtime import samples  # noqa: E402
 from edgemodel_runtime.build import hardware, measure  # noqa: E402
 from edgemodel_runtime.build.tensors import save_samples  # noqa: E402
 from edgemodel_runtime.engines import tensorrt_engine  # noqa: E402
-from tests import samples  # noqa: E402
-from tests.models import OCR_CLS, OCR_DET, OCR_REC, PackagedModel  # noqa: E402
+from edgemodel_runtime.packaged import OCR_CLS, OCR_DET, OCR_REC, PackagedModel  # noqa: E402
 
 Inputs = Callable[..., list[dict[str, Any]]]
 MODELS: list[tuple[PackagedModel, Inputs, str]] = [

@@ -36,9 +36,16 @@ def _serve_command(argv: Sequence[str]) -> int:
     return serve_command(argv)
 
 
+def _demo_command(argv: Sequence[str]) -> int:
+    """Build FP32 and INT8 engines of a real model, shadow one against the other, decide."""
+    from edgemodel_runtime.demo import demo_command
+
+    return demo_command(argv)
+
+
 def builtin_commands() -> dict[str, Command]:
     """Commands implemented in the runtime itself."""
-    return {"version": _version_command, "build": _build_command, "serve": _serve_command}
+    return {"version": _version_command, "build": _build_command, "serve": _serve_command, "demo": _demo_command}
 
 
 def _usage(names: Sequence[str]) -> str:

@@ -15,10 +15,11 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
+from edgemodel_runtime import samples
 from edgemodel_runtime.build.errors import ExitCode
 from edgemodel_runtime.build.tensors import save_samples
-from tests import onnx_models, samples
-from tests.models import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel
+from edgemodel_runtime.packaged import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel
+from tests import onnx_models
 from tests.testbed.faults import CuttingProxy
 from tests.testbed.https import HttpsFileServer
 from tests.testbed.pki import write_pki

@@ -19,8 +19,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests import onnx_models, samples
-from tests.models import OCR_CLS
+from edgemodel_runtime import samples
+from edgemodel_runtime.packaged import OCR_CLS
+from tests import onnx_models
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
 OUTPUT = "save_infer_model/scale_0.tmp_1"

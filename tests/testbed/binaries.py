@@ -17,17 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemodel_runtime.packaged import cache_root
+
 GOMOD = Path(__file__).parent / "gomod"
 
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
-
-
-def cache_root() -> Path:
-    """Where built binaries live: $EDGEMODEL_CACHE, else ~/.cache/edgemodel."""
-    configured = os.environ.get("EDGEMODEL_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "edgemodel"
 
 
 def _kubernetes_ldflags() -> str:

@@ -10,7 +10,6 @@ calibrated static quantisation, then TensorRT builds it with INT8 (and FP16 for 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -63,8 +62,9 @@ def version() -> str:
 
 
 def _timing_cache_path() -> Path:
-    root = Path(os.environ.get("EDGEMODEL_CACHE", Path.home() / ".cache" / "edgemodel"))
-    return root / "tensorrt" / f"timing-{version()}.cache"
+    from edgemodel_runtime.packaged import cache_root
+
+    return cache_root() / "tensorrt" / f"timing-{version()}.cache"
 
 
 def build_engine(model: Path, target: Path, precision: str, inputs: Sequence[TensorInfo]) -> Path:

