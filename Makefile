@@ -46,6 +46,7 @@ generate: $(STAMP)
 ## Benchmarks (speed goals live here, not in tests); each prints one JSON object last.
 bench: $(STAMP)
 	$(BIN)/python bench/build.py
+	$(BIN)/python bench/serve.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports

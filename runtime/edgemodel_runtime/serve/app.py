@@ -70,6 +70,13 @@ class InferenceServer:
         )
         self._labels = {"model": config.name, "revision": config.revision}
         self._static_routes = self._build_static_routes()
+        # Labelled children resolved once: a label lookup per request costs more than the observation.
+        metrics = self.metrics
+        self._in_flight = metrics.in_flight.labels(model=config.name)
+        self._phase = {p: metrics.latency.labels(**self._labels, phase=p) for p in ("queue", "inference", "total")}
+        self._outcome = {
+            o: metrics.requests.labels(**self._labels, outcome=o) for o in ("ok", "client_error", "server_error")
+        }
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -202,7 +209,7 @@ class InferenceServer:
         if not self.ready:
             raise _HttpError(503, "model is not ready")
         started = time.perf_counter()
-        gauge = self.metrics.in_flight.labels(model=self.config.name)
+        gauge = self._in_flight
         gauge.inc()
         outcome = "server_error"
         try:
@@ -220,10 +227,9 @@ class InferenceServer:
             )
             inference_seconds = inferred - queued
             response_headers[INFERENCE_TIME_HEADER] = f"{inference_seconds:.6f}"
-            latency = self.metrics.latency
-            latency.labels(**self._labels, phase="queue").observe(queued - started)
-            latency.labels(**self._labels, phase="inference").observe(inference_seconds)
-            latency.labels(**self._labels, phase="total").observe(time.perf_counter() - started)
+            self._phase["queue"].observe(queued - started)
+            self._phase["inference"].observe(inference_seconds)
+            self._phase["total"].observe(time.perf_counter() - started)
             outcome = "ok"
             if self.shadow is not None:
                 self.shadow.offer(body, _forwarded(headers), outputs, inference_seconds)
@@ -233,7 +239,7 @@ class InferenceServer:
             raise
         finally:
             gauge.dec()
-            self.metrics.requests.labels(**self._labels, outcome=outcome).inc()
+            self._outcome[outcome].inc()
 
 
 def _forwarded(headers: dict[str, str]) -> dict[str, str]:
