@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -316,3 +318,40 @@ def test_a_candidate_that_is_down_never_fails_the_stable_path(classifiers: dict[
         assert stable.metric("edgemodel_shadow_compared_total") == 0
     finally:
         assert stable.stop() == 0
+
+
+def _serve_refusal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGEMODEL, "serve", *args, "--port", str(free_port())], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_an_engine_that_differs_from_its_build_report_is_not_served(tmp_path: Path) -> None:
+    model = onnx_models.tiny_classifier(tmp_path / "m.onnx")
+    out = tmp_path / "engine"
+    built = subprocess.run(
+        [EDGEMODEL, "build", "--model", str(model), "--sha256", hashlib.sha256(model.read_bytes()).hexdigest(),
+         "--output", str(out), "--benchmark-seconds", "0.2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    onnx_models.tiny_classifier(out / "model.onnx", seed=9)  # swapped after the build
+    result = _serve_refusal(str(out))
+    assert result.returncode == 2
+    assert "but the build report says" in result.stderr
+
+
+def test_a_tensorrt_plan_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA GPU")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not really a plan")
+    result = _serve_refusal(str(plan))
+    assert result.returncode == 2
+    assert "engine tensorrt is unavailable here" in result.stderr
+
+
+def test_a_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
+    result = _serve_refusal(str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert "no such file or directory" in result.stderr

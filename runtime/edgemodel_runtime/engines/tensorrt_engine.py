@@ -103,6 +103,11 @@ def build_engine(model: Path, target: Path, precision: str, inputs: Sequence[Ten
     return target
 
 
+def open_runner(engine: Path) -> Any:
+    """An activated polygraphy runner for a serialized engine (call `deactivate` when done)."""
+    return _runner(engine)
+
+
 def _runner(engine: Path) -> Any:
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

@@ -53,6 +53,12 @@ _ORT_DATATYPES = {
 }
 
 
+def zeros_like_inputs(specs: list[TensorMetadata]) -> dict[str, npt.NDArray[Any]]:
+    """Zeros for every input, dynamic dimensions set to 1."""
+    dtypes = {name: dtype for dtype, name in NUMPY_TO_DATATYPE.items()}
+    return {s.name: np.zeros([d if d > 0 else 1 for d in s.shape], dtype=dtypes[s.datatype]) for s in specs}
+
+
 def _dims(shape: list[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
 
@@ -90,14 +96,10 @@ class OnnxRuntimeModel:
         return dict(zip(self._output_names, values, strict=True))
 
     def warm_up(self) -> None:
-        """One inference on zeros of the smallest allowed shape, so the first client does not pay for it."""
-        sample = {}
-        for spec in self.inputs:
-            dtype = next(d for d, name in NUMPY_TO_DATATYPE.items() if name == spec.datatype)
-            sample[spec.name] = np.zeros([d if d > 0 else 1 for d in spec.shape], dtype=dtype)
-        # Best effort: a model whose dynamic dimensions reject 1 is still served.
+        """One inference on zeros, so the first client does not pay for it (best effort: a model whose
+        dynamic dimensions reject 1 is still served)."""
         with contextlib.suppress(Exception):
-            self.predict(sample)
+            self.predict(zeros_like_inputs(self.inputs))
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,42 @@ def resolve(location: str, cache: Path) -> Artifact:
     raise ArtifactError(f"{location}: no such file or directory")
 
 
+class TensorRTModel:
+    """A serialized TensorRT engine (model.plan), run through polygraphy on this node's GPU."""
+
+    platform = "tensorrt_plan"
+
+    def __init__(self, path: Path) -> None:
+        from edgemodel_runtime.build.errors import BuildError
+        from edgemodel_runtime.engines import tensorrt_engine
+
+        try:
+            tensorrt_engine.require()
+        except BuildError as error:
+            raise ArtifactError(str(error)) from error
+        import tensorrt as trt
+
+        self._runner = tensorrt_engine.open_runner(path)
+        engine = self._runner.engine
+        inputs: list[TensorMetadata] = []
+        outputs: list[TensorMetadata] = []
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            spec = TensorMetadata(name, NUMPY_TO_DATATYPE[dtype], _dims(list(engine.get_tensor_shape(name))))
+            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
+        self.inputs, self.outputs = inputs, outputs
+
+    def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return {name: np.array(value) for name, value in self._runner.infer(feed_dict=inputs).items()}
+
+    def warm_up(self) -> None:
+        with contextlib.suppress(Exception):
+            self.predict(zeros_like_inputs(self.inputs))
+
+
 def load(artifact: Artifact, threads: int | None = None) -> Model:
-    """The engine module that fits the artifact."""
+    """The engine module that fits the artifact: TensorRT for .plan files, ONNX Runtime otherwise."""
     if artifact.path.suffix == ".plan":
-        raise ArtifactError(f"{artifact.path}: TensorRT plans are served through the tensorrt engine module")
+        return TensorRTModel(artifact.path)
     return OnnxRuntimeModel(artifact.path, threads)
