@@ -190,14 +190,19 @@ def _evidence(stable: str, requests: int, latencies: list[float], failed: int) -
 
 
 def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tuple[str, str]) -> str:
-    rows = ["", "engine            precision  build s  p50 ms  p99 ms  max rel. error  cosine"]
+    rows = ["", "engine            precision  build s  p50 ms  p99 ms  vs fp32  max rel. error  cosine"]
     for role, report in builds.items():
         figures = report.get("candidate", {}).get("comparison", {})
         latency = report.get("latency", {})
+        speedup = report.get("int8Speedup")
+        versus = f"{speedup:.2f}x" if speedup else "-"
+        cosine = figures.get("cosine")
         rows.append(
             f"{role:17} {report['precision']:9} {report['buildSeconds']:8.1f} {latency['p50_ms']:7.2f} "
-            f"{latency['p99_ms']:7.2f} {figures.get('max_relative_error', 0):15.3g} {figures.get('cosine')}"
+            f"{latency['p99_ms']:7.2f} {versus:>8} {figures.get('max_relative_error', 0):15.3g} "
+            f"{'-' if cosine is None else f'{cosine:.4f}'}"
         )
+    rows.append("(vs fp32: INT8 against FP32 timed side by side in the INT8 build; other timings differ run to run)")
     agreement = evidence.agreed / evidence.compared if evidence.compared else 0.0
     rows += [
         "",

@@ -38,10 +38,10 @@ def free_port() -> int:
 class Server:
     """An `edgemodel serve` process on a free loopback port."""
 
-    def __init__(self, artifact: Path, name: str, *extra: str) -> None:
+    def __init__(self, artifact: Path | str, name: str, *extra: str, log_dir: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = artifact.parent / f"serve-{self.port}.log"
+        self.log = (log_dir or Path(artifact).parent) / f"serve-{self.port}.log"
         command = [
             EDGEMODEL,
             "serve",
@@ -355,3 +355,28 @@ def test_a_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
     result = _serve_refusal(str(tmp_path / "nothing"))
     assert result.returncode == 2
     assert "no such file or directory" in result.stderr
+
+
+def test_an_engine_pushed_by_a_build_is_served_by_digest_from_the_registry(tmp_path: Path) -> None:
+    from tests.testbed.registry import Registry
+
+    registry = Registry(tmp_path / "registry").start()
+    try:
+        model = onnx_models.tiny_classifier(tmp_path / "m.onnx")
+        built = subprocess.run(
+            [EDGEMODEL, "build", "--model", str(model), "--sha256", hashlib.sha256(model.read_bytes()).hexdigest(),
+             "--output", str(tmp_path / "engine"), "--benchmark-seconds", "0.2",
+             "--push", f"oci://{registry.address}/engines/clf"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        reference = json.loads((tmp_path / "engine" / "report.json").read_text())["artifact"]["reference"]
+        assert "@sha256:" in reference
+        served = Server(reference, "clf", log_dir=tmp_path)
+        try:
+            code, body = served.request("POST", "/v2/models/clf/infer", _classifier_body(1))
+            assert code == 200, body
+        finally:
+            served.stop()
+    finally:
+        registry.stop()

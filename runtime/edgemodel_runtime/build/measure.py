@@ -46,9 +46,20 @@ def summarize(samples_s: Sequence[float]) -> Latency:
 
 
 def measure_interleaved(
-    runners: dict[str, Runner], *, warmup: int = 3, min_runs: int = 20, budget_s: float = 3.0, max_runs: int = 2000
+    runners: dict[str, Runner],
+    *,
+    warmup: int = 3,
+    min_runs: int = 20,
+    budget_s: float = 3.0,
+    max_runs: int = 2000,
+    block: int = 5,
 ) -> dict[str, Latency]:
-    """Time several variants in alternating rounds so that machine noise hits them alike."""
+    """Time several variants in alternating rounds so that machine noise hits them alike.
+
+    Each round gives every variant a block of runs after one untimed run: alternating single
+    calls would have each model evict the other's weights from the caches and wake the other's
+    idle thread pool, measuring the alternation rather than the models.
+    """
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -56,9 +67,11 @@ def measure_interleaved(
     deadline = time.perf_counter() + budget_s * len(runners)
     while True:
         for name, run in runners.items():
-            started = time.perf_counter()
             run()
-            timings[name].append(time.perf_counter() - started)
+            for _ in range(block):
+                started = time.perf_counter()
+                run()
+                timings[name].append(time.perf_counter() - started)
         runs = len(next(iter(timings.values())))
         if runs >= max_runs or (runs >= min_runs and time.perf_counter() >= deadline):
             break

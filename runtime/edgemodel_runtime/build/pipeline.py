@@ -201,11 +201,13 @@ class _Build:
         final = self._measure_and_decide(candidate, model, samples, expected, comparison)
 
         _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
-        self._publish(final)
+        # The report travels with the artifact, so it must say "built" before it is written and pushed;
+        # a failed push turns it back into a failed report.
         self.report["buildSeconds"] = round(time.monotonic() - started, 3)
         self.report["peakRssMb"] = round(measure.peak_rss_mb(), 1)
         self.report["status"] = "built"
         self.report["message"] = self._summary()
+        self._publish(final)
         return self.report
 
     def _reference_samples(
