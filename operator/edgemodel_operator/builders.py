@@ -1,0 +1,267 @@
+"""Pure desired-state builders: EdgeModel + hardware class -> build Job, serving Deployment, Service.
+
+No I/O, no clock, no randomness: each function returns a plain dict that tests compare whole.
+Every pod is built to the restricted Pod Security Standard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edgemodel_operator.api.resource import API_VERSION, KIND
+from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
+from edgemodel_operator.classes import HardwareClass
+
+LABEL_EDGEMODEL = "edgeml.dev/edgemodel"
+LABEL_REVISION = "edgeml.dev/revision"
+LABEL_CLASS = "edgeml.dev/class"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "edgemodel", "app.kubernetes.io/name": "edgemodel"}
+RUN_AS_USER = 65532
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - inside the pod's own network namespace, reached through its Service
+
+
+@dataclass(frozen=True)
+class Images:
+    """Runtime images per kind of class, and where build artifacts are pushed."""
+
+    cpu: str = "ghcr.io/edgemodel/runtime-cpu:0.1.0"
+    cuda: str = "ghcr.io/edgemodel/runtime-cuda:0.1.0"
+    jetson: str = "ghcr.io/edgemodel/runtime-jetson:0.1.0"
+    registry: str = "registry.edgemodel-system.svc:5000/engines"
+    builder_version: str = "0.1.0"
+
+    def for_class(self, hardware: HardwareClass) -> str:
+        if hardware.accelerator == "nvidia-orin":
+            return self.jetson
+        return self.cuda if hardware.has_gpu else self.cpu
+
+
+def _hash(value: Any, length: int) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
+
+
+def revision_of(spec: EdgeModelSpec) -> str:
+    """A hash of the spec parts that change the engines (not serving or rollout settings)."""
+    relevant = spec.model_dump(by_alias=True, exclude_none=True, include={"model", "inputs", "targets", "validation"})
+    return _hash(relevant, 10)
+
+
+def cache_key(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareClass, images: Images) -> str:
+    """sha256(model digest, engine, precision, class key, builder version, build options)."""
+    options = {
+        "inputs": [i.model_dump(by_alias=True) for i in spec.inputs or []],
+        "quantization": target.quantization,
+        "calibration": target.calibration.sha256 if target.calibration else None,
+        "calibrationMethod": target.calibration_method,
+    }
+    material = [spec.model.sha256, target.engine, target.precision, hardware.key, images.builder_version, options]
+    return _hash(material, 64)
+
+
+def child_name(edgemodel: str, revision: str, hardware: HardwareClass) -> str:
+    """<edgemodel>-<revision>-<class>: at most 40 + 1 + 8 + 1 + 8 = 58 characters."""
+    return f"{edgemodel}-{revision[:8]}-{hardware.key[-8:]}"
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    metadata = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(body: dict[str, Any], revision: str, hardware: HardwareClass, component: str) -> dict[str, str]:
+    return {
+        **MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_EDGEMODEL: body["metadata"]["name"],
+        LABEL_REVISION: revision,
+        LABEL_CLASS: hardware.key,
+    }
+
+
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _build_args(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareClass, push: str) -> list[str]:
+    args = ["build", "--model", spec.model.uri, "--sha256", spec.model.sha256, "--engine", target.engine,
+            "--precision", target.precision, "--class-key", hardware.key, "--output", "/work/engine",
+            "--push", push, "--termination-log", "/dev/termination-log"]  # fmt: skip
+    for tensor in spec.inputs or []:
+        args += ["--input", f"{tensor.name}={'x'.join(map(str, tensor.shape))}"]
+    if target.quantization:
+        args += ["--quantization", target.quantization]
+    if target.calibration:
+        args += ["--calibration", target.calibration.uri, "--calibration-sha256", target.calibration.sha256]
+    if target.calibration_method:
+        args += ["--calibration-method", target.calibration_method]
+    validation = spec.validation
+    if validation and validation.reference:
+        args += ["--reference", validation.reference.uri, "--reference-sha256", validation.reference.sha256]
+    tolerance = validation.tolerance if validation else None
+    if tolerance:
+        limits = tolerance.model_dump(by_alias=True, exclude_none=True)
+        if limits:
+            args += ["--tolerance", ",".join(f"{k}={v}" for k, v in sorted(limits.items()))]
+    if validation and validation.latency_budget:
+        args += ["--latency-budget-ms", str(validation.latency_budget.p99_ms)]
+    return args
+
+
+def build_job_for_class(
+    body: dict[str, Any], hardware: HardwareClass, target: EngineTarget, revision: str, images: Images
+) -> dict[str, Any]:
+    """The Job that builds, validates and publishes the engine of one class for one revision."""
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    labels = _labels(body, revision, hardware, "build")
+    resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    if target.engine == "tensorrt":
+        resources["limits"]["nvidia.com/gpu"] = "1"
+    push = f"oci://{images.registry}/{namespace}/{name}"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": child_name(name, revision, hardware),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {"edgeml.dev/cache-key": cache_key(spec, target, hardware, images)},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": 3600,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": dict(hardware.node_selector),
+                    "tolerations": [GPU_TOLERATION] if hardware.has_gpu else [],
+                    "securityContext": RESTRICTED_POD,
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "build",
+                            "image": images.for_class(hardware),
+                            "args": _build_args(spec, target, hardware, push),
+                            "securityContext": RESTRICTED_CONTAINER,
+                            "resources": resources,
+                            "terminationMessagePolicy": "File",
+                            "volumeMounts": [
+                                {"name": "work", "mountPath": "/work"},
+                                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, private to the pod
+                            ],
+                        }
+                    ],
+                    "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_deployment_for_class(
+    body: dict[str, Any], hardware: HardwareClass, target: EngineTarget, *, revision: str, artifact: str, images: Images
+) -> dict[str, Any]:
+    """The Deployment serving one class's engine (by digest) for one revision."""
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    name = body["metadata"]["name"]
+    labels = {**_labels(body, revision, hardware, "serve")}
+    serving = spec.serving
+    port = serving.port
+    resources = serving.resources.model_dump(exclude_none=True) if serving.resources else {}
+    if target.engine == "tensorrt":
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = "1"
+    probe = {"httpGet": {"port": port}, "periodSeconds": 5}
+    container = {
+        "name": "serve",
+        "image": images.for_class(hardware),
+        "args": [
+            "serve",
+            artifact,
+            "--name",
+            name,
+            "--host",
+            ALL_INTERFACES,
+            "--port",
+            str(port),
+            "--revision",
+            revision,
+        ],
+        "env": [{"name": "EDGEMODEL_ARTIFACT_CACHE", "value": "/cache"}],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {**probe, "httpGet": {"path": "/v2/health/ready", "port": port}},
+        "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": port}, "failureThreshold": 6},
+        "securityContext": RESTRICTED_CONTAINER,
+        "resources": resources,
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": child_name(name, revision, hardware),
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "replicas": serving.replicas_per_class or 1,
+            "selector": {"matchLabels": {LABEL_EDGEMODEL: name, LABEL_REVISION: revision, LABEL_CLASS: hardware.key}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "nodeSelector": dict(hardware.node_selector),
+                    "tolerations": [GPU_TOLERATION] if hardware.has_gpu else [],
+                    "securityContext": RESTRICTED_POD,
+                    "automountServiceAccountToken": False,
+                    "containers": [container],
+                    "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_service(body: dict[str, Any]) -> dict[str, Any]:
+    """One Service per EdgeModel, across every class's serving pods."""
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": body["metadata"]["namespace"],
+            "labels": {**MANAGED_BY, LABEL_EDGEMODEL: name},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "selector": {LABEL_EDGEMODEL: name, LABEL_COMPONENT: "serve"},
+            "ports": [{"name": "http", "port": spec.serving.port, "targetPort": "http"}],
+        },
+    }

@@ -1,0 +1,149 @@
+"""Hardware classes: which distinct kinds of node an EdgeModel's engines must be built for.
+
+Pure functions from Node objects and an EdgeModel spec to classes. A class is the part of a
+node's labels that decides whether an engine can run there (architecture, accelerator, GPU
+product and compute capability, CPU features that change kernels); nodes that agree on all of
+them share one engine. Each class gets a stable, label-safe key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget, HardwareMatch
+
+ARCH = "kubernetes.io/arch"
+GPU_PRESENT = "nvidia.com/gpu.present"
+GPU_PRODUCT = "nvidia.com/gpu.product"
+COMPUTE_MAJOR = "nvidia.com/gpu.compute.major"
+COMPUTE_MINOR = "nvidia.com/gpu.compute.minor"
+JETSON_MODULE = "nvidia.com/jetson.module"
+CPUID_PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
+# CPU features that change which kernels an engine uses; others (SSE4, AES...) do not split classes.
+KERNEL_FEATURES = ("AVX2", "AVX512F", "AVX512VNNI", "AVX512BF16", "AMXINT8", "AMXBF16", "ASIMDDP", "SVE", "I8MM")
+
+Node = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class HardwareClass:
+    """One kind of node and the nodes of that kind."""
+
+    key: str
+    arch: str
+    accelerator: str  # "none", or "nvidia" / "nvidia-orin" for GPUs
+    gpu_product: str | None
+    compute_capability: str | None
+    cpu_features: tuple[str, ...]
+    node_selector: dict[str, str]
+    nodes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.accelerator != "none"
+
+
+def _labels(node: Node) -> Mapping[str, str]:
+    labels: Mapping[str, str] = node.get("metadata", {}).get("labels", {}) or {}
+    return labels
+
+
+def _ready_and_schedulable(node: Node) -> bool:
+    if node.get("spec", {}).get("unschedulable"):
+        return False
+    conditions = node.get("status", {}).get("conditions", []) or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _signature(labels: Mapping[str, str]) -> tuple[str, str, str | None, str | None, tuple[str, ...]]:
+    arch = labels.get(ARCH, "amd64")
+    gpu = labels.get(GPU_PRESENT) == "true" or GPU_PRODUCT in labels
+    accelerator = "none"
+    if gpu:
+        accelerator = (
+            "nvidia-orin" if "orin" in labels.get(JETSON_MODULE, labels.get(GPU_PRODUCT, "")).lower() else "nvidia"
+        )
+    capability = None
+    if gpu and COMPUTE_MAJOR in labels:
+        capability = f"{labels[COMPUTE_MAJOR]}.{labels.get(COMPUTE_MINOR, '0')}"
+    features = tuple(f for f in KERNEL_FEATURES if labels.get(CPUID_PREFIX + f) == "true")
+    return arch, accelerator, labels.get(GPU_PRODUCT) if gpu else None, capability, features
+
+
+def class_key(
+    arch: str, accelerator: str, gpu_product: str | None, capability: str | None, features: Sequence[str]
+) -> str:
+    """Readable prefix plus a hash of everything: at most 40 characters, valid as a label value."""
+    material = "|".join([arch, accelerator, gpu_product or "", capability or "", ",".join(features)])
+    digest = hashlib.sha256(material.encode()).hexdigest()[:8]
+    readable = f"{arch}-{accelerator}" + (f"-sm{capability.replace('.', '')}" if capability else "")
+    return f"{readable[:31]}-{digest}"
+
+
+def _selector(labels: Mapping[str, str], features: Sequence[str], gpu: bool) -> dict[str, str]:
+    """Node labels that pin a workload to exactly this class."""
+    keys = [ARCH, *(CPUID_PREFIX + f for f in features)]
+    if gpu:
+        keys += [GPU_PRODUCT, COMPUTE_MAJOR, COMPUTE_MINOR]
+    return {k: labels[k] for k in keys if k in labels}
+
+
+def discover(nodes: Iterable[Node], node_selector: Mapping[str, str] | None = None) -> list[HardwareClass]:
+    """Every distinct class among Ready, schedulable nodes that carry all of `node_selector`'s labels."""
+    grouped: dict[tuple[Any, ...], list[tuple[str, Mapping[str, str]]]] = {}
+    for node in nodes:
+        labels = _labels(node)
+        if not _ready_and_schedulable(node):
+            continue
+        if any(labels.get(k) != v for k, v in (node_selector or {}).items()):
+            continue
+        grouped.setdefault(_signature(labels), []).append((node["metadata"]["name"], labels))
+    classes = []
+    for (arch, accelerator, product, capability, features), members in grouped.items():
+        classes.append(
+            HardwareClass(
+                key=class_key(arch, accelerator, product, capability, features),
+                arch=arch,
+                accelerator=accelerator,
+                gpu_product=product,
+                compute_capability=capability,
+                cpu_features=features,
+                node_selector=_selector(members[0][1], features, accelerator != "none"),
+                nodes=tuple(sorted(name for name, _ in members)),
+            )
+        )
+    return sorted(classes, key=lambda c: c.key)
+
+
+def _matches(match: HardwareMatch, hardware: HardwareClass) -> bool:
+    accelerator_ok = (
+        match.accelerator is None
+        or match.accelerator == hardware.accelerator
+        or (match.accelerator == "nvidia" and hardware.accelerator.startswith("nvidia"))
+    )
+    checks = (
+        match.arch is None or match.arch == hardware.arch,
+        accelerator_ok,
+        match.gpu_product is None or match.gpu_product == hardware.gpu_product,
+        match.compute_capability is None or match.compute_capability == hardware.compute_capability,
+        not match.cpu_features or set(match.cpu_features) <= set(hardware.cpu_features),
+    )
+    return all(checks)
+
+
+def default_engine(hardware: HardwareClass) -> EngineTarget:
+    """Without `spec.targets.engines`: TensorRT fp16 on NVIDIA classes, ONNX Runtime fp32 elsewhere."""
+    if hardware.has_gpu:
+        return EngineTarget(match=HardwareMatch(), engine="tensorrt", precision="fp16")
+    return EngineTarget(match=HardwareMatch(), engine="onnxruntime", precision="fp32")
+
+
+def engine_for(spec: EdgeModelSpec, hardware: HardwareClass) -> EngineTarget | None:
+    """The first engine entry whose match fits the class; None when entries exist and none fits."""
+    engines = spec.targets.engines if spec.targets else None
+    if not engines:
+        return default_engine(hardware)
+    return next((entry for entry in engines if _matches(entry.match, hardware)), None)

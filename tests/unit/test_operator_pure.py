@@ -1,0 +1,200 @@
+"""Hardware classes, builders and the reconcile plan: pure, table-driven, no cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+import pytest
+
+from edgemodel_operator.api.spec import EdgeModelSpec
+from edgemodel_operator.builders import Images, build_job_for_class, revision_of
+from edgemodel_operator.classes import discover, engine_for
+from edgemodel_operator.reconcile import Observed, plan
+from tests.testbed.nodes import DEFAULT_NODES, X86_NVIDIA, build_node
+
+DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
+NOW = "2026-11-26T12:00:00Z"
+LATER = "2026-11-26T12:05:00Z"
+
+
+def ready(node: dict[str, Any], is_ready: bool = True) -> dict[str, Any]:
+    node = copy.deepcopy(node)
+    node["status"]["conditions"] = [{"type": "Ready", "status": "True" if is_ready else "False"}]
+    return node
+
+
+NODES = [ready(build_node(name, node_class)) for name, node_class in DEFAULT_NODES]
+
+
+def edgemodel(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeml.dev/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": "ocr", "namespace": "apps", "uid": "u-1", "generation": 1},
+        "spec": {"model": {"uri": "oci://registry.local/models/det:v4", "sha256": DIGEST}, **spec},
+    }
+
+
+def test_default_nodes_form_four_classes_with_stable_label_safe_keys() -> None:
+    classes = discover(NODES)
+    assert len(classes) == 4
+    assert {c.nodes for c in classes} == {
+        ("edge-x86-1", "edge-x86-2"),
+        ("gpu-ws-1",),
+        ("jetson-orin-1", "jetson-orin-2"),
+        ("rpi5-1",),
+    }
+    for hardware in classes:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", hardware.key), hardware.key
+        assert len(hardware.key) <= 40
+    assert [c.key for c in discover(list(reversed(NODES)))] == [c.key for c in classes]
+
+
+def test_not_ready_nodes_and_nodes_outside_the_selector_are_left_out() -> None:
+    nodes = [*NODES[:2], ready(NODES[2], is_ready=False)]
+    assert [c.nodes for c in discover(nodes)] == [("edge-x86-1", "edge-x86-2")]
+    arm_only = discover(NODES, {"kubernetes.io/arch": "arm64"})
+    assert sorted(c.accelerator for c in arm_only) == ["none", "nvidia-orin"]
+
+
+def test_a_different_gpu_is_a_different_class() -> None:
+    other = build_node("gpu-ws-2", X86_NVIDIA)
+    other["metadata"]["labels"]["nvidia.com/gpu.compute.minor"] = "9"
+    assert len(discover([*NODES, ready(other)])) == 5
+
+
+@pytest.mark.parametrize(
+    ("engines", "expected"),
+    [
+        (None, {"none": ("onnxruntime", "fp32"), "nvidia": ("tensorrt", "fp16"), "nvidia-orin": ("tensorrt", "fp16")}),
+        (
+            [
+                {"match": {"accelerator": "nvidia-orin"}, "engine": "tensorrt", "precision": "int8", "calibration": {
+                    "uri": "https://h/c.npz", "sha256": DIGEST}},
+                {"match": {}, "engine": "onnxruntime", "precision": "fp16"},
+            ],
+            {"none": ("onnxruntime", "fp16"), "nvidia": ("onnxruntime", "fp16"), "nvidia-orin": ("tensorrt", "int8")},
+        ),
+    ],
+    ids=["defaults", "first match wins"],
+)  # fmt: skip
+def test_engine_per_class(engines: Any, expected: dict[str, tuple[str, str]]) -> None:
+    spec = EdgeModelSpec.model_validate(edgemodel(targets={"engines": engines} if engines else None)["spec"])
+    for hardware in discover(NODES):
+        target = engine_for(spec, hardware)
+        assert target is not None
+        assert (target.engine, target.precision) == expected[hardware.accelerator]
+
+
+def test_revision_follows_what_changes_engines_only() -> None:
+    base = EdgeModelSpec.model_validate(edgemodel()["spec"])
+    assert revision_of(base) == revision_of(EdgeModelSpec.model_validate(edgemodel(serving={"port": 9000})["spec"]))
+    changed = edgemodel()
+    changed["spec"]["model"]["sha256"] = "0" * 64
+    assert revision_of(base) != revision_of(EdgeModelSpec.model_validate(changed["spec"]))
+
+
+def test_build_job_is_pinned_restricted_and_names_its_inputs() -> None:
+    body = edgemodel(inputs=[{"name": "x", "shape": [1, 3, 480, 640], "dtype": "float32"}])
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    gpu = next(c for c in discover(NODES) if c.accelerator == "nvidia")
+    target = engine_for(spec, gpu)
+    assert target is not None
+    job = build_job_for_class(body, gpu, target, revision_of(spec), Images())
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert len(job["metadata"]["name"]) <= 63
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A2"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["spec"]["activeDeadlineSeconds"] > 0
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    args = container["args"]
+    assert args[args.index("--sha256") + 1] == DIGEST
+    assert args[args.index("--class-key") + 1] == gpu.key
+    assert args[args.index("--input") + 1] == "x=1x3x480x640"
+
+
+def _observed(body: dict[str, Any], **objects: list[dict[str, Any]]) -> Observed:
+    return Observed(
+        body=body,
+        nodes=objects.get("nodes", NODES),
+        jobs=objects.get("jobs", []),
+        pods=objects.get("pods", []),
+        deployments=objects.get("deployments", []),
+        services=objects.get("services", []),
+    )
+
+
+def _finished(job: dict[str, Any], report: dict[str, Any], ok: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    job = copy.deepcopy(job)
+    job["status"] = {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True"}]}
+    pod = {
+        "metadata": {"name": job["metadata"]["name"] + "-abc", "labels": {"job-name": job["metadata"]["name"]}},
+        "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+    }
+    return job, pod
+
+
+def test_first_plan_builds_every_class_and_the_service() -> None:
+    result = plan(_observed(edgemodel()), Images(), NOW)
+    kinds = [o["kind"] for o in result.create]
+    assert kinds.count("Job") == 4
+    assert kinds.count("Service") == 1
+    status = result.status
+    assert status["phase"] == "Progressing"
+    assert status["classesReady"] == "0/4"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Progressing"]["status"] == "True"
+    assert all(c["observedGeneration"] == 1 for c in conditions.values())
+
+
+def test_built_classes_get_a_deployment_and_a_failed_class_degrades_without_touching_others() -> None:
+    body = edgemodel()
+    jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
+    ok_report = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
+    bad_report = {"status": "failed", "reason": "ToleranceMissed", "message": "cosine 0.5 < minCosine 0.99"}
+    finished = [_finished(j, ok_report) for j in jobs[:3]] + [_finished(jobs[3], bad_report, ok=False)]
+    result = plan(_observed(body, jobs=[j for j, _ in finished], pods=[p for _, p in finished]), Images(), LATER)
+    deployments = [o for o in result.create if o["kind"] == "Deployment"]
+    assert len(deployments) == 3
+    assert all(d["spec"]["template"]["spec"]["containers"][0]["args"][1].startswith("oci://") for d in deployments)
+    states = sorted(c["state"] for c in result.status["classes"])
+    assert states == ["Built", "Built", "Built", "Failed"]
+    conditions = {c["type"]: c for c in result.status["conditions"]}
+    assert conditions["Degraded"]["status"] == "True"
+    assert "ToleranceMissed" in conditions["EnginesBuilt"]["message"]
+    assert not result.delete
+
+
+def test_lasttransitiontime_moves_only_when_a_condition_flips() -> None:
+    body = edgemodel()
+    first = plan(_observed(body), Images(), NOW).status
+    body["status"] = first
+    again = plan(_observed(body, jobs=[o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]),
+                 Images(), LATER).status  # fmt: skip
+    before = {c["type"]: c["lastTransitionTime"] for c in first["conditions"]}
+    after = {c["type"]: c["lastTransitionTime"] for c in again["conditions"]}
+    assert before == after
+
+
+def test_a_class_that_leaves_has_its_workloads_removed() -> None:
+    body = edgemodel()
+    jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
+    without_jetsons = [n for n in NODES if not n["metadata"]["name"].startswith("jetson")]
+    result = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), LATER)
+    assert [d["name"] for d in result.delete] == [
+        j["metadata"]["name"] for j in jobs if j["metadata"]["labels"]["edgeml.dev/class"].startswith("arm64-nvidia")
+    ]
+
+
+def test_one_class_of_each_kind_in_the_test_bed() -> None:
+    kinds = {(c.arch, c.accelerator) for c in discover(NODES)}
+    assert kinds == {("amd64", "none"), ("amd64", "nvidia"), ("arm64", "nvidia-orin"), ("arm64", "none")}
