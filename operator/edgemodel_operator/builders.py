@@ -153,8 +153,18 @@ def build_job_for_class(
             "ownerReferences": [owner_reference(body)],
         },
         "spec": {
-            "backoffLimit": 1,
+            "backoffLimit": 2,
             "activeDeadlineSeconds": 3600,
+            # Bad input (2) and a failed validation (3) will fail again: only infrastructure errors retry.
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "build", "operator": "In", "values": [2, 3]},
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {

@@ -20,6 +20,6 @@ def operator_command(argv: Sequence[str]) -> int:
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         standalone=settings.peering is None,
-        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+        liveness_endpoint=f"http://{settings.health_host}:{settings.health_port}/healthz",
     )
     return 0

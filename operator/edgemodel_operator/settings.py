@@ -20,6 +20,7 @@ class OperatorSettings(BaseSettings):
     registry: str = Field(default=Images.registry, description="OCI registry and path prefix for engine artifacts.")
     builder_version: str = Field(default=Images.builder_version, description="Part of every cache key.")
     resync_seconds: float = Field(default=5.0, gt=0, description="How often each EdgeModel is reconciled anyway.")
+    health_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint (/healthz).")  # noqa: S104 - in a pod
     health_port: int = Field(default=8081, description="Port of the liveness endpoint (/healthz).")
     peering: str | None = Field(default=None, description="kopf peering name for more than one replica.")
 

@@ -1,0 +1,174 @@
+"""The operator as a real process on the test bed: builds per class, serving, failures, cleanup.
+
+KWOK plays the nodes: build pods stay Running until the test, playing the builder, annotates them
+with an exit code and the compact build report that `edgemodel build` writes to its termination log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.testbed.cluster import Testbed
+
+pytestmark = pytest.mark.testbed
+
+EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
+DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
+EXIT_CODE = "testbed.edgemodel.dev/exit-code"
+MESSAGE = "testbed.edgemodel.dev/termination-message"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def operator(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(crd.kubeconfig),
+        "EDGEMODEL_RESYNC_SECONDS": "1",
+        "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
+        "EDGEMODEL_HEALTH_PORT": str(_free_port()),
+        "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen([EDGEMODEL, "operator"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    time.sleep(2)
+    if process.poll() is not None:
+        raise AssertionError(f"operator exited:\n{log.read_text()}")
+    yield crd
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    print(f"[operator] log: {log}", file=sys.stderr)
+
+
+def _get(bed: Testbed, *args: str) -> Any:
+    return json.loads(bed.kubectl("get", *args, "-o", "json").stdout)
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _apply(bed: Testbed, namespace: str, name: str, **spec: Any) -> None:
+    manifest = {
+        "apiVersion": "edgeml.dev/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": "oci://registry.local:5000/models/det:v4", "sha256": DIGEST}, **spec},
+    }
+    bed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def _report(job: str, ok: bool) -> str:
+    if ok:
+        return json.dumps({"v": 1, "status": "built", "exitCode": 0, "cacheKey": job, "precision": "fp32",
+                           "artifact": {"reference": f"oci://127.0.0.1:5000/engines/x@sha256:{'ab' * 32}"},
+                           "buildSeconds": 3.5, "metrics": {"max_abs_error": 1e-6, "cosine": 1.0},
+                           "latency": {"p50_ms": 4.0, "p99_ms": 6.0}})  # fmt: skip
+    return json.dumps({"v": 1, "status": "failed", "exitCode": 3, "reason": "ToleranceMissed",
+                       "message": "cosine 0.91 < minCosine 0.99"})  # fmt: skip
+
+
+def _finish_builds(bed: Testbed, namespace: str, failing_class_prefix: str | None = None) -> list[dict[str, Any]]:
+    """Play the builder: annotate each running build pod with its exit code and report."""
+    pods = _eventually(
+        lambda: (
+            (
+                items := [
+                    p
+                    for p in _get(bed, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=build")["items"]
+                    if p["status"].get("phase") == "Running"
+                ]
+            )
+            and len(items) == 4
+            and items
+        ),
+        what="4 running build pods",
+    )
+    for pod in pods:
+        key = pod["metadata"]["labels"]["edgeml.dev/class"]
+        ok = failing_class_prefix is None or not key.startswith(failing_class_prefix)
+        bed.kubectl("annotate", "pod", "-n", namespace, pod["metadata"]["name"],
+                    f"{EXIT_CODE}={0 if ok else 3}", f"{MESSAGE}={_report(key, ok)}")  # fmt: skip
+    return list(pods)
+
+
+def test_builds_then_serves_one_engine_per_hardware_class(operator: Testbed, namespace: str) -> None:
+    _apply(operator, namespace, "ocr")
+    jobs = _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    assert jobs
+    _finish_builds(operator, namespace)
+    operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=120s")
+    em = _get(operator, "em", "ocr", "-n", namespace)
+    status = em["status"]
+    assert status["phase"] == "Ready"
+    assert status["classesReady"] == "4/4"
+    assert {c["state"] for c in status["classes"]} == {"Serving"}
+    assert {c["engine"] for c in status["classes"]} == {"onnxruntime", "tensorrt"}
+    assert status["observedGeneration"] == em["metadata"]["generation"]
+    deployments = _get(operator, "deployments", "-n", namespace)["items"]
+    assert len(deployments) == 4
+    selectors = [d["spec"]["template"]["spec"]["nodeSelector"] for d in deployments]
+    assert sum("nvidia.com/gpu.product" in s for s in selectors) == 2
+    assert _get(operator, "service", "ocr", "-n", namespace)["spec"]["ports"][0]["port"] == 8080
+    columns = operator.kubectl("get", "em", "ocr", "-n", namespace).stdout.splitlines()[1].split()
+    assert columns[1:4] == ["True", "Ready", "4/4"]
+
+
+def test_a_failed_build_fails_its_class_only_with_the_reports_reason(operator: Testbed, namespace: str) -> None:
+    _apply(operator, namespace, "ocr")
+    _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    _finish_builds(operator, namespace, failing_class_prefix="arm64-nvidia")
+
+    def degraded() -> Any:
+        status = _get(operator, "em", "ocr", "-n", namespace).get("status", {})
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        return conditions.get("Degraded", {}).get("status") == "True" and status.get("classesReady") == "3/4" and status
+
+    status = _eventually(degraded, what="Degraded with 3 of 4 classes serving")
+    failed = [c for c in status["classes"] if c["state"] == "Failed"]
+    assert len(failed) == 1
+    assert "ToleranceMissed" in failed[0]["message"]
+    assert len(_get(operator, "deployments", "-n", namespace)["items"]) == 3
+    events = operator.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=ocr").stdout
+    assert "BuildStarted" in events
+
+
+def test_deleting_the_edgemodel_removes_what_it_created(operator: Testbed, namespace: str) -> None:
+    _apply(operator, namespace, "ocr")
+    _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    operator.kubectl("delete", "em", "ocr", "-n", namespace, "--wait=true", "--timeout=60s")
+    _eventually(
+        lambda: (
+            not _get(operator, "jobs", "-n", namespace)["items"]
+            and not _get(operator, "services", "-n", namespace)["items"]
+        ),
+        what="owned objects garbage-collected",
+    )
