@@ -36,29 +36,55 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class OperatorProcess:
+    """`edgemodel operator` against the test bed; can be killed and started again."""
+
+    def __init__(self, bed: Testbed, log: Path) -> None:
+        self.bed, self.log = bed, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.bed.kubeconfig),
+            "EDGEMODEL_RESYNC_SECONDS": "1",
+            "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
+            "EDGEMODEL_HEALTH_PORT": str(_free_port()),
+            "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
+        }
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen([EDGEMODEL, "operator"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        time.sleep(2)
+        if self.process.poll() is not None:
+            raise AssertionError(f"operator exited:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 @pytest.fixture(scope="module")
-def operator(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(crd.kubeconfig),
-        "EDGEMODEL_RESYNC_SECONDS": "1",
-        "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
-        "EDGEMODEL_HEALTH_PORT": str(_free_port()),
-        "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen([EDGEMODEL, "operator"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    time.sleep(2)
-    if process.poll() is not None:
-        raise AssertionError(f"operator exited:\n{log.read_text()}")
-    yield crd
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    print(f"[operator] log: {log}", file=sys.stderr)
+def operator_process(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(crd, tmp_path_factory.mktemp("operator") / "operator.log")
+    running.start()
+    yield running
+    running.stop()
+    print(f"[operator] log: {running.log}", file=sys.stderr)
+
+
+@pytest.fixture
+def operator(operator_process: OperatorProcess) -> Testbed:
+    return operator_process.bed
 
 
 def _get(bed: Testbed, *args: str) -> Any:
@@ -172,3 +198,46 @@ def test_deleting_the_edgemodel_removes_what_it_created(operator: Testbed, names
         ),
         what="owned objects garbage-collected",
     )
+
+
+def _jobs(bed: Testbed, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = _get(bed, "jobs", "-n", namespace)["items"]
+    return items
+
+
+def test_a_node_of_a_new_class_triggers_exactly_one_new_build(operator: Testbed, namespace: str) -> None:
+    from tests.testbed.nodes import X86_NVIDIA, build_node
+
+    _apply(operator, namespace, "ocr")
+    _eventually(lambda: len(_jobs(operator, namespace)) == 4, what="4 build Jobs")
+    node = build_node("gpu-l4-1", X86_NVIDIA)
+    node["metadata"]["labels"] |= {"nvidia.com/gpu.product": "NVIDIA-L4", "nvidia.com/gpu.compute.minor": "9"}
+    operator.apply_objects([node])
+    try:
+        _eventually(lambda: len(_jobs(operator, namespace)) == 5, what="a fifth build Job")
+        time.sleep(3)  # several resyncs later, still exactly one new build
+        jobs = _jobs(operator, namespace)
+        assert len(jobs) == 5
+        new = [
+            j
+            for j in jobs
+            if j["spec"]["template"]["spec"]["nodeSelector"].get("nvidia.com/gpu.product") == "NVIDIA-L4"
+        ]
+        assert len(new) == 1
+    finally:
+        operator.kubectl("delete", "node", "gpu-l4-1", "--wait=false")
+    _eventually(lambda: len(_jobs(operator, namespace)) == 4, what="the departed class's Job removed")
+
+
+def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
+    operator_process: OperatorProcess, namespace: str
+) -> None:
+    bed = operator_process.bed
+    _apply(bed, namespace, "ocr")
+    time.sleep(0.5)
+    operator_process.kill()
+    operator_process.start()
+    _eventually(lambda: len(_jobs(bed, namespace)) == 4, what="4 build Jobs")
+    time.sleep(3)
+    assert len(_jobs(bed, namespace)) == 4
+    assert len(_get(bed, "services", "-n", namespace)["items"]) == 1

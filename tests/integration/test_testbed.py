@@ -115,7 +115,7 @@ def test_gpu_pod_is_scheduled_only_on_a_node_with_a_free_gpu(testbed: Testbed, n
         what="GPU pod Running",
     )
     node = _get(testbed, "node", running["spec"]["nodeName"])
-    assert node["status"]["allocatable"].get("nvidia.com/gpu") == "1"
+    assert int(node["status"]["allocatable"].get("nvidia.com/gpu", "0")) >= 1
     conditions = {c["type"]: c["status"] for c in running["status"]["conditions"]}
     assert conditions["Ready"] == "True"
     assert running["status"]["podIP"]

@@ -52,13 +52,13 @@ X86_NVIDIA = NodeClass(
         "nvidia.com/gpu.family": "ampere",
         "nvidia.com/gpu.compute.major": "8",
         "nvidia.com/gpu.compute.minor": "6",
-        "nvidia.com/gpu.count": "1",
+        "nvidia.com/gpu.count": "2",
         "nvidia.com/gpu.memory": "15356",
         "nvidia.com/cuda.driver.major": "580",
         "nvidia.com/cuda.runtime.major": "13",
         "node.kubernetes.io/instance-type": "edge-gpu-workstation",
     },
-    capacity={**_CPU, "cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"},
+    capacity={**_CPU, "cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"},
 )
 
 JETSON_ORIN = NodeClass(
@@ -73,10 +73,13 @@ JETSON_ORIN = NodeClass(
         "nvidia.com/gpu.compute.major": "8",
         "nvidia.com/gpu.compute.minor": "7",
         "nvidia.com/gpu.count": "1",
+        # The device plugin shares the integrated GPU by time-slicing, as is usual on Jetson.
+        "nvidia.com/gpu.replicas": "4",
+        "nvidia.com/gpu.sharing-strategy": "time-slicing",
         "nvidia.com/jetson.module": "jetson-agx-orin-64gb",
         "node.kubernetes.io/instance-type": "jetson-agx-orin",
     },
-    capacity={**_CPU, "cpu": "12", "memory": "61Gi", "nvidia.com/gpu": "1"},
+    capacity={**_CPU, "cpu": "12", "memory": "61Gi", "nvidia.com/gpu": "4"},
     node_info={"osImage": "Ubuntu 22.04.5 LTS (L4T R36.4.3)"},
 )
 
