@@ -241,3 +241,35 @@ def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
     time.sleep(3)
     assert len(_jobs(bed, namespace)) == 4
     assert len(_get(bed, "services", "-n", namespace)["items"]) == 1
+
+
+def test_plan_prints_what_would_be_created_and_changes_nothing(crd: Testbed, tmp_path: Path) -> None:
+    manifest = tmp_path / "em.yaml"
+    manifest.write_text((Path(__file__).resolve().parents[2] / "examples" / "ocr-detector.yaml").read_text())
+    before = _get(crd, "jobs", "-A")["items"]
+    result = subprocess.run(
+        [EDGEMODEL, "plan", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "KUBECONFIG": str(crd.kubeconfig)},
+    )
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    classes = int(header.split()[1])
+    assert header.endswith(")")
+    assert "hardware classes" in header
+    assert classes >= 4
+    objects = list(yaml.safe_load_all(result.stdout))
+    assert [o["kind"] for o in objects].count("Job") == classes
+    assert [o["kind"] for o in objects].count("Service") == 1
+    assert _get(crd, "jobs", "-A")["items"] == before
+
+
+def test_plan_refuses_a_file_without_one_edgemodel(tmp_path: Path) -> None:
+    manifest = tmp_path / "empty.yaml"
+    manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    result = subprocess.run([EDGEMODEL, "plan", str(manifest)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "holds 0 EdgeModels" in result.stderr
