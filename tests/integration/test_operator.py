@@ -9,31 +9,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.helpers import EXIT_CODE, MESSAGE, eventually, free_port, get
 from tests.testbed.cluster import Testbed
 
 pytestmark = pytest.mark.testbed
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
 DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
-EXIT_CODE = "testbed.edgemodel.dev/exit-code"
-MESSAGE = "testbed.edgemodel.dev/termination-message"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class OperatorProcess:
@@ -49,7 +41,7 @@ class OperatorProcess:
             "KUBECONFIG": str(self.bed.kubeconfig),
             "EDGEMODEL_RESYNC_SECONDS": "1",
             "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
-            "EDGEMODEL_HEALTH_PORT": str(_free_port()),
+            "EDGEMODEL_HEALTH_PORT": str(free_port()),
             "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
         }
         with self.log.open("ab") as out:
@@ -87,21 +79,6 @@ def operator(operator_process: OperatorProcess) -> Testbed:
     return operator_process.bed
 
 
-def _get(bed: Testbed, *args: str) -> Any:
-    return json.loads(bed.kubectl("get", *args, "-o", "json").stdout)
-
-
-def _eventually(check: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
-        time.sleep(0.5)
-
-
 def _apply(bed: Testbed, namespace: str, name: str, **spec: Any) -> None:
     manifest = {
         "apiVersion": "edgeml.dev/v1alpha1",
@@ -124,12 +101,12 @@ def _report(job: str, ok: bool) -> str:
 
 def _finish_builds(bed: Testbed, namespace: str, failing_class_prefix: str | None = None) -> list[dict[str, Any]]:
     """Play the builder: annotate each running build pod with its exit code and report."""
-    pods = _eventually(
+    pods = eventually(
         lambda: (
             (
                 items := [
                     p
-                    for p in _get(bed, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=build")["items"]
+                    for p in get(bed, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=build")["items"]
                     if p["status"].get("phase") == "Running"
                 ]
             )
@@ -148,60 +125,60 @@ def _finish_builds(bed: Testbed, namespace: str, failing_class_prefix: str | Non
 
 def test_builds_then_serves_one_engine_per_hardware_class(operator: Testbed, namespace: str) -> None:
     _apply(operator, namespace, "ocr")
-    jobs = _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    jobs = eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     assert jobs
     _finish_builds(operator, namespace)
     operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=120s")
-    em = _get(operator, "em", "ocr", "-n", namespace)
+    em = get(operator, "em", "ocr", "-n", namespace)
     status = em["status"]
     assert status["phase"] == "Ready"
     assert status["classesReady"] == "4/4"
     assert {c["state"] for c in status["classes"]} == {"Serving"}
     assert {c["engine"] for c in status["classes"]} == {"onnxruntime", "tensorrt"}
     assert status["observedGeneration"] == em["metadata"]["generation"]
-    deployments = _get(operator, "deployments", "-n", namespace)["items"]
+    deployments = get(operator, "deployments", "-n", namespace)["items"]
     assert len(deployments) == 4
     selectors = [d["spec"]["template"]["spec"]["nodeSelector"] for d in deployments]
     assert sum("nvidia.com/gpu.product" in s for s in selectors) == 2
-    assert _get(operator, "service", "ocr", "-n", namespace)["spec"]["ports"][0]["port"] == 8080
+    assert get(operator, "service", "ocr", "-n", namespace)["spec"]["ports"][0]["port"] == 8080
     columns = operator.kubectl("get", "em", "ocr", "-n", namespace).stdout.splitlines()[1].split()
     assert columns[1:4] == ["True", "Ready", "4/4"]
 
 
 def test_a_failed_build_fails_its_class_only_with_the_reports_reason(operator: Testbed, namespace: str) -> None:
     _apply(operator, namespace, "ocr")
-    _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     _finish_builds(operator, namespace, failing_class_prefix="arm64-nvidia")
 
     def degraded() -> Any:
-        status = _get(operator, "em", "ocr", "-n", namespace).get("status", {})
+        status = get(operator, "em", "ocr", "-n", namespace).get("status", {})
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         return conditions.get("Degraded", {}).get("status") == "True" and status.get("classesReady") == "3/4" and status
 
-    status = _eventually(degraded, what="Degraded with 3 of 4 classes serving")
+    status = eventually(degraded, what="Degraded with 3 of 4 classes serving")
     failed = [c for c in status["classes"] if c["state"] == "Failed"]
     assert len(failed) == 1
     assert "ToleranceMissed" in failed[0]["message"]
-    assert len(_get(operator, "deployments", "-n", namespace)["items"]) == 3
+    assert len(get(operator, "deployments", "-n", namespace)["items"]) == 3
     events = operator.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=ocr").stdout
     assert "BuildStarted" in events
 
 
 def test_deleting_the_edgemodel_removes_what_it_created(operator: Testbed, namespace: str) -> None:
     _apply(operator, namespace, "ocr")
-    _eventually(lambda: len(_get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     operator.kubectl("delete", "em", "ocr", "-n", namespace, "--wait=true", "--timeout=60s")
-    _eventually(
+    eventually(
         lambda: (
-            not _get(operator, "jobs", "-n", namespace)["items"]
-            and not _get(operator, "services", "-n", namespace)["items"]
+            not get(operator, "jobs", "-n", namespace)["items"]
+            and not get(operator, "services", "-n", namespace)["items"]
         ),
         what="owned objects garbage-collected",
     )
 
 
 def _jobs(bed: Testbed, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = _get(bed, "jobs", "-n", namespace)["items"]
+    items: list[dict[str, Any]] = get(bed, "jobs", "-n", namespace)["items"]
     return items
 
 
@@ -209,12 +186,12 @@ def test_a_node_of_a_new_class_triggers_exactly_one_new_build(operator: Testbed,
     from tests.testbed.nodes import X86_NVIDIA, build_node
 
     _apply(operator, namespace, "ocr")
-    _eventually(lambda: len(_jobs(operator, namespace)) == 4, what="4 build Jobs")
+    eventually(lambda: len(_jobs(operator, namespace)) == 4, what="4 build Jobs")
     node = build_node("gpu-l4-1", X86_NVIDIA)
     node["metadata"]["labels"] |= {"nvidia.com/gpu.product": "NVIDIA-L4", "nvidia.com/gpu.compute.minor": "9"}
     operator.apply_objects([node])
     try:
-        _eventually(lambda: len(_jobs(operator, namespace)) == 5, what="a fifth build Job")
+        eventually(lambda: len(_jobs(operator, namespace)) == 5, what="a fifth build Job")
         time.sleep(3)  # several resyncs later, still exactly one new build
         jobs = _jobs(operator, namespace)
         assert len(jobs) == 5
@@ -226,7 +203,7 @@ def test_a_node_of_a_new_class_triggers_exactly_one_new_build(operator: Testbed,
         assert len(new) == 1
     finally:
         operator.kubectl("delete", "node", "gpu-l4-1", "--wait=false")
-    _eventually(lambda: len(_jobs(operator, namespace)) == 4, what="the departed class's Job removed")
+    eventually(lambda: len(_jobs(operator, namespace)) == 4, what="the departed class's Job removed")
 
 
 def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
@@ -237,16 +214,16 @@ def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
     time.sleep(0.5)
     operator_process.kill()
     operator_process.start()
-    _eventually(lambda: len(_jobs(bed, namespace)) == 4, what="4 build Jobs")
+    eventually(lambda: len(_jobs(bed, namespace)) == 4, what="4 build Jobs")
     time.sleep(3)
     assert len(_jobs(bed, namespace)) == 4
-    assert len(_get(bed, "services", "-n", namespace)["items"]) == 1
+    assert len(get(bed, "services", "-n", namespace)["items"]) == 1
 
 
 def test_plan_prints_what_would_be_created_and_changes_nothing(crd: Testbed, tmp_path: Path) -> None:
     manifest = tmp_path / "em.yaml"
     manifest.write_text((Path(__file__).resolve().parents[2] / "examples" / "ocr-detector.yaml").read_text())
-    before = _get(crd, "jobs", "-A")["items"]
+    before = get(crd, "jobs", "-A")["items"]
     result = subprocess.run(
         [EDGEMODEL, "plan", str(manifest)],
         capture_output=True,
@@ -264,7 +241,7 @@ def test_plan_prints_what_would_be_created_and_changes_nothing(crd: Testbed, tmp
     objects = list(yaml.safe_load_all(result.stdout))
     assert [o["kind"] for o in objects].count("Job") == classes
     assert [o["kind"] for o in objects].count("Service") == 1
-    assert _get(crd, "jobs", "-A")["items"] == before
+    assert get(crd, "jobs", "-A")["items"] == before
 
 
 def test_plan_refuses_a_file_without_one_edgemodel(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,10 @@ import pytest
 from edgemodel_runtime import samples
 from edgemodel_runtime.packaged import OCR_CLS
 from tests import onnx_models
+from tests.helpers import free_port
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
 OUTPUT = "save_infer_model/scale_0.tmp_1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Server:

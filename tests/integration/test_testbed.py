@@ -10,35 +10,17 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
 from tests.testbed.cluster import Testbed
-from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, build_node
+from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, X86_VNNI, build_node
 
 pytestmark = pytest.mark.testbed
-
-EXIT_CODE = "testbed.edgemodel.dev/exit-code"
-MESSAGE = "testbed.edgemodel.dev/termination-message"
-
-
-def _get(bed: Testbed, *args: str) -> Any:
-    return json.loads(bed.kubectl("get", *args, "-o", "json").stdout)
-
-
-def _eventually(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
-        time.sleep(0.25)
 
 
 def _job(name: str, node_selector: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -61,7 +43,7 @@ def _job(name: str, node_selector: dict[str, str], annotations: dict[str, str] |
 
 
 def _pods_of_job(bed: Testbed, namespace: str, job: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = _get(bed, "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
+    items: list[dict[str, Any]] = get(bed, "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
     return items
 
 
@@ -73,7 +55,7 @@ def test_control_plane_components_report_healthy(testbed: Testbed) -> None:
 
 
 def test_every_simulated_node_is_ready_with_its_hardware_class_labels(testbed: Testbed) -> None:
-    nodes = {n["metadata"]["name"]: n for n in _get(testbed, "nodes", "-l", "type=kwok")["items"]}
+    nodes = {n["metadata"]["name"]: n for n in get(testbed, "nodes", "-l", "type=kwok")["items"]}
     assert set(nodes) >= {name for name, _ in DEFAULT_NODES}
     for name, node_class in DEFAULT_NODES:
         node = nodes[name]
@@ -97,7 +79,13 @@ def test_classes_differ_in_what_decides_where_an_engine_can_run() -> None:
     assert len(signatures) == len(CLASSES) >= 3
 
 
-def test_gpu_pod_is_scheduled_only_on_a_node_with_a_free_gpu(testbed: Testbed, namespace: str) -> None:
+def test_gpu_pod_is_scheduled_only_on_a_node_with_a_gpu(testbed: Testbed, namespace: str) -> None:
+    # Two nodes of this test's own pool, so that GPUs other tests hold cannot interfere.
+    pool = {"testbed.edgemodel.dev/pool": namespace}
+    cpu_node, gpu_node = build_node(f"{namespace}-cpu", X86_VNNI), build_node(f"{namespace}-gpu", X86_NVIDIA)
+    for node in (cpu_node, gpu_node):
+        node["metadata"]["labels"] |= pool
+    testbed.apply_objects([cpu_node, gpu_node])
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -106,19 +94,25 @@ def test_gpu_pod_is_scheduled_only_on_a_node_with_a_free_gpu(testbed: Testbed, n
             "containers": [
                 {"name": "serve", "image": "edgemodel-runtime:test", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
             ],
-            "nodeSelector": {"kubernetes.io/arch": "amd64"},
+            "nodeSelector": pool,
         },
     }
-    testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
-    running = _eventually(
-        lambda: (p := _get(testbed, "pod", "wants-gpu", "-n", namespace))["status"].get("phase") == "Running" and p,
-        what="GPU pod Running",
-    )
-    node = _get(testbed, "node", running["spec"]["nodeName"])
-    assert int(node["status"]["allocatable"].get("nvidia.com/gpu", "0")) >= 1
-    conditions = {c["type"]: c["status"] for c in running["status"]["conditions"]}
-    assert conditions["Ready"] == "True"
-    assert running["status"]["podIP"]
+    try:
+        testbed.kubectl(
+            "wait", "--for=condition=Ready", f"node/{namespace}-cpu", f"node/{namespace}-gpu", "--timeout=60s"
+        )
+        testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+        running = eventually(
+            lambda: (p := get(testbed, "pod", "wants-gpu", "-n", namespace))["status"].get("phase") == "Running" and p,
+            what="GPU pod Running",
+        )
+        assert running["spec"]["nodeName"] == f"{namespace}-gpu"
+        conditions = {c["type"]: c["status"] for c in running["status"]["conditions"]}
+        assert conditions["Ready"] == "True"
+        assert running["status"]["podIP"]
+    finally:
+        testbed.kubectl("delete", "pod", "wants-gpu", "-n", namespace, "--wait=false", check=False)
+        testbed.kubectl("delete", "node", f"{namespace}-cpu", f"{namespace}-gpu", "--wait=false", check=False)
 
 
 @pytest.mark.parametrize(
@@ -132,29 +126,29 @@ def test_job_pod_finishes_with_the_exit_code_and_termination_message_a_test_sets
     report = json.dumps({"version": 1, "ok": exit_code == "0", "reason": 'tolerance "minCosine" missed'})
     job = _job("build", {"kubernetes.io/arch": "arm64", "nvidia.com/gpu.present": "true"})
     testbed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
-    pod = _eventually(
+    pod = eventually(
         lambda: [p for p in _pods_of_job(testbed, namespace, "build") if p["status"].get("phase") == "Running"],
         what="build pod Running",
     )[0]
     assert pod["spec"]["nodeName"].startswith("jetson-orin-")
     # A build without a result stays Running: the operator sees a build in progress.
     time.sleep(1)
-    assert _get(testbed, "pod", pod["metadata"]["name"], "-n", namespace)["status"]["phase"] == "Running"
+    assert get(testbed, "pod", pod["metadata"]["name"], "-n", namespace)["status"]["phase"] == "Running"
 
     testbed.kubectl(
         "annotate", "pod", pod["metadata"]["name"], "-n", namespace, f"{EXIT_CODE}={exit_code}", f"{MESSAGE}={report}"
     )
-    finished = _eventually(
-        lambda: (p := _get(testbed, "pod", pod["metadata"]["name"], "-n", namespace))["status"]["phase"] == phase and p,
+    finished = eventually(
+        lambda: (p := get(testbed, "pod", pod["metadata"]["name"], "-n", namespace))["status"]["phase"] == phase and p,
         what=f"pod {phase}",
     )
     terminated = finished["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == int(exit_code)
     assert json.loads(terminated["message"]) == json.loads(report)
-    _eventually(
+    eventually(
         lambda: any(
             c["type"] == job_condition and c["status"] == "True"
-            for c in _get(testbed, "job", "build", "-n", namespace)["status"].get("conditions", [])
+            for c in get(testbed, "job", "build", "-n", namespace)["status"].get("conditions", [])
         ),
         what=f"Job {job_condition}",
     )

@@ -7,7 +7,6 @@ was at fault. A missed tolerance is a failed build with the numbers, never a wor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 from edgemodel_runtime.build import compare, fetch, hardware, measure, report, tensors
 from edgemodel_runtime.build.errors import BadInputError, BuildError, ValidationFailedError
+from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 
 Engine = Literal["onnxruntime", "tensorrt"]
@@ -60,14 +60,6 @@ class BuildRequest:
 
 def _log(message: str) -> None:
     print(f"[build] {message}", file=sys.stderr, flush=True)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _builder_version(engine: Engine) -> str:
@@ -141,7 +133,7 @@ def _cached(request: BuildRequest, key: str) -> dict[str, Any] | None:
     file = request.output / str(artifact.get("file", ""))
     if earlier.get("cacheKey") != key or earlier.get("status") not in {"built", "cached"} or not file.is_file():
         return None
-    return earlier if _sha256_file(file) == artifact.get("sha256") else None
+    return earlier if sha256_file(file) == artifact.get("sha256") else None
 
 
 def _fetch_data(data: DataFile, work: Path, name: str, allow_local: bool) -> Path:
@@ -222,7 +214,7 @@ class _Build:
         self.report["reference"] = {
             "kind": "npz",
             "uri": request.reference.location,
-            "sha256": _sha256_file(path),
+            "sha256": sha256_file(path),
             "samples": len(samples),
             "expectedOutputs": expected is not None,
         }
@@ -253,7 +245,7 @@ class _Build:
         calibration, _ = tensors.load_samples(path, inputs)
         self.report["calibration"] = {
             "uri": request.calibration.location,
-            "sha256": _sha256_file(path),
+            "sha256": sha256_file(path),
             "samples": len(calibration),
             "method": request.calibration_method,
         }
@@ -350,7 +342,7 @@ class _Build:
         name = ARTIFACT_NAME[request.engine]
         target = request.output / name
         shutil.copyfile(artifact, target)
-        self.report["artifact"] = {"file": name, "sha256": _sha256_file(target), "size": target.stat().st_size}
+        self.report["artifact"] = {"file": name, "sha256": sha256_file(target), "size": target.stat().st_size}
         self._write()
         if request.push:
             from edgemodel_runtime.build import oci

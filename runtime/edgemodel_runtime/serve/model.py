@@ -8,7 +8,6 @@ report are verified against the report's digest before anything loads them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.serve.protocol import NUMPY_TO_DATATYPE, TensorMetadata
 
 
@@ -115,14 +115,6 @@ class Artifact:
         return str(key)[:12] if key else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _from_directory(directory: Path) -> Artifact:
     report_path = directory / "report.json"
     if not report_path.is_file():
@@ -140,7 +132,7 @@ def _from_directory(directory: Path) -> Artifact:
     path = directory / Path(str(artifact["file"])).name
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != artifact.get("sha256"):
         raise ArtifactError(f"{path} has sha256 {actual}, but the build report says {artifact.get('sha256')}")
     return Artifact(path, report)
