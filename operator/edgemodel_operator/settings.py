@@ -22,6 +22,8 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = Field(default=5.0, gt=0, description="How often each EdgeModel is reconciled anyway.")
     health_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint (/healthz).")  # noqa: S104 - in a pod
     health_port: int = Field(default=8081, description="Port of the liveness endpoint (/healthz).")
+    metrics_host: str = Field(default="0.0.0.0", description="Address of the Prometheus metrics endpoint.")  # noqa: S104 - in a pod
+    metrics_port: int = Field(default=8082, description="Port of the Prometheus metrics endpoint (/metrics).")
     peering: str | None = Field(default=None, description="kopf peering name for more than one replica.")
 
     def images(self) -> Images:

@@ -34,6 +34,7 @@ class OperatorProcess:
     def __init__(self, bed: Testbed, log: Path) -> None:
         self.bed, self.log = bed, log
         self.process: subprocess.Popen[bytes] | None = None
+        self.health_port, self.metrics_port = free_port(), free_port()
 
     def start(self) -> None:
         env = {
@@ -41,7 +42,9 @@ class OperatorProcess:
             "KUBECONFIG": str(self.bed.kubeconfig),
             "EDGEMODEL_RESYNC_SECONDS": "1",
             "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
-            "EDGEMODEL_HEALTH_PORT": str(free_port()),
+            "EDGEMODEL_HEALTH_PORT": str(self.health_port),
+            "EDGEMODEL_METRICS_HOST": "127.0.0.1",
+            "EDGEMODEL_METRICS_PORT": str(self.metrics_port),
             "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
         }
         with self.log.open("ab") as out:
@@ -250,3 +253,20 @@ def test_plan_refuses_a_file_without_one_edgemodel(tmp_path: Path) -> None:
     result = subprocess.run([EDGEMODEL, "plan", str(manifest)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "holds 0 EdgeModels" in result.stderr
+
+
+def test_operator_serves_health_and_metrics(operator_process: OperatorProcess, namespace: str) -> None:
+    import httpx
+
+    bed = operator_process.bed
+    _apply(bed, namespace, "ocr")
+    eventually(lambda: len(get(bed, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    health = httpx.get(f"http://127.0.0.1:{operator_process.health_port}/healthz", timeout=10)
+    assert health.status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{operator_process.metrics_port}/metrics", timeout=10).text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("edgemodel_")
+    }
+    assert values['edgemodel_operator_reconciles_total{outcome="ok"}'] >= 1
+    assert values['edgemodel_operator_api_writes_total{verb="create"}'] >= 5
+    assert values["edgemodel_operator_reconcile_duration_seconds_count"] >= 1
