@@ -19,16 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="path of the .onnx file")
-    parser.add_argument("--name", required=True, help="model name in /v2/models/{name}")
-    parser.add_argument("--port", type=int, required=True, help="HTTP port")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    return parser.parse_args()
+from peer_args import parse_args  # this folder, first on sys.path when run as a script
 
 
 def make_session(path: str, threads: int) -> ort.InferenceSession:
@@ -95,4 +86,4 @@ def serve(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    serve(parse_args())
+    serve(parse_args(__doc__.splitlines()[0]))

@@ -19,15 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="path of the .onnx file")
-    parser.add_argument("--name", required=True, help="model name in /v2/models/{name}")
-    parser.add_argument("--port", type=int, required=True, help="HTTP port")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (REST and gRPC)")
-    return parser.parse_args()
+from peer_args import parse_args  # this folder, first on sys.path when run as a script
 
 
 def free_port(host: str) -> int:
@@ -59,7 +51,7 @@ def write_settings(folder: Path, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__.splitlines()[0], "address to listen on (REST and gRPC)")
     with tempfile.TemporaryDirectory(prefix="mlserver-peer-") as tmp:
         write_settings(Path(tmp), args)
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # so "mlserver_runtime" imports

@@ -49,23 +49,22 @@ class Cluster:
 
     def apply(self, plan: Plan) -> None:
         """Create what is missing (an existing object is left alone) and delete what is retired."""
+        create: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.create_namespaced_job,
+            "Deployment": self.apps.create_namespaced_deployment,
+            "Service": self.core.create_namespaced_service,
+        }
+        delete: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.delete_namespaced_job,
+            "Deployment": self.apps.delete_namespaced_deployment,
+        }
         for obj in plan.create:
-            namespace = obj["metadata"]["namespace"]
-            create: Any = {
-                "Job": self.batch.create_namespaced_job,
-                "Deployment": self.apps.create_namespaced_deployment,
-                "Service": self.core.create_namespaced_service,
-            }[obj["kind"]]
             try:
-                create(namespace, obj)
+                create[obj["kind"]](obj["metadata"]["namespace"], obj)
             except ApiException as error:
                 if error.status != 409:
                     raise
         for ref in plan.delete:
-            delete: dict[str, Callable[..., Any]] = {
-                "Job": self.batch.delete_namespaced_job,
-                "Deployment": self.apps.delete_namespaced_deployment,
-            }
             try:
                 delete[ref["kind"]](ref["name"], ref["namespace"], propagation_policy="Background")
             except ApiException as error:

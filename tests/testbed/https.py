@@ -18,7 +18,6 @@ from tests.testbed.pki import Pki
 
 class _Handler(BaseHTTPRequestHandler):
     root: Path
-    port: int
 
     def log_message(self, format: str, *args: object) -> None:
         return
@@ -30,10 +29,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         _, route, name = [*self.path.split("/", 2), "", ""][:3]
         if route == "redirect":
-            self._redirect(f"https://127.0.0.1:{self.port}/files/{name}")
+            self._redirect(f"https://{self.headers['Host']}/files/{name}")
             return
         if route == "redirect-http":
-            self._redirect(f"http://127.0.0.1:{self.port}/files/{name}")
+            self._redirect(f"http://{self.headers['Host']}/files/{name}")
             return
         path = self._file(name) if route in {"files", "truncated"} else None
         if path is None:
@@ -60,10 +59,9 @@ class HttpsFileServer:
     """Serves files from `root` over TLS with the test bed's CA-signed certificate."""
 
     def __init__(self, root: Path, pki: Pki) -> None:
-        handler = type("Handler", (_Handler,), {"root": root, "port": 0})
+        handler = type("Handler", (_Handler,), {"root": root})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.port = int(self.server.server_address[1])
-        handler.port = self.port  # type: ignore[attr-defined]
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)

@@ -12,6 +12,7 @@ import http.client
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import urllib.error
 import urllib.parse
@@ -85,8 +86,6 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _https_opener(cafile: str | None) -> urllib.request.OpenerDirector:
-    import ssl
-
     context = ssl.create_default_context(cafile=cafile)
     return urllib.request.build_opener(_HttpsOnlyRedirects(), urllib.request.HTTPSHandler(context=context))
 

@@ -105,10 +105,6 @@ def build_engine(model: Path, target: Path, precision: str, inputs: Sequence[Ten
 
 def open_runner(engine: Path) -> Any:
     """An activated polygraphy runner for a serialized engine (call `deactivate` when done)."""
-    return _runner(engine)
-
-
-def _runner(engine: Path) -> Any:
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     runner = TrtRunner(EngineFromBytes(engine.read_bytes()))
@@ -119,7 +115,7 @@ def _runner(engine: Path) -> Any:
 def run_all(engine: Path, samples: Sequence[Sample]) -> list[dict[str, Any]]:
     """Outputs for each sample, copied to host memory."""
     require()
-    runner = _runner(engine)
+    runner = open_runner(engine)
     try:
         return [{k: np.array(v) for k, v in runner.infer(feed_dict=sample).items()} for sample in samples]
     finally:
@@ -129,7 +125,7 @@ def run_all(engine: Path, samples: Sequence[Sample]) -> list[dict[str, Any]]:
 def runner(engine: Path, sample: Sample) -> Callable[[], object]:
     """A function that runs one inference, for timing."""
     require()
-    active = _runner(engine)
+    active = open_runner(engine)
 
     def run_once() -> object:
         return active.infer(feed_dict=sample)

@@ -21,6 +21,21 @@ _ERROR = _json_response("The request was refused; `error` says why.", "Error")
 def _schemas() -> dict[str, Any]:
     datatype = {"type": "string", "enum": sorted(DATATYPES)}
     shape = {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 16}
+
+    def tensor(binary_size: dict[str, Any], data: str) -> dict[str, Any]:
+        """A tensor in a request or response: JSON data, or the size of its binary data."""
+        return {
+            "type": "object",
+            "required": ["name", "shape", "datatype"],
+            "properties": {
+                "name": {"type": "string"},
+                "shape": shape,
+                "datatype": datatype,
+                "parameters": {"type": "object", "properties": {"binary_data_size": binary_size}},
+                "data": {"type": "array", "description": data},
+            },
+        }
+
     tensor_metadata = {
         "type": "object",
         "required": ["name", "datatype", "shape"],
@@ -55,17 +70,7 @@ def _schemas() -> dict[str, Any]:
                 "outputs": {"type": "array", "items": _ref("TensorMetadata")},
             },
         },
-        "RequestInput": {
-            "type": "object",
-            "required": ["name", "shape", "datatype"],
-            "properties": {
-                "name": {"type": "string"},
-                "shape": shape,
-                "datatype": datatype,
-                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
-                "data": {"type": "array", "description": "Row-major elements, flat or nested."},
-            },
-        },
+        "RequestInput": tensor({"type": "integer", "minimum": 0}, "Row-major elements, flat or nested."),
         "RequestOutput": {
             "type": "object",
             "required": ["name"],
@@ -84,17 +89,7 @@ def _schemas() -> dict[str, Any]:
                 "outputs": {"type": "array", "items": _ref("RequestOutput")},
             },
         },
-        "ResponseOutput": {
-            "type": "object",
-            "required": ["name", "shape", "datatype"],
-            "properties": {
-                "name": {"type": "string"},
-                "shape": shape,
-                "datatype": datatype,
-                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
-                "data": {"type": "array"},
-            },
-        },
+        "ResponseOutput": tensor({"type": "integer"}, "Row-major elements, flat."),
         "InferenceResponse": {
             "type": "object",
             "required": ["model_name", "outputs"],
