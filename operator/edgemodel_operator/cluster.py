@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
+import socket
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
 from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL
-from edgemodel_operator.reconcile import Observed, Plan
+from edgemodel_operator.reconcile import Observed, Plan, subject
 
 Obj = dict[str, Any]
+COMPONENT = "edgemodel-operator"
+
+
+@dataclass
+class Applied:
+    """What `Cluster.apply` really changed, as Event subjects ("Kind/name")."""
+
+    created: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
 
 
 class Cluster:
@@ -22,6 +35,7 @@ class Cluster:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
 
     def _dicts(self, result: Any) -> list[Obj]:
         items: list[Obj] = self.api.sanitize_for_serialization(result).get("items", [])
@@ -47,7 +61,7 @@ class Cluster:
             ),
         )
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan) -> Applied:
         """Create what is missing (an existing object is left alone) and delete what is retired."""
         create: dict[str, Callable[..., Any]] = {
             "Job": self.batch.create_namespaced_job,
@@ -58,15 +72,52 @@ class Cluster:
             "Job": self.batch.delete_namespaced_job,
             "Deployment": self.apps.delete_namespaced_deployment,
         }
+        applied = Applied()
         for obj in plan.create:
             try:
                 create[obj["kind"]](obj["metadata"]["namespace"], obj)
             except ApiException as error:
                 if error.status != 409:
                     raise
+            else:
+                applied.created.add(subject(obj))
         for ref in plan.delete:
             try:
                 delete[ref["kind"]](ref["name"], ref["namespace"], propagation_policy="Background")
             except ApiException as error:
                 if error.status != 404:
                     raise
+            else:
+                applied.deleted.add(subject(ref))
+        return applied
+
+    def patch_status(self, body: Obj, patch: Obj) -> None:
+        """Merge-patch the status subresource (see `pacing.merge_patch`)."""
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": patch}
+        )
+
+    def record_event(self, body: Obj, reason: str, message: str, kind: str = "Normal") -> None:
+        meta = body["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "EdgeModel",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": socket.gethostname()[:128],
+        }
+        self.core.create_namespaced_event(meta["namespace"], cast(Any, event))

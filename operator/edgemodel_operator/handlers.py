@@ -1,86 +1,239 @@
-"""kopf handlers: thin. Gather, plan (pure), apply, and write status only when it changed."""
+"""kopf wiring, kept thin: indexes of what EdgeModels own, and watch events that queue them.
+
+The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build Pods, Deployments and
+Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
+can alter the hardware classes queues every EdgeModel). `Controller` workers do the rest. These
+handlers keep no state on the objects: kopf writes no annotations and adds no finalizers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-from typing import Any
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import kopf
 
-from edgemodel_operator import metrics
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
+from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL
 from edgemodel_operator.cluster import Cluster
-from edgemodel_operator.reconcile import plan
+from edgemodel_operator.controller import (
+    Controller,
+    Key,
+    Obj,
+    node_fingerprint,
+    owned_by,
+    slim,
+    slim_job,
+    slim_node,
+    slim_pod,
+)
+from edgemodel_operator.reconcile import Observed
 from edgemodel_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
-_cluster: Cluster | None = None
+LOG = logging.getLogger("edgemodel.operator")
+OWNED = {LABEL_EDGEMODEL: kopf.PRESENT}
+_clusters: list[Cluster] = []
 
 
 def _api() -> Cluster:
-    global _cluster  # noqa: PLW0603 - one API client per process, made after kopf has logged in
-    if _cluster is None:
-        _cluster = Cluster()
-    return _cluster
+    if not _clusters:  # one API client per process, made after the credentials are loaded
+        _clusters.append(Cluster())
+    return _clusters[0]
+
+
+class Peering:
+    """Whether this replica is the one that acts, by kopf's rule: the highest priority among live peers.
+
+    kopf pauses the watches of a replica that is not; this also stops that replica's queued and
+    delayed work, which the watches cannot reach.
+    """
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.active = settings.peering is None
+
+    def decide(self, peers: Mapping[str, Obj], now: datetime.datetime) -> bool:
+        mine = self.settings.peering_priority
+        for info in peers.values():
+            seen = datetime.datetime.fromisoformat(str(info.get("lastseen", "1970-01-01T00:00:00+00:00")))
+            alive = seen + datetime.timedelta(seconds=int(info.get("lifetime", 60))) > now
+            if alive and int(info.get("priority", 0)) >= mine and int(info.get("priority", 0)) != mine:
+                return False
+        return any(int(info.get("priority", 0)) == mine for info in peers.values())
+
+    async def watch(self) -> None:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        api = CustomObjectsApi(_api().api)
+        name = str(self.settings.peering)
+        while True:
+            try:
+                if self.settings.namespaces:
+                    found = await asyncio.to_thread(
+                        api.get_namespaced_custom_object,
+                        "kopf.dev", "v1", self.settings.namespaces[0], "kopfpeerings", name,
+                    )  # fmt: skip
+                else:
+                    found = await asyncio.to_thread(
+                        api.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", name
+                    )
+                active = self.decide(cast(Obj, found).get("status") or {}, datetime.datetime.now(datetime.UTC))
+            except ApiException as error:
+                LOG.warning("cannot read peering %s: %s", self.settings.peering, error.reason)
+                active = False
+            if active != self.active:
+                LOG.info("peering: this replica is %s", "active" if active else "standing by")
+                self.active = active
+                if active:
+                    _enqueue_all()
+            await asyncio.sleep(self.settings.peering_check_seconds)
+
+
+PEERING = Peering(SETTINGS)
+CONTROLLER = Controller(
+    cluster=_api,
+    images=SETTINGS.images(),
+    workers=SETTINGS.workers,
+    hold_seconds=SETTINGS.status_hold_seconds,
+    active=lambda: PEERING.active,
+)
+_indexes: dict[str, Any] = {}
+_nodes: dict[str, tuple[Any, ...]] = {}
+
+
+def _values(index: str, key: object) -> list[Obj]:
+    store: Iterable[Obj] = _indexes[index].get(key, ())
+    return list(store)
+
+
+def _read(key: Key) -> Observed | None:
+    bodies = _values("edgemodels", key)
+    if not bodies:
+        return None
+    body = bodies[0]
+    uid = body["metadata"]["uid"]
+    return Observed(
+        body=body,
+        nodes=_values("nodes", None),
+        jobs=owned_by(uid, _values("jobs", key)),
+        pods=_values("build_pods", key),
+        deployments=owned_by(uid, _values("deployments", key)),
+        services=owned_by(uid, _values("services", key)),
+    )
+
+
+def _enqueue_all() -> None:
+    for key in list(_indexes.get("edgemodels", {})):
+        CONTROLLER.queue.add(key)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    settings.posting.level = 20  # INFO and above become Events on the EdgeModel
+async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+    settings.posting.level = logging.WARNING
+    if not LOG.isEnabledFor(logging.DEBUG):  # one line per watch event is too much for a fleet
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if SETTINGS.peering is None:
         settings.peering.standalone = True
     else:
         settings.peering.name = SETTINGS.peering
+        settings.peering.priority = SETTINGS.peering_priority
+        settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
     from kubernetes import config
     from prometheus_client import start_http_server
 
     start_http_server(SETTINGS.metrics_port, addr=SETTINGS.metrics_host)
-
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    _indexes.update(
+        {name: kwargs[name] for name in ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "services")}
+    )
+    CONTROLLER.start(_read)
+    tasks = [asyncio.create_task(_resync(), name="resync")]
+    if SETTINGS.peering is not None:
+        tasks.append(asyncio.create_task(PEERING.watch(), name="peering"))
+    _background.extend(tasks)
 
 
-async def _reconcile(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
-    with metrics.RECONCILE_SECONDS.time():
-        try:
-            await _reconcile_once(body, patch, logger)
-        except Exception:
-            metrics.RECONCILES.labels(outcome="error").inc()
-            raise
-    metrics.RECONCILES.labels(outcome="ok").inc()
+_background: list[asyncio.Task[None]] = []
 
 
-async def _reconcile_once(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
-    raw: dict[str, Any] = dict(body)
-    cluster = _api()
-    observed = await asyncio.to_thread(cluster.observe, raw)
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    result = plan(observed, SETTINGS.images(), now)
-    await asyncio.to_thread(cluster.apply, result)
-    metrics.API_WRITES.labels(verb="create").inc(len(result.create))
-    metrics.API_WRITES.labels(verb="delete").inc(len(result.delete))
-    for reason, message in result.events:
-        kopf.info(body, reason=reason, message=message)
-    current = dict(body.get("status") or {})
-    if any(current.get(key) != value for key, value in result.status.items()):  # write only what changed
-        for key, value in result.status.items():
-            patch.status[key] = value
-        metrics.API_WRITES.labels(verb="patch_status").inc()
-    logger.debug("reconciled: %d created, %d deleted", len(result.create), len(result.delete))
+async def _resync() -> None:
+    """A full pass now and then, for anything a watch could have missed."""
+    while True:
+        await asyncio.sleep(SETTINGS.resync_seconds)
+        if PEERING.active:
+            _enqueue_all()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def on_change(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    await _reconcile(body, patch, logger)
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    for task in _background:
+        task.cancel()
+    await CONTROLLER.stop()
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, sharp=False)
-async def resync(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    await _reconcile(body, patch, logger)
+# ------------------------------------------------------------------ indexes: what the planner reads
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def edgemodels(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), name): slim(dict(body))}
+
+
+@kopf.index("v1", "nodes")
+def nodes(body: kopf.Body, **_: Any) -> dict[None, Obj]:
+    return {None: slim_node(dict(body))}  # one key: every node
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def jobs(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_job(dict(body))}
+
+
+@kopf.index("v1", "pods", labels={**OWNED, LABEL_COMPONENT: "build"})
+def build_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_pod(dict(body))}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OWNED)
+def deployments(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body))}
+
+
+@kopf.index("v1", "services", labels=OWNED)
+def services(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body), status=False)}
+
+
+# ------------------------------------------------------------------ events: what queues an EdgeModel
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def edgemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
+    CONTROLLER.queue.add((str(namespace), name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+@kopf.on.event("v1", "pods", labels={**OWNED, LABEL_COMPONENT: "build"})
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+@kopf.on.event("v1", "services", labels=OWNED)
+def owned_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    CONTROLLER.queue.add((str(namespace), labels[LABEL_EDGEMODEL]))
+
+
+@kopf.on.event("v1", "nodes")
+def node_changed(body: kopf.Body, name: str, type: str | None, **_: Any) -> None:
+    fingerprint = None if type == "DELETED" else node_fingerprint(slim_node(dict(body)))
+    if _nodes.get(name) != fingerprint:
+        if fingerprint is None:
+            _nodes.pop(name, None)
+        else:
+            _nodes[name] = fingerprint
+        _enqueue_all()

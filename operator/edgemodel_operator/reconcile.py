@@ -38,12 +38,26 @@ class Observed:
     services: list[Obj]
 
 
+@dataclass(frozen=True)
+class Event:
+    """A step worth an Event on the EdgeModel; `subject` ("Kind/name") ties it to one create or delete."""
+
+    reason: str
+    message: str
+    subject: str | None = None
+
+
 @dataclass
 class Plan:
     create: list[Obj] = field(default_factory=list)
     delete: list[Obj] = field(default_factory=list)  # objects to delete (kind, name, namespace)
     status: Obj = field(default_factory=dict)
-    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+    events: list[Event] = field(default_factory=list)
+
+
+def subject(obj: Obj) -> str:
+    """How an Event names the object a create or delete is about."""
+    return f"{obj['kind']}/{obj['metadata']['name'] if 'metadata' in obj else obj['name']}"
 
 
 def build_report(job: Obj, pods: list[Obj]) -> Obj | None:
@@ -60,6 +74,18 @@ def build_report(job: Obj, pods: list[Obj]) -> Obj | None:
                 except ValueError:
                     return {"status": "failed", "reason": "UnreadableReport", "message": message[:200]}
                 return report
+    return None
+
+
+def _unschedulable(job: Obj, pods: list[Obj]) -> str | None:
+    """The scheduler's reason when the build pod of `job` waits for a node it cannot get (e.g. no free GPU)."""
+    name = job["metadata"]["name"]
+    for pod in pods:
+        if pod["metadata"].get("labels", {}).get("job-name") != name or pod.get("status", {}).get("phase") != "Pending":
+            continue
+        for item in pod["status"].get("conditions", []) or []:
+            if item.get("type") == "PodScheduled" and item.get("status") == "False":
+                return str(item.get("message") or item.get("reason") or "unschedulable")
     return None
 
 
@@ -108,11 +134,17 @@ class _Planner:
         name = child_name(self.body["metadata"]["name"], self.revision, hardware)
         job = self.jobs.get(name)
         if job is None:
-            self.plan.create.append(build_job_for_class(self.body, hardware, target, self.revision, self.images))
-            self.plan.events.append(("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}"))
+            job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
+            self.plan.create.append(job)
+            self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
             return _class_status(hardware, target.engine, target.precision, "Building", None)
         state = _job_state(job)
         if state == "Active":
+            waiting = _unschedulable(job, self.observed.pods)
+            if waiting:
+                return _class_status(
+                    hardware, target.engine, target.precision, "Pending", f"no node can take the build yet: {waiting}"
+                )
             return _class_status(hardware, target.engine, target.precision, "Building", None)
         report = build_report(job, self.observed.pods) or {}
         if state == "Failed" or report.get("status") not in {"built", "cached"}:
@@ -135,12 +167,11 @@ class _Planner:
             return entry | {"state": "Failed", "message": "the build report names no artifact"}
         deployment = self.deployments.get(name)
         if deployment is None:
-            self.plan.create.append(
-                build_deployment_for_class(
-                    self.body, hardware, target, revision=self.revision, artifact=artifact, images=self.images
-                )
+            deployment = build_deployment_for_class(
+                self.body, hardware, target, revision=self.revision, artifact=artifact, images=self.images
             )
-            self.plan.events.append(("ServingStarted", f"serving {hardware.key} from {artifact}"))
+            self.plan.create.append(deployment)
+            self._event("ServingStarted", f"serving {hardware.key} from {artifact}", deployment)
             return entry
         ready = int(deployment.get("status", {}).get("readyReplicas") or 0)
         return entry | {"readyReplicas": ready, "state": "Serving" if ready > 0 else "Built"}
@@ -156,9 +187,13 @@ class _Planner:
                 gone = key not in current
                 superseded = revision != self.revision and key in serving
                 if gone or superseded:
-                    self.plan.delete.append({"kind": kind, **{k: obj["metadata"][k] for k in ("name", "namespace")}})
+                    ref = {"kind": kind, **{k: obj["metadata"][k] for k in ("name", "namespace")}}
+                    self.plan.delete.append(ref)
                     why = "its hardware class left" if gone else f"revision {self.revision} serves it now"
-                    self.plan.events.append(("Removed", f"{kind} {obj['metadata']['name']}: {why}"))
+                    self._event("Removed", f"{kind} {obj['metadata']['name']}: {why}", ref)
+
+    def _event(self, reason: str, message: str, obj: Obj) -> None:
+        self.plan.events.append(Event(reason, message, subject(obj)))
 
     def _status(self, classes: list[HardwareClass], entries: list[Obj]) -> Obj:
         generation = int(self.body["metadata"].get("generation", 1))
@@ -168,7 +203,8 @@ class _Planner:
         built = sum(s in {"Built", "Serving"} for s in states)
         failed = [e for e in entries if e["state"] == "Failed"]
         serving = states.count("Serving")
-        building = states.count("Building")
+        building = states.count("Building") + states.count("Pending")
+        pending = [e for e in entries if e["state"] == "Pending"]
         conditions: list[Obj] = list(old.get("conditions", []))
 
         def put(kind: str, status: bool, reason: str, message: str) -> None:
@@ -181,6 +217,8 @@ class _Planner:
             put(cond.ENGINES_BUILT, False, "NoNodes", "no Ready node matches spec.targets")
         elif failed:
             put(cond.ENGINES_BUILT, False, "BuildFailed", "; ".join(f"{e['key']}: {e.get('message')}" for e in failed))
+        elif pending:
+            put(cond.ENGINES_BUILT, False, "Unschedulable", "; ".join(f"{e['key']}: {e['message']}" for e in pending))
         else:
             put(cond.ENGINES_BUILT, built == total, "Built" if built == total else "Building", f"{built}/{total} built")
         put(cond.VALIDATED, built > 0 and not failed, "Validated" if built and not failed else "NotValidated",

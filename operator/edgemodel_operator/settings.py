@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,12 +21,34 @@ class OperatorSettings(BaseSettings):
     image_jetson: str = Field(default=Images.jetson, description="Runtime image for Jetson classes.")
     registry: str = Field(default=Images.registry, description="OCI registry and path prefix for engine artifacts.")
     builder_version: str = Field(default=Images.builder_version, description="Part of every cache key.")
-    resync_seconds: float = Field(default=5.0, gt=0, description="How often each EdgeModel is reconciled anyway.")
+    resync_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How often every EdgeModel is reconciled anyway; changes to watched objects queue it at once.",
+    )
+    workers: int = Field(default=4, ge=1, le=64, description="EdgeModels reconciled at the same time.")
+    status_hold_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an intermediate status is held before it is written; settled ones are written at once.",
+    )
     health_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint (/healthz).")  # noqa: S104 - in a pod
     health_port: int = Field(default=8081, description="Port of the liveness endpoint (/healthz).")
     metrics_host: str = Field(default="0.0.0.0", description="Address of the Prometheus metrics endpoint.")  # noqa: S104 - in a pod
     metrics_port: int = Field(default=8082, description="Port of the Prometheus metrics endpoint (/metrics).")
-    peering: str | None = Field(default=None, description="kopf peering name for more than one replica.")
+    peering: str | None = Field(
+        default=None, description="kopf peering name for more than one replica; unset means standalone."
+    )
+    peering_priority: int = Field(
+        default_factory=lambda: secrets.randbelow(2**31 - 1) + 1,
+        ge=1,
+        description="This replica's peering priority; the live replica with the highest one acts, the others stand by. "
+        "Random by default, so that replicas of one Deployment differ.",
+    )
+    peering_lifetime_seconds: int = Field(
+        default=60, ge=5, description="How long a replica that stopped renewing its peering record counts as alive."
+    )
+    peering_check_seconds: float = Field(default=5.0, gt=0, description="How often the peering record is read.")
 
     def images(self) -> Images:
         return Images(

@@ -40,7 +40,7 @@ class OperatorProcess:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.bed.kubeconfig),
-            "EDGEMODEL_RESYNC_SECONDS": "1",
+            "EDGEMODEL_RESYNC_SECONDS": "600",  # changes must arrive through the watches, not a periodic pass
             "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
             "EDGEMODEL_HEALTH_PORT": str(self.health_port),
             "EDGEMODEL_METRICS_HOST": "127.0.0.1",

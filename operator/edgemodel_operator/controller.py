@@ -1,0 +1,173 @@
+"""The reconciler: workers take EdgeModel keys from a queue, plan from the watched objects, write.
+
+Reads come from in-memory indexes that the watch streams keep current, so a reconcile makes no API
+reads; writes (children, Events, status) go through `Cluster`. Nothing is stored on the EdgeModel
+but its status: no annotations, no finalizers, so deleting one never waits for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from edgemodel_operator import metrics, pacing
+from edgemodel_operator.builders import Images
+from edgemodel_operator.cluster import Cluster
+from edgemodel_operator.reconcile import Observed, plan
+from edgemodel_operator.workqueue import WorkQueue
+
+Obj = dict[str, Any]
+Key = tuple[str, str]  # (namespace, EdgeModel name)
+
+LOG = logging.getLogger("edgemodel.controller")
+_NOISE = ("managedFields", "resourceVersion", "creationTimestamp", "selfLink")
+
+
+def _meta(obj: Obj) -> Obj:
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _NOISE}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if "last-applied" not in k}
+    return meta | {"annotations": annotations} if annotations else {k: v for k, v in meta.items() if k != "annotations"}
+
+
+def slim(obj: Obj, *, spec: bool = True, status: bool = True) -> Obj:
+    """What the planner reads of a watched object, without the bulk (managed fields, pod specs)."""
+    kept: Obj = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": _meta(obj)}
+    if spec and "spec" in obj:
+        kept["spec"] = dict(obj["spec"])
+    if status and "status" in obj:
+        kept["status"] = dict(obj["status"])
+    return kept
+
+
+def slim_node(obj: Obj) -> Obj:
+    status = obj.get("status") or {}
+    return {
+        "metadata": {"name": obj["metadata"]["name"], "labels": dict(obj["metadata"].get("labels") or {})},
+        "spec": {k: v for k, v in (obj.get("spec") or {}).items() if k in {"unschedulable", "taints"}},
+        "status": {
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
+            "allocatable": dict(status.get("allocatable") or {}),
+        },
+    }
+
+
+def node_fingerprint(node: Obj) -> tuple[Any, ...]:
+    """What about a node can change the hardware classes: labels, schedulability, readiness."""
+    ready = [c.get("status") for c in node["status"]["conditions"]]
+    return (sorted(node["metadata"]["labels"].items()), node["spec"].get("unschedulable"), ready)
+
+
+def slim_job(obj: Obj) -> Obj:
+    job = slim(obj, spec=False)
+    job["spec"] = {"template": {"spec": {"nodeSelector": obj["spec"]["template"]["spec"].get("nodeSelector", {})}}}
+    return job
+
+
+def slim_pod(obj: Obj) -> Obj:
+    return slim(obj, spec=False)
+
+
+def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:
+    return [o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences", []) or [])]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    """Queue, workers and the write rules; `read` turns a key into what the watches observed."""
+
+    def __init__(
+        self,
+        *,
+        cluster: Callable[[], Cluster],
+        images: Images,
+        workers: int,
+        hold_seconds: float,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
+        self._active = active
+        self._written: dict[Key, tuple[str, Obj]] = {}  # (uid, status) this process wrote last: it is the only writer
+        self._held: dict[Key, float] = {}
+        self._failures: dict[Key, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.read: Callable[[Key], Observed | None] = lambda _key: None
+
+    def start(self, read: Callable[[Key], Observed | None]) -> None:
+        self.read = read
+        self._tasks = [asyncio.create_task(self._work(), name=f"reconciler-{i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                if self._active():
+                    await self._reconcile_counted(key)
+            finally:
+                self.queue.done(key)
+
+    async def _reconcile_counted(self, key: Key) -> None:
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                await self.reconcile(key)
+            except Exception:
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
+                delay = min(60.0, 0.5 * 2**failures)
+                LOG.exception("reconciling %s/%s failed (attempt %d); retrying in %.1fs", *key, failures, delay)
+                metrics.RECONCILES.labels(outcome="error").inc()
+                self.queue.add_after(key, delay)
+                return
+        self._failures.pop(key, None)
+        metrics.RECONCILES.labels(outcome="ok").inc()
+
+    async def reconcile(self, key: Key) -> None:
+        observed = self.read(key)
+        if observed is None or observed.body["metadata"].get("deletionTimestamp"):
+            self._written.pop(key, None)
+            self._held.pop(key, None)
+            self.queue.forget(key)
+            return  # ownerReferences let the garbage collector remove what it owned
+        body = observed.body
+        uid = body["metadata"]["uid"]
+        written = self._written.get(key)
+        current: Obj = written[1] if written and written[0] == uid else dict(body.get("status") or {})
+        observed = Observed(**{**observed.__dict__, "body": {**body, "status": current}})
+        result = plan(observed, self._images, _now())
+        cluster = self._cluster()
+        done = await asyncio.to_thread(cluster.apply, result)
+        metrics.API_WRITES.labels(verb="create").inc(len(done.created))
+        metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
+        applied = done.created | done.deleted
+        events = [e for e in result.events if e.subject is None or e.subject in applied]
+        for event in events:
+            await asyncio.to_thread(cluster.record_event, body, event.reason, event.message)
+        metrics.API_WRITES.labels(verb="event").inc(len(events))
+        await self._write_status(key, body, current, result.status)
+
+    async def _write_status(self, key: Key, body: Obj, current: Obj, status: Obj) -> None:
+        now = time.monotonic()
+        delay = pacing.write_delay(status, current, held_since=self._held.get(key), now=now, hold=self._hold)
+        if delay is None:
+            self._held.pop(key, None)
+            return
+        if delay > 0:
+            self._held.setdefault(key, now)
+            self.queue.add_after(key, delay)
+            return
+        await asyncio.to_thread(self._cluster().patch_status, body, pacing.merge_patch(current, status))
+        metrics.API_WRITES.labels(verb="patch_status").inc()
+        self._written[key] = (body["metadata"]["uid"], status)
+        self._held.pop(key, None)
