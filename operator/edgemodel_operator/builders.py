@@ -13,7 +13,7 @@ from typing import Any
 
 from edgemodel_operator.api.resource import API_VERSION, KIND
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
-from edgemodel_operator.classes import HardwareClass
+from edgemodel_operator.classes import GPU_TOLERATION, HardwareClass
 
 LABEL_EDGEMODEL = "edgeml.dev/edgemodel"
 LABEL_REVISION = "edgeml.dev/revision"
@@ -103,7 +103,6 @@ RESTRICTED_CONTAINER = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 def _build_args(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareClass, push: str) -> list[str]:
@@ -129,6 +128,19 @@ def _build_args(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareCla
     if validation and validation.latency_budget:
         args += ["--latency-budget-ms", str(validation.latency_budget.p99_ms)]
     return args
+
+
+def tolerations_for(spec: EdgeModelSpec, hardware: HardwareClass) -> list[dict[str, Any]]:
+    """spec.targets.tolerations, plus the NVIDIA GPU taint on GPU classes."""
+    chosen = spec.targets.tolerations if spec.targets and spec.targets.tolerations else []
+    listed = [t.model_dump(exclude_none=True) for t in chosen]
+    return [*listed, GPU_TOLERATION] if hardware.has_gpu else listed
+
+
+def _node_selector(spec: EdgeModelSpec, hardware: HardwareClass) -> dict[str, str]:
+    """The class's labels, plus spec.targets.nodeSelector: pods stay on the nodes the user chose."""
+    chosen = dict(spec.targets.node_selector or {}) if spec.targets else {}
+    return chosen | dict(hardware.node_selector)
 
 
 def build_job_for_class(
@@ -169,8 +181,8 @@ def build_job_for_class(
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
-                    "nodeSelector": dict(hardware.node_selector),
-                    "tolerations": [GPU_TOLERATION] if hardware.has_gpu else [],
+                    "nodeSelector": _node_selector(spec, hardware),
+                    "tolerations": tolerations_for(spec, hardware),
                     "securityContext": RESTRICTED_POD,
                     "automountServiceAccountToken": False,
                     "containers": [
@@ -245,8 +257,8 @@ def build_deployment_for_class(
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "nodeSelector": dict(hardware.node_selector),
-                    "tolerations": [GPU_TOLERATION] if hardware.has_gpu else [],
+                    "nodeSelector": _node_selector(spec, hardware),
+                    "tolerations": tolerations_for(spec, hardware),
                     "securityContext": RESTRICTED_POD,
                     "automountServiceAccountToken": False,
                     "containers": [container],

@@ -18,6 +18,8 @@ from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget, HardwareMat
 ARCH = "kubernetes.io/arch"
 GPU_PRESENT = "nvidia.com/gpu.present"
 GPU_PRODUCT = "nvidia.com/gpu.product"
+# The NVIDIA GPU Operator taints GPU nodes so that only pods asking for GPUs land there.
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 COMPUTE_MAJOR = "nvidia.com/gpu.compute.major"
 COMPUTE_MINOR = "nvidia.com/gpu.compute.minor"
 JETSON_MODULE = "nvidia.com/jetson.module"
@@ -91,12 +93,41 @@ def _selector(labels: Mapping[str, str], features: Sequence[str], gpu: bool) -> 
     return {k: labels[k] for k in keys if k in labels}
 
 
-def discover(nodes: Iterable[Node], node_selector: Mapping[str, str] | None = None) -> list[HardwareClass]:
-    """Every distinct class among Ready, schedulable nodes that carry all of `node_selector`'s labels."""
+def tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether one of `tolerations` (Pod API shape) tolerates `taint`, by the scheduler's rules."""
+    for toleration in tolerations:
+        if toleration.get("effect") not in (None, taint.get("effect")):
+            continue
+        if toleration.get("key") is None and toleration.get("operator") == "Exists":
+            return True
+        if toleration.get("key") != taint.get("key"):
+            continue
+        if toleration.get("operator") == "Exists" or toleration.get("value") == taint.get("value"):
+            return True
+    return False
+
+
+def _repelled(node: Node, tolerations: Sequence[Mapping[str, Any]]) -> bool:
+    """A NoSchedule/NoExecute taint that neither `tolerations` nor, on a GPU node, the GPU toleration covers."""
+    gpu = _signature(_labels(node))[1] != "none"
+    allowed = [*tolerations, *([GPU_TOLERATION] if gpu else [])]
+    return any(
+        taint.get("effect") in {"NoSchedule", "NoExecute"} and not tolerated(taint, allowed)
+        for taint in node.get("spec", {}).get("taints", []) or []
+    )
+
+
+def discover(
+    nodes: Iterable[Node],
+    node_selector: Mapping[str, str] | None = None,
+    tolerations: Sequence[Mapping[str, Any]] = (),
+) -> list[HardwareClass]:
+    """Every distinct class among Ready, schedulable nodes that carry all of `node_selector`'s labels
+    and whose taints the pods tolerate."""
     grouped: dict[tuple[Any, ...], list[tuple[str, Mapping[str, str]]]] = {}
     for node in nodes:
         labels = _labels(node)
-        if not _ready_and_schedulable(node):
+        if not _ready_and_schedulable(node) or _repelled(node, tolerations):
             continue
         if any(labels.get(k) != v for k, v in (node_selector or {}).items()):
             continue

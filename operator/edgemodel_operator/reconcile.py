@@ -118,8 +118,10 @@ class _Planner:
         self.deployments = {d["metadata"]["name"]: d for d in observed.deployments}
 
     def run(self) -> Plan:
-        selector = self.spec.targets.node_selector if self.spec.targets else None
-        classes = discover(self.observed.nodes, selector)
+        targets = self.spec.targets
+        selector = targets.node_selector if targets else None
+        tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
+        classes = discover(self.observed.nodes, selector, tolerations)
         entries = [self._class(hardware) for hardware in classes]
         self._retire_old(classes, entries)
         if not self.observed.services:
@@ -232,10 +234,20 @@ class _Planner:
             "observedGeneration": generation,
             "phase": cond.phase(conditions),
             "conditions": conditions,
-            "revisions": {"stable": self.revision} if ready else {"candidate": self.revision},
+            "revisions": self._revisions(old, ready),
             "classesReady": f"{serving}/{total}",
             "classes": entries,
         }
+
+    def _revisions(self, old: Obj, ready: bool) -> Obj:
+        """The revision serving now (stable) and the one on its way (candidate)."""
+        if ready:
+            return {"stable": self.revision}
+        stable = (old.get("revisions") or {}).get("stable")
+        serving = {d["metadata"].get("labels", {}).get(LABEL_REVISION) for d in self.observed.deployments}
+        if stable and stable != self.revision and stable in serving:
+            return {"stable": stable, "candidate": self.revision}
+        return {"candidate": self.revision}
 
 
 def _metrics(report: Obj) -> Obj:

@@ -6,66 +6,24 @@ with an exit code and the compact build report that `edgemodel build` writes to 
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.helpers import EXIT_CODE, MESSAGE, eventually, free_port, get
+from tests.helpers import eventually, get
+from tests.integration.operators import EDGEMODEL, OperatorProcess, apply_edgemodel, finish_builds
 from tests.testbed.cluster import Testbed
+from tests.testbed.nodes import ARM64_CPU, X86_NVIDIA, X86_VNNI, NodeClass, build_node
 
 pytestmark = pytest.mark.testbed
-
-EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
-DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
-
-
-class OperatorProcess:
-    """`edgemodel operator` against the test bed; can be killed and started again."""
-
-    def __init__(self, bed: Testbed, log: Path) -> None:
-        self.bed, self.log = bed, log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.health_port, self.metrics_port = free_port(), free_port()
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.bed.kubeconfig),
-            "EDGEMODEL_RESYNC_SECONDS": "600",  # changes must arrive through the watches, not a periodic pass
-            "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
-            "EDGEMODEL_HEALTH_PORT": str(self.health_port),
-            "EDGEMODEL_METRICS_HOST": "127.0.0.1",
-            "EDGEMODEL_METRICS_PORT": str(self.metrics_port),
-            "EDGEMODEL_REGISTRY": "127.0.0.1:5000/engines",
-        }
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([EDGEMODEL, "operator"], env=env, stdout=out, stderr=subprocess.STDOUT)
-        time.sleep(2)
-        if self.process.poll() is not None:
-            raise AssertionError(f"operator exited:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+POOL = "testbed.edgemodel.dev/pool"
 
 
 @pytest.fixture(scope="module")
@@ -82,55 +40,11 @@ def operator(operator_process: OperatorProcess) -> Testbed:
     return operator_process.bed
 
 
-def _apply(bed: Testbed, namespace: str, name: str, **spec: Any) -> None:
-    manifest = {
-        "apiVersion": "edgeml.dev/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": name},
-        "spec": {"model": {"uri": "oci://registry.local:5000/models/det:v4", "sha256": DIGEST}, **spec},
-    }
-    bed.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
-
-
-def _report(job: str, ok: bool) -> str:
-    if ok:
-        return json.dumps({"v": 1, "status": "built", "exitCode": 0, "cacheKey": job, "precision": "fp32",
-                           "artifact": {"reference": f"oci://127.0.0.1:5000/engines/x@sha256:{'ab' * 32}"},
-                           "buildSeconds": 3.5, "metrics": {"max_abs_error": 1e-6, "cosine": 1.0},
-                           "latency": {"p50_ms": 4.0, "p99_ms": 6.0}})  # fmt: skip
-    return json.dumps({"v": 1, "status": "failed", "exitCode": 3, "reason": "ToleranceMissed",
-                       "message": "cosine 0.91 < minCosine 0.99"})  # fmt: skip
-
-
-def _finish_builds(bed: Testbed, namespace: str, failing_class_prefix: str | None = None) -> list[dict[str, Any]]:
-    """Play the builder: annotate each running build pod with its exit code and report."""
-    pods = eventually(
-        lambda: (
-            (
-                items := [
-                    p
-                    for p in get(bed, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=build")["items"]
-                    if p["status"].get("phase") == "Running"
-                ]
-            )
-            and len(items) == 4
-            and items
-        ),
-        what="4 running build pods",
-    )
-    for pod in pods:
-        key = pod["metadata"]["labels"]["edgeml.dev/class"]
-        ok = failing_class_prefix is None or not key.startswith(failing_class_prefix)
-        bed.kubectl("annotate", "pod", "-n", namespace, pod["metadata"]["name"],
-                    f"{EXIT_CODE}={0 if ok else 3}", f"{MESSAGE}={_report(key, ok)}")  # fmt: skip
-    return list(pods)
-
-
 def test_builds_then_serves_one_engine_per_hardware_class(operator: Testbed, namespace: str) -> None:
-    _apply(operator, namespace, "ocr")
+    apply_edgemodel(operator, namespace, "ocr")
     jobs = eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     assert jobs
-    _finish_builds(operator, namespace)
+    finish_builds(operator, namespace)
     operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=120s")
     em = get(operator, "em", "ocr", "-n", namespace)
     status = em["status"]
@@ -149,9 +63,9 @@ def test_builds_then_serves_one_engine_per_hardware_class(operator: Testbed, nam
 
 
 def test_a_failed_build_fails_its_class_only_with_the_reports_reason(operator: Testbed, namespace: str) -> None:
-    _apply(operator, namespace, "ocr")
+    apply_edgemodel(operator, namespace, "ocr")
     eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
-    _finish_builds(operator, namespace, failing_class_prefix="arm64-nvidia")
+    finish_builds(operator, namespace, failing_class_prefix="arm64-nvidia")
 
     def degraded() -> Any:
         status = get(operator, "em", "ocr", "-n", namespace).get("status", {})
@@ -168,7 +82,7 @@ def test_a_failed_build_fails_its_class_only_with_the_reports_reason(operator: T
 
 
 def test_deleting_the_edgemodel_removes_what_it_created(operator: Testbed, namespace: str) -> None:
-    _apply(operator, namespace, "ocr")
+    apply_edgemodel(operator, namespace, "ocr")
     eventually(lambda: len(get(operator, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     operator.kubectl("delete", "em", "ocr", "-n", namespace, "--wait=true", "--timeout=60s")
     eventually(
@@ -186,9 +100,7 @@ def _jobs(bed: Testbed, namespace: str) -> list[dict[str, Any]]:
 
 
 def test_a_node_of_a_new_class_triggers_exactly_one_new_build(operator: Testbed, namespace: str) -> None:
-    from tests.testbed.nodes import X86_NVIDIA, build_node
-
-    _apply(operator, namespace, "ocr")
+    apply_edgemodel(operator, namespace, "ocr")
     eventually(lambda: len(_jobs(operator, namespace)) == 4, what="4 build Jobs")
     node = build_node("gpu-l4-1", X86_NVIDIA)
     node["metadata"]["labels"] |= {"nvidia.com/gpu.product": "NVIDIA-L4", "nvidia.com/gpu.compute.minor": "9"}
@@ -213,7 +125,7 @@ def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(
     operator_process: OperatorProcess, namespace: str
 ) -> None:
     bed = operator_process.bed
-    _apply(bed, namespace, "ocr")
+    apply_edgemodel(bed, namespace, "ocr")
     time.sleep(0.5)
     operator_process.kill()
     operator_process.start()
@@ -259,7 +171,7 @@ def test_operator_serves_health_and_metrics(operator_process: OperatorProcess, n
     import httpx
 
     bed = operator_process.bed
-    _apply(bed, namespace, "ocr")
+    apply_edgemodel(bed, namespace, "ocr")
     eventually(lambda: len(get(bed, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
     health = httpx.get(f"http://127.0.0.1:{operator_process.health_port}/healthz", timeout=10)
     assert health.status_code == 200
@@ -270,3 +182,114 @@ def test_operator_serves_health_and_metrics(operator_process: OperatorProcess, n
     assert values['edgemodel_operator_reconciles_total{outcome="ok"}'] >= 1
     assert values['edgemodel_operator_api_writes_total{verb="create"}'] >= 5
     assert values["edgemodel_operator_reconcile_duration_seconds_count"] >= 1
+
+
+@pytest.fixture
+def pool(operator: Testbed, namespace: str) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Nodes of this test's own, tainted pool: only an EdgeModel that selects and tolerates it uses them,
+    so what other tests still hold (GPUs, pods) cannot interfere."""
+    made: list[str] = []
+
+    def add(node_class: NodeClass, **capacity: str) -> dict[str, Any]:
+        node = build_node(f"{namespace}-{node_class.name}-{len(made)}", node_class)
+        node["metadata"]["labels"][POOL] = namespace
+        node["spec"]["taints"] = [{"key": POOL, "value": namespace, "effect": "NoSchedule"}]
+        for field in ("capacity", "allocatable"):
+            node["status"][field] |= capacity
+        operator.apply_objects([node])
+        made.append(node["metadata"]["name"])
+        return node
+
+    yield add
+    for name in made:
+        operator.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def _pool_targets(namespace: str) -> dict[str, Any]:
+    return {
+        "nodeSelector": {POOL: namespace},
+        "tolerations": [{"key": POOL, "operator": "Equal", "value": namespace, "effect": "NoSchedule"}],
+    }
+
+
+def _serving(bed: Testbed, namespace: str) -> dict[str, int]:
+    """Ready serving replicas per revision."""
+    ready: dict[str, int] = {}
+    for item in get(bed, "deployments", "-n", namespace)["items"]:
+        revision = item["metadata"]["labels"]["edgeml.dev/revision"]
+        ready[revision] = ready.get(revision, 0) + int(item.get("status", {}).get("readyReplicas") or 0)
+    return ready
+
+
+def test_a_spec_change_builds_a_new_revision_while_the_old_one_keeps_serving(
+    operator: Testbed, namespace: str, pool: Callable[..., dict[str, Any]]
+) -> None:
+    pool(X86_VNNI)
+    pool(ARM64_CPU)
+    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace))
+    finish_builds(operator, namespace, count=2)
+    operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=60s")
+    first = get(operator, "em", "ocr", "-n", namespace)["status"]["revisions"]["stable"]
+    assert all(
+        c["nodes"][0].startswith(namespace) for c in get(operator, "em", "ocr", "-n", namespace)["status"]["classes"]
+    )
+
+    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace), digest="0" * 64)
+    status = eventually(
+        lambda: (
+            (s := get(operator, "em", "ocr", "-n", namespace).get("status", {})).get("observedGeneration") == 2 and s
+        ),
+        what="generation 2 observed",
+    )
+    second = status["revisions"]["candidate"]
+    assert second != first
+    assert status["revisions"]["stable"] == first  # the old revision is still what serves
+    eventually(lambda: len(_jobs(operator, namespace)) == 4, what="2 new build Jobs beside the 2 finished ones")
+    time.sleep(2)  # the operator has seen the new Jobs; nothing of the old revision may go
+    assert _serving(operator, namespace) == {first: 2}
+    assert get(operator, "service", "ocr", "-n", namespace)
+
+    finish_builds(operator, namespace, count=2)
+    eventually(lambda: _serving(operator, namespace) == {second: 2}, what="only the new revision serving")
+    operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=60s")
+    status = get(operator, "em", "ocr", "-n", namespace)["status"]
+    assert status["revisions"] == {"stable": second}
+    assert status["observedGeneration"] == 2
+    assert {j["metadata"]["labels"]["edgeml.dev/revision"] for j in _jobs(operator, namespace)} == {second}
+
+
+def test_a_build_no_node_can_take_is_reported_and_starts_once_one_can(
+    operator: Testbed, namespace: str, pool: Callable[..., dict[str, Any]]
+) -> None:
+    node = pool(X86_NVIDIA, **{"nvidia.com/gpu": "1"})
+    blocker = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "holds-the-gpu", "namespace": namespace},
+        "spec": {
+            "nodeName": node["metadata"]["name"],
+            "containers": [{"name": "c", "image": "busybox", "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+            "tolerations": [{"operator": "Exists"}],
+        },
+    }
+    operator.apply_objects([blocker])
+    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace))
+
+    def pending() -> Any:
+        status = get(operator, "em", "ocr", "-n", namespace).get("status", {})
+        classes = status.get("classes") or [{}]
+        return classes[0].get("state") == "Pending" and status
+
+    status = eventually(pending, what="the class reported Pending")
+    assert "nvidia.com/gpu" in status["classes"][0]["message"]
+    built = next(c for c in status["conditions"] if c["type"] == "EnginesBuilt")
+    assert (built["status"], built["reason"]) == ("False", "Unschedulable")
+    assert status["phase"] == "Progressing"
+
+    operator.kubectl("delete", "pod", "holds-the-gpu", "-n", namespace, "--grace-period=0", "--force")
+    eventually(
+        lambda: get(operator, "em", "ocr", "-n", namespace)["status"]["classes"][0]["state"] == "Building",
+        what="the build scheduled once the GPU is free",
+    )
+    finish_builds(operator, namespace, count=1)
+    operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=60s")

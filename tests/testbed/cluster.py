@@ -117,6 +117,29 @@ class Testbed:
             raise
         return time.monotonic() - started
 
+    def restart(self, name: str, down_seconds: float = 0) -> float:
+        """Stop one component and start it again with the same flags and ports, as after a crash.
+
+        Returns the seconds until it served again.
+        """
+        state = self.state()
+        paths = {k: Path(v) for k, v in state["binaries"].items()}
+        flags = {
+            "kube-apiserver": self._apiserver_args,
+            "kube-controller-manager": self._controller_manager_args,
+            "kube-scheduler": self._scheduler_args,
+            "kwok": self._kwok_args,
+        }
+        pid = state["pids"][name]
+        if _ours(pid, state["binaries"][name]):
+            _terminate(pid, 15)
+        time.sleep(down_seconds)
+        started = time.monotonic()
+        self._spawn(state, name, flags[name](paths, state["ports"]))
+        if name == "kube-apiserver":
+            self._wait(name, lambda: self._api_ok("/readyz"), 120)
+        return time.monotonic() - started
+
     def running(self) -> bool:
         """Whether any component recorded in the state directory is still alive."""
         state = self.state()

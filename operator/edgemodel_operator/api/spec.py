@@ -153,13 +153,35 @@ class EngineTarget(ApiModel):
     )
 
 
+class Toleration(ApiModel):
+    """A node taint the build and serving pods tolerate, as in a Pod's spec.tolerations."""
+
+    key: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Taint key to match; unset with operator Exists matches every taint.",
+    )
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists ignores `value`.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; unset matches every effect."
+    )
+
+
 class Targets(ApiModel):
     """Which nodes get engines, and which engine each hardware class gets."""
 
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
         default=None,
         max_length=32,
-        description="Only nodes with all of these labels are considered. Default: every schedulable node.",
+        description="Only nodes with all of these labels are considered, and pods are kept on them. "
+        "Default: every schedulable node.",
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None,
+        max_length=16,
+        description="Taints the build and serving pods tolerate. A node with a NoSchedule or NoExecute taint that is "
+        "not tolerated is left out of discovery (NVIDIA GPU taints are tolerated on GPU classes without this).",
     )
     engines: list[EngineTarget] | None = Field(
         default=None,
