@@ -88,6 +88,25 @@ COMPONENTS = (
         packages=(f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}",),
         ldflags=f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}",
     ),
+    # Helm installs the chart (charts/edgemodel); the flags are those of Helm's own Makefile for v3.22.0,
+    # whose client-go v0.37 makes the default Kubernetes version for `helm template` and lint 1.37.
+    Component(
+        name="helm",
+        version="v3.22.0",
+        packages=("helm.sh/helm/v3/cmd/helm",),
+        module_dir=GOMOD / "helm",
+        ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0"
+        " -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+        " -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37"
+        " -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37",
+    ),
+    # kstatus (sigs.k8s.io/cli-utils v0.37.2) and Argo CD's Lua runtime (gopher-lua) read EdgeModel health.
+    Component(
+        name="gitops-health",
+        version="v0.37.2",
+        packages=("edgemodel.dev/testbed/gitops-health",),
+        module_dir=GOMOD / "kstatus",
+    ),
 )
 
 
