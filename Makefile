@@ -42,11 +42,13 @@ testbed-down: $(STAMP)
 ## Regenerate crds/ and docs/reference.md from the API models.
 generate: $(STAMP)
 	$(BIN)/python -m edgemodel_operator.api.generate
+	cp crds/*.yaml charts/edgemodel/crds/
 
 ## Benchmarks (speed goals live here, not in tests); each prints one JSON object last.
 bench: $(STAMP)
 	$(BIN)/python bench/build.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/operator.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports

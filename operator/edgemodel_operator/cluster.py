@@ -75,7 +75,7 @@ class Cluster:
         applied = Applied()
         for obj in plan.create:
             try:
-                create[obj["kind"]](obj["metadata"]["namespace"], obj)
+                _drain(create[obj["kind"]](obj["metadata"]["namespace"], obj, _preload_content=False))
             except ApiException as error:
                 if error.status != 409:
                     raise
@@ -83,7 +83,11 @@ class Cluster:
                 applied.created.add(subject(obj))
         for ref in plan.delete:
             try:
-                delete[ref["kind"]](ref["name"], ref["namespace"], propagation_policy="Background")
+                _drain(
+                    delete[ref["kind"]](
+                        ref["name"], ref["namespace"], propagation_policy="Background", _preload_content=False
+                    )
+                )
             except ApiException as error:
                 if error.status != 404:
                     raise
@@ -94,8 +98,10 @@ class Cluster:
     def patch_status(self, body: Obj, patch: Obj) -> None:
         """Merge-patch the status subresource (see `pacing.merge_patch`)."""
         meta = body["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": patch}
+        _drain(
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": patch}, _preload_content=False
+            )
         )
 
     def record_event(self, body: Obj, reason: str, message: str, kind: str = "Normal") -> None:
@@ -120,4 +126,11 @@ class Cluster:
             "reportingComponent": COMPONENT,
             "reportingInstance": socket.gethostname()[:128],
         }
-        self.core.create_namespaced_event(meta["namespace"], cast(Any, event))
+        _drain(self.core.create_namespaced_event(meta["namespace"], cast(Any, event), _preload_content=False))
+
+
+def _drain(response: Any) -> None:
+    """Read a raw response and hand its connection back: writes need no decoded reply, and decoding
+    each one into client model objects costs more CPU than the request itself."""
+    response.read()
+    response.release_conn()

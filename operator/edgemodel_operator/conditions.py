@@ -15,7 +15,10 @@ ENGINES_BUILT = "EnginesBuilt"
 VALIDATED = "Validated"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
-ORDER = (READY, ENGINES_BUILT, VALIDATED, PROGRESSING, DEGRADED)
+# kstatus (Flux, cli-utils) reads an "abnormal-true" Stalled condition as Failed: set while a class
+# has failed and nothing is still in progress, i.e. it will not get better without a change.
+STALLED = "Stalled"
+ORDER = (READY, ENGINES_BUILT, VALIDATED, PROGRESSING, DEGRADED, STALLED)
 
 
 def set_condition(

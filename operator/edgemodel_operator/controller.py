@@ -151,10 +151,13 @@ class Controller:
         metrics.API_WRITES.labels(verb="create").inc(len(done.created))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
         applied = done.created | done.deleted
-        events = [e for e in result.events if e.subject is None or e.subject in applied]
-        for event in events:
-            await asyncio.to_thread(cluster.record_event, body, event.reason, event.message)
-        metrics.API_WRITES.labels(verb="event").inc(len(events))
+        steps: dict[str, list[str]] = {}  # one Event per kind of step, naming every class it concerns
+        for event in result.events:
+            if event.subject is None or event.subject in applied:
+                steps.setdefault(event.reason, []).append(event.message)
+        for reason, messages in steps.items():
+            await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
+        metrics.API_WRITES.labels(verb="event").inc(len(steps))
         await self._write_status(key, body, current, result.status)
 
     async def _write_status(self, key: Key, body: Obj, current: Obj, status: Obj) -> None:

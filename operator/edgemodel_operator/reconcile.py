@@ -230,6 +230,9 @@ class _Planner:
         progressing = building > 0 or (built > serving)
         put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable", f"{building} building")
         put(cond.DEGRADED, bool(failed), "ClassFailed" if failed else "AsExpected", f"{len(failed)} classes failed")
+        stalled = bool(failed) and not progressing
+        put(cond.STALLED, stalled, "ClassFailed" if stalled else "AsExpected",
+            f"{len(failed)} classes failed; a spec change is needed" if stalled else "nothing is stuck")  # fmt: skip
         return {
             "observedGeneration": generation,
             "phase": cond.phase(conditions),

@@ -28,7 +28,7 @@ class OperatorSettings(BaseSettings):
     )
     workers: int = Field(default=4, ge=1, le=64, description="EdgeModels reconciled at the same time.")
     status_hold_seconds: float = Field(
-        default=5.0,
+        default=30.0,
         ge=0,
         description="How long an intermediate status is held before it is written; settled ones are written at once.",
     )

@@ -27,15 +27,19 @@ DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
 class OperatorProcess:
     """`edgemodel operator` against the test bed; can be killed and started again."""
 
-    def __init__(self, bed: Testbed, log: Path, **settings: str) -> None:
-        self.bed, self.log, self.settings = bed, log, settings
+    def __init__(
+        self, bed: Testbed, log: Path, kubeconfig: Path | None = None, settings: dict[str, str] | None = None
+    ) -> None:
+        """`settings` become EDGEMODEL_* variables; `kubeconfig` replaces the test bed's admin credentials."""
+        self.bed, self.log, self.settings = bed, log, settings or {}
+        self.kubeconfig = kubeconfig or bed.kubeconfig
         self.process: subprocess.Popen[bytes] | None = None
         self.health_port, self.metrics_port = free_port(), free_port()
 
     def start(self) -> None:
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.bed.kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "EDGEMODEL_RESYNC_SECONDS": "600",  # changes must arrive through the watches, not a periodic pass
             "EDGEMODEL_HEALTH_HOST": "127.0.0.1",
             "EDGEMODEL_HEALTH_PORT": str(self.health_port),

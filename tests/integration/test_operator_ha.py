@@ -29,7 +29,7 @@ def processes(crd: Testbed, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
 
 
 def _start(bed: Testbed, processes: list[OperatorProcess], tmp_path: Path, **settings: str) -> OperatorProcess:
-    process = OperatorProcess(bed, tmp_path / f"operator-{len(processes)}.log", **settings)
+    process = OperatorProcess(bed, tmp_path / f"operator-{len(processes)}.log", settings=settings)
     process.start()
     processes.append(process)
     return process

@@ -54,6 +54,9 @@ class Testbed:
     __test__ = False  # not a test class, despite the name
 
     directory: Path
+    # Client rate limit of the controller-manager and scheduler; None keeps Kubernetes' defaults.
+    # Benchmarks raise it to simulate a control plane sized for thousands of objects.
+    client_qps: int | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -232,6 +235,11 @@ class Testbed:
             f"--cert-dir={self.directory / f'{name}-certs'}",
             "--leader-elect=false",
             "--profiling=false",
+            *(
+                [f"--kube-api-qps={self.client_qps}", f"--kube-api-burst={2 * self.client_qps}"]
+                if self.client_qps
+                else []
+            ),
         ]
 
     def _controller_manager_args(self, paths: dict[str, Path], ports: dict[str, int]) -> list[str]:

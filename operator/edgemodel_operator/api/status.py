@@ -9,14 +9,14 @@ from pydantic import Field
 
 from edgemodel_operator.api.fields import ApiModel
 
-ConditionType = Literal["Ready", "EnginesBuilt", "Validated", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "EnginesBuilt", "Validated", "Progressing", "Degraded", "Stalled"]
 """The condition types the operator sets; Ready is the one kstatus, Flux and Argo CD read."""
 
 
 class Condition(ApiModel):
     """One aspect of the object's state, following Kubernetes API conventions."""
 
-    type: str = Field(max_length=316, description="Ready, EnginesBuilt, Validated, Progressing or Degraded.")
+    type: str = Field(max_length=316, description="Ready, EnginesBuilt, Validated, Progressing, Degraded or Stalled.")
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(
         max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase cause."
@@ -86,7 +86,7 @@ class EdgeModelStatus(ApiModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready, EnginesBuilt, Validated, Progressing and Degraded.",
+        description="Ready, EnginesBuilt, Validated, Progressing, Degraded and Stalled (kstatus reads it as Failed).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     revisions: Revisions | None = Field(default=None, description="Stable and candidate revisions.")
