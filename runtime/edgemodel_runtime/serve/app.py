@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -23,11 +24,15 @@ from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
 from edgemodel_runtime.serve.openapi import openapi_document
 from edgemodel_runtime.serve.shadow import INFERENCE_TIME_HEADER, ShadowConfig, ShadowMirror
+from edgemodel_runtime.serve.shadow_config import ShadowConfigFile, ShadowConfigWatcher
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+# How long a mirror that a new shadow configuration replaced may take to send the copies it holds.
+RETIRE_SECONDS = 5.0
 
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
 
@@ -38,7 +43,8 @@ class ServerConfig:
     revision: str = "stable"
     max_body_bytes: int = 64 << 20
     max_concurrency: int = 1
-    shadow: ShadowConfig | None = None
+    shadow: ShadowConfig | None = None  # fixed for the server's life (--shadow-url)
+    shadow_file: ShadowConfigFile | None = None  # re-read while serving (--shadow-config)
 
 
 class _HttpError(Exception):
@@ -58,6 +64,8 @@ class InferenceServer:
         self.draining = False
         self._engine = asyncio.Semaphore(config.max_concurrency)
         self.shadow: ShadowMirror | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._watcher: ShadowConfigWatcher | None = None
         self._openapi = orjson.dumps(openapi_document(config.name))
         self._metadata = orjson.dumps(
             {
@@ -83,15 +91,51 @@ class InferenceServer:
     async def startup(self) -> None:
         await asyncio.to_thread(self.model.warm_up)
         if self.config.shadow is not None:
-            self.shadow = ShadowMirror(self.config.shadow, self.config.name, self.config.revision, self.metrics)
-            await self.shadow.start()
+            await self.set_shadow(self.config.shadow)
+        if self.config.shadow_file is not None:
+            self._watcher = ShadowConfigWatcher(
+                self.config.shadow_file, self.set_shadow, self.metrics, self.config.name
+            )
+            await self._watcher.start()
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
         self.draining = True
+        if self._watcher is not None:
+            await self._watcher.stop()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.shadow is not None:
             await self.shadow.stop()
+
+    async def set_shadow(self, config: ShadowConfig | None) -> None:
+        """Mirror to `config` from the next request on (None: stop mirroring).
+
+        The new mirror starts before requests switch to it, and the old one finishes its queue in
+        the background, so no request waits for the change and no mirrored copy is lost to it
+        unless the old candidate is too slow to take it.
+        """
+        mirror = None
+        if config is not None:
+            mirror = ShadowMirror(config, self.config.name, self.config.revision, self.metrics)
+            await mirror.start()
+        old, self.shadow = self.shadow, mirror
+        if old is not None:
+            task = asyncio.create_task(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, mirror: ShadowMirror) -> None:
+        abandoned = await mirror.retire(RETIRE_SECONDS)
+        if abandoned:
+            print(
+                f"edgemodel serve: {abandoned} copies for candidate {mirror.config.candidate_revision} were not sent "
+                f"within {RETIRE_SECONDS:g}s of its mirror being replaced",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ---------------------------------------------------------------- ASGI
 

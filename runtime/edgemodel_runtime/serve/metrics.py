@@ -32,6 +32,8 @@ class ServerMetrics:
     shadow_latency_ratio: Histogram
     shadow_max_abs_error: Histogram
     shadow_cosine: Histogram
+    shadow_config_reloads: Counter
+    shadow_config_successful: Gauge
 
 
 def create() -> ServerMetrics:
@@ -101,6 +103,18 @@ def create() -> ServerMetrics:
             "Cosine similarity of candidate and stable outputs per request.",
             shadow_labels,
             buckets=(0.5, 0.9, 0.99, 0.999, 0.9999, 1.0),
+            registry=registry,
+        ),
+        shadow_config_reloads=Counter(
+            "edgemodel_shadow_config_reloads",
+            "Changes of the --shadow-config file seen, by result (applied, invalid: previous configuration kept).",
+            ("model", "result"),
+            registry=registry,
+        ),
+        shadow_config_successful=Gauge(
+            "edgemodel_shadow_config_last_reload_successful",
+            "1 if the --shadow-config file's current content is in effect, 0 if it was refused.",
+            ("model",),
             registry=registry,
         ),
     )

@@ -156,3 +156,17 @@ class ShadowMirror:
         """Wait until queued copies are processed (for tests and orderly shutdown)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def retire(self, timeout: float) -> int:
+        """Finish the copies already queued (up to `timeout`), then stop; the number abandoned.
+
+        For a mirror that a new configuration replaced: nothing offers to it any more, so the queue
+        only shrinks. Copies still queued at the deadline are dropped unsent, so that a candidate
+        that is down cannot keep an old mirror alive.
+        """
+        try:
+            await self.drain(timeout)
+        finally:
+            abandoned = self._queue.qsize()
+            await self.stop()
+        return abandoned
