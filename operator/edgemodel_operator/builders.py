@@ -19,6 +19,10 @@ LABEL_EDGEMODEL = "edgeml.dev/edgemodel"
 LABEL_REVISION = "edgeml.dev/revision"
 LABEL_CLASS = "edgeml.dev/class"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+# Which serving pods take live traffic (the EdgeModel's Service selects track=stable) and which only
+# receive mirrored copies. Not part of any workload's selector, so promotion can change it.
+LABEL_TRACK = "edgeml.dev/track"
+SHADOW_DIR = "/etc/edgemodel/shadow"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgemodel", "app.kubernetes.io/name": "edgemodel"}
 RUN_AS_USER = 65532
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - inside the pod's own network namespace, reached through its Service
@@ -206,13 +210,40 @@ def build_job_for_class(
     }
 
 
+def shadow_configmap_name(edgemodel: str) -> str:
+    return f"{edgemodel}-shadow"
+
+
+def shadow_key(revision: str, hardware: HardwareClass) -> str:
+    """The shadow ConfigMap key that pods of `revision` on `hardware` read their mirroring from."""
+    return f"{revision}-{hardware.key}.json"
+
+
+def candidate_url(body: dict[str, Any], revision: str, hardware: HardwareClass) -> str:
+    """In-cluster URL of one revision's pods of one class (its own Service)."""
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    name = child_name(body["metadata"]["name"], revision, hardware)
+    return f"http://{name}.{body['metadata']['namespace']}.svc:{spec.serving.port}"
+
+
 def build_deployment_for_class(
-    body: dict[str, Any], hardware: HardwareClass, target: EngineTarget, *, revision: str, artifact: str, images: Images
+    body: dict[str, Any],
+    hardware: HardwareClass,
+    target: EngineTarget,
+    *,
+    revision: str,
+    artifact: str,
+    images: Images,
+    track: str = "stable",
 ) -> dict[str, Any]:
-    """The Deployment serving one class's engine (by digest) for one revision."""
+    """The Deployment (or DaemonSet, in that serving mode) serving one class's engine by digest.
+
+    Its pods read their mirroring from the EdgeModel's shadow ConfigMap (key `shadow_key`), which
+    the operator fills while a candidate of the class is shadowed: no restart to start or stop.
+    """
     spec = EdgeModelSpec.model_validate(body["spec"])
     name = body["metadata"]["name"]
-    labels = {**_labels(body, revision, hardware, "serve")}
+    labels = {**_labels(body, revision, hardware, "serve"), LABEL_TRACK: track}
     serving = spec.serving
     port = serving.port
     resources = serving.resources.model_dump(exclude_none=True) if serving.resources else {}
@@ -233,6 +264,8 @@ def build_deployment_for_class(
             str(port),
             "--revision",
             revision,
+            "--shadow-config",
+            f"{SHADOW_DIR}/{shadow_key(revision, hardware)}",
         ],
         "env": [{"name": "EDGEMODEL_ARTIFACT_CACHE", "value": "/cache"}],
         "ports": [{"name": "http", "containerPort": port}],
@@ -240,11 +273,25 @@ def build_deployment_for_class(
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": port}, "failureThreshold": 6},
         "securityContext": RESTRICTED_CONTAINER,
         "resources": resources,
-        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
+        "volumeMounts": [
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
+            {"name": "shadow", "mountPath": SHADOW_DIR, "readOnly": True},
+        ],
     }
+    daemonset = serving.mode == "DaemonSet"
+    workload_spec: dict[str, Any] = (
+        {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}}
+        if daemonset
+        else {
+            "replicas": serving.replicas_per_class or 1,
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        }
+    )
+    shadow_volume = {"name": "shadow", "configMap": {"name": shadow_configmap_name(name), "optional": True}}
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": "DaemonSet" if daemonset else "Deployment",
         "metadata": {
             "name": child_name(name, revision, hardware),
             "namespace": body["metadata"]["namespace"],
@@ -252,7 +299,7 @@ def build_deployment_for_class(
             "ownerReferences": [owner_reference(body)],
         },
         "spec": {
-            "replicas": serving.replicas_per_class or 1,
+            **workload_spec,
             "selector": {"matchLabels": {LABEL_EDGEMODEL: name, LABEL_REVISION: revision, LABEL_CLASS: hardware.key}},
             "template": {
                 "metadata": {"labels": labels},
@@ -262,10 +309,47 @@ def build_deployment_for_class(
                     "securityContext": RESTRICTED_POD,
                     "automountServiceAccountToken": False,
                     "containers": [container],
-                    "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                    "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, shadow_volume],
                 },
             },
         },
+    }
+
+
+def build_revision_service(body: dict[str, Any], revision: str, hardware: HardwareClass) -> dict[str, Any]:
+    """A Service for one revision's pods of one class: where stable pods mirror a candidate's copies."""
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": child_name(name, revision, hardware),
+            "namespace": body["metadata"]["namespace"],
+            "labels": _labels(body, revision, hardware, "serve"),
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "selector": {LABEL_EDGEMODEL: name, LABEL_REVISION: revision, LABEL_CLASS: hardware.key,
+                         LABEL_COMPONENT: "serve"},
+            "ports": [{"name": "http", "port": spec.serving.port, "targetPort": "http"}],
+        },
+    }  # fmt: skip
+
+
+def build_shadow_configmap(body: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
+    """The EdgeModel's shadow ConfigMap: one key per stable (revision, class) that mirrors now."""
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": shadow_configmap_name(name),
+            "namespace": body["metadata"]["namespace"],
+            "labels": {**MANAGED_BY, LABEL_EDGEMODEL: name, LABEL_COMPONENT: "shadow"},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "data": dict(data),
     }
 
 
@@ -283,7 +367,7 @@ def build_service(body: dict[str, Any]) -> dict[str, Any]:
             "ownerReferences": [owner_reference(body)],
         },
         "spec": {
-            "selector": {LABEL_EDGEMODEL: name, LABEL_COMPONENT: "serve"},
+            "selector": {LABEL_EDGEMODEL: name, LABEL_COMPONENT: "serve", LABEL_TRACK: "stable"},
             "ports": [{"name": "http", "port": spec.serving.port, "targetPort": "http"}],
         },
     }

@@ -12,7 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
-from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL
+from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL, LABEL_TRACK
 from edgemodel_operator.reconcile import Observed, Plan, subject
 
 Obj = dict[str, Any]
@@ -25,6 +25,7 @@ class Applied:
 
     created: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
+    patched: set[str] = field(default_factory=set)
 
 
 class Cluster:
@@ -37,9 +38,10 @@ class Cluster:
         self.apps = client.AppsV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
-    def _dicts(self, result: Any) -> list[Obj]:
+    def _dicts(self, result: Any, kind: str | None = None) -> list[Obj]:
+        """List items as plain objects; lists leave each item's kind out, so `kind` puts it back."""
         items: list[Obj] = self.api.sanitize_for_serialization(result).get("items", [])
-        return items
+        return [item | {"kind": kind} for item in items] if kind else items
 
     def observe(self, body: Obj) -> Observed:
         namespace, name, uid = body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"]["uid"]
@@ -55,9 +57,15 @@ class Cluster:
             pods=self._dicts(
                 self.core.list_namespaced_pod(namespace, label_selector=f"{selector},{LABEL_COMPONENT}=build")
             ),
-            deployments=owned(self._dicts(self.apps.list_namespaced_deployment(namespace, label_selector=selector))),
+            deployments=owned(
+                self._dicts(self.apps.list_namespaced_deployment(namespace, label_selector=selector), "Deployment")
+                + self._dicts(self.apps.list_namespaced_daemon_set(namespace, label_selector=selector), "DaemonSet")
+            ),
             services=owned(
-                self._dicts(self.core.list_namespaced_service(namespace, field_selector=f"metadata.name={name}"))
+                self._dicts(self.core.list_namespaced_service(namespace, label_selector=selector), "Service")
+            ),
+            configmaps=owned(
+                self._dicts(self.core.list_namespaced_config_map(namespace, label_selector=selector), "ConfigMap")
             ),
         )
 
@@ -66,11 +74,20 @@ class Cluster:
         create: dict[str, Callable[..., Any]] = {
             "Job": self.batch.create_namespaced_job,
             "Deployment": self.apps.create_namespaced_deployment,
+            "DaemonSet": self.apps.create_namespaced_daemon_set,
             "Service": self.core.create_namespaced_service,
+            "ConfigMap": self.core.create_namespaced_config_map,
         }
         delete: dict[str, Callable[..., Any]] = {
             "Job": self.batch.delete_namespaced_job,
             "Deployment": self.apps.delete_namespaced_deployment,
+            "DaemonSet": self.apps.delete_namespaced_daemon_set,
+            "Service": self.core.delete_namespaced_service,
+        }
+        patch: dict[str, Callable[..., Any]] = {
+            "Deployment": self.apps.patch_namespaced_deployment,
+            "DaemonSet": self.apps.patch_namespaced_daemon_set,
+            "ConfigMap": self.core.patch_namespaced_config_map,
         }
         applied = Applied()
         for obj in plan.create:
@@ -93,7 +110,15 @@ class Cluster:
                     raise
             else:
                 applied.deleted.add(subject(ref))
+        for ref in plan.patch:  # a dict body goes as a (strategic) merge patch: null removes a key
+            _drain(patch[ref["kind"]](ref["name"], ref["namespace"], ref["patch"], _preload_content=False))
+            applied.patched.add(subject(ref))
         return applied
+
+    def stable_pods(self, namespace: str, edgemodel: str) -> list[Obj]:
+        """Serving pods that take live traffic: where shadow evidence is counted."""
+        selector = f"{LABEL_EDGEMODEL}={edgemodel},{LABEL_COMPONENT}=serve,{LABEL_TRACK}=stable"
+        return self._dicts(self.core.list_namespaced_pod(namespace, label_selector=selector), "Pod")
 
     def patch_status(self, body: Obj, patch: Obj) -> None:
         """Merge-patch the status subresource (see `pacing.merge_patch`)."""

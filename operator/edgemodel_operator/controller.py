@@ -17,7 +17,8 @@ from typing import Any
 from edgemodel_operator import metrics, pacing
 from edgemodel_operator.builders import Images
 from edgemodel_operator.cluster import Cluster
-from edgemodel_operator.reconcile import Observed, plan
+from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
+from edgemodel_operator.reconcile import Observed, plan, shadowing
 from edgemodel_operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
@@ -89,11 +90,15 @@ class Controller:
         images: Images,
         workers: int,
         hold_seconds: float,
+        evidence: PrometheusSource | ScrapeSource | None = None,
+        analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
+        self._evidence = evidence or ScrapeSource()
+        self._analysis_seconds = analysis_seconds
         self._written: dict[Key, tuple[str, Obj]] = {}  # (uid, status) this process wrote last: it is the only writer
         self._held: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
@@ -145,12 +150,18 @@ class Controller:
         written = self._written.get(key)
         current: Obj = written[1] if written and written[0] == uid else dict(body.get("status") or {})
         observed = Observed(**{**observed.__dict__, "body": {**body, "status": current}})
-        result = plan(observed, self._images, _now())
+        candidates = shadowing(current)
         cluster = self._cluster()
+        if candidates:
+            observed = Observed(**{**observed.__dict__, "evidence": await self._gather(cluster, key, candidates)})
+        result = plan(observed, self._images, _now())
         done = await asyncio.to_thread(cluster.apply, result)
         metrics.API_WRITES.labels(verb="create").inc(len(done.created))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
         applied = done.created | done.deleted
+        for event in result.events:
+            if event.reason in {"Promoted", "RolledBack"}:
+                metrics.DECISIONS.labels(decision=event.reason).inc()
         steps: dict[str, list[str]] = {}  # one Event per kind of step, naming every class it concerns
         for event in result.events:
             if event.subject is None or event.subject in applied:
@@ -159,6 +170,21 @@ class Controller:
             await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
         await self._write_status(key, body, current, result.status)
+        if result.analysing:
+            self.queue.add_after(key, self._analysis_seconds)
+
+    async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> dict[str, Any]:
+        """Shadow evidence for the classes being shadowed; none (so: keep waiting) if it cannot be read."""
+        namespace, name = key
+        try:
+            pods = [] if isinstance(self._evidence, PrometheusSource) else await asyncio.to_thread(
+                cluster.stable_pods, namespace, name
+            )  # fmt: skip
+            return await asyncio.to_thread(self._evidence.gather, namespace, name, candidates, pods)
+        except Exception as error:  # a monitoring outage delays decisions, it never makes them
+            LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
+            metrics.EVIDENCE_ERRORS.inc()
+            return {}
 
     async def _write_status(self, key: Key, body: Obj, current: Obj, status: Obj) -> None:
         now = time.monotonic()

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import kopf
 
+from edgemodel_operator import evidence
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
 from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL
 from edgemodel_operator.cluster import Cluster
@@ -100,6 +101,8 @@ CONTROLLER = Controller(
     images=SETTINGS.images(),
     workers=SETTINGS.workers,
     hold_seconds=SETTINGS.status_hold_seconds,
+    evidence=evidence.source(SETTINGS.prometheus_url),
+    analysis_seconds=SETTINGS.analysis_seconds,
     active=lambda: PEERING.active,
 )
 _indexes: dict[str, Any] = {}
@@ -122,8 +125,9 @@ def _read(key: Key) -> Observed | None:
         nodes=_values("nodes", None),
         jobs=owned_by(uid, _values("jobs", key)),
         pods=_values("build_pods", key),
-        deployments=owned_by(uid, _values("deployments", key)),
+        deployments=owned_by(uid, _values("deployments", key) + _values("daemonsets", key)),
         services=owned_by(uid, _values("services", key)),
+        configmaps=owned_by(uid, _values("configmaps", key)),
     )
 
 
@@ -151,9 +155,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    _indexes.update(
-        {name: kwargs[name] for name in ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "services")}
-    )
+    _indexes.update({name: kwargs[name] for name in INDEXES})
     CONTROLLER.start(_read)
     tasks = [asyncio.create_task(_resync(), name="resync")]
     if SETTINGS.peering is not None:
@@ -207,6 +209,19 @@ def deployments(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_
     return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body))}
 
 
+@kopf.index("apps", "v1", "daemonsets", labels=OWNED)
+def daemonsets(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body))}
+
+
+@kopf.index("v1", "configmaps", labels=OWNED)
+def configmaps(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body)) | {"data": dict(body.get("data") or {})}}
+
+
+INDEXES = ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "daemonsets", "services", "configmaps")
+
+
 @kopf.index("v1", "services", labels=OWNED)
 def services(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
     return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body), status=False)}
@@ -223,7 +238,9 @@ def edgemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("v1", "pods", labels={**OWNED, LABEL_COMPONENT: "build"})
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+@kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("v1", "services", labels=OWNED)
+@kopf.on.event("v1", "configmaps", labels=OWNED)
 def owned_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     CONTROLLER.queue.add((str(namespace), labels[LABEL_EDGEMODEL]))
 

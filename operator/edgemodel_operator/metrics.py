@@ -13,3 +13,9 @@ RECONCILE_SECONDS = Histogram(
 API_WRITES = Counter(
     "edgemodel_operator_api_writes", "Objects the operator created, deleted or patched, by verb.", ["verb"]
 )
+EVIDENCE_ERRORS = Counter(
+    "edgemodel_operator_evidence_errors", "Times shadow evidence could not be read (Prometheus or pod scrapes)."
+)
+DECISIONS = Counter(
+    "edgemodel_operator_rollout_decisions", "Rollout decisions carried out, per class, by decision.", ["decision"]
+)

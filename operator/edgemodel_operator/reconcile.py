@@ -1,31 +1,48 @@
 """The reconcile decision for one EdgeModel: observed objects in, a plan of writes out.
 
-Pure: the handler gathers (nodes, owned Jobs, their pods, owned Deployments), calls `plan`, and
-applies the result. The same observations always give the same plan, whatever order the events
-that led to them arrived in.
+Pure: the controller gathers (nodes, owned Jobs, their pods, serving workloads, Services, the
+shadow ConfigMap, shadow evidence), calls `plan`, and applies the result. The same observations
+always give the same plan, whatever order the events that led to them arrived in.
+
+Per hardware class, a new revision goes: build Job -> candidate workload (track=candidate) and its
+own Service -> once Ready, the class's stable pods mirror live requests to it (their key in the
+shadow ConfigMap) -> analysis of the evidence -> promote (the candidate's track becomes stable; the
+old stable goes once the new one has rolled out) or roll back (the candidate goes; the class keeps
+its stable revision). The first revision of a class has nothing to shadow and serves at once.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgemodel_operator import conditions as cond
+from edgemodel_operator.analysis import Evidence, Verdict, analyse
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
 from edgemodel_operator.builders import (
     LABEL_CLASS,
     LABEL_REVISION,
+    LABEL_TRACK,
     Images,
     build_deployment_for_class,
     build_job_for_class,
+    build_revision_service,
     build_service,
+    build_shadow_configmap,
+    candidate_url,
     child_name,
     revision_of,
+    shadow_configmap_name,
+    shadow_key,
 )
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
+from edgemodel_operator.pacing import merge_patch
 
 Obj = dict[str, Any]
+APPROVE = "edgeml.dev/promote"  # annotation: the candidate revision a person approves for promotion
+REJECT = "edgeml.dev/rollback"  # annotation: the candidate revision a person rolls back
 
 
 @dataclass(frozen=True)
@@ -34,8 +51,10 @@ class Observed:
     nodes: list[Obj]
     jobs: list[Obj]
     pods: list[Obj]
-    deployments: list[Obj]
+    deployments: list[Obj]  # serving workloads: Deployments, or DaemonSets in that mode
     services: list[Obj]
+    configmaps: list[Obj] = field(default_factory=list)
+    evidence: dict[str, Evidence] = field(default_factory=dict)  # by class key, for its current candidate
 
 
 @dataclass(frozen=True)
@@ -51,8 +70,56 @@ class Event:
 class Plan:
     create: list[Obj] = field(default_factory=list)
     delete: list[Obj] = field(default_factory=list)  # objects to delete (kind, name, namespace)
+    patch: list[Obj] = field(default_factory=list)  # merge patches (kind, name, namespace, patch)
     status: Obj = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    analysing: bool = False  # a class is shadowed: plan again soon with fresh evidence, even without a change
+
+
+def shadowing(status: Obj) -> dict[str, str]:
+    """Class key -> candidate revision, for the classes a status says are shadowing."""
+    return {
+        entry["key"]: entry["shadow"]["revision"]
+        for entry in status.get("classes") or []
+        if entry.get("state") == "Shadowing" and (entry.get("shadow") or {}).get("revision")
+    }
+
+
+def _labels(obj: Obj) -> dict[str, str]:
+    labels: dict[str, str] = obj["metadata"].get("labels") or {}
+    return labels
+
+
+def _track(workload: Obj) -> str:
+    return _labels(workload).get(LABEL_TRACK, "stable")
+
+
+def _ready(workload: Obj) -> int:
+    status = workload.get("status") or {}
+    return int(status.get("readyReplicas") or status.get("numberReady") or 0)
+
+
+def _rolled_out(workload: Obj) -> bool:
+    """Every pod runs the current template and is ready (after promotion changed the track)."""
+    status = workload.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(workload["metadata"].get("generation") or 1):
+        return False
+    if workload["kind"] == "DaemonSet":
+        desired = int(status.get("desiredNumberScheduled") or 0)
+        return (
+            int(status.get("updatedNumberScheduled") or 0) >= desired and int(status.get("numberReady") or 0) >= desired
+        )
+    wanted = int((workload.get("spec") or {}).get("replicas") or 1)
+    return int(status.get("updatedReplicas") or 0) >= wanted and int(status.get("readyReplicas") or 0) >= wanted
+
+
+def _seconds_between(start: str, end: str) -> float:
+    parse = datetime.datetime.fromisoformat
+    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+
+
+def _ref(obj: Obj) -> Obj:
+    return {"kind": obj["kind"], "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]}
 
 
 def subject(obj: Obj) -> str:
@@ -111,11 +178,16 @@ class _Planner:
     def __init__(self, observed: Observed, images: Images, now: str) -> None:
         self.observed, self.images, self.now = observed, images, now
         self.body = observed.body
+        self.name, self.namespace = self.body["metadata"]["name"], self.body["metadata"]["namespace"]
         self.spec = EdgeModelSpec.model_validate(self.body["spec"])
         self.revision = revision_of(self.spec)
         self.plan = Plan()
         self.jobs = {j["metadata"]["name"]: j for j in observed.jobs}
-        self.deployments = {d["metadata"]["name"]: d for d in observed.deployments}
+        self.previous = {e["key"]: e for e in (self.body.get("status") or {}).get("classes") or []}
+        self.annotations: dict[str, str] = self.body["metadata"].get("annotations") or {}
+        self.shadow_data: dict[str, str] = {}  # the shadow ConfigMap's desired content
+        # Names still wanted, by kind. A (revision, class) names its Job, workload and Service alike.
+        self.keep: dict[str, set[str]] = {"Job": set(), "Workload": set(), "Service": set()}
 
     def run(self) -> Plan:
         targets = self.spec.targets
@@ -123,39 +195,48 @@ class _Planner:
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
         classes = discover(self.observed.nodes, selector, tolerations)
         entries = [self._class(hardware) for hardware in classes]
-        self._retire_old(classes, entries)
-        if not self.observed.services:
+        self._retire(classes)
+        self._shadow_configmap()
+        if not any(s["metadata"]["name"] == self.name for s in self.observed.services):
             self.plan.create.append(build_service(self.body))
         self.plan.status = self._status(classes, entries)
         return self.plan
 
+    # ------------------------------------------------------------------ one class
+
+    def _workloads(self, hardware: HardwareClass) -> list[Obj]:
+        return [w for w in self.observed.deployments if _labels(w).get(LABEL_CLASS) == hardware.key]
+
     def _class(self, hardware: HardwareClass) -> Obj:
+        workloads = self._workloads(hardware)
+        stable = [w for w in workloads if _track(w) == "stable"]
+        for workload in stable:  # what serves live traffic stays until something replaces it
+            self._want(workload["metadata"]["name"], "Workload", "Job", "Service")
         target = engine_for(self.spec, hardware)
         if target is None:
             return _class_status(hardware, None, None, "Failed", "no entry of spec.targets.engines matches this class")
-        name = child_name(self.body["metadata"]["name"], self.revision, hardware)
+        name = child_name(self.name, self.revision, hardware)
+        self._want(name, "Job")
         job = self.jobs.get(name)
         if job is None:
             job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
             self.plan.create.append(job)
             self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
-            return _class_status(hardware, target.engine, target.precision, "Building", None)
+            return self._with_stable(_class_status(hardware, target.engine, target.precision, "Building", None), stable)
         state = _job_state(job)
         if state == "Active":
             waiting = _unschedulable(job, self.observed.pods)
+            entry = _class_status(hardware, target.engine, target.precision, "Building", None)
             if waiting:
-                return _class_status(
-                    hardware, target.engine, target.precision, "Pending", f"no node can take the build yet: {waiting}"
-                )
-            return _class_status(hardware, target.engine, target.precision, "Building", None)
+                entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
+            return self._with_stable(entry, stable)
         report = build_report(job, self.observed.pods) or {}
         if state == "Failed" or report.get("status") not in {"built", "cached"}:
             reason = report.get("reason") or "BuildFailed"
             message = f"{reason}: {report.get('message') or 'the build Job failed without a report'}"
-            return _class_status(hardware, target.engine, target.precision, "Failed", message)
-        return self._built(hardware, target, name, report)
-
-    def _built(self, hardware: HardwareClass, target: EngineTarget, name: str, report: Obj) -> Obj:
+            return self._with_stable(
+                _class_status(hardware, target.engine, target.precision, "Failed", message), stable
+            )
         entry = _class_status(hardware, target.engine, report.get("precision", target.precision), "Built", None)
         artifact = (report.get("artifact") or {}).get("reference")
         entry |= {
@@ -166,46 +247,149 @@ class _Planner:
         if report.get("metrics") or report.get("latency"):
             entry["metrics"] = _metrics(report)
         if not artifact:
-            return entry | {"state": "Failed", "message": "the build report names no artifact"}
-        deployment = self.deployments.get(name)
-        if deployment is None:
-            deployment = build_deployment_for_class(
-                self.body, hardware, target, revision=self.revision, artifact=artifact, images=self.images
+            return self._with_stable(
+                entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
             )
-            self.plan.create.append(deployment)
-            self._event("ServingStarted", f"serving {hardware.key} from {artifact}", deployment)
-            return entry
-        ready = int(deployment.get("status", {}).get("readyReplicas") or 0)
-        return entry | {"readyReplicas": ready, "state": "Serving" if ready > 0 else "Built"}
+        return self._serve(hardware, target, artifact, entry, workloads=workloads, stable=stable)
 
-    def _retire_old(self, classes: list[HardwareClass], entries: list[Obj]) -> None:
-        """Remove workloads of classes that left, and old revisions once the new one serves that class."""
+    def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
+        """Name the revision that keeps serving this class while the current one is not there yet."""
+        if stable:
+            entry["revision"] = _labels(stable[0])[LABEL_REVISION]
+            entry["readyReplicas"] = sum(_ready(w) for w in stable)
+        return entry
+
+    def _serve(  # noqa: PLR0911 - one return per rollout state, in order
+        self, hardware: HardwareClass, target: EngineTarget, artifact: str, entry: Obj, *, workloads: list[Obj],
+        stable: list[Obj],
+    ) -> Obj:  # fmt: skip
+        mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
+        previous = self.previous.get(hardware.key) or {}
+        rolled_back = (
+            previous.get("state") == "RolledBack" and (previous.get("shadow") or {}).get("revision") == self.revision
+        )
+        if mine is None:
+            if rolled_back:  # decided: this revision does not replace the stable one on this class
+                return self._with_stable(
+                    entry | {k: previous[k] for k in ("state", "message", "shadow") if k in previous}, stable
+                )
+            track = "candidate" if stable else "stable"
+            workload = build_deployment_for_class(self.body, hardware, target, revision=self.revision,
+                                                  artifact=artifact, images=self.images, track=track)  # fmt: skip
+            self.plan.create.append(workload)
+            if track == "candidate":
+                self.plan.create.append(build_revision_service(self.body, self.revision, hardware))
+                self._event("CandidateStarted", f"{hardware.key}: candidate {self.revision} from {artifact}", workload)
+            else:
+                self._event("ServingStarted", f"serving {hardware.key} from {artifact}", workload)
+            return self._with_stable(entry, stable)
+        self._want(mine["metadata"]["name"], "Workload")
+        ready = _ready(mine)
+        if _track(mine) == "stable":
+            others = [w for w in stable if w is not mine]
+            if others and not _rolled_out(mine):
+                return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Shadowing",
+                                "message": "promoted: waiting for every pod of the new stable revision",
+                                "shadow": previous.get("shadow")}  # fmt: skip
+            for old in others:  # the new stable revision has rolled out: the old one goes
+                self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
+            return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Serving" if ready else "Built"}
+        if rolled_back or not stable:  # a leftover candidate
+            self._drop(mine["metadata"]["name"], "Workload", "Service")
+            return self._with_stable(entry, stable)
+        self._want(mine["metadata"]["name"], "Service")
+        if not ready:
+            return self._with_stable(entry | {"message": "candidate starting"}, stable)
+        return self._shadow(hardware, entry, mine, stable[0], previous)
+
+    def _shadow(self, hardware: HardwareClass, entry: Obj, candidate: Obj, stable: Obj, previous: Obj) -> Obj:
+        rollout = self.spec.rollout
+        stable_revision = _labels(stable)[LABEL_REVISION]
+        before = previous.get("shadow") or {}
+        started = before.get("started") if before.get("revision") == self.revision else None
+        if started is None:
+            started = self.now
+            self._event("ShadowStarted", f"{hardware.key}: mirroring {rollout.shadow.mirror_percent:g}% of "
+                        f"{stable_revision}'s requests to {self.revision}")  # fmt: skip
+        evidence = self.observed.evidence.get(hardware.key) or Evidence()
+        approved = self.annotations.get(APPROVE) == self.revision
+        verdict = analyse(evidence, rollout, _seconds_between(started, self.now), approved=approved)
+        shadow = _shadow_status(self.revision, started, evidence, verdict)
+        entry = self._with_stable(entry, [stable]) | {"state": "Shadowing", "shadow": shadow}
+        rejected = self.annotations.get(REJECT) == self.revision
+        if verdict.decision == "Promote":
+            patch = {"metadata": {"labels": {LABEL_TRACK: "stable"}},
+                     "spec": {"template": {"metadata": {"labels": {LABEL_TRACK: "stable"}}}}}  # fmt: skip
+            self.plan.patch.append(_ref(candidate) | {"patch": patch})
+            self._event("Promoted", f"{hardware.key}: {self.revision} replaces {stable_revision}: {verdict.reason}")
+            return entry | {"message": f"promoting: {verdict.reason}"}
+        if (verdict.decision == "Rollback" and rollout.auto_rollback) or rejected:
+            self._drop(candidate["metadata"]["name"], "Workload", "Service")  # the Job stays: no rebuild
+            why = verdict.reason if verdict.decision == "Rollback" else f"rolled back by {REJECT}"
+            self._event("RolledBack", f"{hardware.key}: {self.revision} rolled back, {stable_revision} keeps "
+                        f"serving: {why}")  # fmt: skip
+            return entry | {"state": "RolledBack", "message": why, "shadow": shadow | {"decision": "Rollback"}}
+        key = shadow_key(stable_revision, hardware)
+        self.shadow_data[key] = json.dumps({
+            "url": candidate_url(self.body, self.revision, hardware),
+            "mirrorPercent": rollout.shadow.mirror_percent,
+            "candidateRevision": self.revision,
+        }, sort_keys=True)  # fmt: skip
+        self.plan.analysing = True
+        waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={self.revision}",
+                   "Rollback": f"failed; waiting for annotation {REJECT}={self.revision}"}  # fmt: skip
+        return entry | {"message": waiting.get(verdict.decision, verdict.reason)}
+
+    # ------------------------------------------------------------------ the EdgeModel's other objects
+
+    def _retire(self, classes: list[HardwareClass]) -> None:
+        """Delete every workload, revision Service and Job that no class wants any more."""
         current = {c.key for c in classes}
-        serving = {e["key"] for e in entries if e["state"] == "Serving"}
-        for kind, objects in (("Deployment", self.observed.deployments), ("Job", self.observed.jobs)):
+        for kind, objects in (("Workload", self.observed.deployments), ("Job", self.observed.jobs),
+                              ("Service", self.observed.services)):  # fmt: skip
             for obj in objects:
-                labels = obj["metadata"].get("labels", {})
-                key, revision = labels.get(LABEL_CLASS), labels.get(LABEL_REVISION)
-                gone = key not in current
-                superseded = revision != self.revision and key in serving
-                if gone or superseded:
-                    ref = {"kind": kind, **{k: obj["metadata"][k] for k in ("name", "namespace")}}
-                    self.plan.delete.append(ref)
-                    why = "its hardware class left" if gone else f"revision {self.revision} serves it now"
-                    self._event("Removed", f"{kind} {obj['metadata']['name']}: {why}", ref)
+                labels = _labels(obj)
+                wanted = obj["metadata"]["name"] in self.keep[kind] and labels.get(LABEL_CLASS) in current
+                if LABEL_CLASS not in labels or wanted:
+                    continue
+                ref = _ref(obj | {"kind": obj.get("kind") or ("Deployment" if kind == "Workload" else kind)})
+                self.plan.delete.append(ref)
+                gone = labels[LABEL_CLASS] not in current
+                why = "its hardware class left" if gone else f"revision {labels.get(LABEL_REVISION)} is retired"
+                self._event("Removed", f"{ref['kind']} {ref['name']}: {why}", ref)
 
-    def _event(self, reason: str, message: str, obj: Obj) -> None:
-        self.plan.events.append(Event(reason, message, subject(obj)))
+    def _shadow_configmap(self) -> None:
+        name = shadow_configmap_name(self.name)
+        found = next((c for c in self.observed.configmaps if c["metadata"]["name"] == name), None)
+        if found is None:
+            if self.shadow_data:
+                self.plan.create.append(build_shadow_configmap(self.body, self.shadow_data))
+            return
+        patch = merge_patch(found.get("data") or {}, self.shadow_data)
+        if patch:
+            self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": {"data": patch}})
+
+    def _want(self, name: str, *kinds: str) -> None:
+        for kind in kinds:
+            self.keep[kind].add(name)
+
+    def _drop(self, name: str, *kinds: str) -> None:
+        for kind in kinds:
+            self.keep[kind].discard(name)
+
+    def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
+        self.plan.events.append(Event(reason, message, subject(obj) if obj is not None else None))
 
     def _status(self, classes: list[HardwareClass], entries: list[Obj]) -> Obj:
         generation = int(self.body["metadata"].get("generation", 1))
         old: Obj = self.body.get("status") or {}
         states = [e["state"] for e in entries]
         total = len(entries)
-        built = sum(s in {"Built", "Serving"} for s in states)
+        built = sum(s in {"Built", "Serving", "Shadowing", "RolledBack"} for s in states)
         failed = [e for e in entries if e["state"] == "Failed"]
+        rolled_back = [e for e in entries if e["state"] == "RolledBack"]
         serving = states.count("Serving")
-        building = states.count("Building") + states.count("Pending")
+        building = states.count("Building") + states.count("Pending") + states.count("Shadowing")
         pending = [e for e in entries if e["state"] == "Pending"]
         conditions: list[Obj] = list(old.get("conditions", []))
 
@@ -226,13 +410,18 @@ class _Planner:
         put(cond.VALIDATED, built > 0 and not failed, "Validated" if built and not failed else "NotValidated",
             f"{built}/{total} engines passed validation")  # fmt: skip
         ready = total > 0 and serving == total
-        put(cond.READY, ready, "Serving" if ready else "NotReady", f"{serving}/{total} classes serving")
-        progressing = building > 0 or (built > serving)
-        put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable", f"{building} building")
-        put(cond.DEGRADED, bool(failed), "ClassFailed" if failed else "AsExpected", f"{len(failed)} classes failed")
-        stalled = bool(failed) and not progressing
-        put(cond.STALLED, stalled, "ClassFailed" if stalled else "AsExpected",
-            f"{len(failed)} classes failed; a spec change is needed" if stalled else "nothing is stuck")  # fmt: skip
+        put(cond.READY, ready, "Serving" if ready else "NotReady", f"{serving}/{total} classes serve {self.revision}")
+        progressing = building > 0 or (built > serving + len(rolled_back))
+        shadowing = states.count("Shadowing")
+        put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable",
+            f"{building - shadowing} building, {shadowing} shadowing")  # fmt: skip
+        bad = failed + rolled_back
+        reason = "RolledBack" if rolled_back else "ClassFailed"
+        summary = "; ".join(f"{e['key']}: {e.get('message')}" for e in bad)
+        put(cond.DEGRADED, bool(bad), reason if bad else "AsExpected", summary or "every class as expected")
+        stalled = bool(bad) and not progressing
+        put(cond.STALLED, stalled, reason if stalled else "AsExpected",
+            f"{len(bad)} classes need a spec change: {summary}" if stalled else "nothing is stuck")  # fmt: skip
         return {
             "observedGeneration": generation,
             "phase": cond.phase(conditions),
@@ -247,10 +436,24 @@ class _Planner:
         if ready:
             return {"stable": self.revision}
         stable = (old.get("revisions") or {}).get("stable")
-        serving = {d["metadata"].get("labels", {}).get(LABEL_REVISION) for d in self.observed.deployments}
+        serving = {_labels(d).get(LABEL_REVISION) for d in self.observed.deployments if _track(d) == "stable"}
         if stable and stable != self.revision and stable in serving:
             return {"stable": stable, "candidate": self.revision}
         return {"candidate": self.revision}
+
+
+def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Verdict) -> Obj:
+    figures = {
+        "revision": revision,
+        "started": started,
+        "requests": int(evidence.compared + evidence.errors),
+        "agreement": None if evidence.agreement is None else round(evidence.agreement, 4),
+        "latencyRatio": None if evidence.latency_ratio is None else round(evidence.latency_ratio, 3),
+        "errorRate": None if evidence.error_rate is None else round(evidence.error_rate, 4),
+        "decision": verdict.decision,
+        "reason": verdict.reason,
+    }
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 def _metrics(report: Obj) -> Obj:

@@ -36,6 +36,12 @@ class OperatorSettings(BaseSettings):
     health_port: int = Field(default=8081, description="Port of the liveness endpoint (/healthz).")
     metrics_host: str = Field(default="0.0.0.0", description="Address of the Prometheus metrics endpoint.")  # noqa: S104 - in a pod
     metrics_port: int = Field(default=8082, description="Port of the Prometheus metrics endpoint (/metrics).")
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Prometheus to read shadow evidence from (PromQL over the runtime's metrics); "
+        "unset: the operator reads the stable pods' /metrics itself.",
+    )
+    analysis_seconds: float = Field(default=5.0, gt=0, description="How often a shadowed class is analysed again.")
     peering: str | None = Field(
         default=None, description="kopf peering name for more than one replica; unset means standalone."
     )

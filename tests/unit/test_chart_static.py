@@ -154,7 +154,7 @@ def _series_names() -> set[str]:
 def _queries() -> dict[str, str]:
     dashboard: dict[str, Any] = json.loads((CHART / "files" / "edgemodel-dashboard.json").read_text())
     queries = {
-        f"panel {panel['title']!r}": target["expr"]
+        f"panel {panel['title']!r} query {target['refId']}": target["expr"]
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
     }

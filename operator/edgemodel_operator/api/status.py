@@ -49,6 +49,10 @@ class EngineMetrics(ApiModel):
 class ShadowStatus(ApiModel):
     """Evidence gathered while a candidate receives mirrored traffic."""
 
+    revision: str | None = Field(default=None, description="The candidate revision this evidence is about.")
+    started: str | None = Field(
+        default=None, description="When mirroring to this candidate started (RFC 3339); `duration` counts from here."
+    )
     requests: int = Field(default=0, ge=0, description="Mirrored requests compared so far.")
     agreement: float | None = Field(default=None, description="Share of mirrored requests whose outputs agreed.")
     latency_ratio: float | None = Field(default=None, description="Candidate latency divided by stable latency.")
@@ -70,6 +74,9 @@ class ClassStatus(ApiModel):
     artifact_digest: str | None = Field(default=None, description="Digest of the published engine artifact.")
     build_seconds: float | None = Field(default=None, description="How long the build took.")
     metrics: EngineMetrics | None = Field(default=None, description="Validation and latency figures.")
+    revision: str | None = Field(
+        default=None, description="The revision serving this class's live traffic (its stable revision)."
+    )
     ready_replicas: int = Field(default=0, ge=0, description="Serving pods of this class that are ready.")
     state: Literal["Pending", "Building", "Built", "Failed", "Serving", "Shadowing", "RolledBack"] = Field(
         default="Pending", description="Where this class is in the rollout."

@@ -1,0 +1,129 @@
+"""Shadow analysis: small pure checks over the evidence a candidate gathered, and the verdict.
+
+The evidence is what the stable pods of one class counted while mirroring live requests to the
+candidate of that class (the runtime's edgemodel_shadow_* metrics, summed over the pods, read from
+Prometheus or from the pods themselves). Each check says pass, fail or wait; any failure rolls
+back, any wait keeps shadowing, and only all passes promote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from edgemodel_operator.api.fields import parse_duration
+from edgemodel_operator.api.spec import Rollout
+
+Outcome = Literal["pass", "fail", "wait"]
+Decision = Literal["Pending", "Promote", "Rollback", "AwaitingApproval"]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Counters summed over the stable pods of one class, for one candidate revision."""
+
+    mirrored: float = 0  # copies sent to the candidate
+    compared: float = 0  # candidate answers compared with stable's
+    agreed: float = 0  # ... that agreed within the agreement tolerance
+    errors: float = 0  # copies the candidate failed (error status, timeout, refused connection)
+    latency_ratio: float | None = None  # mean of candidate latency / stable latency per compared request
+    pods: int = 0  # stable pods the figures come from
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.mirrored if self.mirrored else None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    outcome: Outcome
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    checks: tuple[Check, ...]
+
+    @property
+    def reason(self) -> str:
+        """The checks that decided, with their figures."""
+        deciding = [c for c in self.checks if c.outcome == "fail"] or [c for c in self.checks if c.outcome == "wait"]
+        return "; ".join(c.detail for c in deciding or self.checks)
+
+
+def _requests(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
+    need = rollout.shadow.min_requests
+    done = evidence.compared + evidence.errors
+    if done >= need:
+        return Check("requests", "pass", f"{done:.0f} mirrored requests >= minRequests {need}")
+    return Check("requests", "wait", f"{done:.0f}/{need} mirrored requests")
+
+
+def _time(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
+    need = parse_duration(rollout.shadow.duration)
+    if elapsed >= need:
+        return Check("duration", "pass", f"shadowed {elapsed:.0f}s >= {rollout.shadow.duration}")
+    return Check("duration", "wait", f"shadowed {elapsed:.0f}s of {rollout.shadow.duration}")
+
+
+def _agreement(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
+    need = rollout.analysis.min_agreement
+    agreement = evidence.agreement
+    if agreement is None:
+        return Check("agreement", "wait", "no compared requests yet")
+    verdict: Outcome = "pass" if agreement >= need else "fail"
+    sign = ">=" if verdict == "pass" else "<"
+    return Check("agreement", verdict, f"agreement {agreement:.3f} {sign} minAgreement {need}")
+
+
+def _latency(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
+    limit = rollout.analysis.max_latency_ratio
+    ratio = evidence.latency_ratio
+    if ratio is None:
+        return Check("latency", "wait", "no latency ratio yet")
+    verdict: Outcome = "pass" if ratio <= limit else "fail"
+    sign = "<=" if verdict == "pass" else ">"
+    return Check("latency", verdict, f"latency ratio {ratio:.2f} {sign} maxLatencyRatio {limit}")
+
+
+def _errors(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
+    limit = rollout.analysis.max_error_rate
+    rate = evidence.error_rate
+    if rate is None:
+        return Check("errors", "wait", "no mirrored requests yet")
+    detail = f"candidate error rate {rate:.3f} ({evidence.errors:.0f}/{evidence.mirrored:.0f})"
+    if rate <= limit:
+        return Check("errors", "pass", f"{detail} <= maxErrorRate {limit}")
+    # More failures than the whole budget allows at minRequests: no later success can make up for it.
+    if evidence.errors > limit * rollout.shadow.min_requests:
+        return Check("errors", "fail", f"{detail} > maxErrorRate {limit}")
+    return Check("errors", "wait", f"{detail} > maxErrorRate {limit} so far")
+
+
+CHECKS: tuple[Callable[[Evidence, Rollout, float], Check], ...] = (_requests, _time, _agreement, _latency, _errors)
+
+
+def analyse(evidence: Evidence, rollout: Rollout, elapsed: float, *, approved: bool) -> Verdict:
+    """The decision for one class's candidate after `elapsed` seconds of shadowing.
+
+    Figures are only judged once enough requests and time have passed, except candidate errors,
+    which fail as soon as they exceed what the error budget allows.
+    """
+    checks = tuple(check(evidence, rollout, elapsed) for check in CHECKS)
+    outcomes = {c.name: c.outcome for c in checks}
+    if outcomes["errors"] == "fail":
+        return Verdict("Rollback", checks)
+    if "wait" in (outcomes["requests"], outcomes["duration"]):
+        return Verdict("Pending", checks)
+    if "fail" in outcomes.values():
+        return Verdict("Rollback", checks)
+    if "wait" in outcomes.values():
+        return Verdict("Pending", checks)
+    return Verdict("Promote" if rollout.auto_promote or approved else "AwaitingApproval", checks)

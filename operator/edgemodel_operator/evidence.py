@@ -1,0 +1,128 @@
+"""Where shadow evidence comes from: Prometheus's HTTP API, or the stable pods' /metrics directly.
+
+Both read the runtime's counters (edgemodel_shadow_*_total and the latency-ratio histogram) as the
+stable pods of one class export them, labelled with the candidate revision, and sum them over the
+pods. Prometheus must label each serving pod's series with `namespace`, `edgemodel` and `class`
+(the chart's PodMonitor does, from the pod labels edgeml.dev/edgemodel and edgeml.dev/class).
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgemodel_operator.analysis import Evidence
+
+LOG = logging.getLogger("edgemodel.evidence")
+Obj = dict[str, Any]
+FIELDS = {
+    "edgemodel_shadow_mirrored_total": "mirrored",
+    "edgemodel_shadow_compared_total": "compared",
+    "edgemodel_shadow_agreed_total": "agreed",
+    "edgemodel_shadow_candidate_errors_total": "errors",
+    "edgemodel_shadow_latency_ratio_sum": "ratio_sum",
+    "edgemodel_shadow_latency_ratio_count": "ratio_count",
+}
+
+
+def _evidence(sums: Mapping[str, float], pods: int) -> Evidence:
+    count = sums.get("ratio_count", 0.0)
+    return Evidence(
+        mirrored=sums.get("mirrored", 0.0),
+        compared=sums.get("compared", 0.0),
+        agreed=sums.get("agreed", 0.0),
+        errors=sums.get("errors", 0.0),
+        latency_ratio=sums.get("ratio_sum", 0.0) / count if count else None,
+        pods=pods,
+    )
+
+
+def summed(
+    samples: Iterable[tuple[str, Mapping[str, str], float]], candidates: Mapping[str, str]
+) -> dict[str, Evidence]:
+    """Evidence per class from (metric name, labels, value) samples; only the candidate each class shadows counts."""
+    sums: dict[str, dict[str, float]] = {}
+    sources: dict[str, set[str]] = {}
+    for name, labels, value in samples:
+        field = FIELDS.get(name)
+        key = labels.get("class", "")
+        if field is None or candidates.get(key) != labels.get("candidate_revision"):
+            continue
+        sums.setdefault(key, {})[field] = sums.get(key, {}).get(field, 0.0) + value
+        sources.setdefault(key, set()).add(labels.get("pod") or labels.get("instance") or "")
+    return {key: _evidence(values, len(sources[key])) for key, values in sums.items()}
+
+
+class PrometheusSource:
+    """One instant query per EdgeModel for every shadow series of its shadowing classes."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def gather(
+        self, namespace: str, edgemodel: str, candidates: Mapping[str, str], _pods: list[Obj]
+    ) -> dict[str, Evidence]:
+        names = "|".join(FIELDS)
+        query = f'{{__name__=~"{names}",namespace="{namespace}",edgemodel="{edgemodel}"}}'
+        reply = httpx.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=self.timeout)
+        reply.raise_for_status()
+        body = reply.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus refused {query}: {body.get('error')}")
+        samples = [
+            (item["metric"].get("__name__", ""), item["metric"], float(item["value"][1]))
+            for item in body["data"]["result"]
+        ]
+        return summed(samples, candidates)
+
+
+class ScrapeSource:
+    """Reads /metrics of every ready stable serving pod of the shadowing classes."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self.timeout = timeout
+
+    def gather(
+        self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]
+    ) -> dict[str, Evidence]:
+        samples: list[tuple[str, Mapping[str, str], float]] = []
+        for pod in pods:
+            labels = pod["metadata"].get("labels") or {}
+            ip = (pod.get("status") or {}).get("podIP")
+            key = labels.get("edgeml.dev/class", "")
+            if key not in candidates or not ip:
+                continue
+            port = _port(pod)
+            url = f"http://{ip}:{port}/metrics"
+            try:
+                text = httpx.get(url, timeout=self.timeout).text
+            except httpx.HTTPError as error:
+                LOG.warning("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples.append((sample.name, {**sample.labels, "class": key, "pod": pod["metadata"]["name"]},
+                                    float(sample.value)))  # fmt: skip
+        return summed(samples, candidates)
+
+
+def _port(pod: Obj) -> int:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "http":
+                return int(port["containerPort"])
+    return 8080
+
+
+def source(prometheus_url: str | None) -> PrometheusSource | ScrapeSource:
+    if prometheus_url:
+        parsed = urllib.parse.urlparse(prometheus_url)
+        if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+            raise ValueError(f"EDGEMODEL_PROMETHEUS_URL must be an http(s) URL, not {prometheus_url!r}")
+        return PrometheusSource(prometheus_url)
+    return ScrapeSource()
