@@ -141,6 +141,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.posting.level = logging.WARNING
     if not LOG.isEnabledFor(logging.DEBUG):  # one line per watch event is too much for a fleet
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per evidence query
     if SETTINGS.peering is None:
         settings.peering.standalone = True
     else:
