@@ -8,6 +8,7 @@ but its status: no annotations, no finalizers, so deleting one never waits for t
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import logging
 import time
@@ -25,23 +26,46 @@ Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, EdgeModel name)
 
 LOG = logging.getLogger("edgemodel.controller")
-_NOISE = ("managedFields", "resourceVersion", "creationTimestamp", "selfLink")
+_META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp")
 
 
 def _meta(obj: Obj) -> Obj:
-    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _NOISE}
-    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if "last-applied" not in k}
-    return meta | {"annotations": annotations} if annotations else {k: v for k, v in meta.items() if k != "annotations"}
-
-
-def slim(obj: Obj, *, spec: bool = True, status: bool = True) -> Obj:
-    """What the planner reads of a watched object, without the bulk (managed fields, pod specs)."""
-    kept: Obj = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": _meta(obj)}
-    if spec and "spec" in obj:
-        kept["spec"] = dict(obj["spec"])
-    if status and "status" in obj:
-        kept["status"] = dict(obj["status"])
+    """Fresh copies of the metadata fields the planner reads (nothing kept alive from the watch event)."""
+    meta = obj.get("metadata") or {}
+    kept: Obj = {k: copy.deepcopy(meta[k]) for k in _META if k in meta}
+    kept["ownerReferences"] = [{"uid": r.get("uid")} for r in meta.get("ownerReferences") or []]
     return kept
+
+
+def _pick(source: Obj | None, keys: Iterable[str]) -> Obj:
+    return {k: copy.deepcopy(source[k]) for k in keys if source and k in source}
+
+
+def slim_edgemodel(obj: Obj) -> Obj:
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k.startswith("edgeml.dev/")}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": _meta(obj) | {"annotations": annotations},
+        "spec": copy.deepcopy(obj.get("spec") or {}),
+        "status": copy.deepcopy(obj.get("status") or {}),
+    }
+
+
+def slim_workload(obj: Obj) -> Obj:
+    """A Deployment or DaemonSet: its labels, replicas and rollout progress."""
+    counts = ("readyReplicas", "updatedReplicas", "observedGeneration", "numberReady", "desiredNumberScheduled",
+              "updatedNumberScheduled")  # fmt: skip
+    return {"kind": obj.get("kind"), "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["replicas"]),
+            "status": _pick(obj.get("status"), counts)}  # fmt: skip
+
+
+def slim_service(obj: Obj) -> Obj:
+    return {"kind": "Service", "metadata": _meta(obj)}
+
+
+def slim_configmap(obj: Obj) -> Obj:
+    return {"kind": "ConfigMap", "metadata": _meta(obj), "data": dict(obj.get("data") or {})}
 
 
 def slim_node(obj: Obj) -> Obj:
@@ -63,13 +87,23 @@ def node_fingerprint(node: Obj) -> tuple[Any, ...]:
 
 
 def slim_job(obj: Obj) -> Obj:
-    job = slim(obj, spec=False)
-    job["spec"] = {"template": {"spec": {"nodeSelector": obj["spec"]["template"]["spec"].get("nodeSelector", {})}}}
-    return job
+    """A build Job: whether it finished, and how."""
+    conditions = [_pick(c, ("type", "status")) for c in (obj.get("status") or {}).get("conditions") or []]
+    return {"kind": "Job", "metadata": _meta(obj), "status": {"conditions": conditions}}
 
 
 def slim_pod(obj: Obj) -> Obj:
-    return slim(obj, spec=False)
+    """A build pod: its phase, why it waits for a node, and the report in its termination message."""
+    status = obj.get("status") or {}
+    terminated = [
+        {"state": {"terminated": _pick((c.get("state") or {}).get("terminated"), ("exitCode", "message"))}}
+        for c in status.get("containerStatuses") or []
+        if (c.get("state") or {}).get("terminated")
+    ]
+    conditions = [_pick(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or []
+                  if c.get("type") == "PodScheduled"]  # fmt: skip
+    kept = {"phase": status.get("phase"), "conditions": conditions, "containerStatuses": terminated}
+    return {"kind": "Pod", "metadata": _meta(obj), "status": kept}
 
 
 def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:

@@ -26,10 +26,13 @@ from edgemodel_operator.controller import (
     Obj,
     node_fingerprint,
     owned_by,
-    slim,
+    slim_configmap,
+    slim_edgemodel,
     slim_job,
     slim_node,
     slim_pod,
+    slim_service,
+    slim_workload,
 )
 from edgemodel_operator.reconcile import Observed
 from edgemodel_operator.settings import OperatorSettings
@@ -187,7 +190,7 @@ async def shutdown(**_: Any) -> None:
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def edgemodels(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Key, Obj]:
-    return {(str(namespace), name): slim(dict(body))}
+    return {(str(namespace), name): slim_edgemodel(dict(body))}
 
 
 @kopf.index("v1", "nodes")
@@ -207,17 +210,17 @@ def build_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_:
 
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
 def deployments(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
-    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body))}
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_workload(dict(body) | {"kind": "Deployment"})}
 
 
 @kopf.index("apps", "v1", "daemonsets", labels=OWNED)
 def daemonsets(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
-    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body))}
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_workload(dict(body) | {"kind": "DaemonSet"})}
 
 
 @kopf.index("v1", "configmaps", labels=OWNED)
 def configmaps(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
-    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body)) | {"data": dict(body.get("data") or {})}}
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_configmap(dict(body))}
 
 
 INDEXES = ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "daemonsets", "services", "configmaps")
@@ -225,7 +228,7 @@ INDEXES = ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "daemonse
 
 @kopf.index("v1", "services", labels=OWNED)
 def services(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
-    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim(dict(body), status=False)}
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_service(dict(body))}
 
 
 # ------------------------------------------------------------------ events: what queues an EdgeModel

@@ -19,6 +19,7 @@ import yaml
 
 from tests.helpers import EXIT_CODE, MESSAGE, eventually, free_port, get
 from tests.testbed.cluster import Testbed
+from tests.testbed.nodes import NodeClass, build_node
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
 DIGEST = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
@@ -114,3 +115,36 @@ def finish_builds(
         bed.kubectl("annotate", "pod", "-n", namespace, pod["metadata"]["name"],
                     f"{EXIT_CODE}={0 if ok else 3}", f"{MESSAGE}={build_report(key, ok)}")  # fmt: skip
     return list(pods)
+
+
+POOL = "testbed.edgemodel.dev/pool"
+
+
+class Pool:
+    """Nodes of one test's own, tainted pool: only an EdgeModel that selects and tolerates it (`pool_targets`)
+    uses them, so what other tests still hold (GPUs, pods in namespaces being deleted) cannot interfere."""
+
+    def __init__(self, bed: Testbed, name: str) -> None:
+        self.bed, self.name, self.nodes = bed, name, list[str]()
+
+    def add(self, node_class: NodeClass, **capacity: str) -> dict[str, Any]:
+        node = build_node(f"{self.name}-{node_class.name}-{len(self.nodes)}", node_class)
+        node["metadata"]["labels"][POOL] = self.name
+        node["spec"]["taints"] = [{"key": POOL, "value": self.name, "effect": "NoSchedule"}]
+        for field in ("capacity", "allocatable"):
+            node["status"][field] |= capacity
+        self.bed.apply_objects([node])
+        self.nodes.append(node["metadata"]["name"])
+        return node
+
+    def remove(self) -> None:
+        for name in self.nodes:
+            self.bed.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def pool_targets(name: str) -> dict[str, Any]:
+    """spec.targets for an EdgeModel on pool `name`."""
+    return {
+        "nodeSelector": {POOL: name},
+        "tolerations": [{"key": POOL, "operator": "Equal", "value": name, "effect": "NoSchedule"}],
+    }

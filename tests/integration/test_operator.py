@@ -19,12 +19,18 @@ import pytest
 import yaml
 
 from tests.helpers import eventually, get
-from tests.integration.operators import EDGEMODEL, OperatorProcess, apply_edgemodel, finish_builds
+from tests.integration.operators import (
+    EDGEMODEL,
+    OperatorProcess,
+    Pool,
+    apply_edgemodel,
+    finish_builds,
+    pool_targets,
+)
 from tests.testbed.cluster import Testbed
-from tests.testbed.nodes import ARM64_CPU, X86_NVIDIA, X86_VNNI, NodeClass, build_node
+from tests.testbed.nodes import ARM64_CPU, X86_NVIDIA, X86_VNNI, build_node
 
 pytestmark = pytest.mark.testbed
-POOL = "testbed.edgemodel.dev/pool"
 
 
 @pytest.fixture(scope="module")
@@ -188,30 +194,9 @@ def test_operator_serves_health_and_metrics(operator_process: OperatorProcess, n
 
 @pytest.fixture
 def pool(operator: Testbed, namespace: str) -> Iterator[Callable[..., dict[str, Any]]]:
-    """Nodes of this test's own, tainted pool: only an EdgeModel that selects and tolerates it uses them,
-    so what other tests still hold (GPUs, pods) cannot interfere."""
-    made: list[str] = []
-
-    def add(node_class: NodeClass, **capacity: str) -> dict[str, Any]:
-        node = build_node(f"{namespace}-{node_class.name}-{len(made)}", node_class)
-        node["metadata"]["labels"][POOL] = namespace
-        node["spec"]["taints"] = [{"key": POOL, "value": namespace, "effect": "NoSchedule"}]
-        for field in ("capacity", "allocatable"):
-            node["status"][field] |= capacity
-        operator.apply_objects([node])
-        made.append(node["metadata"]["name"])
-        return node
-
-    yield add
-    for name in made:
-        operator.kubectl("delete", "node", name, "--wait=false", check=False)
-
-
-def _pool_targets(namespace: str) -> dict[str, Any]:
-    return {
-        "nodeSelector": {POOL: namespace},
-        "tolerations": [{"key": POOL, "operator": "Equal", "value": namespace, "effect": "NoSchedule"}],
-    }
+    nodes = Pool(operator, namespace)
+    yield nodes.add
+    nodes.remove()
 
 
 def _serving(bed: Testbed, namespace: str) -> dict[str, int]:
@@ -230,14 +215,14 @@ def test_a_spec_change_is_built_and_shadowed_while_the_old_revision_keeps_servin
     person rolls them back; deciding on evidence is test_rollout.py's, with real servers."""
     pool(X86_VNNI)
     pool(ARM64_CPU)
-    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace))
+    apply_edgemodel(operator, namespace, "ocr", targets=pool_targets(namespace))
     finish_builds(operator, namespace, count=2)
     operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=60s")
     status = get(operator, "em", "ocr", "-n", namespace)["status"]
     first = status["revisions"]["stable"]
     assert all(c["nodes"][0].startswith(namespace) for c in status["classes"])
 
-    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace), digest="0" * 64)
+    apply_edgemodel(operator, namespace, "ocr", targets=pool_targets(namespace), digest="0" * 64)
     status = eventually(
         lambda: (
             (s := get(operator, "em", "ocr", "-n", namespace).get("status", {})).get("observedGeneration") == 2 and s
@@ -288,7 +273,7 @@ def test_a_build_no_node_can_take_is_reported_and_starts_once_one_can(
         },
     }
     operator.apply_objects([blocker])
-    apply_edgemodel(operator, namespace, "ocr", targets=_pool_targets(namespace))
+    apply_edgemodel(operator, namespace, "ocr", targets=pool_targets(namespace))
 
     def pending() -> Any:
         status = get(operator, "em", "ocr", "-n", namespace).get("status", {})

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import eventually, get
-from tests.integration.operators import OperatorProcess, apply_edgemodel, finish_builds
+from tests.integration.operators import OperatorProcess, Pool, apply_edgemodel, finish_builds, pool_targets
 from tests.testbed.cluster import Testbed
+from tests.testbed.nodes import ARM64_CPU, X86_VNNI
 
 pytestmark = pytest.mark.testbed
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +29,16 @@ def processes(crd: Testbed, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
         process.stop()
 
 
+@pytest.fixture
+def pool(crd: Testbed, namespace: str) -> Iterator[Pool]:
+    """Two CPU classes of this test's own: two builds per EdgeModel, no GPU other tests may hold."""
+    nodes = Pool(crd, namespace)
+    nodes.add(X86_VNNI)
+    nodes.add(ARM64_CPU)
+    yield nodes
+    nodes.remove()
+
+
 def _start(bed: Testbed, processes: list[OperatorProcess], tmp_path: Path, **settings: str) -> OperatorProcess:
     process = OperatorProcess(bed, tmp_path / f"operator-{len(processes)}.log", settings=settings)
     process.start()
@@ -36,23 +47,23 @@ def _start(bed: Testbed, processes: list[OperatorProcess], tmp_path: Path, **set
 
 
 def test_the_operator_converges_after_the_apiserver_restarts(
-    crd: Testbed, namespace: str, processes: list[OperatorProcess], tmp_path: Path
+    crd: Testbed, namespace: str, processes: list[OperatorProcess], tmp_path: Path, pool: Pool
 ) -> None:
     operator = _start(crd, processes, tmp_path)
-    apply_edgemodel(crd, namespace, "ocr")
-    eventually(lambda: len(get(crd, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    apply_edgemodel(crd, namespace, "ocr", targets=pool_targets(namespace))
+    eventually(lambda: len(get(crd, "jobs", "-n", namespace)["items"]) == 2, what="2 build Jobs")
     seconds = crd.restart("kube-apiserver", down_seconds=3)
     assert operator.process is not None
     assert operator.process.poll() is None, "the operator exited during the outage"
-    finish_builds(crd, namespace)  # the builds finish after the restart: only re-established watches can see it
+    finish_builds(crd, namespace, count=2)  # they finish after the restart: only re-established watches see it
     crd.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=120s")
-    assert len(get(crd, "jobs", "-n", namespace)["items"]) == 4
-    assert len(get(crd, "deployments", "-n", namespace)["items"]) == 4
+    assert len(get(crd, "jobs", "-n", namespace)["items"]) == 2
+    assert len(get(crd, "deployments", "-n", namespace)["items"]) == 2
     print(f"apiserver back in {seconds:.1f}s")
 
 
 def test_two_peered_replicas_act_once_and_the_standby_takes_over(
-    crd: Testbed, namespace: str, processes: list[OperatorProcess], tmp_path: Path
+    crd: Testbed, namespace: str, processes: list[OperatorProcess], tmp_path: Path, pool: Pool
 ) -> None:
     crd.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peering.yaml"))
     crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
@@ -63,21 +74,21 @@ def test_two_peered_replicas_act_once_and_the_standby_takes_over(
     high = _start(crd, processes, tmp_path, peering_priority="20", **settings)
     eventually(lambda: "standing by" in low.log.read_text(), what="the lower-priority replica standing by")
 
-    apply_edgemodel(crd, namespace, "ocr")
-    eventually(lambda: len(get(crd, "jobs", "-n", namespace)["items"]) == 4, what="4 build Jobs")
+    apply_edgemodel(crd, namespace, "ocr", targets=pool_targets(namespace))
+    eventually(lambda: len(get(crd, "jobs", "-n", namespace)["items"]) == 2, what="2 build Jobs")
     time.sleep(3)
-    assert len(get(crd, "jobs", "-n", namespace)["items"]) == 4
+    assert len(get(crd, "jobs", "-n", namespace)["items"]) == 2
     events = get(crd, "events", "-n", namespace, "--field-selector", "reason=BuildStarted")["items"]
-    assert len(events) == 4  # one replica acted: one Event per build, not two
+    assert len(events) == 1  # one replica acted: one Event for the step (naming both classes), not two
 
     high.kill()
     started = time.monotonic()
-    apply_edgemodel(crd, namespace, "second")
+    apply_edgemodel(crd, namespace, "second", targets=pool_targets(namespace))
     eventually(
-        lambda: len(get(crd, "jobs", "-n", namespace, "-l", "edgeml.dev/edgemodel=second")["items"]) == 4,
+        lambda: len(get(crd, "jobs", "-n", namespace, "-l", "edgeml.dev/edgemodel=second")["items"]) == 2,
         timeout=60,
         what="the standby replica building the EdgeModel applied after the active one died",
     )
     print(f"standby took over in {time.monotonic() - started:.1f}s (peering lifetime 8s)")
-    finish_builds(crd, namespace, count=8)
+    finish_builds(crd, namespace, count=4)
     crd.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "em/second", "--timeout=60s")

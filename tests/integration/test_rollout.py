@@ -34,14 +34,13 @@ from kubernetes import client, config
 
 from tests import onnx_models
 from tests.helpers import eventually, get
-from tests.integration.operators import OperatorProcess, apply_edgemodel, finish_builds
+from tests.integration.operators import OperatorProcess, Pool, apply_edgemodel, finish_builds, pool_targets
 from tests.integration.test_serve import Server, _classifier_body
 from tests.testbed.cluster import Testbed
-from tests.testbed.nodes import X86_VNNI, build_node
+from tests.testbed.nodes import X86_VNNI
 from tests.testbed.prometheus import Prometheus
 
 pytestmark = pytest.mark.testbed
-POOL = "testbed.edgemodel.dev/pool"
 NAME = "clf"
 MIN_REQUESTS, MIN_AGREEMENT, MAX_ERROR_RATE = 40, 0.99, 0.05
 ROLLOUT = {
@@ -228,10 +227,8 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
     directory = tmp_path_factory.mktemp("rollout")
     namespace = f"rollout-{os.getpid()}"
     crd.kubectl("create", "namespace", namespace)
-    node = build_node(f"{namespace}-x86", X86_VNNI)  # a pool of one node: one hardware class
-    node["metadata"]["labels"][POOL] = namespace
-    node["spec"]["taints"] = [{"key": POOL, "value": namespace, "effect": "NoSchedule"}]
-    crd.apply_objects([node])
+    pool = Pool(crd, namespace)
+    pool.add(X86_VNNI)  # a pool of one node: one hardware class
     model_a = onnx_models.tiny_classifier(directory / "a.onnx", seed=0)
     files = {
         "a": model_a,
@@ -258,16 +255,13 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
     operator.stop()
     prometheus.stop()
     crd.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-    crd.kubectl("delete", "node", node["metadata"]["name"], "--wait=false", check=False)
+    pool.remove()
     print(f"[rollout] {clients.sent} live requests, {len(clients.failed)} failed; seconds of shadowing "
           f"before each decision: {json.dumps(scene.decisions)}")  # fmt: skip
 
 
 def _apply(scene: Scene, digest: str) -> None:
-    targets = {
-        "nodeSelector": {POOL: scene.namespace},
-        "tolerations": [{"key": POOL, "operator": "Equal", "value": scene.namespace, "effect": "NoSchedule"}],
-    }
+    targets = pool_targets(scene.namespace)
     apply_edgemodel(scene.bed, scene.namespace, NAME, digest=digest, targets=targets, rollout=ROLLOUT)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from edgemodel_operator import pacing
 from edgemodel_operator.builders import Images
-from edgemodel_operator.controller import slim, slim_job, slim_node, slim_pod
+from edgemodel_operator.controller import slim_edgemodel, slim_job, slim_node, slim_pod, slim_service, slim_workload
 from edgemodel_operator.reconcile import plan
 from edgemodel_operator.workqueue import WorkQueue
 from tests.unit.test_operator_pure import NOW, _finished, _observed, edgemodel
@@ -121,21 +121,30 @@ def test_the_live_replica_with_the_highest_priority_acts(
 
 
 def test_the_planner_reads_nothing_the_slim_copies_drop() -> None:
-    """Plans from the slim copies the watches keep equal plans from the full objects."""
+    """Plans from the slim copies the watches keep equal plans from the full objects, at every step."""
     body = edgemodel()
+    body["metadata"] |= {"managedFields": [{"manager": "kubectl"}], "annotations": {"note": "x" * 1000}}
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
     ok = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
     finished = [_finished(j, ok) for j in jobs]
     full_jobs = [j | {"metadata": j["metadata"] | {"managedFields": [{"x": 1}]}} for j, _ in finished]
     pods = [p | {"spec": {"containers": [{"name": "build"}]}} for _, p in finished]
-    full = _observed(body, jobs=full_jobs, pods=pods)
+    served = plan(_observed(body, jobs=full_jobs, pods=pods), Images(), NOW).create
+    workloads = [
+        o | {"status": {"readyReplicas": 1, "observedGeneration": 1}} for o in served if o["kind"] == "Deployment"
+    ]
+    services = [o for o in served if o["kind"] == "Service"]
+    full = _observed(body, jobs=full_jobs, pods=pods, deployments=workloads, services=services)
     slimmed = _observed(
-        slim(body), jobs=[slim_job(j) for j in full_jobs], pods=[slim_pod(p) for p in pods],
-        nodes=[slim_node(n) for n in full.nodes],
+        slim_edgemodel(body), jobs=[slim_job(j) for j in full_jobs], pods=[slim_pod(p) for p in pods],
+        nodes=[slim_node(n) for n in full.nodes], deployments=[slim_workload(w) for w in workloads],
+        services=[slim_service(s) for s in services],
     )  # fmt: skip
     assert plan(slimmed, Images(), NOW) == plan(full, Images(), NOW)
+    assert plan(full, Images(), NOW).status["phase"] == "Ready"  # the comparison covered serving, too
     assert "managedFields" not in slim_job(full_jobs[0])["metadata"]
     assert "spec" not in slim_pod(pods[0])
+    assert "template" not in slim_workload(workloads[0])["spec"]
 
 
 def test_a_build_no_node_can_take_is_reported_pending_with_the_schedulers_reason() -> None:
