@@ -162,3 +162,14 @@ def test_a_build_no_node_can_take_is_reported_pending_with_the_schedulers_reason
     built = next(c for c in status["conditions"] if c["type"] == "EnginesBuilt")
     assert built["reason"] == "Unschedulable"
     assert status["phase"] == "Progressing"
+
+
+def test_the_readme_documents_every_operator_setting() -> None:
+    from pathlib import Path
+
+    from edgemodel_operator.settings import OperatorSettings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [f"EDGEMODEL_{name.upper()}" for name in OperatorSettings.model_fields
+               if f"`EDGEMODEL_{name.upper()}`" not in readme]  # fmt: skip
+    assert not missing, f"README.md's settings table lacks {missing}"
