@@ -73,24 +73,24 @@ def _time(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     return Check("duration", "wait", f"shadowed {elapsed:.0f}s of {rollout.shadow.duration}")
 
 
+def _bound(name: str, label: str, value: float | None, limit: float, setting: str, *, at_least: bool) -> Check:
+    """`value` against a lower (`at_least`) or upper bound; wait while there is no value yet."""
+    if value is None:
+        return Check(name, "wait", f"no {label} yet")
+    ok = value >= limit if at_least else value <= limit
+    sign = (">=" if ok else "<") if at_least else ("<=" if ok else ">")
+    shown = f"{value:.3f}" if at_least else f"{value:.2f}"
+    return Check(name, "pass" if ok else "fail", f"{label} {shown} {sign} {setting} {limit}")
+
+
 def _agreement(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
-    need = rollout.analysis.min_agreement
-    agreement = evidence.agreement
-    if agreement is None:
-        return Check("agreement", "wait", "no compared requests yet")
-    verdict: Outcome = "pass" if agreement >= need else "fail"
-    sign = ">=" if verdict == "pass" else "<"
-    return Check("agreement", verdict, f"agreement {agreement:.3f} {sign} minAgreement {need}")
+    limit = rollout.analysis.min_agreement
+    return _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
 
 
 def _latency(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     limit = rollout.analysis.max_latency_ratio
-    ratio = evidence.latency_ratio
-    if ratio is None:
-        return Check("latency", "wait", "no latency ratio yet")
-    verdict: Outcome = "pass" if ratio <= limit else "fail"
-    sign = "<=" if verdict == "pass" else ">"
-    return Check("latency", verdict, f"latency ratio {ratio:.2f} {sign} maxLatencyRatio {limit}")
+    return _bound("latency", "latency ratio", evidence.latency_ratio, limit, "maxLatencyRatio", at_least=False)
 
 
 def _errors(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:

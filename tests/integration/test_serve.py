@@ -241,16 +241,6 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(tmp_path: Path) -> Non
 # ---------------------------------------------------------------- shadow traffic with real candidates
 
 
-@pytest.fixture(scope="module")
-def classifiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("classifiers")
-    return {
-        "stable": onnx_models.tiny_classifier(directory / "stable.onnx", seed=0),
-        "same": onnx_models.tiny_classifier(directory / "same.onnx", seed=0),
-        "different": onnx_models.tiny_classifier(directory / "different.onnx", seed=1),
-    }
-
-
 def _classifier_body(seed: int) -> bytes:
     data = np.random.default_rng(seed).normal(size=16).tolist()
     return json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": data}]}).encode()

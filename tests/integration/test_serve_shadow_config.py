@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from tests import onnx_models
 from tests.helpers import eventually, free_port
 from tests.integration.test_serve import EDGEMODEL, Server, _classifier_body
 
@@ -111,13 +110,8 @@ def _stays(read: Callable[[], float], seconds: float = 1.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("shadow-config")
-    return {
-        "stable": onnx_models.tiny_classifier(directory / "stable.onnx", seed=0),
-        "same": onnx_models.tiny_classifier(directory / "same.onnx", seed=0),
-        "different": onnx_models.tiny_classifier(directory / "different.onnx", seed=1),
-    }
+def models(classifiers: dict[str, Path]) -> dict[str, Path]:
+    return classifiers
 
 
 @pytest.fixture(scope="module")
