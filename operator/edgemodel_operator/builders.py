@@ -316,25 +316,29 @@ def build_deployment_for_class(
     }
 
 
-def build_revision_service(body: dict[str, Any], revision: str, hardware: HardwareClass) -> dict[str, Any]:
-    """A Service for one revision's pods of one class: where stable pods mirror a candidate's copies."""
+def _service(body: dict[str, Any], name: str, labels: dict[str, str], selector: dict[str, str]) -> dict[str, Any]:
     spec = EdgeModelSpec.model_validate(body["spec"])
-    name = body["metadata"]["name"]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": child_name(name, revision, hardware),
+            "name": name,
             "namespace": body["metadata"]["namespace"],
-            "labels": _labels(body, revision, hardware, "serve"),
+            "labels": labels,
             "ownerReferences": [owner_reference(body)],
         },
         "spec": {
-            "selector": {LABEL_EDGEMODEL: name, LABEL_REVISION: revision, LABEL_CLASS: hardware.key,
-                         LABEL_COMPONENT: "serve"},
+            "selector": selector,
             "ports": [{"name": "http", "port": spec.serving.port, "targetPort": "http"}],
         },
-    }  # fmt: skip
+    }
+
+
+def build_revision_service(body: dict[str, Any], revision: str, hardware: HardwareClass) -> dict[str, Any]:
+    """A Service for one revision's pods of one class: where stable pods mirror a candidate's copies."""
+    name = body["metadata"]["name"]
+    selector = {LABEL_EDGEMODEL: name, LABEL_REVISION: revision, LABEL_CLASS: hardware.key, LABEL_COMPONENT: "serve"}
+    return _service(body, child_name(name, revision, hardware), _labels(body, revision, hardware, "serve"), selector)
 
 
 def build_shadow_configmap(body: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
@@ -354,20 +358,7 @@ def build_shadow_configmap(body: dict[str, Any], data: dict[str, str]) -> dict[s
 
 
 def build_service(body: dict[str, Any]) -> dict[str, Any]:
-    """One Service per EdgeModel, across every class's serving pods."""
-    spec = EdgeModelSpec.model_validate(body["spec"])
+    """One Service per EdgeModel, across every class's stable serving pods."""
     name = body["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": body["metadata"]["namespace"],
-            "labels": {**MANAGED_BY, LABEL_EDGEMODEL: name},
-            "ownerReferences": [owner_reference(body)],
-        },
-        "spec": {
-            "selector": {LABEL_EDGEMODEL: name, LABEL_COMPONENT: "serve", LABEL_TRACK: "stable"},
-            "ports": [{"name": "http", "port": spec.serving.port, "targetPort": "http"}],
-        },
-    }
+    selector = {LABEL_EDGEMODEL: name, LABEL_COMPONENT: "serve", LABEL_TRACK: "stable"}
+    return _service(body, name, {**MANAGED_BY, LABEL_EDGEMODEL: name}, selector)

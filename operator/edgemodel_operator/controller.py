@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime
 import logging
 import time
@@ -183,11 +184,11 @@ class Controller:
         uid = body["metadata"]["uid"]
         written = self._written.get(key)
         current: Obj = written[1] if written and written[0] == uid else dict(body.get("status") or {})
-        observed = Observed(**{**observed.__dict__, "body": {**body, "status": current}})
+        observed = dataclasses.replace(observed, body={**body, "status": current})
         candidates = shadowing(current)
         cluster = self._cluster()
         if candidates:
-            observed = Observed(**{**observed.__dict__, "evidence": await self._gather(cluster, key, candidates)})
+            observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
         result = plan(observed, self._images, _now())
         done = await asyncio.to_thread(cluster.apply, result)
         metrics.API_WRITES.labels(verb="create").inc(len(done.created))

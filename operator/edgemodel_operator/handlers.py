@@ -65,7 +65,7 @@ class Peering:
         for info in peers.values():
             seen = datetime.datetime.fromisoformat(str(info.get("lastseen", "1970-01-01T00:00:00+00:00")))
             alive = seen + datetime.timedelta(seconds=int(info.get("lifetime", 60))) > now
-            if alive and int(info.get("priority", 0)) >= mine and int(info.get("priority", 0)) != mine:
+            if alive and int(info.get("priority", 0)) > mine:
                 return False
         return any(int(info.get("priority", 0)) == mine for info in peers.values())
 
