@@ -25,6 +25,7 @@ LABEL_TRACK = "edgeml.dev/track"
 SHADOW_DIR = "/etc/edgemodel/shadow"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgemodel", "app.kubernetes.io/name": "edgemodel"}
 RUN_AS_USER = 65532
+PRESTOP_SECONDS = 5
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - inside the pod's own network namespace, reached through its Service
 
 
@@ -37,11 +38,18 @@ class Images:
     jetson: str = "ghcr.io/edgemodel/runtime-jetson:0.1.0"
     registry: str = "registry.edgemodel-system.svc:5000/engines"
     builder_version: str = "0.1.0"
+    registry_insecure: bool = False  # plain HTTP to `registry`, as to an in-cluster registry without TLS
 
     def for_class(self, hardware: HardwareClass) -> str:
         if hardware.accelerator == "nvidia-orin":
             return self.jetson
         return self.cuda if hardware.has_gpu else self.cpu
+
+    def env(self) -> list[dict[str, str]]:
+        """What the runtime in build and serving pods needs to know about the registry."""
+        if not self.registry_insecure:
+            return []
+        return [{"name": "EDGEMODEL_INSECURE_REGISTRIES", "value": self.registry.split("/", 1)[0]}]
 
 
 def _hash(value: Any, length: int) -> str:
@@ -194,6 +202,7 @@ def build_job_for_class(
                             "name": "build",
                             "image": images.for_class(hardware),
                             "args": _build_args(spec, target, hardware, push),
+                            "env": images.env(),
                             "securityContext": RESTRICTED_CONTAINER,
                             "resources": resources,
                             "terminationMessagePolicy": "File",
@@ -219,11 +228,16 @@ def shadow_key(revision: str, hardware: HardwareClass) -> str:
     return f"{revision}-{hardware.key}.json"
 
 
-def candidate_url(body: dict[str, Any], revision: str, hardware: HardwareClass) -> str:
-    """In-cluster URL of one revision's pods of one class (its own Service)."""
+def candidate_url(body: dict[str, Any], revision: str, hardware: HardwareClass, cluster_ip: str | None = None) -> str:
+    """In-cluster URL of one revision's pods of one class: its own Service, by cluster IP where known.
+
+    The cluster IP keeps mirroring independent of cluster DNS (an edge cluster may run without one);
+    a Service's cluster IP never changes while it exists.
+    """
     spec = EdgeModelSpec.model_validate(body["spec"])
     name = child_name(body["metadata"]["name"], revision, hardware)
-    return f"http://{name}.{body['metadata']['namespace']}.svc:{spec.serving.port}"
+    host = cluster_ip if cluster_ip and cluster_ip != "None" else f"{name}.{body['metadata']['namespace']}.svc"
+    return f"http://{host}:{spec.serving.port}"
 
 
 def build_deployment_for_class(
@@ -267,12 +281,15 @@ def build_deployment_for_class(
             "--shadow-config",
             f"{SHADOW_DIR}/{shadow_key(revision, hardware)}",
         ],
-        "env": [{"name": "EDGEMODEL_ARTIFACT_CACHE", "value": "/cache"}],
+        "env": [{"name": "EDGEMODEL_ARTIFACT_CACHE", "value": "/cache"}, *images.env()],
         "ports": [{"name": "http", "containerPort": port}],
         "readinessProbe": {**probe, "httpGet": {"path": "/v2/health/ready", "port": port}},
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": port}, "failureThreshold": 6},
         "securityContext": RESTRICTED_CONTAINER,
         "resources": resources,
+        # A deleted pod leaves its Service's endpoints a moment after it is told to stop: it keeps
+        # serving that long, so that no client (and no mirror) is sent to a closed port.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "volumeMounts": [
             {"name": "cache", "mountPath": "/cache"},
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir

@@ -55,14 +55,14 @@ def slim_edgemodel(obj: Obj) -> Obj:
 
 def slim_workload(obj: Obj) -> Obj:
     """A Deployment or DaemonSet: its labels, replicas and rollout progress."""
-    counts = ("readyReplicas", "updatedReplicas", "observedGeneration", "numberReady", "desiredNumberScheduled",
-              "updatedNumberScheduled")  # fmt: skip
+    counts = ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration", "numberReady",
+              "desiredNumberScheduled", "updatedNumberScheduled")  # fmt: skip
     return {"kind": obj.get("kind"), "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["replicas"]),
             "status": _pick(obj.get("status"), counts)}  # fmt: skip
 
 
 def slim_service(obj: Obj) -> Obj:
-    return {"kind": "Service", "metadata": _meta(obj)}
+    return {"kind": "Service", "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["clusterIP"])}
 
 
 def slim_configmap(obj: Obj) -> Obj:

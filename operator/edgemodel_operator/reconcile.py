@@ -110,7 +110,13 @@ def _rolled_out(workload: Obj) -> bool:
             int(status.get("updatedNumberScheduled") or 0) >= desired and int(status.get("numberReady") or 0) >= desired
         )
     wanted = int((workload.get("spec") or {}).get("replicas") or 1)
-    return int(status.get("updatedReplicas") or 0) >= wanted and int(status.get("readyReplicas") or 0) >= wanted
+    # During the rolling update the old template's pods still count as ready: done only once they are gone.
+    no_old_pods = int(status.get("replicas") or 0) <= wanted
+    return (
+        no_old_pods
+        and int(status.get("updatedReplicas") or 0) >= wanted
+        and int(status.get("readyReplicas") or 0) >= wanted
+    )
 
 
 def _seconds_between(start: str, end: str) -> float:
@@ -293,7 +299,10 @@ class _Planner:
                                 "shadow": previous.get("shadow")}  # fmt: skip
             for old in others:  # the new stable revision has rolled out: the old one goes
                 self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
-            return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Serving" if ready else "Built"}
+            shadow = previous.get("shadow") or {}
+            evidence = {"shadow": shadow} if shadow.get("revision") == self.revision else {}  # what promoted it
+            return entry | {"revision": self.revision, "readyReplicas": ready,
+                            "state": "Serving" if ready else "Built"} | evidence  # fmt: skip
         if rolled_back or not stable:  # a leftover candidate
             self._drop(mine["metadata"]["name"], "Workload", "Service")
             return self._with_stable(entry, stable)
@@ -330,8 +339,12 @@ class _Planner:
                         f"serving: {why}")  # fmt: skip
             return entry | {"state": "RolledBack", "message": why, "shadow": shadow | {"decision": "Rollback"}}
         key = shadow_key(stable_revision, hardware)
+        service = next(
+            (s for s in self.observed.services if s["metadata"]["name"] == candidate["metadata"]["name"]), {}
+        )
+        cluster_ip = (service.get("spec") or {}).get("clusterIP")
         self.shadow_data[key] = json.dumps({
-            "url": candidate_url(self.body, self.revision, hardware),
+            "url": candidate_url(self.body, self.revision, hardware, cluster_ip),
             "mirrorPercent": rollout.shadow.mirror_percent,
             "candidateRevision": self.revision,
         }, sort_keys=True)  # fmt: skip

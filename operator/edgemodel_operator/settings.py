@@ -20,6 +20,11 @@ class OperatorSettings(BaseSettings):
     image_cuda: str = Field(default=Images.cuda, description="Runtime image for x86 NVIDIA classes.")
     image_jetson: str = Field(default=Images.jetson, description="Runtime image for Jetson classes.")
     registry: str = Field(default=Images.registry, description="OCI registry and path prefix for engine artifacts.")
+    registry_insecure: bool = Field(
+        default=False,
+        description="Reach `registry` over plain HTTP (an in-cluster registry without TLS); "
+        "build and serving pods are told so.",
+    )
     builder_version: str = Field(default=Images.builder_version, description="Part of every cache key.")
     resync_seconds: float = Field(
         default=300.0,
@@ -62,5 +67,6 @@ class OperatorSettings(BaseSettings):
             cuda=self.image_cuda,
             jetson=self.image_jetson,
             registry=self.registry,
+            registry_insecure=self.registry_insecure,
             builder_version=self.builder_version,
         )

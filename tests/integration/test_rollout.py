@@ -164,9 +164,11 @@ class Kubelet:
             if error.status != 404:
                 raise
             data = {}
+        services = {s.spec.cluster_ip: s.metadata.name for s in self.core.list_namespaced_service(self.namespace).items}
         for key, value in data.items():
             wanted = json.loads(value)
-            service = wanted["url"].split("//", 1)[1].split(".", 1)[0]  # cluster DNS: <service>.<ns>.svc
+            host = wanted["url"].split("//", 1)[1].rsplit(":", 1)[0]  # the candidate Service's cluster IP
+            service = services.get(host, "")
             if service in self.pods:
                 wanted["url"] = self.pods[service].server.url
             target = self.shadow / key

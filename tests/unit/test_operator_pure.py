@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgemodel_operator.api.spec import EdgeModelSpec
-from edgemodel_operator.builders import Images, build_job_for_class, revision_of
+from edgemodel_operator.builders import Images, build_deployment_for_class, build_job_for_class, revision_of
 from edgemodel_operator.classes import discover, engine_for
 from edgemodel_operator.reconcile import Observed, plan
 from tests.testbed.nodes import DEFAULT_NODES, X86_NVIDIA, build_node
@@ -119,6 +119,25 @@ def test_build_job_is_pinned_restricted_and_names_its_inputs() -> None:
     assert args[args.index("--sha256") + 1] == DIGEST
     assert args[args.index("--class-key") + 1] == gpu.key
     assert args[args.index("--input") + 1] == "x=1x3x480x640"
+
+
+def test_a_plain_http_registry_is_named_to_build_and_serving_pods_only_when_configured() -> None:
+    body = edgemodel()
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    cpu = next(c for c in discover(NODES) if not c.has_gpu)
+    target = engine_for(spec, cpu)
+    assert target is not None
+    insecure = Images(registry="10.88.0.1:5000/engines", registry_insecure=True)
+    for images, expected in (
+        (Images(), []),
+        (insecure, [{"name": "EDGEMODEL_INSECURE_REGISTRIES", "value": "10.88.0.1:5000"}]),
+    ):
+        job = build_job_for_class(body, cpu, target, revision_of(spec), images)
+        assert job["spec"]["template"]["spec"]["containers"][0]["env"] == expected
+        deployment = build_deployment_for_class(body, cpu, target, revision="r", artifact="oci://a@sha256:" + "0" * 64,
+                                                images=images)  # fmt: skip
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert [e for e in env if e["name"] == "EDGEMODEL_INSECURE_REGISTRIES"] == expected
 
 
 def _observed(body: dict[str, Any], **objects: list[dict[str, Any]]) -> Observed:

@@ -102,7 +102,8 @@ class Cluster:
         for (kind, _), workload in self.objects.items():
             if kind == "Deployment":
                 generation = workload["metadata"].get("generation", 1)
-                workload["status"] = {"readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": generation}
+                workload["status"] = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1,
+                                      "observedGeneration": generation}  # fmt: skip
 
     def workloads(self) -> dict[str, str]:
         """Revision -> track of every serving workload."""
@@ -179,12 +180,30 @@ def test_a_new_revision_is_shadowed_then_promoted_and_the_old_stable_retired_aft
     assert cluster.objects["ConfigMap", "ocr-shadow"]["data"] == {}
     assert any(e.reason == "Promoted" for e in promoted.events)
 
+    # Mid-rollout: the pod of the new template is not ready yet, the candidate's old pod still is.
+    promoted_workload = next(o for (k, _), o in cluster.objects.items() if k == "Deployment" and second in str(o))
+    generation = promoted_workload["metadata"]["generation"]
+    promoted_workload["status"] = {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 1,
+                                   "observedGeneration": generation}  # fmt: skip
+    cluster.step("2026-11-26T12:02:35Z")
+    assert cluster.workloads() == {first: "stable", second: "stable"}  # the old stable still serves
+
     cluster.pods_ready()
     retired = cluster.step("2026-11-26T12:02:40Z")
     assert cluster.workloads() == {second: "stable"}
     assert {r["kind"] for r in retired.delete} >= {"Deployment", "Job"}
     assert retired.status["phase"] == "Ready"
     assert retired.status["revisions"] == {"stable": second}
+
+
+def test_stable_pods_reach_the_candidate_by_its_service_cluster_ip_once_it_has_one() -> None:
+    cluster, _ = _serving_first_revision()
+    second, _ = _shadowing(cluster)
+    name = next(n for k, n in cluster.objects if k == "Service" and second[:8] in n)
+    cluster.objects["Service", name].setdefault("spec", {})["clusterIP"] = "10.96.7.7"
+    cluster.step("2026-11-26T12:01:30Z")
+    (value,) = cluster.objects["ConfigMap", "ocr-shadow"]["data"].values()
+    assert json.loads(value)["url"].startswith("http://10.96.7.7:")  # no cluster DNS needed
 
 
 def test_a_disagreeing_candidate_is_rolled_back_and_stays_rolled_back() -> None:
