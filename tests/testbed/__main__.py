@@ -1,8 +1,9 @@
-"""`python -m tests.testbed build|up|down|demo`: the test bed for a person at a terminal.
+"""`python -m tests.testbed build|up|down|demo|story`: the test bed for a person at a terminal.
 
-`up` starts the control plane and the simulated nodes in the background and prints the
-KUBECONFIG line to use; `down` stops them by PID; `demo` brings it up, installs the CRD and
-applies examples/, then shows what the cluster holds.
+`up` starts the control plane and the simulated nodes in the background (and, with `--real-node`,
+this machine as a real node) and prints the KUBECONFIG line to use; `down` stops them by PID;
+`demo` brings it up, installs the CRD and applies examples/, then shows what the cluster holds;
+`story` is `make demo`: the operator on a real node (see tests/testbed/story.py).
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.testbed import binaries
+from tests.testbed import binaries, story
 from tests.testbed.cluster import Testbed, TestbedError
+from tests.testbed.node import NODE_NAME, NodeUnavailableError, RealNode
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _up(bed: Testbed) -> int:
+def _up(bed: Testbed, real_node: bool = False) -> int:
     if bed.running():
         print(f"test bed already running from {bed.directory}", file=sys.stderr)
     else:
         seconds = bed.start()
         print(f"test bed ready in {seconds:.1f}s (logs in {bed.logs})", file=sys.stderr)
+    if real_node and "node" not in bed.state():
+        timings = RealNode(bed).start()
+        print(f"real node {NODE_NAME} ready in {timings['total']:.1f}s", file=sys.stderr)
     print(bed.kubectl("get", "nodes", "-L", "kubernetes.io/arch,node.kubernetes.io/instance-type").stdout)
     print(f"export KUBECONFIG={bed.kubeconfig.resolve()}")
     print(f"export PATH={Path(bed.state()['binaries']['kubectl']).parent}:$PATH")
@@ -73,7 +78,8 @@ def _demo(bed: Testbed) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__)
-    parser.add_argument("command", choices=["build", "up", "down", "demo"])
+    parser.add_argument("command", choices=["build", "up", "down", "demo", "story"])
+    parser.add_argument("--real-node", action="store_true", help="`up`: also start this machine as a real node")
     parser.add_argument("--dir", type=Path, default=ROOT / ".testbed", help="state directory (default .testbed)")
     args = parser.parse_args(argv)
     bed = Testbed(args.dir.resolve())
@@ -81,15 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             for name, path in binaries.ensure_all().items():
                 print(f"{name}: {path}")
+            print(f"kubelet, kube-proxy: {binaries.ensure(binaries.NODE)}")
             return 0
         if args.command == "up":
-            return _up(bed)
+            return _up(bed, args.real_node)
+        if args.command == "story":
+            return story.main(bed.directory)
         if args.command == "down":
             bed.stop()
             print(f"test bed stopped (data and logs kept in {bed.directory})", file=sys.stderr)
             return 0
         return _demo(bed)
-    except TestbedError as error:
+    except (TestbedError, NodeUnavailableError) as error:
         print(f"testbed: {error}", file=sys.stderr)
         return 1
 

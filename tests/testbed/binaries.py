@@ -109,6 +109,15 @@ COMPONENTS = (
     ),
 )
 
+# The real node's commands, from the same release as the control plane; built only when a real node starts.
+NODE = Component(
+    name="kubernetes-node",
+    version=KUBERNETES_VERSION,
+    packages=("k8s.io/kubernetes/cmd/kubelet", "k8s.io/kubernetes/cmd/kube-proxy"),
+    module_dir=GOMOD / "kubernetes-node",
+    ldflags=_kubernetes_ldflags(),
+)
+
 
 def _log(message: str) -> None:
     print(f"[testbed] {message}", file=sys.stderr, flush=True)

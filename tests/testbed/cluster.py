@@ -211,6 +211,10 @@ class Testbed:
             f"--tls-cert-file={pki.server_cert}",
             f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}",
+            # For logs and exec on the real node's kubelet, which trusts the test bed's CA.
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",  # node names resolve nowhere here
             f"--service-account-key-file={pki.service_account_pub}",
             f"--service-account-signing-key-file={pki.service_account_key}",
             f"--service-account-issuer={issuer}",
@@ -339,6 +343,11 @@ class Testbed:
     def stop(self, timeout: float = 15) -> None:
         """Stop every component by PID (newest first), then forget them; data and logs stay."""
         state = self.state()
+        if "node" in state:  # its pods' containers, mounts and links go before its processes
+            from tests.testbed.node import RealNode
+
+            RealNode(self).teardown()
+            state = self.state()
         pids: dict[str, int] = state.get("pids", {})
         for name in reversed(list(pids)):
             if _ours(pids[name], state["binaries"][name]):

@@ -159,3 +159,23 @@ def write_pki(directory: Path) -> Pki:
         if path.suffix == ".key":
             path.chmod(0o600)
     return pki
+
+
+def write_client_cert(pki: Pki, name: str, common_name: str, organization: str | None = None) -> tuple[Path, Path]:
+    """Issue a client certificate from the test bed's CA (a kubelet's is `system:node:<node>` in `system:nodes`)."""
+    loaded = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        subject=_name(common_name, organization),
+        key=key,
+        ca_key=loaded,
+        issuer=ca.subject,
+        usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
+    cert_path, key_path = pki.directory / f"{name}.crt", pki.directory / f"{name}.key"
+    key_path.write_bytes(_pem_key(key))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path

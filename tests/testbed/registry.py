@@ -1,4 +1,4 @@
-"""Debian's docker-registry (the CNCF distribution registry) as a real OCI registry on 127.0.0.1."""
+"""Debian's docker-registry (the CNCF distribution registry) as a real OCI registry, on 127.0.0.1 by default."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ class Registry:
     directory: Path
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"  # the real node's address, for a registry its pods pull from
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:

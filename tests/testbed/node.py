@@ -1,0 +1,475 @@
+"""One real node beside the simulated ones: kubelet, kube-proxy, containerd, runc and CNI on this machine.
+
+The hardware class this machine really has runs for real; the classes it lacks stay simulated by KWOK.
+
+- kubelet and kube-proxy come from the control plane's pinned Kubernetes release (`binaries.NODE`);
+  containerd, runc, the CNI plugins and iptables from Debian.
+- Images come from no registry: `images.ensure_images` builds a Debian base with debootstrap, the
+  project's own Dockerfiles with buildah, and a pause image, and the node imports their OCI archives.
+- Pods get addresses from the CNI bridge plugin on a bridge of their own (`POD_CIDR`), whose
+  gateway is also the node's address; kube-proxy (iptables mode) routes Service cluster IPs to them.
+- The node is labelled as Node Feature Discovery would label it, from this CPU's flags, and
+  tainted `edgeml.dev/real-node=true:NoSchedule`, so only workloads that ask for it land there.
+- This machine runs cgroup v1 (hybrid), which kubelet 1.35+ refuses unless `failCgroupV1: false`.
+
+containerd's root (its images and snapshots) is kept under the cache directory, so a second start
+imports nothing and takes seconds; everything else lives in the test bed's directory and `/run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from edgemodel_runtime.packaged import cache_root
+from tests.testbed import binaries
+from tests.testbed.pki import write_client_cert
+
+if TYPE_CHECKING:
+    from tests.testbed.cluster import Testbed
+
+NODE_NAME = "edge-real-0"
+BRIDGE = "emnode0"
+POD_CIDR = "10.88.0.0/24"
+NODE_IP = "10.88.0.1"  # the bridge's address: the node's address and the pods' gateway
+TAINT = {"key": "edgeml.dev/real-node", "value": "true", "effect": "NoSchedule"}
+TOLERATION = {"key": "edgeml.dev/real-node", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+LABEL = "edgeml.dev/real-node"
+CGROUP_ROOT = "/edgemodel-testbed"
+CNI_BIN = Path("/usr/lib/cni")
+COMMANDS = ("containerd", "runc", "ctr", "iptables")
+PAUSE = "registry.k8s.io/pause:3.10"
+
+# /proc/cpuinfo flags -> Node Feature Discovery's cpuid label names (the ones that change kernels, and a few more).
+CPUID_NAMES = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA3",
+    "f16c": "F16C",
+    "avx_vnni": "AVXVNNI",
+    "avx512f": "AVX512F",
+    "avx512bw": "AVX512BW",
+    "avx512vl": "AVX512VL",
+    "avx512_vnni": "AVX512VNNI",
+    "avx512_bf16": "AVX512BF16",
+    "amx_int8": "AMXINT8",
+    "amx_bf16": "AMXBF16",
+    "asimd": "ASIMD",
+    "asimdhp": "ASIMDHP",
+    "asimddp": "ASIMDDP",
+    "sve": "SVE",
+    "i8mm": "I8MM",
+}
+ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+class NodeUnavailableError(RuntimeError):
+    """The real node cannot run here; the message names the missing part or the failing command and its error."""
+
+
+def cpu_labels(cpuinfo: str, machine: str) -> dict[str, str]:
+    """The labels Node Feature Discovery would put on a node with this /proc/cpuinfo (pure)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in {"flags", "Features"}:
+            flags |= set(value.split())
+    labels = {
+        f"feature.node.kubernetes.io/cpu-cpuid.{name}": "true" for flag, name in CPUID_NAMES.items() if flag in flags
+    }
+    labels["kubernetes.io/arch"] = ARCHES.get(machine, machine)
+    return labels
+
+
+def _log(message: str) -> None:
+    from tests.testbed.cluster import _log as log
+
+    log(f"real node: {message}")
+
+
+def _run(*command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise NodeUnavailableError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def preflight() -> None:
+    """Raise NodeUnavailableError naming what this machine lacks for a real node."""
+    if os.geteuid() != 0:
+        raise NodeUnavailableError(
+            "a real node needs root (kubelet, containerd and CNI manage cgroups, mounts and links)"
+        )
+    missing = [command for command in COMMANDS if shutil.which(command) is None]
+    missing += [str(CNI_BIN / p) for p in ("bridge", "host-local", "loopback") if not (CNI_BIN / p).exists()]
+    if missing:
+        raise NodeUnavailableError(
+            f"missing {', '.join(missing)} (apt-get install containerd runc containernetworking-plugins iptables)"
+        )
+
+
+class RealNode:
+    """The real node of one test bed: its files, processes and teardown."""
+
+    def __init__(self, bed: Testbed) -> None:
+        self.bed = bed
+        self.directory = bed.directory / "node"
+        digest = hashlib.sha256(str(bed.directory).encode()).hexdigest()[:10]
+        self.run_dir = Path("/run") / f"edgemodel-{digest}"  # sockets: unix paths must stay short
+        self.containerd_root = cache_root() / "node" / "containerd"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "containerd.sock"
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return _run("ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args, check=check, timeout=timeout)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, log: Callable[[str], None] = _log) -> dict[str, float]:
+        """Start containerd, kubelet and kube-proxy and wait for the node to be Ready; returns seconds per step."""
+        from tests.testbed import images
+
+        preflight()
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        paths = binaries.ensure(binaries.NODE)
+        timings["binaries"] = time.monotonic() - started
+        mark = time.monotonic()
+        built = images.ensure_images(log)
+        timings["images"] = time.monotonic() - mark
+        self.teardown()  # whatever a run that died left behind
+        state = self.bed.state()
+        state["binaries"] |= {"containerd": shutil.which("containerd"), "kubelet": str(paths / "kubelet"),
+                              "kube-proxy": str(paths / "kube-proxy")}  # fmt: skip
+        state["node"] = {"name": NODE_NAME, "run_dir": str(self.run_dir), "netns": sorted(_netns())}
+        state["images"] = {name: image.name for name, image in built.items()}
+        self.bed._save(state)
+        for directory in (self.directory, self.run_dir, self.containerd_root):
+            directory.mkdir(parents=True, exist_ok=True)
+        mark = time.monotonic()
+        self._network()
+        self._start_containerd(state)
+        timings["containerd"] = time.monotonic() - mark
+        mark = time.monotonic()
+        self._import(built, log)
+        timings["import"] = time.monotonic() - mark
+        mark = time.monotonic()
+        self._start_kubelet(state, paths / "kubelet")
+        self._start_kube_proxy(state, paths / "kube-proxy")
+        self.bed._wait("kubelet", self._ready, 120)
+        timings["kubelet"] = time.monotonic() - mark
+        timings["total"] = time.monotonic() - started
+        log("Ready in " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        return timings
+
+    def _network(self) -> None:
+        for path, value in (("/proc/sys/net/ipv4/ip_forward", "1"),
+                            ("/proc/sys/net/bridge/bridge-nf-call-iptables", "1")):  # fmt: skip
+            try:
+                Path(path).write_text(value)
+            except OSError as error:
+                raise NodeUnavailableError(f"cannot write {value} to {path}: {error}") from error
+        # The bridge exists before the first pod, so the node's address (its gateway) is there from the start.
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        _run("ip", "addr", "replace", f"{NODE_IP}/24", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        net = self.directory / "cni" / "net.d"
+        net.mkdir(parents=True, exist_ok=True)
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "edgemodel-testbed",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(self.directory / "cni" / "ipam"),
+                    },
+                },
+            ],
+        }
+        (net / "10-edgemodel.conflist").write_text(json.dumps(conflist, indent=2))
+
+    def _start_containerd(self, state: dict[str, Any]) -> None:
+        lock = (self.containerd_root.parent / "containerd.lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeUnavailableError(
+                f"another test bed's real node uses {self.containerd_root}; stop it first"
+            ) from None
+        state["node"]["lock"] = str(self.containerd_root.parent / "containerd.lock")
+        self._lock = lock  # held while this process lives; containerd itself holds its database lock
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        config = f"""version = 2
+root = "{self.containerd_root}"
+state = "{self.run_dir / "state"}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.socket}"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{self.directory / "opt"}"
+[{cri}]
+  sandbox_image = "{PAUSE}"
+  enable_selinux = false
+  restrict_oom_score_adj = true
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+  discard_unpacked_layers = false
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[{cri}.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+[{cri}.cni]
+  bin_dir = "{CNI_BIN}"
+  conf_dir = "{self.directory / "cni" / "net.d"}"
+  max_conf_num = 1
+"""
+        path = self.directory / "containerd.toml"
+        path.write_text(config)
+        self.bed._spawn(state, "containerd", [state["binaries"]["containerd"], "--config", str(path)])
+        self.bed._wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, 60)
+
+    def _import(self, built: Mapping[str, Any], log: Callable[[str], None]) -> None:
+        present = set(self.ctr("images", "ls", "--quiet").stdout.split())
+        for image in built.values():
+            if image.name in present:
+                continue
+            mark = time.monotonic()
+            # --no-unpack would leave the first pod to unpack; unpacking here keeps pod starts quick.
+            self.ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive))
+            log(f"imported {image.name} in {time.monotonic() - mark:.1f}s")
+        missing = {image.name for image in built.values()} - set(self.ctr("images", "ls", "--quiet").stdout.split())
+        if missing:
+            raise NodeUnavailableError(f"containerd does not list {sorted(missing)} after importing them")
+
+    def _start_kubelet(self, state: dict[str, Any], kubelet: Path) -> None:
+        _make_cgroups(CGROUP_ROOT)
+        pki = self.bed.pki
+        cert, key = write_client_cert(pki, "kubelet", f"system:node:{NODE_NAME}", "system:nodes")
+        kubeconfig = self.directory / "kubelet.kubeconfig"
+        _write_kubeconfig(kubeconfig, state["ports"]["apiserver"], pki.ca_cert, cert, key)
+        resolv = self.directory / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\noptions ndots:1\n")  # pods resolve nothing: no cluster DNS here
+        ports = state.setdefault("ports", {})
+        from tests.testbed.cluster import _free_port
+
+        ports["kubelet"], ports["kubelet-healthz"] = _free_port(), _free_port()
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            # This machine mounts cgroup v1 (a hybrid layout); kubelet 1.35+ refuses it unless told.
+            "failCgroupV1": False,
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": CGROUP_ROOT,
+            "address": NODE_IP,
+            "port": ports["kubelet"],
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": ports["kubelet-healthz"],
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki.ca_cert)},
+            },
+            "authorization": {"mode": "Webhook"},
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "registerWithTaints": [TAINT],
+            "failSwapOn": False,
+            "resolvConf": str(resolv),
+            "podCIDR": POD_CIDR,
+            "maxPods": 40,
+            "serializeImagePulls": False,
+            # A shared build machine's disk: evict only when it is really full.
+            "evictionHard": {"memory.available": "200Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
+            "imageGCHighThresholdPercent": 99,
+            "imageGCLowThresholdPercent": 98,
+            "enableServer": True,
+            "syncFrequency": "5s",
+            "fileCheckFrequency": "5s",
+            "nodeStatusUpdateFrequency": "5s",
+        }
+        path = self.directory / "kubelet.yaml"
+        path.write_text(yaml.safe_dump(config))
+        labels = cpu_labels(Path("/proc/cpuinfo").read_text(), platform.machine()) | {LABEL: "true"}
+        labels.pop("kubernetes.io/arch")  # the kubelet sets it itself
+        args = [str(kubelet), f"--config={path}", f"--kubeconfig={kubeconfig}", f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}", f"--root-dir={self.directory / 'kubelet'}",
+                f"--cert-dir={self.directory / 'kubelet-pki'}",
+                "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())), "--v=2"]  # fmt: skip
+        self.bed._spawn(state, "kubelet", args)
+
+    def _start_kube_proxy(self, state: dict[str, Any], kube_proxy: Path) -> None:
+        from tests.testbed.cluster import _free_port
+
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.bed.kubeconfig)},
+            "mode": "iptables",
+            "hostnameOverride": NODE_NAME,
+            "clusterCIDR": POD_CIDR,
+            "bindAddress": NODE_IP,
+            "nodePortAddresses": ["primary"],
+            "healthzBindAddress": f"127.0.0.1:{_free_port()}",
+            "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+            # Zero leaves the host's conntrack sysctls as they are (no module parameters to set here).
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+        }
+        path = self.directory / "kube-proxy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.bed._spawn(state, "kube-proxy", [str(kube_proxy), f"--config={path}", "--v=2"])
+
+    def _ready(self) -> bool:
+        result = self.bed.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+        if result.returncode != 0:
+            return False
+        conditions = json.loads(result.stdout)["status"].get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    # ------------------------------------------------------------------ stop
+
+    def teardown(self) -> None:
+        """Stop the node's processes and remove every container, mount, network namespace and rule it made."""
+        from tests.testbed.cluster import _ours, _terminate
+
+        state = self.bed.state()
+        pids: dict[str, int] = state.get("pids", {})
+        for name in ("kube-proxy", "kubelet"):  # nothing may restart a container while they go
+            if name in pids and _ours(pids[name], state["binaries"][name]):
+                _terminate(pids[name], 15)
+        _kill_cgroup(CGROUP_ROOT)
+        if "containerd" in pids and _ours(pids["containerd"], state["binaries"]["containerd"]):
+            _terminate(pids["containerd"], 15)
+        _kill_shims(str(self.socket))
+        for mount in _mounts_under((self.run_dir, self.directory, self.containerd_root)):
+            subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
+        known = set(state.get("node", {}).get("netns", []))
+        if "node" in state:
+            for name in _netns() - known:
+                subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+        _remove_cgroups(CGROUP_ROOT)
+        if "kube-proxy" in state.get("binaries", {}) and Path(state["binaries"]["kube-proxy"]).exists():
+            subprocess.run([state["binaries"]["kube-proxy"], "--cleanup"], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        for name in ("kube-proxy", "kubelet", "containerd"):
+            pids.pop(name, None)
+        state.pop("node", None)
+        if state:
+            self.bed._save(state)
+
+
+def _write_kubeconfig(path: Path, port: int, ca: Path, cert: Path, key: Path) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "testbed", "cluster": {"server": f"https://127.0.0.1:{port}", "certificate-authority": str(ca)}}
+        ],
+        "users": [{"name": "node", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": "node", "context": {"cluster": "testbed", "user": "node"}}],
+        "current-context": "node",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
+def _netns() -> set[str]:
+    directory = Path("/run/netns")
+    return {p.name for p in directory.iterdir()} if directory.exists() else set()
+
+
+def _cgroup_dirs(root: str) -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    found = [base / subsystem / root.lstrip("/") for subsystem in os.listdir(base)] if base.exists() else []
+    return [path for path in found if path.is_dir()]
+
+
+def _make_cgroups(root: str) -> None:
+    """The kubelet's cgroup root in every v1 hierarchy (it must exist); cpuset needs its CPUs and memory nodes."""
+    base = Path("/sys/fs/cgroup")
+    for subsystem in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "unified"):
+        path = subsystem / root.lstrip("/")
+        path.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (path / name).exists() and not (path / name).read_text().strip():
+                (path / name).write_text((subsystem / name).read_text())
+
+
+def _kill_cgroup(root: str) -> None:
+    """SIGKILL every process in the node's cgroups (pods' containers and sandboxes), until none is left."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pids = {
+            int(pid)
+            for directory in _cgroup_dirs(root)
+            for procs in directory.rglob("cgroup.procs")
+            for pid in procs.read_text().split()
+        }
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        time.sleep(0.2)
+
+
+def _remove_cgroups(root: str) -> None:
+    for directory in _cgroup_dirs(root):
+        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                child.rmdir()
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _kill_shims(socket: str) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command and command[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in command:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), 9)
+
+
+def _mounts_under(directories: tuple[Path, ...]) -> list[str]:
+    """Mount points below any of `directories`, deepest first."""
+    prefixes = tuple(f"{d}/" for d in directories)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point.startswith(prefixes):
+            points.append(point)
+    return sorted(points, key=lambda p: -p.count("/"))

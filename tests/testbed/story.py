@@ -1,0 +1,227 @@
+"""`make demo`: the operator's story on this machine, with a real node and simulated edge classes.
+
+1. The test bed: a real control plane, KWOK nodes for the classes this machine lacks (Jetson, GPU
+   workstations, ARM), and one real node (kubelet, containerd, runc) for the class it has.
+2. The EdgeModel CRD, a registry on the node's address holding a real model (the PP-OCR text
+   direction classifier shipped in the rapidocr-onnxruntime wheel), and the operator.
+3. An EdgeModel for the real node's class: a build Job really builds and validates the engine,
+   a pod really serves it, and live requests reach it through its Service.
+4. Revision 2, the same model re-exported: shadowed on real pods, agreement measured, promoted.
+5. Revision 3, a retrain gone wrong: shadowed, disagreement measured, rolled back, while revision 2
+   keeps serving.
+
+`kubectl get em` and the EdgeModel's Events are shown at each step. The test bed and its node keep
+running afterwards (the operator and the registry stop with the demo); `make testbed-down` stops them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgemodel_runtime.build import oci
+from edgemodel_runtime.packaged import OCR_CLS
+from tests.testbed.cluster import Testbed
+from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode
+from tests.testbed.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME, NAMESPACE, PORT = "text-direction", "edge-demo", 9000
+SHAPE = (1, 3, 48, 192)
+ROLLOUT = {
+    "shadow": {"mirrorPercent": 100, "minRequests": 40, "duration": "5s"},
+    "analysis": {"minAgreement": 0.99, "maxLatencyRatio": 20, "maxErrorRate": 0.05},
+}
+
+
+def _say(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def _show(bed: Testbed, *args: str) -> None:
+    print(f"$ kubectl {' '.join(args)}")
+    result = bed.kubectl(*args, check=False)
+    print((result.stdout + result.stderr).rstrip(), flush=True)
+
+
+def _models(directory: Path) -> dict[str, Path]:
+    """Revision 1: the shipped model; 2: the same graph re-exported; 3: a bias that flips its answers."""
+    original = OCR_CLS.path()
+    again = onnx.load(str(original))
+    again.doc_string = "re-exported: the same graph and weights"
+    onnx.save(again, str(directory / "cls-reexported.onnx"))
+    wrong = onnx.load(str(original))
+    for node in wrong.graph.node:
+        if node.op_type == "Constant" and node.output[0] == "fc_0.b_0":
+            bias = numpy_helper.to_array(node.attribute[0].t).copy()
+            bias[-1] += 4.0  # every line now reads as upside down
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(bias, node.attribute[0].t.name))
+    wrong.doc_string = "a retrain gone wrong"
+    onnx.save(wrong, str(directory / "cls-retrained.onnx"))
+    return {"v1": original, "v2": directory / "cls-reexported.onnx", "v3": directory / "cls-retrained.onnx"}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Traffic(threading.Thread):
+    """Text-line images sent to the EdgeModel's Service (cluster IP) while the story runs."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.sent, self.failed, self.stop = url, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        rng = np.random.default_rng(0)
+        while not self.stop.is_set():
+            data = rng.uniform(-1, 1, size=SHAPE).astype(np.float32).round(3)
+            body = json.dumps({"inputs": [{"name": "x", "shape": list(SHAPE), "datatype": "FP32",
+                                           "data": data.ravel().tolist()}]}).encode()  # fmt: skip
+            request = urllib.request.Request(f"{self.url}/v2/models/{NAME}/infer", body,
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    response.read()
+            except (OSError, urllib.error.HTTPError):
+                self.failed += 1
+            self.sent += 1
+            time.sleep(0.05)
+
+
+def _edgemodel(uri: str, sha256: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeml.dev/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {
+            "model": {"uri": uri, "sha256": sha256},
+            "inputs": [{"name": "x", "shape": list(SHAPE), "dtype": "float32"}],
+            "targets": {"nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION]},
+            "serving": {"port": PORT},
+            "rollout": ROLLOUT,
+        },
+    }
+
+
+def _status(bed: Testbed) -> dict[str, Any]:
+    result = bed.kubectl("get", "em", NAME, "-n", NAMESPACE, "-o", "json", check=False)
+    return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+
+
+def _follow(bed: Testbed, done: Any, timeout: float = 600) -> dict[str, Any]:
+    """Print `kubectl get em` whenever it changes, until `done(class status)` holds."""
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        line = bed.kubectl("get", "em", NAME, "-n", NAMESPACE, "--no-headers", check=False).stdout.strip()
+        entry = (_status(bed).get("classes") or [{}])[0]
+        state = f"{line}    [{entry.get('state', '-')}: {entry.get('message', '')}]"
+        if state != last:
+            print(f"  {time.strftime('%H:%M:%S')}  {state}", flush=True)
+            last = state
+        if done(entry):
+            return dict(entry)
+        time.sleep(1)
+    raise TimeoutError(f"{NAME} did not get there in {timeout:.0f}s; see `kubectl describe em {NAME} -n {NAMESPACE}`")
+
+
+def _cluster(directory: Path) -> Testbed:
+    bed = Testbed(directory)
+    _say("1. the test bed: a real control plane, simulated edge classes, and this machine as a real node")
+    if not bed.running():
+        print(f"control plane and KWOK nodes up in {bed.start():.1f}s")
+    if "node" not in bed.state():
+        timings = RealNode(bed).start(lambda m: print(f"  {m}", flush=True))
+        print(f"real node up in {timings['total']:.1f}s")
+    _show(bed, "get", "nodes", "-L", f"kubernetes.io/arch,nvidia.com/gpu.product,{LABEL}")
+    _show(bed, "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
+    bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
+    bed.kubectl("create", "namespace", NAMESPACE, check=False)
+    bed.kubectl("label", "--overwrite", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    return bed
+
+
+def _operator(bed: Testbed, work: Path, registry: Registry) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KUBECONFIG": str(bed.kubeconfig), "EDGEMODEL_IMAGE_CPU": bed.state()["images"]["runtime-cpu"],
+           "EDGEMODEL_REGISTRY": f"{registry.address}/engines", "EDGEMODEL_REGISTRY_INSECURE": "true",
+           "EDGEMODEL_NAMESPACES": json.dumps([NAMESPACE]), "EDGEMODEL_ANALYSIS_SECONDS": "1",
+           "EDGEMODEL_STATUS_HOLD_SECONDS": "0", "EDGEMODEL_HEALTH_HOST": "127.0.0.1", "EDGEMODEL_HEALTH_PORT": "0",
+           "EDGEMODEL_METRICS_HOST": "127.0.0.1", "EDGEMODEL_METRICS_PORT": "0"}  # fmt: skip
+    with (work / "operator.log").open("ab") as log:
+        operator = subprocess.Popen([str(Path(sys.executable).parent / "edgemodel"), "operator"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    print(f"  operator running (log: {work / 'operator.log'})")
+    return operator
+
+
+def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traffic: list[Traffic]) -> None:
+    _say("3. revision 1: a build Job builds and validates the engine on the real node, a pod serves it")
+    bed.apply_objects([_edgemodel(uris["v1"], _sha256(models["v1"]))])
+    _follow(bed, lambda e: e.get("state") == "Serving")
+    _show(bed, "get", "jobs,pods", "-n", NAMESPACE, "-o", "wide")
+    _show(bed, "logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=build", "--tail=12")
+    _show(bed, "get", "em", NAME, "-n", NAMESPACE, "-o", "jsonpath={.status.classes[0]}{'\\n'}")
+    service = json.loads(bed.kubectl("get", "service", NAME, "-n", NAMESPACE, "-o", "json").stdout)
+    url = f"http://{service['spec']['clusterIP']}:{PORT}"
+    traffic.append(Traffic(url))
+    traffic[0].start()
+    print(f"  live traffic: text-line images to {url} (the EdgeModel's Service)")
+
+    _say("4. revision 2, the same model re-exported: shadowed on real pods, then promoted")
+    bed.apply_objects([_edgemodel(uris["v2"], _sha256(models["v2"]))])
+    _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"})
+    _follow(bed, lambda e: e.get("state") == "Serving" and not _status(bed).get("revisions", {}).get("candidate"))
+    _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
+
+    _say("5. revision 3, a retrain gone wrong: shadowed, measured, rolled back; revision 2 keeps serving")
+    bed.apply_objects([_edgemodel(uris["v3"], _sha256(models["v3"]))])
+    entry = _follow(bed, lambda e: e.get("state") == "RolledBack")
+    print(f"  shadow evidence: {json.dumps(entry.get('shadow'))}")
+    _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
+    _show(bed, "get", "pods", "-n", NAMESPACE, "-o", "wide")
+    _show(bed, "get", "em", "-n", NAMESPACE)
+    print("  Ready False and phase Failed: the revision the spec asks for (3) was refused on evidence, and")
+    print("  revision 2 keeps serving; kstatus and Argo CD read it as Failed until the spec changes.")
+
+
+def main(directory: Path) -> int:
+    started = time.monotonic()
+    bed = _cluster(directory)
+    _say("2. a registry on the node's address with three revisions of a real model, and the operator")
+    work = directory / "demo"
+    work.mkdir(exist_ok=True)
+    registry = Registry(work / "registry", host=NODE_IP).start()
+    os.environ["EDGEMODEL_INSECURE_REGISTRIES"] = registry.address
+    uris, models = {}, _models(work)
+    for revision, path in models.items():
+        digest = oci.push(oci.parse_reference(f"{registry.address}/models/ppocr-cls"), [path], revision, {})
+        uris[revision] = f"oci://{registry.address}/models/ppocr-cls@{digest}"
+        print(f"  {revision}: {uris[revision]}  sha256 {_sha256(path)[:16]}…")
+    operator = _operator(bed, work, registry)
+    traffic: list[Traffic] = []
+    try:
+        _revisions(bed, uris, models, traffic)
+    finally:
+        for running in traffic:
+            running.stop.set()
+            running.join(15)
+            print(f"\nlive requests: {running.sent} sent, {running.failed} failed")
+        operator.terminate()
+        operator.wait(30)
+        registry.stop()
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The test bed and its real node keep running:")
+    print(f"  export KUBECONFIG={bed.kubeconfig}; stop them with `make testbed-down`.")
+    return 0
