@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TESTBED_DIR ?= .testbed
 
-.PHONY: venv demo cluster-demo test lint generate testbed testbed-down binaries bench clean
+.PHONY: venv system-deps demo engine-demo cluster-demo test lint generate testbed testbed-down binaries images bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,25 +16,37 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Build (or reuse) the control-plane binaries; cold builds take minutes and are cached.
+## Debian packages the test bed runs for real (installed where missing; needs root).
+system-deps:
+	bash tests/testbed/system-deps.sh
+
+## Build (or reuse) the control-plane and node binaries; cold builds take minutes and are cached.
 binaries: $(STAMP)
 	$(BIN)/python -m tests.testbed build
 
+## Build (or reuse) the images from images/*/Dockerfile for the real node; cached by their inputs.
+images: $(STAMP) system-deps
+	$(BIN)/python -m tests.testbed.images
+
 ## Every test: static checks, unit tests, integration tests on a real control plane.
-test: binaries
+test: binaries images
 	$(BIN)/python -m pytest
 
-## The main job: build FP32 and INT8 engines of a real model, shadow one against the other, decide.
-demo: $(STAMP)
+## The main job: the operator on a test bed with a real node builds, serves, shadows, promotes, rolls back.
+demo: binaries images
+	$(BIN)/python -m tests.testbed story --dir $(TESTBED_DIR)
+
+## Without a cluster: build FP32 and INT8 engines of a real model, shadow one against the other, decide.
+engine-demo: $(STAMP)
 	$(BIN)/edgemodel demo
 
 ## The cluster side so far: test bed, CRD, examples/ applied, shown with kubectl.
 cluster-demo: binaries
 	$(BIN)/python -m tests.testbed demo --dir $(TESTBED_DIR)
 
-## Start a test bed for a person; prints the KUBECONFIG line to use.
+## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node.
 testbed: binaries
-	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR)
+	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(REAL_NODE),--real-node)
 
 testbed-down: $(STAMP)
 	$(BIN)/python -m tests.testbed down --dir $(TESTBED_DIR)
