@@ -46,7 +46,7 @@ cluster-demo: binaries
 
 ## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node.
 testbed: binaries
-	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(REAL_NODE),--real-node)
+	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(REAL_NODE)),--real-node)
 
 testbed-down: $(STAMP)
 	$(BIN)/python -m tests.testbed down --dir $(TESTBED_DIR)

@@ -49,7 +49,8 @@ class Images:
         """What the runtime in build and serving pods needs to know about the registry."""
         if not self.registry_insecure:
             return []
-        return [{"name": "EDGEMODEL_INSECURE_REGISTRIES", "value": self.registry.split("/", 1)[0]}]
+        host = self.registry.removeprefix("oci://").split("/", 1)[0]
+        return [{"name": "EDGEMODEL_INSECURE_REGISTRIES", "value": host}]
 
 
 def _hash(value: Any, length: int) -> str:
@@ -236,7 +237,10 @@ def candidate_url(body: dict[str, Any], revision: str, hardware: HardwareClass, 
     """
     spec = EdgeModelSpec.model_validate(body["spec"])
     name = child_name(body["metadata"]["name"], revision, hardware)
-    host = cluster_ip if cluster_ip and cluster_ip != "None" else f"{name}.{body['metadata']['namespace']}.svc"
+    if cluster_ip and cluster_ip != "None":
+        host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip  # an IPv6 cluster IP in a URL
+    else:
+        host = f"{name}.{body['metadata']['namespace']}.svc"
     return f"http://{host}:{spec.serving.port}"
 
 

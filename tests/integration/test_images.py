@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tarfile
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -174,9 +173,7 @@ def test_the_pause_binary_answers_in_its_image(built: dict[str, BuiltImage]) -> 
 
 def test_a_second_call_takes_no_build(built: dict[str, BuiltImage]) -> None:
     stamps = {name: image.archive.stat().st_mtime_ns for name, image in built.items()}
-    started = time.monotonic()
-    again = ensure_images(lambda line: pytest.fail(f"a cached call logged {line!r}"))
-    assert time.monotonic() - started < 5
+    again = ensure_images(lambda line: pytest.fail(f"a cached call logged {line!r}"))  # nothing built
     assert again == built
     assert {name: image.archive.stat().st_mtime_ns for name, image in again.items()} == stamps
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests.testbed import binaries, story
 from tests.testbed.cluster import Testbed, TestbedError
+from tests.testbed.images import ImageBuildError
 from tests.testbed.node import NODE_NAME, NodeUnavailableError, RealNode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ def _up(bed: Testbed, real_node: bool = False) -> int:
     else:
         seconds = bed.start()
         print(f"test bed ready in {seconds:.1f}s (logs in {bed.logs})", file=sys.stderr)
-    if real_node and "node" not in bed.state():
+    if real_node and not RealNode(bed).running():
         timings = RealNode(bed).start()
         print(f"real node {NODE_NAME} ready in {timings['total']:.1f}s", file=sys.stderr)
     print(bed.kubectl("get", "nodes", "-L", "kubernetes.io/arch,node.kubernetes.io/instance-type").stdout)
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"test bed stopped (data and logs kept in {bed.directory})", file=sys.stderr)
             return 0
         return _demo(bed)
-    except (TestbedError, NodeUnavailableError) as error:
+    except (TestbedError, NodeUnavailableError, ImageBuildError, TimeoutError) as error:
         print(f"testbed: {error}", file=sys.stderr)
         return 1
 

@@ -148,10 +148,15 @@ class Testbed:
         state = self.state()
         return any(_ours(pid, state["binaries"][name]) for name, pid in state.get("pids", {}).items())
 
-    def _spawn(self, state: dict[str, Any], name: str, args: list[str]) -> None:
+    def _spawn(self, state: dict[str, Any], name: str, args: list[str], pass_fds: Sequence[int] = ()) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
         log.close()
         state["pids"][name] = process.pid

@@ -10,7 +10,8 @@ The hardware class this machine really has runs for real; the classes it lacks s
   gateway is also the node's address; kube-proxy (iptables mode) routes Service cluster IPs to them.
 - The node is labelled as Node Feature Discovery would label it, from this CPU's flags, and
   tainted `edgeml.dev/real-node=true:NoSchedule`, so only workloads that ask for it land there.
-- This machine runs cgroup v1 (hybrid), which kubelet 1.35+ refuses unless `failCgroupV1: false`.
+- cgroups: on a cgroup v1 host (such as this build machine, whose layout is hybrid) kubelet 1.35+
+  runs only with `failCgroupV1: false`; on a cgroup v2 host the node's cgroup root is one directory.
 
 containerd's root (its images and snapshots) is kept under the cache directory, so a second start
 imports nothing and takes seconds; everything else lives in the test bed's directory and `/run`.
@@ -49,6 +50,9 @@ TOLERATION = {"key": "edgeml.dev/real-node", "operator": "Equal", "value": "true
 LABEL = "edgeml.dev/real-node"
 CGROUP_ROOT = "/edgemodel-testbed"
 CNI_BIN = Path("/usr/lib/cni")
+CGROUP = Path("/sys/fs/cgroup")
+SYSCTLS = {"/proc/sys/net/ipv4/ip_forward": "1", "/proc/sys/net/bridge/bridge-nf-call-iptables": "1"}
+KUBELET_CHAINS = ("KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT", "KUBE-FIREWALL")
 COMMANDS = ("containerd", "runc", "ctr", "iptables")
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -151,11 +155,13 @@ class RealNode:
         mark = time.monotonic()
         built = images.ensure_images(log)
         timings["images"] = time.monotonic() - mark
-        self.teardown()  # whatever a run that died left behind
+        self._lock()  # before anything host-wide is touched
+        self.teardown()  # whatever a run of this test bed that died left behind
         state = self.bed.state()
         state["binaries"] |= {"containerd": shutil.which("containerd"), "kubelet": str(paths / "kubelet"),
                               "kube-proxy": str(paths / "kube-proxy")}  # fmt: skip
-        state["node"] = {"name": NODE_NAME, "run_dir": str(self.run_dir), "netns": sorted(_netns())}
+        state["node"] = {"name": NODE_NAME, "run_dir": str(self.run_dir),
+                         "sysctls": {path: _read(path) for path in SYSCTLS}}  # restored by teardown  # fmt: skip
         state["images"] = {name: image.name for name, image in built.items()}
         self.bed._save(state)
         for directory in (self.directory, self.run_dir, self.containerd_root):
@@ -177,12 +183,13 @@ class RealNode:
         return timings
 
     def _network(self) -> None:
-        for path, value in (("/proc/sys/net/ipv4/ip_forward", "1"),
-                            ("/proc/sys/net/bridge/bridge-nf-call-iptables", "1")):  # fmt: skip
+        for path, value in SYSCTLS.items():
             try:
                 Path(path).write_text(value)
             except OSError as error:
-                raise NodeUnavailableError(f"cannot write {value} to {path}: {error}") from error
+                hint = " (modprobe br_netfilter)" if "bridge" in path else ""
+                raise NodeUnavailableError(f"cannot write {value} to {path}{hint}: {error}") from error
+        shutil.rmtree(self.directory / "cni" / "ipam", ignore_errors=True)  # no addresses held by pods long gone
         # The bridge exists before the first pod, so the node's address (its gateway) is there from the start.
         if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
             _run("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -210,16 +217,26 @@ class RealNode:
         }
         (net / "10-edgemodel.conflist").write_text(json.dumps(conflist, indent=2))
 
-    def _start_containerd(self, state: dict[str, Any]) -> None:
-        lock = (self.containerd_root.parent / "containerd.lock").open("w")
+    def _lock(self) -> None:
+        """One real node per machine: it owns a bridge, a cgroup root and containerd's store.
+
+        The lock is passed on to containerd, so it is held exactly as long as that containerd runs.
+        """
+        path = cache_root() / "node" / "containerd.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = path.open("a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise NodeUnavailableError(
-                f"another test bed's real node uses {self.containerd_root}; stop it first"
-            ) from None
-        state["node"]["lock"] = str(self.containerd_root.parent / "containerd.lock")
-        self._lock = lock  # held while this process lives; containerd itself holds its database lock
+            self._lock_file.seek(0)
+            owner = self._lock_file.read().strip() or "another test bed"
+            raise NodeUnavailableError(f"{owner} runs the real node on this machine; stop it first") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"the test bed in {self.bed.directory}\n")
+        self._lock_file.flush()
+
+    def _start_containerd(self, state: dict[str, Any]) -> None:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         config = f"""version = 2
 root = "{self.containerd_root}"
@@ -254,14 +271,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
         path = self.directory / "containerd.toml"
         path.write_text(config)
-        self.bed._spawn(state, "containerd", [state["binaries"]["containerd"], "--config", str(path)])
+        command = [state["binaries"]["containerd"], "--config", str(path)]
+        self.bed._spawn(state, "containerd", command, pass_fds=[self._lock_file.fileno()])
+        self._lock_file.close()  # containerd holds the lock from here on
         self.bed._wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, 60)
 
     def _import(self, built: Mapping[str, Any], log: Callable[[str], None]) -> None:
+        # Containers of an earlier run (killed, never removed) and images no Dockerfile makes any more.
+        for container in self.ctr("containers", "ls", "--quiet").stdout.split():
+            self.ctr("tasks", "delete", "--force", container, check=False)
+            self.ctr("containers", "delete", container, check=False)
+        wanted = {image.name for image in built.values()}
         present = set(self.ctr("images", "ls", "--quiet").stdout.split())
+        stale = sorted(name for name in present - wanted if name.startswith("localhost/edgemodel/"))
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
         for image in built.values():
-            if image.name in present:
+            keyed = image.key in image.name  # the pause image keeps the name the kubelet expects
+            if keyed and image.name in present:
                 continue
+            log(f"importing {image.name} ({image.archive.stat().st_size / 1e6:.0f} MB) into containerd ...")
             mark = time.monotonic()
             # --no-unpack would leave the first pod to unpack; unpacking here keeps pod starts quick.
             self.ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive))
@@ -285,7 +314,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            # This machine mounts cgroup v1 (a hybrid layout); kubelet 1.35+ refuses it unless told.
+            # On a cgroup v1 host (a hybrid layout, as on this build machine) kubelet 1.35+ runs only if told.
             "failCgroupV1": False,
             "cgroupDriver": "cgroupfs",
             "cgroupRoot": CGROUP_ROOT,
@@ -347,6 +376,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         path.write_text(yaml.safe_dump(config))
         self.bed._spawn(state, "kube-proxy", [str(kube_proxy), f"--config={path}", "--v=2"])
 
+    def running(self) -> bool:
+        """Whether this test bed's node runs: its containerd, kubelet and kube-proxy are alive."""
+        from tests.testbed.cluster import _ours
+
+        state = self.bed.state()
+        pids, binaries_ = state.get("pids", {}), state.get("binaries", {})
+        names = ("containerd", "kubelet", "kube-proxy")
+        return "node" in state and all(n in pids and _ours(pids[n], binaries_[n]) for n in names)
+
     def _ready(self) -> bool:
         result = self.bed.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
         if result.returncode != 0:
@@ -371,20 +409,36 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         _kill_shims(str(self.socket))
         for mount in _mounts_under((self.run_dir, self.directory, self.containerd_root)):
             subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
-        known = set(state.get("node", {}).get("netns", []))
-        if "node" in state:
-            for name in _netns() - known:
-                subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
         _remove_cgroups(CGROUP_ROOT)
-        if "kube-proxy" in state.get("binaries", {}) and Path(state["binaries"]["kube-proxy"]).exists():
-            subprocess.run([state["binaries"]["kube-proxy"], "--cleanup"], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+        if "node" in state:
+            _network_teardown(state)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         for name in ("kube-proxy", "kubelet", "containerd"):
             pids.pop(name, None)
         state.pop("node", None)
         if state:
             self.bed._save(state)
+
+
+def _network_teardown(state: dict[str, Any]) -> None:
+    """The pods' network namespaces, kube-proxy's and the kubelet's iptables chains, the bridge, the sysctls."""
+    for name in _netns():  # the pods' sandboxes: containerd names them cni-<uuid>
+        if name.startswith("cni-") and not _netns_in_use(name):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+    kube_proxy = state.get("binaries", {}).get("kube-proxy")
+    if kube_proxy and Path(kube_proxy).exists():
+        subprocess.run([kube_proxy, "--cleanup"], capture_output=True, check=False)
+    for table in ("filter", "nat", "mangle"):  # chains the kubelet and kube-proxy leave behind, with their jumps
+        for chain in KUBELET_CHAINS:
+            for parent in ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"):
+                while _iptables("-t", table, "-D", parent, "-j", chain):
+                    pass
+            _iptables("-t", table, "-F", chain)
+            _iptables("-t", table, "-X", chain)
+    subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+    for path, value in (state["node"].get("sysctls") or {}).items():
+        if value is not None:
+            Path(path).write_text(value)
 
 
 def _write_kubeconfig(path: Path, port: int, ca: Path, cert: Path, key: Path) -> None:
@@ -402,20 +456,61 @@ def _write_kubeconfig(path: Path, port: int, ca: Path, cert: Path, key: Path) ->
     path.chmod(0o600)
 
 
+def _iptables(*args: str) -> bool:
+    return subprocess.run(["iptables", *args], capture_output=True, check=False).returncode == 0
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _netns_in_use(name: str) -> bool:
+    """Whether a process still lives in the network namespace /run/netns/<name>."""
+    try:
+        target = os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return False
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry / "ns" / "net").st_ino == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _netns() -> set[str]:
     directory = Path("/run/netns")
     return {p.name for p in directory.iterdir()} if directory.exists() else set()
 
 
+def _cgroup_v2() -> bool:
+    return (CGROUP / "cgroup.controllers").exists()
+
+
 def _cgroup_dirs(root: str) -> list[Path]:
-    base = Path("/sys/fs/cgroup")
-    found = [base / subsystem / root.lstrip("/") for subsystem in os.listdir(base)] if base.exists() else []
+    """The node's cgroup root: one directory on cgroup v2, one per hierarchy on v1."""
+    if _cgroup_v2():
+        found = [CGROUP / root.lstrip("/")]
+    else:
+        found = [p / root.lstrip("/") for p in CGROUP.iterdir() if p.is_dir()] if CGROUP.exists() else []
     return [path for path in found if path.is_dir()]
 
 
 def _make_cgroups(root: str) -> None:
-    """The kubelet's cgroup root in every v1 hierarchy (it must exist); cpuset needs its CPUs and memory nodes."""
-    base = Path("/sys/fs/cgroup")
+    """The kubelet's cgroup root (it must exist): on v2 one directory with the controllers pods need
+    delegated to it; on v1 one per hierarchy, where cpuset needs its CPUs and memory nodes."""
+    base = CGROUP
+    if _cgroup_v2():
+        available = set((base / "cgroup.controllers").read_text().split())
+        wanted = [c for c in ("cpuset", "cpu", "io", "memory", "hugetlb", "pids") if c in available]
+        (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+        (base / root.lstrip("/")).mkdir(exist_ok=True)
+        return
     for subsystem in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "unified"):
         path = subsystem / root.lstrip("/")
         path.mkdir(exist_ok=True)

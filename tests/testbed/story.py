@@ -143,13 +143,15 @@ def _cluster(directory: Path) -> Testbed:
     _say("1. the test bed: a real control plane, simulated edge classes, and this machine as a real node")
     if not bed.running():
         print(f"control plane and KWOK nodes up in {bed.start():.1f}s")
-    if "node" not in bed.state():
+    if not RealNode(bed).running():
         timings = RealNode(bed).start(lambda m: print(f"  {m}", flush=True))
         print(f"real node up in {timings['total']:.1f}s")
     _show(bed, "get", "nodes", "-L", f"kubernetes.io/arch,nvidia.com/gpu.product,{LABEL}")
     _show(bed, "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
     bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
-    bed.kubectl("create", "namespace", NAMESPACE, check=False)
+    # A fresh namespace: an earlier run's EdgeModel would start this story at its end.
+    bed.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s")
+    bed.kubectl("create", "namespace", NAMESPACE)
     bed.kubectl("label", "--overwrite", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     return bed
 
@@ -203,24 +205,27 @@ def main(directory: Path) -> int:
     _say("2. a registry on the node's address with three revisions of a real model, and the operator")
     work = directory / "demo"
     work.mkdir(exist_ok=True)
-    registry = Registry(work / "registry", host=NODE_IP).start()
-    os.environ["EDGEMODEL_INSECURE_REGISTRIES"] = registry.address
-    uris, models = {}, _models(work)
-    for revision, path in models.items():
-        digest = oci.push(oci.parse_reference(f"{registry.address}/models/ppocr-cls"), [path], revision, {})
-        uris[revision] = f"oci://{registry.address}/models/ppocr-cls@{digest}"
-        print(f"  {revision}: {uris[revision]}  sha256 {_sha256(path)[:16]}…")
-    operator = _operator(bed, work, registry)
+    registry = Registry(work / "registry", host=NODE_IP)
+    operator: subprocess.Popen[bytes] | None = None
     traffic: list[Traffic] = []
     try:
+        registry.start()
+        os.environ["EDGEMODEL_INSECURE_REGISTRIES"] = registry.address
+        uris, models = {}, _models(work)
+        for revision, path in models.items():
+            digest = oci.push(oci.parse_reference(f"{registry.address}/models/ppocr-cls"), [path], revision, {})
+            uris[revision] = f"oci://{registry.address}/models/ppocr-cls@{digest}"
+            print(f"  {revision}: {uris[revision]}  sha256 {_sha256(path)[:16]}…")
+        operator = _operator(bed, work, registry)
         _revisions(bed, uris, models, traffic)
     finally:
         for running in traffic:
             running.stop.set()
             running.join(15)
             print(f"\nlive requests: {running.sent} sent, {running.failed} failed")
-        operator.terminate()
-        operator.wait(30)
+        if operator is not None:
+            operator.terminate()
+            operator.wait(30)
         registry.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The test bed and its real node keep running:")
     print(f"  export KUBECONFIG={bed.kubeconfig}; stop them with `make testbed-down`.")

@@ -26,9 +26,9 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# The tests start their own registries, Prometheus servers and containerd; the packaged services
-# must not hold :5000, :9090 or containerd's default socket.
-for service in docker-registry prometheus containerd; do
+# The tests start their own registries and Prometheus servers; the packaged services must not hold
+# :5000 and :9090. (The real node runs a containerd of its own, on its own socket, beside any other.)
+for service in docker-registry prometheus; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
     systemctl disable --now "$service"
   fi

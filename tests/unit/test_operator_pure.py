@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from edgemodel_operator.api.spec import EdgeModelSpec
-from edgemodel_operator.builders import Images, build_deployment_for_class, build_job_for_class, revision_of
+from edgemodel_operator.builders import (
+    Images,
+    build_deployment_for_class,
+    build_job_for_class,
+    candidate_url,
+    revision_of,
+)
 from edgemodel_operator.classes import discover, engine_for
 from edgemodel_operator.reconcile import Observed, plan
 from tests.testbed.nodes import DEFAULT_NODES, X86_NVIDIA, build_node
@@ -138,6 +144,14 @@ def test_a_plain_http_registry_is_named_to_build_and_serving_pods_only_when_conf
                                                 images=images)  # fmt: skip
         env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         assert [e for e in env if e["name"] == "EDGEMODEL_INSECURE_REGISTRIES"] == expected
+
+
+def test_a_candidate_is_named_by_its_cluster_ip_in_a_valid_url_for_ipv4_and_ipv6() -> None:
+    body = edgemodel()
+    cpu = next(c for c in discover(NODES) if not c.has_gpu)
+    assert candidate_url(body, "r1", cpu, "10.96.0.7").startswith("http://10.96.0.7:")
+    assert candidate_url(body, "r1", cpu, "fd00::7").startswith("http://[fd00::7]:")
+    assert ".svc:" in candidate_url(body, "r1", cpu, None)  # not known yet: the Service's DNS name
 
 
 def _observed(body: dict[str, Any], **objects: list[dict[str, Any]]) -> Observed:
