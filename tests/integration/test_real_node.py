@@ -11,12 +11,8 @@ pods' /metrics. A client loop sends live requests to the EdgeModel's Service (it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +24,9 @@ import onnxruntime as ort
 import pytest
 
 from edgemodel_runtime.build import oci
+from edgemodel_runtime.digests import sha256_file
 from tests import onnx_models
-from tests.helpers import eventually, get
+from tests.helpers import LiveRequests, eventually, get, post_json
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
 from tests.testbed.node import LABEL, NODE_IP, NODE_NAME, POD_CIDR, TOLERATION, RealNode
@@ -46,46 +43,10 @@ ROLLOUT = {
 }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _body(seed: int) -> bytes:
     data = np.random.default_rng(seed).normal(size=(1, 16)).astype(np.float32)
     return json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
                                    "data": data.ravel().tolist()}]}).encode()  # fmt: skip
-
-
-def _post(url: str, body: bytes, timeout: float = 10) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, {"error": error.read().decode(errors="replace")}
-
-
-class Clients(threading.Thread):
-    """Live requests to the EdgeModel's Service, by its cluster IP, as a client in the cluster would send them."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.sent, self.served, self.stop = url, 0, 0, threading.Event()
-        self.failed: list[str] = []
-
-    def run(self) -> None:
-        seed = 0
-        while not self.stop.is_set():
-            seed += 1
-            try:
-                status, reply = _post(f"{self.url}/v2/models/{NAME}/infer", _body(seed))
-            except OSError as error:
-                status, reply = 0, {"error": str(error)}
-            self.sent += 1
-            self.served += status == 200
-            if status != 200:
-                self.failed.append(f"{time.strftime('%H:%M:%S')} {status}: {str(reply)[:200]}")
-            time.sleep(0.03)
 
 
 @dataclass
@@ -96,7 +57,7 @@ class Scene:
     images: dict[str, str]
     models: dict[str, Path]
     uris: dict[str, str] = field(default_factory=dict)
-    clients: Clients | None = None
+    clients: LiveRequests | None = None
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +121,7 @@ def _apply(scene: Scene, case: str) -> None:
         "kind": "EdgeModel",
         "metadata": {"name": NAME, "namespace": scene.namespace},
         "spec": {
-            "model": {"uri": scene.uris[case], "sha256": _sha256(scene.models[case])},
+            "model": {"uri": scene.uris[case], "sha256": sha256_file(scene.models[case])},
             "inputs": [{"name": "x", "shape": [1, 16], "dtype": "float32"}],
             "targets": {"nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION]},
             "serving": {"port": PORT},
@@ -216,13 +177,13 @@ def test_a_real_build_job_and_real_serving_pods(scene: Scene) -> None:
     # The EdgeModel's Service answers through kube-proxy with what ONNX Runtime computes for the model.
     service = get(scene.bed, "service", NAME, "-n", scene.namespace)
     url = f"http://{service['spec']['clusterIP']}:{PORT}"
-    status, reply = _post(f"{url}/v2/models/{NAME}/infer", _body(1))
+    status, reply = post_json(f"{url}/v2/models/{NAME}/infer", _body(1))
     assert status == 200, reply
     session = ort.InferenceSession(str(scene.models["a"]), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"x": np.random.default_rng(1).normal(size=(1, 16)).astype(np.float32)})[0]
     np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(expected.shape), expected, rtol=1e-4)
     scene.bed.kubectl("wait", "-n", scene.namespace, "--for=condition=Ready", f"em/{NAME}", "--timeout=60s")
-    scene.clients = Clients(url)
+    scene.clients = LiveRequests(f"{url}/v2/models/{NAME}/infer", _body, pause=0.03)
     scene.clients.start()
     eventually(lambda: scene.clients is not None and scene.clients.served > 20, what="live requests served")
 

@@ -17,7 +17,6 @@ The three cases run in order on one EdgeModel: an agreeing candidate is promoted
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import signal
@@ -32,6 +31,7 @@ import onnx
 import pytest
 from kubernetes import client, config
 
+from edgemodel_runtime.digests import sha256_file
 from tests import onnx_models
 from tests.helpers import eventually, get
 from tests.integration.operators import OperatorProcess, Pool, apply_edgemodel, finish_builds, pool_targets
@@ -50,10 +50,6 @@ ROLLOUT = {
     # tests/unit/test_rollout.py. Agreement and errors decide these cases.
     "analysis": {"minAgreement": MIN_AGREEMENT, "maxLatencyRatio": 50, "maxErrorRate": MAX_ERROR_RATE},
 }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _copy_of(model: Path, path: Path, note: str) -> Path:
@@ -240,7 +236,7 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
         "b": onnx_models.tiny_classifier(directory / "b.onnx", seed=7),  # same inputs and outputs, other answers
         "crash": _copy_of(model_a, directory / "crash.onnx", "a build whose server dies"),
     }
-    digests = {case: _sha256(path) for case, path in files.items()}
+    digests = {case: sha256_file(path) for case, path in files.items()}
     models = {digests[case]: path for case, path in files.items()}
     prometheus = Prometheus(directory / "prometheus").start()
     operator = OperatorProcess(crd, directory / "operator.log", settings={

@@ -30,16 +30,15 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from edgemodel_runtime.packaged import cache_root
 from tests.testbed import binaries
+from tests.testbed.cluster import Testbed, _free_port, _ours, _terminate
+from tests.testbed.cluster import _log as _testbed_log
 from tests.testbed.pki import write_client_cert
-
-if TYPE_CHECKING:
-    from tests.testbed.cluster import Testbed
 
 NODE_NAME = "edge-real-0"
 BRIDGE = "emnode0"
@@ -98,9 +97,7 @@ def cpu_labels(cpuinfo: str, machine: str) -> dict[str, str]:
 
 
 def _log(message: str) -> None:
-    from tests.testbed.cluster import _log as log
-
-    log(f"real node: {message}")
+    _testbed_log(f"real node: {message}")
 
 
 def _run(*command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -308,8 +305,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         resolv = self.directory / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\noptions ndots:1\n")  # pods resolve nothing: no cluster DNS here
         ports = state.setdefault("ports", {})
-        from tests.testbed.cluster import _free_port
-
         ports["kubelet"], ports["kubelet-healthz"] = _free_port(), _free_port()
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -356,8 +351,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.bed._spawn(state, "kubelet", args)
 
     def _start_kube_proxy(self, state: dict[str, Any], kube_proxy: Path) -> None:
-        from tests.testbed.cluster import _free_port
-
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
@@ -378,8 +371,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def running(self) -> bool:
         """Whether this test bed's node runs: its containerd, kubelet and kube-proxy are alive."""
-        from tests.testbed.cluster import _ours
-
         state = self.bed.state()
         pids, binaries_ = state.get("pids", {}), state.get("binaries", {})
         names = ("containerd", "kubelet", "kube-proxy")
@@ -396,8 +387,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def teardown(self) -> None:
         """Stop the node's processes and remove every container, mount, network namespace and rule it made."""
-        from tests.testbed.cluster import _ours, _terminate
-
         state = self.bed.state()
         pids: dict[str, int] = state.get("pids", {})
         for name in ("kube-proxy", "kubelet"):  # nothing may restart a container while they go

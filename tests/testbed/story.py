@@ -16,15 +16,9 @@ running afterwards (the operator and the registry stop with the demo); `make tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +27,10 @@ import onnx
 from onnx import numpy_helper
 
 from edgemodel_runtime.build import oci
+from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.packaged import OCR_CLS
+from tests.helpers import LiveRequests
+from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
 from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode
 from tests.testbed.registry import Registry
@@ -74,32 +71,11 @@ def _models(directory: Path) -> dict[str, Path]:
     return {"v1": original, "v2": directory / "cls-reexported.onnx", "v3": directory / "cls-retrained.onnx"}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class Traffic(threading.Thread):
-    """Text-line images sent to the EdgeModel's Service (cluster IP) while the story runs."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.sent, self.failed, self.stop = url, 0, 0, threading.Event()
-
-    def run(self) -> None:
-        rng = np.random.default_rng(0)
-        while not self.stop.is_set():
-            data = rng.uniform(-1, 1, size=SHAPE).astype(np.float32).round(3)
-            body = json.dumps({"inputs": [{"name": "x", "shape": list(SHAPE), "datatype": "FP32",
-                                           "data": data.ravel().tolist()}]}).encode()  # fmt: skip
-            request = urllib.request.Request(f"{self.url}/v2/models/{NAME}/infer", body,
-                                             {"Content-Type": "application/json"})  # fmt: skip
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    response.read()
-            except (OSError, urllib.error.HTTPError):
-                self.failed += 1
-            self.sent += 1
-            time.sleep(0.05)
+def _image(seed: int) -> bytes:
+    """One request: a random text-line-sized image."""
+    data = np.random.default_rng(seed).uniform(-1, 1, size=SHAPE).astype(np.float32).round(3)
+    return json.dumps({"inputs": [{"name": "x", "shape": list(SHAPE), "datatype": "FP32",
+                                   "data": data.ravel().tolist()}]}).encode()  # fmt: skip
 
 
 def _edgemodel(uri: str, sha256: str) -> dict[str, Any]:
@@ -156,40 +132,38 @@ def _cluster(directory: Path) -> Testbed:
     return bed
 
 
-def _operator(bed: Testbed, work: Path, registry: Registry) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBECONFIG": str(bed.kubeconfig), "EDGEMODEL_IMAGE_CPU": bed.state()["images"]["runtime-cpu"],
-           "EDGEMODEL_REGISTRY": f"{registry.address}/engines", "EDGEMODEL_REGISTRY_INSECURE": "true",
-           "EDGEMODEL_NAMESPACES": json.dumps([NAMESPACE]), "EDGEMODEL_ANALYSIS_SECONDS": "1",
-           "EDGEMODEL_STATUS_HOLD_SECONDS": "0", "EDGEMODEL_HEALTH_HOST": "127.0.0.1", "EDGEMODEL_HEALTH_PORT": "0",
-           "EDGEMODEL_METRICS_HOST": "127.0.0.1", "EDGEMODEL_METRICS_PORT": "0"}  # fmt: skip
-    with (work / "operator.log").open("ab") as log:
-        operator = subprocess.Popen([str(Path(sys.executable).parent / "edgemodel"), "operator"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+def _operator(bed: Testbed, work: Path, registry: Registry) -> OperatorProcess:
+    operator = OperatorProcess(bed, work / "operator.log", settings={
+        "image_cpu": bed.state()["images"]["runtime-cpu"], "registry": f"{registry.address}/engines",
+        "registry_insecure": "true", "namespaces": json.dumps([NAMESPACE]), "analysis_seconds": "1",
+        "status_hold_seconds": "0",
+    })  # fmt: skip
+    operator.start()
     print(f"  operator running (log: {work / 'operator.log'})")
     return operator
 
 
-def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traffic: list[Traffic]) -> None:
+def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traffic: list[LiveRequests]) -> None:
     _say("3. revision 1: a build Job builds and validates the engine on the real node, a pod serves it")
-    bed.apply_objects([_edgemodel(uris["v1"], _sha256(models["v1"]))])
+    bed.apply_objects([_edgemodel(uris["v1"], sha256_file(models["v1"]))])
     _follow(bed, lambda e: e.get("state") == "Serving")
     _show(bed, "get", "jobs,pods", "-n", NAMESPACE, "-o", "wide")
     _show(bed, "logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=build", "--tail=12")
     _show(bed, "get", "em", NAME, "-n", NAMESPACE, "-o", "jsonpath={.status.classes[0]}{'\\n'}")
     service = json.loads(bed.kubectl("get", "service", NAME, "-n", NAMESPACE, "-o", "json").stdout)
     url = f"http://{service['spec']['clusterIP']}:{PORT}"
-    traffic.append(Traffic(url))
+    traffic.append(LiveRequests(f"{url}/v2/models/{NAME}/infer", _image, pause=0.05))
     traffic[0].start()
     print(f"  live traffic: text-line images to {url} (the EdgeModel's Service)")
 
     _say("4. revision 2, the same model re-exported: shadowed on real pods, then promoted")
-    bed.apply_objects([_edgemodel(uris["v2"], _sha256(models["v2"]))])
+    bed.apply_objects([_edgemodel(uris["v2"], sha256_file(models["v2"]))])
     _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"})
     _follow(bed, lambda e: e.get("state") == "Serving" and not _status(bed).get("revisions", {}).get("candidate"))
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
 
     _say("5. revision 3, a retrain gone wrong: shadowed, measured, rolled back; revision 2 keeps serving")
-    bed.apply_objects([_edgemodel(uris["v3"], _sha256(models["v3"]))])
+    bed.apply_objects([_edgemodel(uris["v3"], sha256_file(models["v3"]))])
     entry = _follow(bed, lambda e: e.get("state") == "RolledBack")
     print(f"  shadow evidence: {json.dumps(entry.get('shadow'))}")
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
@@ -206,8 +180,8 @@ def main(directory: Path) -> int:
     work = directory / "demo"
     work.mkdir(exist_ok=True)
     registry = Registry(work / "registry", host=NODE_IP)
-    operator: subprocess.Popen[bytes] | None = None
-    traffic: list[Traffic] = []
+    operator: OperatorProcess | None = None
+    traffic: list[LiveRequests] = []
     try:
         registry.start()
         os.environ["EDGEMODEL_INSECURE_REGISTRIES"] = registry.address
@@ -215,17 +189,16 @@ def main(directory: Path) -> int:
         for revision, path in models.items():
             digest = oci.push(oci.parse_reference(f"{registry.address}/models/ppocr-cls"), [path], revision, {})
             uris[revision] = f"oci://{registry.address}/models/ppocr-cls@{digest}"
-            print(f"  {revision}: {uris[revision]}  sha256 {_sha256(path)[:16]}…")
+            print(f"  {revision}: {uris[revision]}  sha256 {sha256_file(path)[:16]}…")
         operator = _operator(bed, work, registry)
         _revisions(bed, uris, models, traffic)
     finally:
         for running in traffic:
             running.stop.set()
             running.join(15)
-            print(f"\nlive requests: {running.sent} sent, {running.failed} failed")
+            print(f"\nlive requests: {running.sent} sent, {len(running.failed)} failed")
         if operator is not None:
-            operator.terminate()
-            operator.wait(30)
+            operator.stop()
         registry.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The test bed and its real node keep running:")
     print(f"  export KUBECONFIG={bed.kubeconfig}; stop them with `make testbed-down`.")
