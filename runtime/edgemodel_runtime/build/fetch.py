@@ -106,7 +106,8 @@ def _stream(response: IO[bytes], target: IO[bytes], label: str, total: int | Non
     return digest.hexdigest()
 
 
-def _verify(actual: str, expected: str, what: str) -> None:
+def verify_digest(actual: str, expected: str, what: str) -> None:
+    """Raise BadInputError (DigestMismatch) unless the two hex digests are equal."""
     if actual != expected:
         raise BadInputError(
             f"{what}: SHA-256 mismatch: expected {expected}, got {actual}; the file was not used",
@@ -130,14 +131,18 @@ def _fetch_https(url: str, target: IO[bytes], timeout: float) -> str:
 
 
 def _fetch_oci(reference: str, target: IO[bytes]) -> str:
-    from edgemodel_runtime.build.oci import pull_single_file
+    from edgemodel_runtime.build.oci import pull_artifact
 
-    pulled = pull_single_file(reference)
+    pulled = pull_artifact(reference)
     try:
-        with pulled.open("rb") as source:
-            return _stream(source, target, f"copy oci://{reference}", pulled.stat().st_size)
+        if len(pulled.files) != 1:
+            raise BadInputError(
+                f"oci://{reference} holds {len(pulled.files)} files; expected exactly one", reason="InvalidArtifact"
+            )
+        with pulled.files[0].open("rb") as source:
+            return _stream(source, target, f"copy oci://{reference}", pulled.files[0].stat().st_size)
     finally:
-        shutil.rmtree(pulled.parent, ignore_errors=True)
+        shutil.rmtree(pulled.directory, ignore_errors=True)
 
 
 def _fetch_path(path: str, target: IO[bytes]) -> str:
@@ -167,7 +172,7 @@ def fetch(uri: str, sha256: str, destination: Path, *, allow_local: bool = True,
                 actual = _fetch_oci(source.location, handle)
             else:
                 actual = _fetch_path(source.location, handle)
-        _verify(actual, expected, uri)
+        verify_digest(actual, expected, uri)
         os.replace(handle.name, destination)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

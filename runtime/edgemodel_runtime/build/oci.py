@@ -8,6 +8,7 @@ plain HTTP, as container runtimes do for local registries; every other one needs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import ipaddress
 import json
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from edgemodel_runtime.build.errors import BadInputError, InfrastructureError
+from edgemodel_runtime.digests import sha256_file
 
 ARTIFACT_TYPE = "application/vnd.edgemodel.engine.v1"
 CACHE_KEY_ANNOTATION = "dev.edgemodel.cache-key"
+MODEL_ANNOTATION = "dev.edgemodel.model"  # which file of a multi-file artifact is the ONNX model
+TITLE_ANNOTATION = "org.opencontainers.image.title"
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,89 @@ def _registry_errors(action: str, reference: str) -> Iterator[None]:
         raise InfrastructureError(f"{action} {reference}: {error}", reason="RegistryError") from error
 
 
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+def _safe_title(title: str) -> bool:
+    parts = Path(title).parts
+    return bool(title) and "\\" not in title and not Path(title).is_absolute() and ".." not in parts
+
+
+def _manifest(client: Any, parsed: Reference) -> dict[str, Any]:
+    """The manifest, checked against the reference's digest when it has one (registries are not trusted)."""
+    container = client.get_container(str(parsed))
+    response = client.do_request(
+        f"{client.prefix}://{container.manifest_url()}", "GET", headers={"Accept": MANIFEST_MEDIA_TYPES}
+    )
+    if response.status_code != 200:
+        raise InfrastructureError(f"pull {parsed}: manifest: HTTP {response.status_code}", reason="RegistryError")
+    if parsed.digest is not None:
+        actual = "sha256:" + hashlib.sha256(response.content).hexdigest()
+        if actual != parsed.digest:
+            raise BadInputError(
+                f"oci://{parsed}: the registry returned a manifest with digest {actual}; the file was not used",
+                reason="DigestMismatch",
+            )
+    try:
+        manifest: dict[str, Any] = json.loads(response.content)
+    except ValueError as error:
+        raise InfrastructureError(f"pull {parsed}: the manifest is not JSON", reason="RegistryError") from error
+    return manifest
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """An artifact's files in a new temporary directory, and its manifest's annotations."""
+
+    directory: Path
+    files: list[Path]
+    annotations: dict[str, str]
+
+
 def pull_files(reference: str) -> list[Path]:
-    """Pull every file of an artifact into a new temporary directory."""
+    """Pull every file of an artifact into a new temporary directory (see `pull_artifact`)."""
+    return pull_artifact(reference).files
+
+
+def pull_artifact(reference: str) -> Pulled:
+    """Pull every file of an artifact into a new temporary directory, each checked against its layer digest.
+
+    Layers are named by their `org.opencontainers.image.title` annotation (a relative path); a layer
+    without one, a directory layer, or a file whose SHA-256 differs from its layer digest is refused.
+    """
     parsed = parse_reference(reference)
     outdir = Path(tempfile.mkdtemp(prefix="edgemodel-pull-"))
+    files = []
     with _registry_errors("pull", reference):
-        files = _client(parsed.registry).pull(target=str(parsed), outdir=str(outdir))
-    return [Path(file) for file in files]
+        client = _client(parsed.registry)
+        manifest = _manifest(client, parsed)
+        for layer in manifest.get("layers", []):
+            title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
+            digest = str(layer.get("digest", ""))
+            if (
+                not _safe_title(title)
+                or not digest.startswith("sha256:")
+                or layer.get("mediaType", "").endswith("tar+gzip")
+            ):
+                raise BadInputError(
+                    f"oci://{reference}: layer {digest or '?'} is not a plain file with a relative title "
+                    f"({title!r}); push files with `oras push`, one layer per file",
+                    reason="InvalidArtifact",
+                )
+            target = outdir / title
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_blob(str(parsed), digest, str(target))
+            actual = "sha256:" + sha256_file(target)
+            if actual != digest:
+                raise BadInputError(
+                    f"oci://{reference}: {title} has digest {actual}, but its layer says {digest}; not used",
+                    reason="DigestMismatch",
+                )
+            files.append(target)
+    annotations = {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}
+    return Pulled(outdir, files, annotations)
 
 
 def pull_single_file(reference: str) -> Path:

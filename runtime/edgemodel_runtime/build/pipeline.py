@@ -16,7 +16,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Literal
 
-from edgemodel_runtime.build import compare, fetch, hardware, measure, report, tensors
+from edgemodel_runtime.build import compare, fetch, hardware, measure, modelcheck, modelfiles, report, tensors
 from edgemodel_runtime.build.errors import BadInputError, BuildError, ValidationFailedError
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
@@ -71,9 +71,10 @@ def _builder_version(engine: Engine) -> str:
     return "+".join(parts)
 
 
-def _options(request: BuildRequest) -> dict[str, Any]:
-    """Build options that change the engine, part of the cache key."""
+def _options(request: BuildRequest, model_identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build options that change the engine, part of the cache key (with what pins external weights)."""
     return {
+        **({"modelFiles": model_identity} if model_identity else {}),
         "inputs": {k: list(v) for k, v in sorted(request.inputs.items())},
         "quantization": _quantization(request),
         "calibration": request.calibration.sha256 if request.calibration else None,
@@ -130,10 +131,13 @@ def _cached(request: BuildRequest, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     artifact = earlier.get("artifact") or {}
-    file = request.output / str(artifact.get("file", ""))
-    if earlier.get("cacheKey") != key or earlier.get("status") not in {"built", "cached"} or not file.is_file():
+    if earlier.get("cacheKey") != key or earlier.get("status") not in {"built", "cached"}:
         return None
-    return earlier if sha256_file(file) == artifact.get("sha256") else None
+    for entry in [artifact, *artifact.get("dataFiles", [])]:
+        file = request.output / Path(str(entry.get("file", ""))).name
+        if not file.is_file() or sha256_file(file) != entry.get("sha256"):
+            return None
+    return earlier
 
 
 def _fetch_data(data: DataFile, work: Path, name: str, allow_local: bool) -> Path:
@@ -150,8 +154,12 @@ def _fetch_data(data: DataFile, work: Path, name: str, allow_local: bool) -> Pat
 class _Build:
     """The state of one build, step by step; `run` returns the report."""
 
-    def __init__(self, request: BuildRequest, class_key: str, key: str, machine: hardware.Hardware) -> None:
+    def __init__(
+        self, request: BuildRequest, class_key: str, key: str, machine: hardware.Hardware, identity: dict[str, Any]
+    ) -> None:
         self.request = request
+        self.identity = identity
+        self.external = False  # whether the model keeps weights in external-data files
         self.work = request.output / ".work"
         self.report: dict[str, Any] = {
             "version": report.REPORT_VERSION,
@@ -163,7 +171,7 @@ class _Build:
             "precision": request.precision,
             "classKey": class_key,
             "model": {"uri": request.model, "sha256": fetch.check_digest(request.sha256)},
-            "options": _options(request),
+            "options": _options(request, identity),
             "versions": {"builder": _builder_version(request.engine), "python": sys.version.split()[0]},
             "hardware": machine.as_dict(),
         }
@@ -173,15 +181,16 @@ class _Build:
         request = self.request
         self.work.mkdir(parents=True, exist_ok=True)
         _log(f"step 1/6: fetch {request.model} and verify sha256 {request.sha256[:12]}…")
-        model = fetch.fetch(request.model, request.sha256, self.work / "source.onnx", allow_local=request.allow_local)
+        model = self._fetch_model()
 
         _log("step 2/6: load the fp32 reference with ONNX Runtime on CPU")
         reference_session = ortx.session(model)
+        modelcheck.check_servable(ortx.declared_inputs(reference_session), ortx.declared_outputs(reference_session))
         inputs = tensors.resolve_inputs(ortx.declared_inputs(reference_session), request.inputs)
         self.report["inputs"] = [{"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype)} for i in inputs]
         samples, expected = self._reference_samples(inputs)
         if expected is None:
-            expected = [ortx.run(reference_session, sample) for sample in samples]
+            expected = [self._run_reference(reference_session, sample, inputs) for sample in samples]
 
         _log(f"step 3/6: optimise for {request.engine} {request.precision}")
         candidate = self._optimise(model, inputs)
@@ -201,6 +210,27 @@ class _Build:
         self.report["message"] = self._summary()
         self._publish(final)
         return self.report
+
+    def _fetch_model(self) -> Path:
+        request = self.request
+        files = modelfiles.fetch_model(
+            request.model,
+            request.sha256,
+            self.work / "source",
+            allow_local=request.allow_local,
+            expected_data=self.identity.get("externalData"),
+        )
+        self.external = bool(files.data)
+        if files.data:
+            self.report["model"]["externalData"] = [{"file": f, "sha256": d} for f, d in files.data.items()]
+        return files.path
+
+    @staticmethod
+    def _run_reference(session: Any, sample: tensors.Sample, inputs: list[tensors.TensorInfo]) -> tensors.Sample:
+        try:
+            return ortx.run(session, sample)
+        except BadInputError as error:
+            raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
 
     def _reference_samples(
         self, inputs: list[tensors.TensorInfo]
@@ -229,13 +259,13 @@ class _Build:
             if request.precision == "int8":  # explicit quantisation: a QDQ model that TensorRT honours
                 source = self._quantize_static(model, inputs)
             return tensorrt_engine.build_engine(source, self.work / "candidate.plan", request.precision, inputs)
-        optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization)
+        optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization, self.external)
         if request.precision == "fp32":
             return optimised
         if request.precision == "fp16":
-            return ortx.convert_fp16(optimised, self.work / "fp16.onnx")
+            return ortx.convert_fp16(optimised, self.work / "fp16.onnx", self.external)
         if _quantization(request) == "dynamic":
-            return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx")
+            return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx", self.external)
         return self._quantize_static(model, inputs)
 
     def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
@@ -249,7 +279,12 @@ class _Build:
             "samples": len(calibration),
             "method": request.calibration_method,
         }
-        return ortx.quantize_static_int8(model, self.work / "int8.onnx", calibration, request.calibration_method)
+        try:
+            return ortx.quantize_static_int8(
+                model, self.work / "int8.onnx", calibration, request.calibration_method, self.external
+            )
+        except BadInputError as error:
+            raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
 
     def _outputs(self, artifact: Path, samples: list[tensors.Sample]) -> list[dict[str, Any]]:
         if self.request.engine == "tensorrt":
@@ -341,15 +376,20 @@ class _Build:
         request = self.request
         name = ARTIFACT_NAME[request.engine]
         target = request.output / name
-        shutil.copyfile(artifact, target)
-        self.report["artifact"] = {"file": name, "sha256": sha256_file(target), "size": target.stat().st_size}
+        if request.engine == "onnxruntime":
+            files = ortx.save_artifact(artifact, target)
+        else:
+            shutil.copyfile(artifact, target)
+            files = [target]
+        entries = [{"file": f.name, "sha256": sha256_file(f), "size": f.stat().st_size} for f in files]
+        self.report["artifact"] = {**entries[0], **({"dataFiles": entries[1:]} if len(entries) > 1 else {})}
         self._write()
         if request.push:
             from edgemodel_runtime.build import oci
 
             reference = oci.parse_reference(request.push)
-            annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"]}
-            digest = oci.push(reference, [target, request.output / "report.json"], self.report["cacheKey"], annotations)
+            annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
+            digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
     def _summary(self) -> str:
@@ -384,13 +424,14 @@ def build(request: BuildRequest) -> dict[str, Any]:
     check_request(request)
     machine = hardware.detect()
     class_key = request.class_key or machine.class_key()
+    identity = modelfiles.identity(request.model, request.sha256, allow_local=request.allow_local)
     key = report.cache_key(
         model_sha256=fetch.check_digest(request.sha256),
         engine=request.engine,
         precision=request.precision,
         class_key=class_key,
         builder_version=_builder_version(request.engine),
-        options=_options(request),
+        options=_options(request, identity),
     )
     earlier = _cached(request, key)
     if earlier is not None:
@@ -414,7 +455,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
                 "artifact": {"reference": f"oci://{reference.with_digest(digest)}"},
                 "message": f"cache hit for {key}; nothing rebuilt",
             }
-    state = _Build(request, class_key, key, machine)
+    state = _Build(request, class_key, key, machine, identity)
     try:
         result = state.run()
     except BuildError as error:

@@ -1,12 +1,22 @@
 """Model inputs: their specs, seeded synthetic samples, and .npz sample sets.
 
-An .npz sample set maps each input name to an array of shape [N, *input_shape] (N samples) or
-exactly input_shape (one sample). Expected outputs, when present, are stored under
-`expected.<output name>` with the same leading sample dimension.
+An .npz sample set maps each input name to an array in one of three layouts, where S is the input's
+shape once dynamic dimensions are fixed (to 1, or by `--input`):
+
+- one sample: exactly S;
+- samples stacked on a new first axis: [N, *S];
+- samples stacked along the batch axis: [N, *S[1:]], when the model's first dimension is dynamic
+  (or 1) and fixed to 1, as ONNX Runtime's quantisation tools take calibration data; each sample is
+  then [1, *S[1:]].
+
+All inputs use the same layout and hold the same N. Expected outputs, when present, are stored under
+`expected.<output name>` in the same layout as the inputs. Anything else is refused with the shapes
+found and the layouts accepted.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -45,6 +55,23 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    declared: tuple[int | str | None, ...] | None = None  # the model's dims; None when not known
+    overridden: bool = False  # whether --input fixed the shape
+
+    def dynamic_axes(self) -> list[int]:
+        """Axes the model leaves dynamic (a symbolic name, None, or a non-positive number)."""
+        if self.declared is None:
+            return []
+        return [axis for axis, dim in enumerate(self.declared) if not (isinstance(dim, int) and dim > 0)]
+
+    def batch_splittable(self) -> bool:
+        """Whether samples may be stacked along the first axis: it is dynamic or 1, and fixed to 1."""
+        if not self.shape or self.shape[0] != 1:
+            return False
+        return self.declared is None or 0 in self.dynamic_axes() or self.declared[0] == 1
+
+
+MAX_INPUT_BYTES = 1 << 30  # one input of one sample; a larger declared shape is refused, not allocated
 
 
 def parse_shape_override(text: str) -> tuple[str, tuple[int, ...]]:
@@ -86,8 +113,35 @@ def resolve_inputs(
                 )
         else:
             shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
-        infos.append(TensorInfo(name, shape, np.dtype(_ORT_TYPES[ort_type])))
+        info = TensorInfo(name, shape, np.dtype(_ORT_TYPES[ort_type]), tuple(dims), name in overrides)
+        size = math.prod(shape) * info.dtype.itemsize
+        if size > MAX_INPUT_BYTES:
+            raise BadInputError(
+                f"input {name!r} at shape {list(shape)} takes {size} bytes per sample, more than the "
+                f"{MAX_INPUT_BYTES} the build allocates; fix its dynamic dimensions with --input "
+                f"(spec.inputs) to a realistic size{fixed_dims_hint([info])}",
+                reason="InputTooLarge",
+            )
+        infos.append(info)
     return infos
+
+
+def fixed_dims_hint(inputs: Sequence[TensorInfo]) -> str:
+    """A sentence naming the dynamic dimensions and the values they were fixed to ("" when none)."""
+    parts = []
+    for info in inputs:
+        for axis in info.dynamic_axes():
+            dim = info.declared[axis] if info.declared is not None else None
+            label = f" ({dim!r})" if isinstance(dim, str) and dim else ""
+            how = "by --input" if info.overridden else "by default"
+            parts.append(f"{info.name} dim {axis}{label} = {info.shape[axis]} {how}")
+    if not parts:
+        return ""
+    flags = " ".join(f"--input {i.name}={'x'.join(map(str, i.shape))}" for i in inputs if i.dynamic_axes())
+    return (
+        f"; the model's dynamic dimensions were fixed to {', '.join(parts)}: if the model needs other sizes, "
+        f"fix them with --input NAME=DIMxDIM (now {flags}), or spec.inputs in the EdgeModel"
+    )
 
 
 def seeded_samples(inputs: Sequence[TensorInfo], count: int, seed: int) -> list[Sample]:
@@ -107,45 +161,89 @@ def seeded_samples(inputs: Sequence[TensorInfo], count: int, seed: int) -> list[
     return samples
 
 
+Layout = str  # "one", "stacked" or "batched"
+
+
+def _layout(array: npt.NDArray[Any], info: TensorInfo) -> tuple[Layout, int] | None:
+    """How an array holds samples of `info`, and how many; None when it fits no accepted layout."""
+    if array.shape == info.shape:
+        return "one", 1
+    if array.ndim == len(info.shape) + 1 and array.shape[1:] == info.shape:
+        return "stacked", array.shape[0]
+    if info.batch_splittable() and array.ndim == len(info.shape) and array.shape[1:] == info.shape[1:]:
+        return "batched", array.shape[0]
+    return None
+
+
+def _accepted(info: TensorInfo) -> str:
+    shape = list(info.shape)
+    text = f"{info.name}: one sample {shape} or [N, {', '.join(map(str, shape))}] stacked on a new first axis"
+    if info.batch_splittable():
+        text += f" or [N, {', '.join(map(str, shape[1:]))}] stacked along the batch axis"
+    return text
+
+
+def _refuse(
+    path: Path, problem: str, arrays: Mapping[str, npt.NDArray[Any]], inputs: Sequence[TensorInfo]
+) -> BadInputError:
+    found = ", ".join(f"{key} {list(value.shape)} {value.dtype}" for key, value in arrays.items())
+    accepted = "; ".join(_accepted(info) for info in inputs)
+    return BadInputError(
+        f"{path}: {problem}. Found: {found or 'no arrays'}. Accepted layouts, one for all inputs, with the same "
+        f"N: {accepted}{fixed_dims_hint(inputs)}",
+        reason="InvalidSampleSet",
+    )
+
+
+def _take(array: npt.NDArray[Any], layout: Layout, index: int) -> npt.NDArray[Any]:
+    if layout == "one":
+        return np.asarray(array)
+    if layout == "stacked":
+        return np.asarray(array[index])
+    return np.asarray(array[index : index + 1])
+
+
 def load_samples(path: Path, inputs: Sequence[TensorInfo]) -> tuple[list[Sample], list[Sample] | None]:
-    """Input samples (and expected outputs, if stored) from an .npz file, checked against the inputs."""
+    """Input samples (and expected outputs, if stored) from an .npz file in one of the module's layouts.
+
+    Raises BadInputError (`InvalidSampleSet`) naming the shapes found and the layouts accepted.
+    """
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise BadInputError(f"{path}: not a readable .npz file: {error}", reason="InvalidSampleSet") from error
     missing = [info.name for info in inputs if info.name not in arrays]
     if missing:
-        raise BadInputError(f"{path}: no arrays for model inputs {missing}", reason="InvalidSampleSet")
-    counts = set()
-    batched: dict[str, npt.NDArray[Any]] = {}
+        raise _refuse(path, f"no arrays for model inputs {missing}", arrays, inputs)
+    layouts: dict[str, tuple[Layout, int]] = {}
     for info in inputs:
         array = arrays[info.name]
-        if array.shape == info.shape:
-            array = array[np.newaxis]
-        if array.shape[1:] != info.shape:
-            raise BadInputError(
-                f"{path}: {info.name} has shape {list(array.shape)}; expected {list(info.shape)} "
-                f"or [N, {', '.join(map(str, info.shape))}]",
-                reason="InvalidSampleSet",
-            )
         if array.dtype != info.dtype:
-            raise BadInputError(
-                f"{path}: {info.name} is {array.dtype}, the model wants {info.dtype}", reason="InvalidSampleSet"
-            )
-        batched[info.name] = array
-        counts.add(array.shape[0])
-    if len(counts) != 1 or 0 in counts:
-        raise BadInputError(
-            f"{path}: inputs hold different or zero sample counts {sorted(counts)}", reason="InvalidSampleSet"
-        )
-    count = counts.pop()
-    samples = [{name: np.asarray(array[i]) for name, array in batched.items()} for i in range(count)]
+            raise _refuse(path, f"{info.name} is {array.dtype}, the model wants {info.dtype}", arrays, inputs)
+        found = _layout(array, info)
+        if found is None:
+            raise _refuse(path, f"{info.name} has shape {list(array.shape)}, which fits no layout", arrays, inputs)
+        layouts[info.name] = found
+    kinds = {layout for layout, _ in layouts.values()} - {"one"}
+    counts = {count for _, count in layouts.values()}
+    if len(kinds) > 1 or len(counts) != 1 or 0 in counts:
+        described = ", ".join(f"{name} {layout} N={count}" for name, (layout, count) in layouts.items())
+        raise _refuse(path, f"inputs disagree on layout or sample count ({described})", arrays, inputs)
+    layout, count = kinds.pop() if kinds else "one", counts.pop()
+    samples = [{info.name: _take(arrays[info.name], layout, i) for info in inputs} for i in range(count)]
     expected_keys = [key for key in arrays if key.startswith(EXPECTED_PREFIX)]
     expected = None
     if expected_keys:
+        short = [
+            key for key in expected_keys if layout != "one" and (arrays[key].ndim == 0 or arrays[key].shape[0] != count)
+        ]
+        if short:
+            raise _refuse(
+                path, f"expected outputs {short} do not hold the {count} samples of the inputs", arrays, inputs
+            )
         expected = [
-            {key[len(EXPECTED_PREFIX) :]: np.asarray(arrays[key][i]) for key in expected_keys} for i in range(count)
+            {key[len(EXPECTED_PREFIX) :]: _take(arrays[key], layout, i) for key in expected_keys} for i in range(count)
         ]
     return samples, expected
 

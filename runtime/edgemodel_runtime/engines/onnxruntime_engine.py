@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from edgemodel_runtime.build import modelcheck
 from edgemodel_runtime.build.errors import BadInputError, InfrastructureError
 from edgemodel_runtime.build.tensors import Sample
 
@@ -35,7 +37,45 @@ def session(model: Path, threads: int | None = None, optimize: bool = True) -> o
 
 
 def declared_inputs(model_session: ort.InferenceSession) -> list[tuple[str, list[int | str | None], str]]:
-    return [(i.name, list(i.shape), i.type) for i in model_session.get_inputs()]
+    """(name, dims, ORT type string) of each input; a dim is an int, a symbolic name, or None."""
+    return [(i.name, list(i.shape or []), i.type) for i in model_session.get_inputs()]
+
+
+def declared_outputs(model_session: ort.InferenceSession) -> list[tuple[str, list[int | str | None], str]]:
+    """(name, dims, ORT type string) of each output, as `declared_inputs`."""
+    return [(o.name, list(o.shape or []), o.type) for o in model_session.get_outputs()]
+
+
+def save_model(model: Any, target: Path, external: bool) -> None:
+    """Save a ModelProto; with `external`, tensors over 1 KiB go to one side file `<target name>.data`."""
+    import onnx
+
+    data = target.with_name(target.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external:
+        onnx.save_model(
+            model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+        )
+    else:
+        onnx.save_model(model, str(target))
+
+
+def save_artifact(source: Path, target: Path, embed_limit: int = modelcheck.PROTOBUF_LIMIT) -> list[Path]:
+    """Write the engine as `target`, weights inside when they fit in one ONNX file, else in `<target>.data`.
+
+    Returns the files written (the model first). A source without external data is copied as is.
+    """
+    import onnx
+
+    data = target.with_name(target.name + ".data")
+    data.unlink(missing_ok=True)
+    if not modelcheck.inspect(source).external_data:
+        shutil.copyfile(source, target)
+        return [target]
+    model = onnx.load(str(source))  # reads the side files, relative to the source's directory
+    external = model.ByteSize() > embed_limit
+    save_model(model, target, external)
+    return [target, data] if external else [target]
 
 
 def run(model_session: ort.InferenceSession, sample: Sample) -> dict[str, npt.NDArray[Any]]:
@@ -48,8 +88,12 @@ def run(model_session: ort.InferenceSession, sample: Sample) -> dict[str, npt.ND
     return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
 
 
-def optimize_graph(source: Path, target: Path, level: str = "extended") -> Path:
-    """Offline graph optimisation (constant folding, fusions), saved as a new model file."""
+def optimize_graph(source: Path, target: Path, level: str = "extended", external: bool = False) -> Path:
+    """Offline graph optimisation (constant folding, fusions), saved as a new model file.
+
+    With `external`, initializers over 1 KiB are written to `<target name>.data`, so that models whose
+    weights exceed the 2 GiB a single ONNX file can hold still optimise.
+    """
     levels = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -59,6 +103,12 @@ def optimize_graph(source: Path, target: Path, level: str = "extended") -> Path:
     options.log_severity_level = 3
     options.graph_optimization_level = levels[level]
     options.optimized_model_filepath = str(target)
+    if external:
+        target.with_name(target.name + ".data").unlink(missing_ok=True)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", target.name + ".data"
+        )
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -66,24 +116,30 @@ def optimize_graph(source: Path, target: Path, level: str = "extended") -> Path:
     return target
 
 
-def convert_fp16(source: Path, target: Path) -> Path:
+def convert_fp16(source: Path, target: Path, external: bool = False) -> Path:
     """Float16 weights and activations, keeping float32 inputs and outputs for existing clients."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(source))
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-    onnx.save(converted, str(target))
+    save_model(converted, target, external)
     return target
 
 
-def quantize_dynamic_int8(source: Path, target: Path) -> Path:
+def quantize_dynamic_int8(source: Path, target: Path, external: bool = False) -> Path:
     """INT8 weights, activations quantised at run time (no calibration data needed)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    prepared = _prepare_for_quantization(source, target)
+    prepared = _prepare_for_quantization(source, target, external)
     try:
-        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(
+            str(prepared),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            use_external_data_format=external,
+        )
     except Exception as error:
         raise BadInputError(f"dynamic quantisation failed: {error}", reason="QuantizationFailed") from error
     finally:
@@ -91,14 +147,21 @@ def quantize_dynamic_int8(source: Path, target: Path) -> Path:
     return target
 
 
-def _prepare_for_quantization(source: Path, target: Path) -> Path:
+def _prepare_for_quantization(source: Path, target: Path, external: bool = False) -> Path:
     """Opset 13 or later, shapes inferred and constants folded, so that weights are initializers."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_suffix(".pre.onnx")
     try:
-        upgraded = _with_min_opset(source, target.with_suffix(".opset.onnx"))
-        quant_pre_process(str(upgraded), str(prepared), skip_symbolic_shape=True)
+        upgraded = _with_min_opset(source, target.with_suffix(".opset.onnx"), external=external)
+        quant_pre_process(
+            str(upgraded),
+            str(prepared),
+            skip_symbolic_shape=True,
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            external_data_location=prepared.name + ".data",
+        )
     except BadInputError:
         raise
     except Exception as error:
@@ -109,8 +172,9 @@ def _prepare_for_quantization(source: Path, target: Path) -> Path:
 
 
 def _remove_scratch(target: Path) -> None:
-    target.with_suffix(".pre.onnx").unlink(missing_ok=True)
-    target.with_suffix(".opset.onnx").unlink(missing_ok=True)
+    for suffix in (".pre.onnx", ".opset.onnx"):
+        target.with_suffix(suffix).unlink(missing_ok=True)
+        target.with_suffix(suffix + ".data").unlink(missing_ok=True)
     for leftover in target.parent.glob("*augmented_model*.onnx"):
         leftover.unlink(missing_ok=True)
 
@@ -118,7 +182,7 @@ def _remove_scratch(target: Path) -> None:
 QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear (the `axis` attribute) needs opset 13
 
 
-def _with_min_opset(source: Path, target: Path, minimum: int = QDQ_MIN_OPSET) -> Path:
+def _with_min_opset(source: Path, target: Path, minimum: int = QDQ_MIN_OPSET, external: bool = False) -> Path:
     """`source`, or a copy converted to at least `minimum` of the default ONNX domain."""
     import onnx
     from onnx import version_converter
@@ -128,7 +192,7 @@ def _with_min_opset(source: Path, target: Path, minimum: int = QDQ_MIN_OPSET) ->
     if current >= minimum:
         return source
     try:
-        onnx.save(version_converter.convert_version(model, minimum), str(target))
+        save_model(version_converter.convert_version(model, minimum), target, external)
     except Exception as error:
         raise BadInputError(
             f"cannot upgrade the model from opset {current} to {minimum} for int8 quantisation: {error}",
@@ -148,7 +212,11 @@ class _Samples:
 
 
 def quantize_static_int8(
-    source: Path, target: Path, calibration: Sequence[Sample], method: CalibrationMethodName = "minmax"
+    source: Path,
+    target: Path,
+    calibration: Sequence[Sample],
+    method: CalibrationMethodName = "minmax",
+    external: bool = False,
 ) -> Path:
     """INT8 QDQ model calibrated on representative samples.
 
@@ -162,7 +230,7 @@ def quantize_static_int8(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    prepared = _prepare_for_quantization(source, target)
+    prepared = _prepare_for_quantization(source, target, external)
     try:
         quantize_static(
             str(prepared),
@@ -173,6 +241,7 @@ def quantize_static_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
+            use_external_data_format=external,
         )
     except Exception as error:
         raise BadInputError(f"static quantisation failed: {error}", reason="QuantizationFailed") from error

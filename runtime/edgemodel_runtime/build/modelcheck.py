@@ -1,0 +1,159 @@
+"""Refuse at build time what the model file is not, or what the server cannot carry.
+
+Two checks, both raising BadInputError (exit 2) with a reason the operator can show:
+
+- `inspect(path)`: the structure of a verified model file, read without its weights: a ModelProto
+  with a graph, at least one output, names that are text, and external-data locations that stay
+  inside the model's directory (`InvalidModel`).
+- `check_servable(inputs, outputs)`: every input and output, as ONNX Runtime resolved it, is a
+  tensor whose element type the Open Inference Protocol server carries (`UnsupportedModel`).
+  The list of carried types is `serve.protocol.DATATYPES`, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from edgemodel_runtime.build.errors import BadInputError
+from edgemodel_runtime.serve.protocol import DATATYPES, MAX_DIMS
+
+PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto cannot be larger; weights beyond it live in side files
+_TENSOR = re.compile(r"^tensor\((\w+)\)$")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model file says about itself, read without loading weights."""
+
+    external_data: tuple[str, ...]  # side-file locations, relative to the model file's directory
+    opsets: dict[str, int]
+
+
+def _elem_dtype(onnx_name: str) -> np.dtype[Any] | None:
+    """numpy dtype of an ONNX element type name (`float`, `bfloat16`, ...), None when numpy has none."""
+    from onnx import TensorProto, helper
+
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.DataType.Value(onnx_name.upper())))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def carried_types() -> dict[str, str]:
+    """ONNX Runtime tensor type strings the server carries, mapped to their OIP datatype name."""
+    from onnx import TensorProto
+
+    by_dtype = {dtype: name for name, dtype in DATATYPES.items()}
+    carried = {}
+    for onnx_name in TensorProto.DataType.keys():  # noqa: SIM118 - a protobuf enum, not a dict
+        dtype = _elem_dtype(onnx_name)
+        if dtype is not None and dtype in by_dtype:
+            carried[f"tensor({onnx_name.lower()})"] = by_dtype[dtype]
+    return carried
+
+
+def _describe(ort_type: str) -> str:
+    if ort_type.startswith("seq("):
+        return f"a sequence ({ort_type}), not a tensor"
+    if ort_type.startswith("map("):
+        return f"a map ({ort_type}), not a tensor"
+    if ort_type.startswith("optional("):
+        return f"an optional value ({ort_type}), not a tensor"
+    if ort_type.startswith("sparse_tensor("):
+        return f"a sparse tensor ({ort_type})"
+    match = _TENSOR.match(ort_type)
+    if match:
+        return f"a tensor of {match.group(1)}, an element type the server has no datatype for"
+    return f"of type {ort_type!r}"
+
+
+def check_servable(
+    inputs: Sequence[tuple[str, Sequence[Any], str]], outputs: Sequence[tuple[str, Sequence[Any], str]]
+) -> None:
+    """Refuse a model with any input or output that `edgemodel serve` cannot carry.
+
+    `inputs`/`outputs` are (name, dims, ONNX Runtime type string). Raises BadInputError
+    (`UnsupportedModel`) naming every offending tensor and the datatypes that are carried.
+    """
+    carried = carried_types()
+    problems = []
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        for name, dims, ort_type in tensors:
+            if ort_type not in carried:
+                problems.append(f"{kind} {name!r} is {_describe(ort_type)}")
+            elif len(dims) > MAX_DIMS:
+                problems.append(
+                    f"{kind} {name!r} has {len(dims)} dimensions, more than the {MAX_DIMS} the server takes"
+                )
+    if problems:
+        raise BadInputError(
+            "the model cannot be served: "
+            + "; ".join(problems)
+            + f". The inference server carries tensors of {', '.join(sorted(set(carried.values())))} only; "
+            "change the model's interface (for example export a classifier without its ZipMap, "
+            "or cast the tensor) and build again",
+            reason="UnsupportedModel",
+            details={"unsupported": problems},
+        )
+
+
+def _safe_location(location: str) -> bool:
+    path = PurePosixPath(location)
+    return bool(location) and "\\" not in location and not path.is_absolute() and ".." not in path.parts
+
+
+def _external_locations(model: Any) -> list[str]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    locations = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            location = entries.get("location", "")
+            if not _safe_location(location):
+                raise BadInputError(
+                    f"tensor {tensor.name!r} keeps its data at {location!r}, outside the model's directory; "
+                    "external data must be a relative path next to the model",
+                    reason="InvalidModel",
+                )
+            if location not in locations:
+                locations.append(location)
+    return locations
+
+
+def inspect(path: Path) -> ModelFacts:
+    """Parse a verified model file's structure (not its external weights); refuse what is no model.
+
+    Raises BadInputError (`InvalidModel`) for: a file protobuf cannot parse as an ONNX ModelProto
+    (truncated, another format, non-UTF-8 names), no graph, no outputs, a file over the 2 GiB
+    protobuf limit, or external data outside the model's directory.
+    """
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+    from onnx import ModelProto
+
+    size = path.stat().st_size
+    if size > PROTOBUF_LIMIT:
+        raise BadInputError(
+            f"{path.name} is {size} bytes, above the 2 GiB a single ONNX file can hold; "
+            "save the weights as external data (onnx.save_model(..., save_as_external_data=True))",
+            reason="InvalidModel",
+        )
+    model = ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise BadInputError(f"{path.name} is not an ONNX model: {error}", reason="InvalidModel") from error
+    if not model.HasField("graph"):
+        raise BadInputError(f"{path.name} is not an ONNX model: it holds no graph", reason="InvalidModel")
+    if not model.graph.output:
+        raise BadInputError(
+            f"{path.name}: the graph declares no outputs, so nothing could be served", reason="InvalidModel"
+        )
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
+    return ModelFacts(external_data=tuple(_external_locations(model)), opsets=opsets)
