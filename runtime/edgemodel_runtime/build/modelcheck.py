@@ -32,7 +32,6 @@ class ModelFacts:
     """What the model file says about itself, read without loading weights."""
 
     external_data: tuple[str, ...]  # side-file locations, relative to the model file's directory
-    opsets: dict[str, int]
 
 
 def _elem_dtype(onnx_name: str) -> np.dtype[Any] | None:
@@ -103,6 +102,48 @@ def check_servable(
         )
 
 
+def _elem_name(elem_type: int) -> str:
+    from onnx import TensorProto
+
+    try:
+        return str(TensorProto.DataType.Name(elem_type)).lower()
+    except ValueError:
+        return f"element type {elem_type}"
+
+
+def type_string(type_proto: Any) -> str | None:
+    """A TypeProto in ONNX Runtime's notation (`tensor(float)`, `seq(map(int64,tensor(float)))`), None if unset."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({_elem_name(type_proto.tensor_type.elem_type)})"
+    if kind == "sparse_tensor_type":
+        return f"sparse_tensor({_elem_name(type_proto.sparse_tensor_type.elem_type)})"
+    if kind == "sequence_type":
+        return f"seq({type_string(type_proto.sequence_type.elem_type) or '?'})"
+    if kind == "optional_type":
+        return f"optional({type_string(type_proto.optional_type.elem_type) or '?'})"
+    if kind == "map_type":
+        key = _elem_name(type_proto.map_type.key_type)
+        return f"map({key},{type_string(type_proto.map_type.value_type) or '?'})"
+    return None
+
+
+def _declared_interface(model: Any) -> tuple[list[tuple[str, list[Any], str]], list[tuple[str, list[Any], str]]]:
+    """Graph inputs (initializers excluded) and outputs whose type the file declares, as check_servable takes."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+
+    def entries(values: Any, skip: set[str]) -> list[tuple[str, list[Any], str]]:
+        found = []
+        for value in values:
+            text = type_string(value.type)
+            if value.name not in skip and text is not None:
+                dims = list(value.type.tensor_type.shape.dim) if value.type.HasField("tensor_type") else []
+                found.append((value.name, dims, text))
+        return found
+
+    return entries(model.graph.input, initializers), entries(model.graph.output, set())
+
+
 def _safe_location(location: str) -> bool:
     path = PurePosixPath(location)
     return bool(location) and "\\" not in location and not path.is_absolute() and ".." not in path.parts
@@ -132,7 +173,9 @@ def inspect(path: Path) -> ModelFacts:
 
     Raises BadInputError (`InvalidModel`) for: a file protobuf cannot parse as an ONNX ModelProto
     (truncated, another format, non-UTF-8 names), no graph, no outputs, a file over the 2 GiB
-    protobuf limit, or external data outside the model's directory.
+    protobuf limit, or external data outside the model's directory; and (`UnsupportedModel`) for
+    inputs or outputs the file declares with a type the server cannot carry (see `check_servable`;
+    types left to inference are checked again once ONNX Runtime has loaded the model).
     """
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
     from onnx import ModelProto
@@ -155,5 +198,5 @@ def inspect(path: Path) -> ModelFacts:
         raise BadInputError(
             f"{path.name}: the graph declares no outputs, so nothing could be served", reason="InvalidModel"
         )
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
-    return ModelFacts(external_data=tuple(_external_locations(model)), opsets=opsets)
+    check_servable(*_declared_interface(model))
+    return ModelFacts(external_data=tuple(_external_locations(model)))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgemodel_runtime.build import compare, fetch, hardware, measure, modelcheck, modelfiles, report, tensors
-from edgemodel_runtime.build.errors import BadInputError, BuildError, ValidationFailedError
+from edgemodel_runtime.build.errors import BadInputError, BuildError, InfrastructureError, ValidationFailedError
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 
@@ -461,6 +461,18 @@ def build(request: BuildRequest) -> dict[str, Any]:
     except BuildError as error:
         state.fail(error)
         raise
+    except (OSError, MemoryError) as error:  # disk full, permissions, out of memory
+        wrapped = InfrastructureError(f"{type(error).__name__}: {error}", reason="InfrastructureFailure")
+        state.fail(wrapped)
+        raise wrapped from error
+    except Exception as error:  # a bug: still a report and a documented exit code, never a traceback
+        wrapped = InfrastructureError(
+            f"internal error ({type(error).__name__}: {error}); this is a bug in edgemodel build, "
+            "please report it together with the model",
+            reason="InternalError",
+        )
+        state.fail(wrapped)
+        raise wrapped from error
     finally:
         shutil.rmtree(state.work, ignore_errors=True)
     state._write()

@@ -60,10 +60,13 @@ def save_model(model: Any, target: Path, external: bool) -> None:
         onnx.save_model(model, str(target))
 
 
-def save_artifact(source: Path, target: Path, embed_limit: int = modelcheck.PROTOBUF_LIMIT) -> list[Path]:
-    """Write the engine as `target`, weights inside when they fit in one ONNX file, else in `<target>.data`.
+EMBED_LIMIT = modelcheck.PROTOBUF_LIMIT  # above it, an engine's weights go to a side file
 
-    Returns the files written (the model first). A source without external data is copied as is.
+
+def save_artifact(source: Path, target: Path, embed_limit: int | None = None) -> list[Path]:
+    """Write the engine as `target`, weights inside when they fit in one ONNX file (`EMBED_LIMIT` bytes by
+    default), else in `<target name>.data`. Returns the files written, the model first. A source without
+    external data is copied as it is.
     """
     import onnx
 
@@ -73,7 +76,7 @@ def save_artifact(source: Path, target: Path, embed_limit: int = modelcheck.PROT
         shutil.copyfile(source, target)
         return [target]
     model = onnx.load(str(source))  # reads the side files, relative to the source's directory
-    external = model.ByteSize() > embed_limit
+    external = model.ByteSize() > (EMBED_LIMIT if embed_limit is None else embed_limit)
     save_model(model, target, external)
     return [target, data] if external else [target]
 
