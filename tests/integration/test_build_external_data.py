@@ -15,7 +15,7 @@ import pytest
 
 from edgemodel_runtime.build import oci
 from edgemodel_runtime.build.errors import BadInputError, BuildError, ExitCode
-from edgemodel_runtime.build.pipeline import BuildRequest, build
+from edgemodel_runtime.build.pipeline import BuildRequest, Precision, build
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
@@ -93,7 +93,7 @@ def test_changed_external_data_is_a_new_cache_key_not_a_stale_hit(tmp_path: Path
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_optimised_variants_of_an_external_data_model_keep_working(precision: str, tmp_path: Path) -> None:
+def test_optimised_variants_of_an_external_data_model_keep_working(precision: Precision, tmp_path: Path) -> None:
     model = external_model(tmp_path / "src")
     request = BuildRequest(
         model=str(model), sha256=sha256(model), precision=precision, output=tmp_path / "out",
