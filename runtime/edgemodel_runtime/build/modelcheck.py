@@ -144,6 +144,29 @@ def _declared_interface(model: Any) -> tuple[list[tuple[str, list[Any], str]], l
     return entries(model.graph.input, initializers), entries(model.graph.output, set())
 
 
+def _first_non_text(message: Any) -> bytes | None:
+    """The first string field that is not UTF-8 (protobuf hands such proto2 strings over as bytes)."""
+    for field, value in message.ListFields():
+        if field.type not in {field.TYPE_STRING, field.TYPE_MESSAGE}:
+            continue
+        values = value if field.is_repeated else [value]
+        for item in values:
+            found = _first_non_text(item) if field.type == field.TYPE_MESSAGE else item
+            if isinstance(found, bytes):
+                return found
+    return None
+
+
+def _check_text(model: Any, model_name: str) -> None:
+    """Every name, type and attribute string must be text: ONNX Runtime cannot even list them otherwise."""
+    bad = _first_non_text(model)
+    if bad is not None:
+        raise BadInputError(
+            f"{model_name}: the model holds a string that is not UTF-8 text ({bad[:40]!r}); ONNX strings are UTF-8",
+            reason="InvalidModel",
+        )
+
+
 def _safe_location(location: str) -> bool:
     path = PurePosixPath(location)
     return bool(location) and "\\" not in location and not path.is_absolute() and ".." not in path.parts
@@ -198,5 +221,6 @@ def inspect(path: Path) -> ModelFacts:
         raise BadInputError(
             f"{path.name}: the graph declares no outputs, so nothing could be served", reason="InvalidModel"
         )
+    _check_text(model, path.name)
     check_servable(*_declared_interface(model))
     return ModelFacts(external_data=tuple(_external_locations(model)))
