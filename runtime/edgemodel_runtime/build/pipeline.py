@@ -240,7 +240,7 @@ class _Build:
             self.report["reference"] = {"kind": "seeded", "samples": request.samples, "seed": request.seed}
             return tensors.seeded_samples(inputs, request.samples, request.seed), None
         path = _fetch_data(request.reference, self.work, "reference", request.allow_local)
-        samples, expected = tensors.load_samples(path, inputs)
+        samples, expected = tensors.load_samples(path, inputs, request.reference.location)
         self.report["reference"] = {
             "kind": "npz",
             "uri": request.reference.location,
@@ -272,7 +272,7 @@ class _Build:
         request = self.request
         assert request.calibration is not None  # checked by check_request
         path = _fetch_data(request.calibration, self.work, "calibration", request.allow_local)
-        calibration, _ = tensors.load_samples(path, inputs)
+        calibration, _ = tensors.load_samples(path, inputs, request.calibration.location)
         self.report["calibration"] = {
             "uri": request.calibration.location,
             "sha256": sha256_file(path),

@@ -203,35 +203,41 @@ def _take(array: npt.NDArray[Any], layout: Layout, index: int) -> npt.NDArray[An
     return np.asarray(array[index : index + 1])
 
 
-def load_samples(path: Path, inputs: Sequence[TensorInfo]) -> tuple[list[Sample], list[Sample] | None]:
+def load_samples(
+    path: Path, inputs: Sequence[TensorInfo], label: str | None = None
+) -> tuple[list[Sample], list[Sample] | None]:
     """Input samples (and expected outputs, if stored) from an .npz file in one of the module's layouts.
 
-    Raises BadInputError (`InvalidSampleSet`) naming the shapes found and the layouts accepted.
+    `label` names the file in messages (the user's URI or path rather than a scratch copy). Raises
+    BadInputError (`InvalidSampleSet`) naming the shapes found and the layouts accepted.
     """
+    where = Path(label) if label else path
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise BadInputError(f"{path}: not a readable .npz file: {error}", reason="InvalidSampleSet") from error
+        raise BadInputError(f"{where}: not a readable .npz file: {error}", reason="InvalidSampleSet") from error
     missing = [info.name for info in inputs if info.name not in arrays]
     if missing:
-        raise _refuse(path, f"no arrays for model inputs {missing}", arrays, inputs)
+        raise _refuse(where, f"no arrays for model inputs {missing}", arrays, inputs)
     layouts: dict[str, tuple[Layout, int]] = {}
     for info in inputs:
         array = arrays[info.name]
         if array.dtype != info.dtype:
-            raise _refuse(path, f"{info.name} is {array.dtype}, the model wants {info.dtype}", arrays, inputs)
+            raise _refuse(where, f"{info.name} is {array.dtype}, the model wants {info.dtype}", arrays, inputs)
         found = _layout(array, info)
         if found is None:
-            raise _refuse(path, f"{info.name} has shape {list(array.shape)}, which fits no layout", arrays, inputs)
+            raise _refuse(where, f"{info.name} has shape {list(array.shape)}, which fits no layout", arrays, inputs)
         layouts[info.name] = found
     kinds = {layout for layout, _ in layouts.values()} - {"one"}
     counts = {count for _, count in layouts.values()}
-    if len(kinds) > 1 or len(counts) != 1 or 0 in counts:
+    if counts == {0}:
+        raise _refuse(where, "the inputs hold no samples", arrays, inputs)
+    if len(kinds) > 1 or len(counts) != 1:
         described = ", ".join(f"{name} {layout} N={count}" for name, (layout, count) in layouts.items())
-        raise _refuse(path, f"inputs disagree on layout or sample count ({described})", arrays, inputs)
+        raise _refuse(where, f"inputs disagree on layout or sample count ({described})", arrays, inputs)
     layout, count = kinds.pop() if kinds else "one", counts.pop()
-    samples = [{info.name: _take(arrays[info.name], layout, i) for info in inputs} for i in range(count)]
+    samples = [{info.name: _take(arrays[info.name], layouts[info.name][0], i) for info in inputs} for i in range(count)]
     expected_keys = [key for key in arrays if key.startswith(EXPECTED_PREFIX)]
     expected = None
     if expected_keys:
@@ -240,7 +246,7 @@ def load_samples(path: Path, inputs: Sequence[TensorInfo]) -> tuple[list[Sample]
         ]
         if short:
             raise _refuse(
-                path, f"expected outputs {short} do not hold the {count} samples of the inputs", arrays, inputs
+                where, f"expected outputs {short} do not hold the {count} samples of the inputs", arrays, inputs
             )
         expected = [
             {key[len(EXPECTED_PREFIX) :]: _take(arrays[key], layout, i) for key in expected_keys} for i in range(count)

@@ -1,0 +1,78 @@
+"""Sample sets as users of ONNX Runtime's quantisation tools have them, through `edgemodel build`; and models that
+fail at the shape their dynamic dimensions were fixed to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgemodel_runtime.build.errors import ExitCode
+from tests import onnx_models
+from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
+
+
+def test_calibration_and_reference_stacked_along_the_batch_axis_are_split_into_samples(tmp_path: Path) -> None:
+    model = onnx_models.tiny_classifier(tmp_path / "tiny.onnx")  # x: [batch, 16]
+    rng = np.random.default_rng(0)
+    calibration, reference = tmp_path / "calibration.npz", tmp_path / "reference.npz"
+    np.savez(calibration, x=rng.normal(size=(16, 16)).astype(np.float32))  # 16 samples of [1, 16]
+    np.savez(reference, x=rng.normal(size=(6, 16)).astype(np.float32))
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--precision", "int8",
+        "--calibration", str(calibration), "--reference", str(reference),
+        "--tolerance", "maxRelativeError=0.5,minCosine=0.9", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = report_of(tmp_path / "out")
+    assert report["calibration"]["samples"] == 16
+    assert report["reference"]["samples"] == 6
+    assert report["inputs"] == [{"name": "x", "shape": [1, 16], "dtype": "float32"}]
+
+
+def test_an_ambiguous_reference_is_refused_with_the_shapes_and_layouts(tmp_path: Path) -> None:
+    model = onnx_models.tiny_classifier(tmp_path / "tiny.onnx")
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, x=np.zeros((6, 2, 16), np.float32))
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--reference", str(reference),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    _expect_failure(result, ExitCode.BAD_INPUT, "InvalidSampleSet")
+    assert "x [6, 2, 16] float32" in result.stderr
+    assert "[N, 16] stacked along the batch axis" in result.stderr
+    assert "--input x=1x16" in result.stderr
+
+
+def _needs_a_multiple_of_four(path: Path) -> Path:
+    """x: [batch, n] -> Reshape to [-1, 4] -> MatMul [4, 2]: fails unless n is a multiple of 4."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["y"]),
+        ],
+        "needs_four",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        initializer=[
+            numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.ones((4, 2), np.float32), "w"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_model_failing_at_its_fixed_shape_names_the_dynamic_dims_and_the_flag(tmp_path: Path) -> None:
+    model = _needs_a_multiple_of_four(tmp_path / "four.onnx")
+    result = edgemodel_build("--model", str(model), "--sha256", sha256(model), "--output", str(tmp_path / "out"))
+    _expect_failure(result, ExitCode.BAD_INPUT, "InferenceFailed")
+    assert "x dim 0 ('batch') = 1 by default, x dim 1 ('n') = 1 by default" in result.stderr
+    assert "--input x=1x1" in result.stderr
+    assert "spec.inputs" in result.stderr
+    fixed = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--input", "x=1x8", "--output", str(tmp_path / "out")
+    )
+    assert fixed.returncode == 0, fixed.stderr

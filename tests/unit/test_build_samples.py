@@ -1,0 +1,140 @@
+"""Sample sets (.npz) in the layouts people have: split into samples, or refused with the shapes found and the
+layouts accepted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgemodel_runtime.build import tensors
+from edgemodel_runtime.build.errors import BadInputError
+
+F32 = np.float32
+
+# x: [batch, 3, 4] with a dynamic batch; y: [1, 2] with a static batch of 1 (both fixed to 1 by default).
+INPUTS = tensors.resolve_inputs([("x", ["batch", 3, 4], "tensor(float)"), ("y", [1, 2], "tensor(float)")], {})
+
+
+def _arrays(x: tuple[int, ...], y: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+    return {"x": np.arange(np.prod(x), dtype=F32).reshape(x), "y": np.ones(y, F32), **extra}
+
+
+def _load(tmp_path: Path, arrays: dict[str, Any], inputs: list[tensors.TensorInfo] = INPUTS) -> Any:
+    path = tmp_path / "set.npz"
+    np.savez(path, **arrays)
+    return tensors.load_samples(path, inputs)
+
+
+ACCEPTED = [
+    ("one sample per key", _arrays((1, 3, 4), (1, 2)), 1),
+    ("stacked on a new first axis", _arrays((5, 1, 3, 4), (5, 1, 2)), 5),
+    ("stacked along a dynamic batch axis", _arrays((5, 3, 4), (5, 2)), 5),
+    ("one sample, batch axis of size 1", _arrays((1, 3, 4), (1, 2)), 1),
+    ("one sample as itself for x, stacked on a new axis for y", _arrays((1, 3, 4), (1, 1, 2)), 1),
+]
+
+
+@pytest.mark.parametrize(("layout", "arrays", "count"), ACCEPTED, ids=[case[0] for case in ACCEPTED])
+def test_accepted_layouts_split_into_samples_of_the_fixed_shape(
+    layout: str, arrays: dict[str, Any], count: int, tmp_path: Path
+) -> None:
+    samples, expected = _load(tmp_path, arrays)
+    assert expected is None
+    assert len(samples) == count
+    for sample in samples:
+        assert sample["x"].shape == (1, 3, 4)
+        assert sample["y"].shape == (1, 2)
+    flat = np.concatenate([sample["x"].ravel() for sample in samples])
+    np.testing.assert_array_equal(flat, arrays["x"].ravel())  # order and values kept
+
+
+def test_a_static_batch_of_one_is_split_like_a_dynamic_one(tmp_path: Path) -> None:
+    inputs = tensors.resolve_inputs([("x", [1, 3, 4], "tensor(float)")], {})
+    samples, _ = _load(tmp_path, {"x": np.zeros((7, 3, 4), F32)}, inputs)
+    assert [s["x"].shape for s in samples] == [(1, 3, 4)] * 7
+
+
+REFUSED = [
+    ("mismatched counts across inputs", _arrays((5, 3, 4), (4, 2)), "disagree on layout or sample count"),
+    ("layouts mixed across inputs", _arrays((5, 1, 3, 4), (5, 2)), "disagree on layout or sample count"),
+    ("wrong rank", _arrays((3, 4), (1, 2)), "x has shape [3, 4], which fits no layout"),
+    ("wrong trailing dimensions", _arrays((5, 3, 5), (5, 2)), "x has shape [5, 3, 5], which fits no layout"),
+    ("wrong dtype", {"x": np.zeros((5, 3, 4)), "y": np.ones((5, 2), F32)}, "x is float64, the model wants float32"),
+    ("an input missing", {"x": np.zeros((5, 3, 4), F32)}, "no arrays for model inputs ['y']"),
+    ("zero samples", _arrays((0, 3, 4), (0, 2)), "the inputs hold no samples"),
+    ("expected outputs short of samples", _arrays((5, 3, 4), (5, 2), **{"expected.z": np.ones((4, 1))}), "expected"),
+]
+
+
+@pytest.mark.parametrize(("case", "arrays", "fragment"), REFUSED, ids=[case[0] for case in REFUSED])
+def test_ambiguous_or_wrong_sets_are_refused_with_shapes_found_and_layouts_accepted(
+    case: str, arrays: dict[str, Any], fragment: str, tmp_path: Path
+) -> None:
+    with pytest.raises(BadInputError) as refused:
+        _load(tmp_path, arrays)
+    message = str(refused.value)
+    assert refused.value.reason == "InvalidSampleSet"
+    assert fragment in message
+    for key, value in arrays.items():
+        assert f"{key} {list(value.shape)}" in message  # the shapes found
+    assert "one sample [1, 3, 4] or [N, 1, 3, 4] stacked on a new first axis or [N, 3, 4] stacked along the batch" in (
+        message
+    )
+    assert "x dim 0 ('batch') = 1 by default" in message  # the dynamic dims and how to fix them
+
+
+def test_a_batch_fixed_above_one_is_not_split_and_the_message_says_what_fits(tmp_path: Path) -> None:
+    inputs = tensors.resolve_inputs([("x", ["batch", 3], "tensor(float)")], {"x": (4, 3)})
+    assert len(_load(tmp_path, {"x": np.zeros((4, 3), F32)}, inputs)[0]) == 1
+    with pytest.raises(BadInputError) as refused:
+        _load(tmp_path, {"x": np.zeros((8, 3), F32)}, inputs)
+    assert "one sample [4, 3] or [N, 4, 3] stacked on a new first axis" in str(refused.value)
+    assert "along the batch" not in str(refused.value)
+    assert "x dim 0 ('batch') = 4 by --input" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected_shape"),
+    [
+        (_arrays((5, 3, 4), (5, 2), **{"expected.z": np.ones((5, 10), F32)}), (1, 10)),
+        (_arrays((5, 1, 3, 4), (5, 1, 2), **{"expected.z": np.ones((5, 1, 10), F32)}), (1, 10)),
+        (_arrays((1, 3, 4), (1, 2), **{"expected.z": np.ones((1, 10), F32)}), (1, 10)),
+    ],
+    ids=["stacked along batch", "stacked on a new axis", "one sample"],
+)
+def test_expected_outputs_follow_the_inputs_layout(
+    inputs: dict[str, Any], expected_shape: tuple[int, ...], tmp_path: Path
+) -> None:
+    samples, expected = _load(tmp_path, inputs)
+    assert expected is not None
+    assert len(expected) == len(samples)
+    assert all(e["z"].shape == expected_shape for e in expected)
+
+
+def test_a_file_that_is_no_npz_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "set.npz"
+    path.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(BadInputError, match=r"not a readable \.npz file"):
+        tensors.load_samples(path, INPUTS)
+
+
+def test_the_fixed_dims_hint_names_each_dynamic_dimension_and_the_flag_that_fixes_it() -> None:
+    inputs = tensors.resolve_inputs(
+        [("x", ["batch", 3, None, "width"], "tensor(float)"), ("n", [2], "tensor(int64)")], {"x": (1, 3, 48, 320)}
+    )
+    hint = tensors.fixed_dims_hint(inputs)
+    assert "x dim 0 ('batch') = 1 by --input, x dim 2 = 48 by --input, x dim 3 ('width') = 320 by --input" in hint
+    assert "--input x=1x3x48x320" in hint
+    assert "spec.inputs" in hint
+    assert "n dim" not in hint
+    assert tensors.fixed_dims_hint(tensors.resolve_inputs([("n", [2], "tensor(int64)")], {})) == ""
+
+
+def test_a_declared_shape_too_large_to_allocate_is_refused_before_allocating() -> None:
+    with pytest.raises(BadInputError) as refused:
+        tensors.resolve_inputs([("x", ["batch", 2**40], "tensor(float)")], {})
+    assert refused.value.reason == "InputTooLarge"
+    assert "--input" in str(refused.value)
