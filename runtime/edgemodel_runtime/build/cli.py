@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgemodel build",
         description="Fetch an ONNX model, verify its digest, build an engine for this machine's hardware class, "
         "validate it against fp32 ONNX Runtime on CPU, measure it, and write (and optionally push) the artifact.",
-        epilog="Exit codes: 0 built or cached, 2 bad input, 3 validation failed, 4 infrastructure failure.",
+        epilog="Exit codes: 0 built or cached, 2 bad input, 3 validation failed, 4 infrastructure failure "
+        "(or an internal error). Every failure writes report.json and --termination-log with a reason.",
     )
     parser.add_argument("--model", required=True, help="https:// or oci:// URI, or a local path")
     parser.add_argument("--sha256", required=True, help="SHA-256 of the model file (64 hex characters)")

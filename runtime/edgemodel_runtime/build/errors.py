@@ -12,7 +12,7 @@ class ExitCode(IntEnum):
     OK = 0
     BAD_INPUT = 2  # the model, a digest, a URI or an option is wrong: retrying will not help
     VALIDATION_FAILED = 3  # the engine was built but missed a tolerance or the latency budget
-    INFRASTRUCTURE = 4  # network, registry, disk or a missing engine library: retrying may help
+    INFRASTRUCTURE = 4  # network, registry, disk, a missing engine library (retrying may help), or a bug
 
 
 class BuildError(Exception):
