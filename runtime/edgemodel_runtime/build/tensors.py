@@ -32,20 +32,22 @@ from edgemodel_runtime.build.errors import BadInputError
 Sample = dict[str, npt.NDArray[Any]]
 EXPECTED_PREFIX = "expected."
 
-_ORT_TYPES: dict[str, type[np.generic]] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int8)": np.int8,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
+
+def _input_dtype(name: str, ort_type: str) -> np.dtype[Any]:
+    """The numpy dtype of an input the server carries and the build can synthesise samples for."""
+    from edgemodel_runtime.build.modelcheck import carried_types
+    from edgemodel_runtime.serve.protocol import DATATYPES
+
+    datatype = carried_types().get(ort_type)
+    if datatype is None:
+        raise BadInputError(f"model input {name!r} has unsupported type {ort_type}", reason="UnsupportedModel")
+    dtype = DATATYPES[datatype]
+    if dtype == np.dtype(object):
+        raise BadInputError(
+            f"model input {name!r} is {ort_type}: the build cannot synthesise or validate such inputs",
+            reason="UnsupportedModel",
+        )
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,7 @@ def resolve_inputs(
         )
     infos = []
     for name, dims, ort_type in declared:
-        if ort_type not in _ORT_TYPES:
-            raise BadInputError(f"model input {name!r} has unsupported type {ort_type}", reason="UnsupportedModel")
+        dtype = _input_dtype(name, ort_type)
         if name in overrides:
             shape = overrides[name]
             if len(shape) != len(dims) or any(
@@ -113,7 +114,7 @@ def resolve_inputs(
                 )
         else:
             shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
-        info = TensorInfo(name, shape, np.dtype(_ORT_TYPES[ort_type]), tuple(dims), name in overrides)
+        info = TensorInfo(name, shape, dtype, tuple(dims), name in overrides)
         size = math.prod(shape) * info.dtype.itemsize
         if size > MAX_INPUT_BYTES:
             raise BadInputError(

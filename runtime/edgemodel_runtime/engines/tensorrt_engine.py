@@ -76,7 +76,7 @@ def build_engine(model: Path, target: Path, precision: str, inputs: Sequence[Ten
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(model.read_bytes()):
+    if not parser.parse(model.read_bytes(), str(model)):  # the path finds external-data files next to it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BadInputError(f"TensorRT cannot parse the model: {errors}", reason="UnsupportedOperator")
     config = builder.create_builder_config()
