@@ -293,3 +293,26 @@ def test_fuzz_no_model_file_crashes_the_build_or_exits_undocumented(model: bytes
             assert json.loads((Path(scratch) / "out" / "report.json").read_text())["reason"] == outcome.reason
         else:
             assert outcome["status"] == "built"
+
+
+def _with_location(location: str) -> bytes:
+    """The tiny classifier with its first weight said to live in external data at `location`."""
+    model = onnx.load_from_string(_tiny())
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        tensor.external_data.add(key=key, value=value)
+    serialised: bytes = model.SerializeToString()
+    return serialised
+
+
+@settings(max_examples=60, deadline=None)
+@given(location=st.text(max_size=300) | st.sampled_from(["", ".", "..", "/", "a/../../b", "a\0b", "x" * 300]))
+def test_fuzz_external_data_locations_are_refused_never_crash(location: str) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        outcome = build_in_process(_with_location(location), Path(scratch))
+        assert isinstance(outcome, BuildError), "a weight that does not exist cannot build"
+        assert outcome.exit_code == ExitCode.BAD_INPUT, str(outcome)
+        assert outcome.reason in {"InvalidModel", "ExternalDataMissing"}, str(outcome)

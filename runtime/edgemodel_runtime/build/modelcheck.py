@@ -168,8 +168,16 @@ def _check_text(model: Any, model_name: str) -> None:
 
 
 def _safe_location(location: str) -> bool:
+    """A relative path below the model's directory that every filesystem can hold."""
     path = PurePosixPath(location)
-    return bool(location) and "\\" not in location and not path.is_absolute() and ".." not in path.parts
+    return (
+        bool(location)
+        and not any(c in location for c in "\\\0")
+        and not path.is_absolute()
+        and ".." not in path.parts
+        and all(0 < len(part.encode()) <= 255 for part in path.parts)
+        and len(location.encode()) <= 1024
+    )
 
 
 def _external_locations(model: Any) -> list[str]:

@@ -13,6 +13,7 @@ import io
 import ipaddress
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ MANIFEST_MEDIA_TYPES = (
 
 def _safe_title(title: str) -> bool:
     parts = Path(title).parts
-    return bool(title) and "\\" not in title and not Path(title).is_absolute() and ".." not in parts
+    return bool(title) and not any(c in title for c in "\\\0") and not Path(title).is_absolute() and ".." not in parts
 
 
 def _manifest(client: Any, parsed: Reference) -> dict[str, Any]:
@@ -190,35 +191,45 @@ def pull_artifact(reference: str) -> Pulled:
     """
     parsed = parse_reference(reference)
     outdir = Path(tempfile.mkdtemp(prefix="edgemodel-pull-"))
-    files = []
-    with _registry_errors("pull", reference):
-        client = _client(parsed.registry)
-        manifest = _manifest(client, parsed)
-        for layer in manifest.get("layers", []):
-            title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
-            digest = str(layer.get("digest", ""))
-            if (
-                not _safe_title(title)
-                or not digest.startswith("sha256:")
-                or layer.get("mediaType", "").endswith("tar+gzip")
-            ):
-                raise BadInputError(
-                    f"oci://{reference}: layer {digest or '?'} is not a plain file with a relative title "
-                    f"({title!r}); push files with `oras push`, one layer per file",
-                    reason="InvalidArtifact",
-                )
-            target = outdir / title
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_blob(str(parsed), digest, str(target))
-            actual = "sha256:" + sha256_file(target)
-            if actual != digest:
-                raise BadInputError(
-                    f"oci://{reference}: {title} has digest {actual}, but its layer says {digest}; not used",
-                    reason="DigestMismatch",
-                )
-            files.append(target)
+    files: list[Path] = []
+    try:
+        with _registry_errors("pull", reference):
+            manifest = _pull_layers(parsed, reference, outdir, files)
+    except BaseException:
+        shutil.rmtree(outdir, ignore_errors=True)
+        raise
     annotations = {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}
     return Pulled(outdir, files, annotations)
+
+
+def _pull_layers(parsed: Reference, reference: str, outdir: Path, files: list[Path]) -> dict[str, Any]:
+    """Download each layer of the manifest into `outdir` (appending to `files`); return the manifest."""
+    client = _client(parsed.registry)
+    manifest = _manifest(client, parsed)
+    for layer in manifest.get("layers", []):
+        title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
+        digest = str(layer.get("digest", ""))
+        if (
+            not _safe_title(title)
+            or not digest.startswith("sha256:")
+            or layer.get("mediaType", "").endswith("tar+gzip")
+        ):
+            raise BadInputError(
+                f"oci://{reference}: layer {digest or '?'} is not a plain file with a relative title "
+                f"({title!r}); push files with `oras push`, one layer per file",
+                reason="InvalidArtifact",
+            )
+        target = outdir / title
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_blob(str(parsed), digest, str(target))
+        actual = "sha256:" + sha256_file(target)
+        if actual != digest:
+            raise BadInputError(
+                f"oci://{reference}: {title} has digest {actual}, but its layer says {digest}; not used",
+                reason="DigestMismatch",
+            )
+        files.append(target)
+    return manifest
 
 
 def pull_single_file(reference: str) -> Path:
