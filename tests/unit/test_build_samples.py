@@ -3,11 +3,14 @@ layouts accepted."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgemodel_runtime.build import tensors
 from edgemodel_runtime.build.errors import BadInputError
@@ -138,3 +141,50 @@ def test_a_declared_shape_too_large_to_allocate_is_refused_before_allocating() -
         tensors.resolve_inputs([("x", ["batch", 2**40], "tensor(float)")], {})
     assert refused.value.reason == "InputTooLarge"
     assert "--input" in str(refused.value)
+
+
+def _outcome(path: Path) -> Any:
+    """The samples loaded, or the BadInputError raised (anything else fails the test)."""
+    try:
+        return tensors.load_samples(path, INPUTS)
+    except BadInputError as error:
+        return error
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shapes=st.dictionaries(
+        st.sampled_from(["x", "y", "expected.z", "other"]),
+        st.tuples(st.lists(st.integers(0, 6), max_size=5), st.sampled_from(["float32", "float64", "int64", "bool"])),
+    )
+)
+def test_fuzz_any_arrays_give_samples_of_the_fixed_shape_or_a_clear_refusal(
+    shapes: dict[str, tuple[list[int], str]],
+) -> None:
+    arrays: dict[str, Any] = {key: np.zeros(shape, dtype) for key, (shape, dtype) in shapes.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "set.npz"
+        np.savez(path, **arrays)
+        outcome = _outcome(path)
+    if isinstance(outcome, BadInputError):
+        assert outcome.reason == "InvalidSampleSet"
+        return
+    samples, expected = outcome
+    assert samples
+    for sample in samples:
+        assert sample["x"].shape == (1, 3, 4)
+        assert sample["y"].shape == (1, 2)
+    assert expected is None or len(expected) == len(samples)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, 10_000), flip=st.integers(0, 10_000))
+def test_fuzz_damaged_npz_files_are_refused_never_crash(cut: int, flip: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "set.npz"
+        np.savez(path, **_arrays((5, 3, 4), (5, 2)))
+        data = bytearray(path.read_bytes())
+        data[flip % len(data)] ^= 0xFF
+        path.write_bytes(bytes(data[: len(data) - cut % len(data)]))
+        outcome = _outcome(path)
+    assert not isinstance(outcome, BadInputError) or outcome.reason == "InvalidSampleSet"
