@@ -316,3 +316,28 @@ def test_fuzz_external_data_locations_are_refused_never_crash(location: str) -> 
         assert isinstance(outcome, BuildError), "a weight that does not exist cannot build"
         assert outcome.exit_code == ExitCode.BAD_INPUT, str(outcome)
         assert outcome.reason in {"InvalidModel", "ExternalDataMissing"}, str(outcome)
+
+
+def test_a_bug_in_the_build_still_ends_in_exit_4_with_a_report_and_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bug cannot be produced on demand by a real input (the fuzz target holds that none does), so one is
+    # injected into the loading step, on purpose.
+    from edgemodel_runtime.build.cli import build_command
+    from edgemodel_runtime.engines import onnxruntime_engine
+
+    def broken(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(onnxruntime_engine, "session", broken)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(_tiny())
+    termination = tmp_path / "termination-log"
+    code = build_command(
+        ["--model", str(model), "--sha256", sha256(model), "--output", str(tmp_path / "out"),
+         "--termination-log", str(termination)]
+    )  # fmt: skip
+    assert code == ExitCode.INFRASTRUCTURE
+    assert "edgemodel build: InternalError: internal error (ZeroDivisionError: injected)" in capsys.readouterr().err
+    assert report_of(tmp_path / "out")["reason"] == "InternalError"
+    assert json.loads(termination.read_text())["reason"] == "InternalError"

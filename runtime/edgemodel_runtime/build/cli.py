@@ -115,8 +115,15 @@ def build_command(argv: Sequence[str]) -> int:
     try:
         try:
             result = build(_request(args))
+        except BuildError:
+            raise
         except (OSError, MemoryError) as error:  # disk full, permissions, out of memory
             raise InfrastructureError(f"{type(error).__name__}: {error}", reason="InfrastructureFailure") from error
+        except Exception as error:  # a bug before the build started: still a reason and exit 4, no traceback
+            raise InfrastructureError(
+                f"internal error ({type(error).__name__}: {error}); this is a bug in edgemodel build",
+                reason="InternalError",
+            ) from error
     except BuildError as error:
         print(f"edgemodel build: {error.reason}: {error}", file=sys.stderr)
         failed_path = args.output / "report.json"
