@@ -54,6 +54,62 @@ def test_accepted_layouts_split_into_samples_of_the_fixed_shape(
     np.testing.assert_array_equal(flat, arrays["x"].ravel())  # order and values kept
 
 
+def _per_sample(count: int, x: tuple[int, ...] = (1, 3, 4), y: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    arrays: dict[str, Any] = {}
+    for i in range(count):
+        arrays[f"x_{i}"] = np.full(x, i, F32)
+        arrays[f"y_{i}"] = np.full(y, -i, F32)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [_per_sample(12), _per_sample(12, (3, 4), (2,))],
+    ids=["per-sample keys, each one sample", "per-sample keys, each without its size-1 batch axis"],
+)
+def test_per_sample_keys_are_samples_in_numeric_order(arrays: dict[str, Any], tmp_path: Path) -> None:
+    samples, expected = _load(tmp_path, arrays)
+    assert expected is None
+    assert [float(s["x"].flat[0]) for s in samples] == list(range(12))  # x_10 after x_9, not after x_1
+    assert all(s["x"].shape == (1, 3, 4) and s["y"].shape == (1, 2) for s in samples)
+
+
+def test_numpys_positional_keys_are_per_sample_keys_for_a_one_input_model(tmp_path: Path) -> None:
+    inputs = tensors.resolve_inputs([("x", ["batch", 3], "tensor(float)")], {})
+    path = tmp_path / "set.npz"
+    np.savez(path, *[np.full((1, 3), i, F32) for i in range(4)])  # keys arr_0 ... arr_3
+    samples, _ = tensors.load_samples(path, inputs)
+    assert [float(s["x"][0, 0]) for s in samples] == [0, 1, 2, 3]
+
+
+def test_per_sample_expected_outputs_are_numbered_like_the_inputs(tmp_path: Path) -> None:
+    arrays = _per_sample(3) | {f"expected.out_1_{i}": np.full((1, 10), i, F32) for i in range(3)}
+    samples, expected = _load(tmp_path, arrays)
+    assert expected is not None
+    assert len(expected) == len(samples)
+    assert [float(e["out_1"][0, 0]) for e in expected] == [0, 1, 2]  # an output name may itself end in _1
+
+
+PER_SAMPLE_REFUSED = [
+    ("a gap in the numbering", {k: v for k, v in _per_sample(3).items() if k not in {"x_1", "y_1"}}, "numbered 0..N-1"),
+    ("fewer samples for one input", {k: v for k, v in _per_sample(3).items() if k != "y_2"}, "numbered 0..N-1"),
+    ("a sample of the wrong shape", _per_sample(2) | {"x_1": np.zeros((2, 3, 4), F32)}, "x_1 has shape [2, 3, 4]"),
+    ("a sample of the wrong dtype", _per_sample(2) | {"y_0": np.zeros((1, 2))}, "y_0 is float64"),
+    ("unnumbered expected outputs", _per_sample(2) | {"expected.z": np.zeros((2, 10), F32)}, "not numbered"),
+    ("expected outputs short of samples", _per_sample(2) | {"expected.z_0": np.zeros((1, 10), F32)}, "expected"),
+]
+
+
+@pytest.mark.parametrize(("case", "arrays", "fragment"), PER_SAMPLE_REFUSED, ids=[c[0] for c in PER_SAMPLE_REFUSED])
+def test_broken_per_sample_sets_are_refused_with_what_was_found(
+    case: str, arrays: dict[str, Any], fragment: str, tmp_path: Path
+) -> None:
+    with pytest.raises(BadInputError) as refused:
+        _load(tmp_path, arrays)
+    assert fragment in str(refused.value)
+    assert "one key per sample x_0, x_1, ... each [1, 3, 4]" in str(refused.value)
+
+
 def test_a_static_batch_of_one_is_split_like_a_dynamic_one(tmp_path: Path) -> None:
     inputs = tensors.resolve_inputs([("x", [1, 3, 4], "tensor(float)")], {})
     samples, _ = _load(tmp_path, {"x": np.zeros((7, 3, 4), F32)}, inputs)

@@ -7,11 +7,14 @@ shape once dynamic dimensions are fixed (to 1, or by `--input`):
 - samples stacked on a new first axis: [N, *S];
 - samples stacked along the batch axis: [N, *S[1:]], when the model's first dimension is dynamic
   (or 1) and fixed to 1, as ONNX Runtime's quantisation tools take calibration data; each sample is
-  then [1, *S[1:]].
+  then [1, *S[1:]];
+- one key per sample, `<input>_0` ... `<input>_<N-1>` (numpy's `arr_0` ... from
+  `np.savez(path, *samples)` for a model with one input), each S (or S without its size-1 batch axis);
+  used when no key is named after an input.
 
 All inputs use the same layout and hold the same N. Expected outputs, when present, are stored under
-`expected.<output name>` in the same layout as the inputs. Anything else is refused with the shapes
-found and the layouts accepted.
+`expected.<output name>` in the same layout as the inputs (`expected.<output>_<i>` for per-sample
+keys). Anything else is refused with the shapes found and the layouts accepted.
 """
 
 from __future__ import annotations
@@ -181,13 +184,19 @@ def _accepted(info: TensorInfo) -> str:
     text = f"{info.name}: one sample {shape} or [N, {', '.join(map(str, shape))}] stacked on a new first axis"
     if info.batch_splittable():
         text += f" or [N, {', '.join(map(str, shape[1:]))}] stacked along the batch axis"
-    return text
+    return text + f" or one key per sample {info.name}_0, {info.name}_1, ... each {shape}"
+
+
+_PER_SAMPLE = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
+_FOUND_SHOWN = 12  # keys listed in a refusal; a set with thousands of per-sample keys would drown the message
 
 
 def _refuse(
     path: Path, problem: str, arrays: Mapping[str, npt.NDArray[Any]], inputs: Sequence[TensorInfo]
 ) -> BadInputError:
-    found = ", ".join(f"{key} {list(value.shape)} {value.dtype}" for key, value in arrays.items())
+    found = ", ".join(f"{key} {list(value.shape)} {value.dtype}" for key, value in list(arrays.items())[:_FOUND_SHOWN])
+    if len(arrays) > _FOUND_SHOWN:
+        found += f" and {len(arrays) - _FOUND_SHOWN} more"
     accepted = "; ".join(_accepted(info) for info in inputs)
     return BadInputError(
         f"{path}: {problem}. Found: {found or 'no arrays'}. Accepted layouts, one for all inputs, with the same "
@@ -218,6 +227,8 @@ def load_samples(
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise BadInputError(f"{where}: not a readable .npz file: {error}", reason="InvalidSampleSet") from error
+    if not any(info.name in arrays for info in inputs):
+        return _load_per_sample(where, arrays, inputs)
     missing = [info.name for info in inputs if info.name not in arrays]
     if missing:
         raise _refuse(where, f"no arrays for model inputs {missing}", arrays, inputs)
@@ -252,6 +263,59 @@ def load_samples(
         expected = [
             {key[len(EXPECTED_PREFIX) :]: _take(arrays[key], layout, i) for key in expected_keys} for i in range(count)
         ]
+    return samples, expected
+
+
+def _indexed(arrays: Mapping[str, npt.NDArray[Any]], name: str) -> dict[int, str]:
+    """Keys `<name>_<index>`, by index."""
+    found = {}
+    for key in arrays:
+        match = _PER_SAMPLE.match(key)
+        if match and match.group("name") == name:
+            found[int(match.group("index"))] = key
+    return found
+
+
+def _load_per_sample(
+    where: Path, arrays: Mapping[str, npt.NDArray[Any]], inputs: Sequence[TensorInfo]
+) -> tuple[list[Sample], list[Sample] | None]:
+    """One key per sample and input, `<input>_<i>` (numpy's `arr_<i>` from np.savez(path, *samples) for a
+    model with one input); expected outputs as `expected.<output>_<i>`."""
+    keys = {info.name: _indexed(arrays, info.name) for info in inputs}
+    if len(inputs) == 1 and not keys[inputs[0].name]:
+        keys[inputs[0].name] = _indexed(arrays, "arr")
+    missing = [name for name, indexed in keys.items() if not indexed]
+    if missing:
+        raise _refuse(where, f"no arrays for model inputs {missing}", arrays, inputs)
+    count = len(next(iter(keys.values())))
+    if any(sorted(indexed) != list(range(count)) for indexed in keys.values()):
+        numbered = ", ".join(f"{name} {sorted(indexed)[:8]}" for name, indexed in keys.items())
+        raise _refuse(
+            where, f"per-sample keys must be numbered 0..N-1 for every input (found {numbered})", arrays, inputs
+        )
+    samples: list[Sample] = [{} for _ in range(count)]
+    for info in inputs:
+        for index, key in keys[info.name].items():
+            array = arrays[key]
+            if array.dtype != info.dtype:
+                raise _refuse(where, f"{key} is {array.dtype}, the model wants {info.dtype}", arrays, inputs)
+            if info.batch_splittable() and array.shape == info.shape[1:]:
+                array = array[np.newaxis]
+            if array.shape != info.shape:
+                raise _refuse(where, f"{key} has shape {list(array.shape)}, not one sample", arrays, inputs)
+            samples[index][info.name] = np.asarray(array)
+    expected_keys = [key for key in arrays if key.startswith(EXPECTED_PREFIX)]
+    if not expected_keys:
+        return samples, None
+    outputs: dict[str, dict[int, str]] = {}
+    for key in expected_keys:
+        match = _PER_SAMPLE.match(key[len(EXPECTED_PREFIX) :])
+        if match is None:
+            raise _refuse(where, f"{key} is not numbered like the per-sample inputs", arrays, inputs)
+        outputs.setdefault(match.group("name"), {})[int(match.group("index"))] = key
+    if any(sorted(indexed) != list(range(count)) for indexed in outputs.values()):
+        raise _refuse(where, f"expected outputs do not hold the {count} samples of the inputs", arrays, inputs)
+    expected = [{name: np.asarray(arrays[indexed[i]]) for name, indexed in outputs.items()} for i in range(count)]
     return samples, expected
 
 
