@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edgemodel_runtime.digests import sha256_file
-from edgemodel_runtime.serve.protocol import NUMPY_TO_DATATYPE, TensorMetadata
+from edgemodel_runtime.serve.protocol import (
+    DATATYPES,
+    MAX_DIMS,
+    NUMPY_TO_DATATYPE,
+    ORT_TYPES,
+    ProtocolError,
+    TensorMetadata,
+)
 
 
 class ArtifactError(Exception):
@@ -37,30 +44,43 @@ class Model(Protocol):
     def warm_up(self) -> None: ...
 
 
-_ORT_DATATYPES = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(double)": "FP64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-}
-
-
 def zeros_like_inputs(specs: list[TensorMetadata]) -> dict[str, npt.NDArray[Any]]:
-    """Zeros for every input, dynamic dimensions set to 1."""
-    dtypes = {name: dtype for dtype, name in NUMPY_TO_DATATYPE.items()}
-    return {s.name: np.zeros([d if d > 0 else 1 for d in s.shape], dtype=dtypes[s.datatype]) for s in specs}
+    """Zeros (empty strings for BYTES) for every input, dynamic dimensions set to 1."""
+    arrays = {}
+    for spec in specs:
+        shape = [d if d >= 0 else 1 for d in spec.shape]
+        dtype = DATATYPES[spec.datatype]
+        arrays[spec.name] = np.full(shape, b"", dtype=object) if dtype.kind == "O" else np.zeros(shape, dtype=dtype)
+    return arrays
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
+    """Declared dimensions; -1 for a dynamic one (a name or None), 0 kept as a zero-size dimension."""
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _to_onnx_runtime(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """BYTES elements as the str ONNX Runtime takes for string tensors (it would turn bytes into "b'...'")."""
+    if array.dtype != object:
+        return array
+    texts = np.empty(array.size, dtype=object)
+    for index, value in enumerate(array.ravel()):
+        try:
+            texts[index] = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ProtocolError(
+                f"input {name!r} element {index} is not UTF-8 text, and ONNX Runtime string tensors hold only "
+                f"UTF-8 text: {error}"
+            ) from error
+    return texts.reshape(array.shape)
+
+
+def _from_onnx_runtime(array: Any) -> npt.NDArray[Any]:
+    """ONNX Runtime's string outputs (str) as BYTES elements (bytes); other arrays as they are."""
+    value = np.asarray(array)
+    if value.dtype != object:
+        return value
+    return np.array([v.encode("utf-8") for v in value.ravel()], dtype=object).reshape(value.shape)
 
 
 class OnnxRuntimeModel:
@@ -87,13 +107,20 @@ class OnnxRuntimeModel:
 
     @staticmethod
     def _metadata(node: Any) -> TensorMetadata:
-        if node.type not in _ORT_DATATYPES:
-            raise ArtifactError(f"tensor {node.name!r} has type {node.type}, which this server does not carry")
-        return TensorMetadata(node.name, _ORT_DATATYPES[node.type], _dims(node.shape))
+        if node.type not in ORT_TYPES:
+            raise ArtifactError(
+                f"tensor {node.name!r} has type {node.type}, which this server does not carry "
+                f"(it carries {sorted(ORT_TYPES)})"
+            )
+        if len(node.shape) > MAX_DIMS:
+            raise ArtifactError(f"tensor {node.name!r} has {len(node.shape)} dimensions; {MAX_DIMS} is the most")
+        return TensorMetadata(node.name, ORT_TYPES[node.type], _dims(node.shape))
 
     def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        values = self.session.run(self._output_names, inputs)
-        return dict(zip(self._output_names, values, strict=True))
+        """Run the model; BYTES inputs must be UTF-8 (ProtocolError otherwise), BYTES outputs come as bytes."""
+        feed = {name: _to_onnx_runtime(name, array) for name, array in inputs.items()}
+        values = self.session.run(self._output_names, feed)
+        return {name: _from_onnx_runtime(value) for name, value in zip(self._output_names, values, strict=True)}
 
     def warm_up(self) -> None:
         """One inference on zeros, so the first client does not pay for it (best effort: a model whose
