@@ -84,6 +84,11 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    """A `parameters` object; absent or null means none."""
+    return {} if value is None else _object(value, where)
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > MAX_DIMS:
         raise ProtocolError(f"{where}.shape must be a list of at most {MAX_DIMS} integers")
@@ -139,7 +144,7 @@ def _parse_input(
     shape = _shape(entry.get("shape"), f"input {name!r}")
     _check_shape(name, shape, expected[name])
     where = f"input {name!r}"
-    parameters = _object(entry.get("parameters", {}), f"{where}.parameters")
+    parameters = _parameters(entry.get("parameters"), f"{where}.parameters")
     _check_tensor_parameters(parameters, where, ("binary_data_size",))
     size = parameters.get("binary_data_size")
     if size is None:
@@ -204,7 +209,7 @@ def parse_request(
     missing = sorted(set(expected) - set(parsed))
     if missing:
         raise ProtocolError(f"inputs {missing} are missing")
-    request_parameters = _object(request.get("parameters", {}), "request.parameters")
+    request_parameters = _parameters(request.get("parameters"), "request.parameters")
     timeout = _check_request_parameters(request_parameters)
     names, binary_outputs = _requested_outputs(request, outputs, request_parameters.get("binary_data_output", False))
     request_id = request.get("id")
@@ -232,7 +237,7 @@ def _requested_outputs(
         if name in names:
             raise ProtocolError(f"output {name!r} is requested twice")
         names.append(name)
-        parameters = _object(entry.get("parameters", {}), f"outputs[{index}].parameters")
+        parameters = _parameters(entry.get("parameters"), f"outputs[{index}].parameters")
         if "classification" in parameters:
             raise ProtocolError(
                 f"output {name!r}: the classification extension (class_count) is not supported; "
@@ -306,7 +311,7 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, npt.NDA
         if not isinstance(name, str) or datatype not in DATATYPES:
             raise ProtocolError(f"outputs[{index}] lacks a name or a supported datatype")
         shape = _shape(entry.get("shape"), f"output {name!r}")
-        size = _object(entry.get("parameters", {}), f"output {name!r}.parameters").get("binary_data_size")
+        size = _parameters(entry.get("parameters"), f"output {name!r}.parameters").get("binary_data_size")
         if size is None:
             arrays[name] = codec.from_json(entry.get("data"), datatype, shape, f"output {name!r}")
             continue
