@@ -19,6 +19,7 @@ Every problem with a client's data raises ProtocolError (400) naming the tensor.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -143,6 +144,13 @@ _JSON_TYPES: dict[str, tuple[set[type], str]] = {
 }
 
 
+def _leaves(data: list[Any], depth: int) -> list[Any]:
+    """The elements of a regular nested list `depth` levels deep, row-major."""
+    for _ in range(depth - 1):
+        data = list(itertools.chain.from_iterable(data))
+    return data
+
+
 def from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> npt.NDArray[Any]:
     """JSON `data` (flat or nested, row-major) as an array of `datatype` and `shape`.
 
@@ -155,28 +163,50 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> n
     if datatype == "BYTES":
         return _strings_from_json(data, count, where).reshape(shape)
     dtype = DATATYPES[datatype]
-    flat = _elements(data, count, where)
+    if not isinstance(data, list):
+        raise ProtocolError(f"{where}.data must be a list")
+    try:  # the fast path: numpy reads regular numbers in one pass
+        parsed: npt.NDArray[Any] | None = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        parsed = None
+    if parsed is None or parsed.dtype.kind not in "biuf":
+        parsed, values = None, list(_elements(data, count, where))  # ragged, strings, or integers beyond int64
+    elif parsed.size != count:
+        raise ProtocolError(f"{where}.data holds {parsed.size} elements; its shape needs {count}")
+    else:
+        values = _leaves(data, parsed.ndim)
     allowed, wanted = _JSON_TYPES[dtype.kind]
-    if not set(map(type, flat)) <= allowed:
+    if not set(map(type, values)) <= allowed:
         raise ProtocolError(f"{where}.data must hold {wanted} for datatype {datatype}")
     if count == 0:
         return _empty(shape, dtype, where)
+    return _convert(parsed, values, dtype, where).reshape(shape)
+
+
+def _convert(parsed: npt.NDArray[Any] | None, values: list[Any], dtype: np.dtype[Any], where: str) -> npt.NDArray[Any]:
+    """Checked JSON numbers (numpy's reading of them, when it has one) as a flat array of `dtype`."""
+    datatype = NUMPY_TO_DATATYPE[dtype]
     if dtype.kind in "iu":
-        try:
-            return np.array(flat.tolist(), dtype=dtype).reshape(shape)
+        if parsed is not None and parsed.dtype.kind in "iu":
+            bounds = np.iinfo(dtype)
+            if parsed.min() < bounds.min or parsed.max() > bounds.max:
+                raise ProtocolError(f"{where}.data holds integers outside the range of {datatype}")
+            return parsed.astype(dtype).ravel()
+        try:  # a mix numpy would read as floats: exactly, from the Python integers
+            return np.array(values, dtype=dtype)
         except OverflowError as error:
             raise ProtocolError(f"{where}.data holds integers outside the range of {datatype}") from error
     if dtype.kind == "b":
-        return flat.astype(dtype).reshape(shape)
+        return np.array(values, dtype=dtype)
     try:
-        wide = flat.astype(np.float64)
+        wide = parsed.astype(np.float64, copy=False).ravel() if parsed is not None else np.array(values, np.float64)
     except OverflowError as error:
         raise ProtocolError(f"{where}.data holds numbers outside the range of {datatype}") from error
     with np.errstate(over="ignore"):
-        array = wide.astype(dtype)
-    if (np.isinf(array) & np.isfinite(wide)).any():
+        array = wide.astype(dtype, copy=False)
+    if not np.isfinite(array).all() and (np.isinf(array) & np.isfinite(wide)).any():
         raise ProtocolError(f"{where}.data holds finite numbers outside the range of {datatype}")
-    return array.reshape(shape)
+    return array
 
 
 def _float_text(flat: npt.NDArray[Any]) -> bytes:

@@ -208,8 +208,14 @@ class TensorRTModel:
         outputs: list[TensorMetadata] = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            spec = TensorMetadata(name, NUMPY_TO_DATATYPE[dtype], _dims(list(engine.get_tensor_shape(name))))
+            trt_type = engine.get_tensor_dtype(name)
+            datatype = None
+            if trt_type != getattr(trt, "bfloat16", None):  # numpy has no bfloat16: nptype cannot say
+                with contextlib.suppress(TypeError, KeyError):
+                    datatype = NUMPY_TO_DATATYPE.get(np.dtype(trt.nptype(trt_type)))
+            if datatype is None:
+                raise ArtifactError(f"tensor {name!r} has type {trt_type}, which this server does not carry")
+            spec = TensorMetadata(name, datatype, _dims(list(engine.get_tensor_shape(name))))
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
         self.inputs, self.outputs = inputs, outputs
 
