@@ -151,6 +151,10 @@ TRITONCLIENT_OPTIONS: dict[str, tuple[Call, tuple[str, str] | None]] = {
         lambda c: c.get_inference_statistics("clf"),
         ("404", "Prometheus metrics at /metrics"),
     ),
+    "get_inference_statistics all models": (
+        lambda c: c.get_inference_statistics(),
+        ("404", "Prometheus metrics at /metrics"),
+    ),
     "get_trace_settings": (lambda c: c.get_trace_settings(), ("404", "the trace extension is not supported")),
     "get_log_settings": (lambda c: c.get_log_settings(), ("404", "the logging extension is not supported")),
 }

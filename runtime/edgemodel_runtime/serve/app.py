@@ -185,8 +185,9 @@ class InferenceServer:
             _allow(method, "GET")
             return static()
         match = _MODEL_PATH.match(path)
-        if match is None:
-            raise _HttpError(404, transport.unsupported_endpoint(path) or f"no such endpoint: {path}")
+        unsupported = transport.unsupported_endpoint(path)
+        if match is None or (unsupported and match["name"] != self.config.name):  # /v2/models/stats
+            raise _HttpError(404, unsupported or f"no such endpoint: {path}")
         self._check_model(match["name"], match["version"])
         if match["rest"] == "/infer":
             _allow(method, "POST")
