@@ -195,7 +195,21 @@ def _body(request: dict[str, Any] | None = None, tensor: dict[str, Any] | None =
 
 
 RAW_OPTIONS: dict[str, tuple[bytes, dict[str, str], int, str]] = {
-    "parameters null (KServe)": (_body({"parameters": None, "outputs": None}, {"parameters": None}), {}, 200, ""),
+    "parameters null": (_body({"parameters": None, "outputs": None}, {"parameters": None}), {}, 200, ""),
+    "model_name and id (KServe's to_rest)": (_body({"model_name": "clf", "id": "5f0c"}), {}, 200, ""),
+    "model_name of another model": (
+        _body({"model_name": "other"}),
+        {},
+        400,
+        "request.model_name 'other' does not match the model this URL names ('clf')",
+    ),
+    "model_version of another version": (
+        _body({"model_version": "r9"}),
+        {},
+        400,
+        "request.model_version 'r9' does not match",
+    ),
+    "unknown request field": (_body({"inputz": []}), {}, 400, "request fields ['inputz'] are not part of the protocol"),
     "request parameter content_type": (
         _body({"parameters": {"content_type": "pd"}}),
         {},

@@ -191,7 +191,7 @@ class InferenceServer:
         self._check_model(match["name"], match["version"])
         if match["rest"] == "/infer":
             _allow(method, "POST")
-            return await self._infer(scope, receive)
+            return await self._infer(scope, receive, match["version"])
         _allow(method, "GET")
         return self._readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
 
@@ -255,7 +255,7 @@ class InferenceServer:
                 raise protocol.ProtocolError(f"the model cannot run on this input: {text}") from error
             raise _HttpError(500, f"inference failed: {text}") from error
 
-    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+    async def _infer(self, scope: Scope, receive: Receive, version: str | None) -> tuple[int, bytes, dict[str, str]]:
         if not self.ready:
             raise _HttpError(503, "model is not ready")
         started = time.perf_counter()
@@ -268,7 +268,11 @@ class InferenceServer:
                 await self._read_body(receive), headers.get("content-encoding"), self.config.max_body_bytes
             )
             request = protocol.parse_request(
-                body, headers.get(protocol.BINARY_HEADER), self.model.inputs, self.model.outputs
+                body,
+                headers.get(protocol.BINARY_HEADER),
+                self.model.inputs,
+                self.model.outputs,
+                (self.config.name, version or self.config.revision),
             )
             await _wait_for(self._engine, request.timeout_us)
             try:

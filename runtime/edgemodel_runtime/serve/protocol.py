@@ -187,12 +187,38 @@ def _check_request_parameters(parameters: dict[str, Any]) -> int | None:
     return timeout
 
 
+_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters", "model_name", "model_version")
+
+
+def _check_request_fields(request: Mapping[str, Any], model: tuple[str, str | None] | None) -> None:
+    """Unknown top-level fields are refused; model_name and model_version (KServe's client sends
+    them) must name the model the URL names."""
+    unknown = sorted(set(request) - set(_REQUEST_FIELDS))
+    if unknown:
+        raise ProtocolError(f"request fields {unknown} are not part of the protocol; known: {list(_REQUEST_FIELDS)}")
+    if model is None:
+        return
+    for key, served in zip(("model_name", "model_version"), model, strict=True):
+        value = request.get(key)
+        if value is not None and served is not None and value != served:
+            raise ProtocolError(f"request.{key} {value!r} does not match the model this URL names ({served!r})")
+
+
 def parse_request(
-    body: bytes, header_length: str | None, inputs: Sequence[TensorMetadata], outputs: Sequence[TensorMetadata]
+    body: bytes,
+    header_length: str | None,
+    inputs: Sequence[TensorMetadata],
+    outputs: Sequence[TensorMetadata],
+    model: tuple[str, str | None] | None = None,
 ) -> InferenceRequest:
-    """Parse an infer request (its body already decompressed) against the model's inputs and outputs."""
+    """Parse an infer request (its body already decompressed) against the model's inputs and outputs.
+
+    `model`: the (name, version) the request's URL names, which request.model_name and
+    request.model_version must match when present.
+    """
     header, binary = _split(body, header_length)
     request = _object(codec.loads(header, "request body"), "request")
+    _check_request_fields(request, model)
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("request.inputs must be a non-empty list")
