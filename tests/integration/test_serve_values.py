@@ -268,23 +268,33 @@ def test_json_values_a_float_tensor_cannot_hold_are_refused(
     assert fragment in json.loads(answer)["error"]
 
 
-def test_a_model_with_bfloat16_tensors_is_refused_at_start_with_the_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("element", "dims", "fragment"),
+    [
+        (TensorProto.BFLOAT16, [2], "type tensor(bfloat16), which this server does not carry"),
+        (TensorProto.FLOAT, None, "input 'x' declares no shape (any rank)"),
+    ],
+    ids=["bfloat16", "unknown rank"],
+)
+def test_a_model_the_server_cannot_carry_is_refused_at_start_with_the_reason(
+    tmp_path: Path, element: int, dims: list[int] | None, fragment: str
+) -> None:
     import subprocess
 
     from tests.helpers import free_port
 
-    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
-    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+    x = helper.make_tensor_value_info("x", element, dims)
+    y = helper.make_tensor_value_info("y", element, dims)
     model = helper.make_model(
         helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
         opset_imports=[helper.make_opsetid("", 17)],
     )
     model.ir_version = 9
-    onnx.save(model, tmp_path / "bf16.onnx")
+    onnx.save(model, tmp_path / "model.onnx")
     result = subprocess.run(
-        [EDGEMODEL, "serve", str(tmp_path / "bf16.onnx"), "--port", str(free_port())],
+        [EDGEMODEL, "serve", str(tmp_path / "model.onnx"), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "tensor(bfloat16), which this server does not carry" in result.stderr
+    assert fragment in result.stderr
     assert "Traceback" not in result.stderr

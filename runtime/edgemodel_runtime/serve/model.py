@@ -83,6 +83,23 @@ def _from_onnx_runtime(array: Any) -> npt.NDArray[Any]:
     return np.array([v.encode("utf-8") for v in value.ravel()], dtype=object).reshape(value.shape)
 
 
+def _refuse_unknown_rank(path: Path, names: set[str]) -> None:
+    """ONNX Runtime reports an input of unknown rank as a scalar ([]); the graph says which it is.
+
+    Raises ArtifactError for an input that declares no shape at all: requests could not be checked
+    against it, and its metadata could not say what to send.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for node in graph.input:
+        if node.name in names and not node.type.tensor_type.HasField("shape"):
+            raise ArtifactError(
+                f"input {node.name!r} declares no shape (any rank), which this server cannot describe or check; "
+                "give it one (for example with onnx.shape_inference or by setting its dimensions)"
+            )
+
+
 class OnnxRuntimeModel:
     """An ONNX model on ONNX Runtime, with the best execution provider this machine has."""
 
@@ -104,6 +121,8 @@ class OnnxRuntimeModel:
         self.inputs = [self._metadata(i) for i in self.session.get_inputs()]
         self.outputs = [self._metadata(o) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        if any(not spec.shape for spec in self.inputs):
+            _refuse_unknown_rank(path, {spec.name for spec in self.inputs if not spec.shape})
 
     @staticmethod
     def _metadata(node: Any) -> TensorMetadata:
