@@ -205,3 +205,46 @@ def test_the_timeout_parameter_bounds_the_wait_for_the_engine() -> None:
             return [(await first).status_code, bounded.status_code, (await unbounded).status_code]
 
     assert asyncio.run(scenario()) == [200, 503, 200]
+
+
+# ---------------------------------------------------------------- fuzz: only ever a value or a ProtocolError
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=64), datatype=st.sampled_from(DATATYPES), shape=shapes)
+def test_fuzz_binary_data_only_ever_parses_or_refuses(raw: bytes, datatype: str, shape: tuple[int, ...]) -> None:
+    try:
+        array = codec.from_binary(raw, datatype, shape, "x")
+    except ProtocolError as error:
+        status = error.status
+        assert 400 <= status < 500
+        return
+    assert array.shape == shape
+    assert codec.to_binary(array) == raw
+
+
+json_leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+json_data = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=json_data, datatype=st.sampled_from(DATATYPES), shape=shapes)
+def test_fuzz_json_data_only_ever_parses_or_refuses(data: Any, datatype: str, shape: tuple[int, ...]) -> None:
+    try:
+        array = codec.from_json(data, datatype, shape, "x")
+    except ProtocolError as error:
+        status = error.status
+        assert 400 <= status < 500
+        return
+    assert array.shape == shape
+    assert array.dtype == protocol.DATATYPES[datatype]
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=128), header=st.none() | st.integers(-2, 130).map(str))
+def test_fuzz_the_shadow_decoder_only_ever_decodes_or_refuses(body: bytes, header: str | None) -> None:
+    try:
+        protocol.decode_response(body, header)
+    except ProtocolError as error:
+        status = error.status
+        assert 400 <= status < 500
