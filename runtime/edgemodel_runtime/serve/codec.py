@@ -97,11 +97,14 @@ def loads(text: bytes, what: str) -> Any:
     """
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError as error:
-        try:
-            return json.loads(text, parse_float=_finite_float)
-        except (ValueError, RecursionError):
-            raise ProtocolError(f"{what} is not valid JSON: {error}") from error
+    except orjson.JSONDecodeError:
+        pass
+    try:  # its message, not orjson's, which would point at the first NaN or Infinity token
+        return json.loads(text, parse_float=_finite_float)
+    except RecursionError as error:
+        raise ProtocolError(f"{what} is not valid JSON: nested too deeply") from error
+    except ValueError as error:
+        raise ProtocolError(f"{what} is not valid JSON: {error}") from error
 
 
 # ---------------------------------------------------------------- JSON data
