@@ -299,6 +299,7 @@ def test_responses_are_compressed_when_the_client_accepts_it(
         (["--mirror-percent", "50"], "--mirror-percent goes with --shadow-url"),
         (["--candidate-revision", "r2"], "--candidate-revision goes with --shadow-url"),
         (["--shadow-url", "http://a:1", "--shadow-config", "shadow.json"], "not allowed with argument"),
+        (["--port", "18081", "--shadow-url", "http://localhost:18081"], "is this server: it would mirror every"),
     ],
 )
 def test_settings_that_leave_the_model_unreachable_are_refused_at_start(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
 from edgemodel_runtime.serve.model import ArtifactError, load, resolve
@@ -107,28 +108,37 @@ def _check_shadow_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the shadow options (argparse already refuses --shadow-url with --shadow-config)."""
     if args.mirror_percent is not None and not 0 <= args.mirror_percent <= 100:
         return "--mirror-percent must be within 0-100"
-    if args.shadow_config is None and not args.shadow_url:
+    if not args.shadow_url:
+        reason = "with --shadow-config the file gives it" if args.shadow_config else "without it nothing is mirrored"
         for flag, value in (
             ("--mirror-percent", args.mirror_percent),
             ("--candidate-revision", args.candidate_revision),
         ):
             if value is not None:
-                return f"{flag} goes with --shadow-url; without it nothing is mirrored"
-    if args.shadow_config is not None:
-        for flag, value in (
-            ("--mirror-percent", args.mirror_percent),
-            ("--candidate-revision", args.candidate_revision),
-        ):
-            if value is not None:
-                return f"{flag} goes with --shadow-url; with --shadow-config the file gives it"
+                return f"{flag} goes with --shadow-url; {reason}"
     if not args.shadow_config_interval > 0:
         return "--shadow-config-interval must be more than 0 seconds"
-    if args.shadow_url:
-        try:
-            check_candidate_url(args.shadow_url)
-        except ShadowConfigError as error:
-            return f"--shadow-url: {error}"
+    return _check_shadow_url(args) if args.shadow_url else None
+
+
+def _check_shadow_url(args: argparse.Namespace) -> str | None:
+    try:
+        check_candidate_url(args.shadow_url)
+    except ShadowConfigError as error:
+        return f"--shadow-url: {error}"
+    if _is_this_server(args.shadow_url, args.host, args.port):
+        return f"--shadow-url {args.shadow_url} is this server: it would mirror every request to itself"
     return None
+
+
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names compared, not bound
+
+
+def _is_this_server(url: str, host: str, port: int) -> bool:
+    parts = urlsplit(url)
+    target_port = parts.port or (443 if parts.scheme == "https" else 80)
+    listening = {host} | (_LOCAL_HOSTS if host in _LOCAL_HOSTS else set())
+    return target_port == port and (parts.hostname or "") in listening
 
 
 def _graceful_server() -> Any:
