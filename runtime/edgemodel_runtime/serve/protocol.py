@@ -28,6 +28,7 @@ from edgemodel_runtime.serve.codec import (
 __all__ = [
     "BINARY_HEADER",
     "DATATYPES",
+    "MAX_DIMS",
     "NUMPY_TO_DATATYPE",
     "ORT_TYPES",
     "InferenceRequest",
