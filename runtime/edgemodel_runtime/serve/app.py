@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edgemodel_runtime.serve import protocol
+from edgemodel_runtime.serve import protocol, transport
 from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
 from edgemodel_runtime.serve.openapi import openapi_document
@@ -177,17 +177,21 @@ class InferenceServer:
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
         path, method = scope["path"], scope["method"]
+        if scope.get("query_string"):
+            query = scope["query_string"].decode("latin-1")
+            raise _HttpError(400, f"query parameters are not supported by this server (got {query!r})")
         static = self._static_routes.get(path)
         if static is not None:
             _allow(method, "GET")
             return static()
         match = _MODEL_PATH.match(path)
-        if match is None:
-            raise _HttpError(404, f"no such endpoint: {path}")
+        unsupported = transport.unsupported_endpoint(path)
+        if match is None or (unsupported and match["name"] != self.config.name):  # /v2/models/stats
+            raise _HttpError(404, unsupported or f"no such endpoint: {path}")
         self._check_model(match["name"], match["version"])
         if match["rest"] == "/infer":
             _allow(method, "POST")
-            return await self._infer(scope, receive)
+            return await self._infer(scope, receive, match["version"])
         _allow(method, "GET")
         return self._readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
 
@@ -241,6 +245,8 @@ class InferenceServer:
     def _predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
             return self.model.predict(inputs)
+        except protocol.ProtocolError:
+            raise
         except Exception as error:
             # ONNX Runtime reports inputs it cannot compute with (for example, dimensions too small
             # for a convolution) as INVALID_ARGUMENT or FAIL: the client's input, hence 400.
@@ -249,7 +255,7 @@ class InferenceServer:
                 raise protocol.ProtocolError(f"the model cannot run on this input: {text}") from error
             raise _HttpError(500, f"inference failed: {text}") from error
 
-    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+    async def _infer(self, scope: Scope, receive: Receive, version: str | None) -> tuple[int, bytes, dict[str, str]]:
         if not self.ready:
             raise _HttpError(503, "model is not ready")
         started = time.perf_counter()
@@ -257,18 +263,31 @@ class InferenceServer:
         gauge.inc()
         outcome = "server_error"
         try:
-            body = await self._read_body(receive)
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            request = protocol.parse_request(
-                body, headers.get(protocol.BINARY_HEADER), self.model.inputs, self.model.outputs
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            body = transport.decompress(
+                await self._read_body(receive), headers.get("content-encoding"), self.config.max_body_bytes
             )
-            async with self._engine:
+            request = protocol.parse_request(
+                body,
+                headers.get(protocol.BINARY_HEADER),
+                self.model.inputs,
+                self.model.outputs,
+                (self.config.name, version or self.config.revision),
+            )
+            await _wait_for(self._engine, request.timeout_us)
+            try:
                 queued = time.perf_counter()
                 outputs = await asyncio.to_thread(self._predict, request.inputs)
                 inferred = time.perf_counter()
+            finally:
+                self._engine.release()
             response, response_headers = protocol.encode_response(
                 self.config.name, self.config.revision, request, outputs
             )
+            coding = transport.response_encoding(headers.get("accept-encoding"))
+            if coding is not None:
+                response = transport.compress(response, coding)
+                response_headers["content-encoding"] = coding
             inference_seconds = inferred - queued
             response_headers[INFERENCE_TIME_HEADER] = f"{inference_seconds:.6f}"
             self._phase["queue"].observe(queued - started)
@@ -284,6 +303,19 @@ class InferenceServer:
         finally:
             gauge.dec()
             self._outcome[outcome].inc()
+
+
+async def _wait_for(semaphore: asyncio.Semaphore, timeout_us: int | None) -> None:
+    """Acquire `semaphore`, within `timeout_us` microseconds when set (0: no bound, as Triton)."""
+    if not timeout_us:
+        await semaphore.acquire()
+        return
+    try:
+        await asyncio.wait_for(semaphore.acquire(), timeout_us / 1e6)
+    except TimeoutError as error:
+        raise _HttpError(
+            503, f"the request waited longer than its timeout of {timeout_us} microseconds for the engine"
+        ) from error
 
 
 def _forwarded(headers: dict[str, str]) -> dict[str, str]:

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
 from edgemodel_runtime.serve.model import ArtifactError, load, resolve
 from edgemodel_runtime.serve.shadow import ShadowConfig
 from edgemodel_runtime.serve.shadow_config import ShadowConfigError, ShadowConfigFile, check_candidate_url
 
+# What may appear as one segment of a URL path without encoding, in every client: the model name
+# and the revision are path segments of /v2/models/{name}/versions/{revision}/infer.
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad option is one line on stderr and exit 2, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"edgemodel serve: {message} (see edgemodel serve --help)", file=sys.stderr)
+        raise SystemExit(2)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgemodel serve",
         description="Serve an engine over the Open Inference Protocol v2 (REST), with Prometheus metrics on "
         "/metrics and, given --shadow-url or --shadow-config, mirroring of live requests to a candidate revision.",
@@ -53,25 +68,77 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_server_arguments(args: argparse.Namespace) -> str | None:
+    """What would leave the server unreachable or misconfigured, before anything loads."""
+    for flag, value in (("--name", args.name), ("--revision", args.revision)):
+        if value is not None and not _PATH_SEGMENT.match(value):
+            return (
+                f"{flag} {value!r} cannot be a segment of the URL paths clients use (/v2/models/NAME/versions/"
+                "REVISION/infer): use 1-255 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+    if not 1 <= args.port <= 65535:
+        return f"--port {args.port} is not a TCP port clients can reach (1-65535)"
+    for flag, number, least in (
+        ("--max-body-bytes", args.max_body_bytes, 1),
+        ("--threads", args.threads, 1),
+        ("--mirror-queue", args.mirror_queue, 1),
+        ("--drain-seconds", args.drain_seconds, 0),
+    ):
+        if number is not None and number < least:
+            return f"{flag} must be at least {least} (got {number:g})"
+    return None
+
+
+def _check_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (a name that does not resolve, a port in use)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        return f"--host {host!r} is not an address of this machine: {error}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return f"cannot listen on {host}:{port}: {error.strerror or error}"
+    return None
+
+
 def _check_shadow_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the shadow options (argparse already refuses --shadow-url with --shadow-config)."""
     if args.mirror_percent is not None and not 0 <= args.mirror_percent <= 100:
         return "--mirror-percent must be within 0-100"
-    if args.shadow_config is not None:
+    if not args.shadow_url:
+        reason = "with --shadow-config the file gives it" if args.shadow_config else "without it nothing is mirrored"
         for flag, value in (
             ("--mirror-percent", args.mirror_percent),
             ("--candidate-revision", args.candidate_revision),
         ):
             if value is not None:
-                return f"{flag} goes with --shadow-url; with --shadow-config the file gives it"
+                return f"{flag} goes with --shadow-url; {reason}"
     if not args.shadow_config_interval > 0:
         return "--shadow-config-interval must be more than 0 seconds"
-    if args.shadow_url:
-        try:
-            check_candidate_url(args.shadow_url)
-        except ShadowConfigError as error:
-            return f"--shadow-url: {error}"
+    return _check_shadow_url(args) if args.shadow_url else None
+
+
+def _check_shadow_url(args: argparse.Namespace) -> str | None:
+    try:
+        check_candidate_url(args.shadow_url)
+    except ShadowConfigError as error:
+        return f"--shadow-url: {error}"
+    if _is_this_server(args.shadow_url, args.host, args.port):
+        return f"--shadow-url {args.shadow_url} is this server: it would mirror every request to itself"
     return None
+
+
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names compared, not bound
+
+
+def _is_this_server(url: str, host: str, port: int) -> bool:
+    parts = urlsplit(url)
+    target_port = parts.port or (443 if parts.scheme == "https" else 80)
+    listening = {host} | (_LOCAL_HOSTS if host in _LOCAL_HOSTS else set())
+    return target_port == port and (parts.hostname or "") in listening
 
 
 def _graceful_server() -> Any:
@@ -88,7 +155,7 @@ def _graceful_server() -> Any:
 
 def serve_command(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
-    problem = _check_shadow_arguments(args)
+    problem = _check_server_arguments(args) or _check_shadow_arguments(args) or _check_listen(args.host, args.port)
     if problem:
         print(f"edgemodel serve: {problem}", file=sys.stderr)
         return 2

@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edgemodel_runtime.digests import sha256_file
-from edgemodel_runtime.serve.protocol import NUMPY_TO_DATATYPE, TensorMetadata
+from edgemodel_runtime.serve.protocol import (
+    DATATYPES,
+    MAX_DIMS,
+    NUMPY_TO_DATATYPE,
+    ORT_TYPES,
+    ProtocolError,
+    TensorMetadata,
+)
 
 
 class ArtifactError(Exception):
@@ -37,30 +44,60 @@ class Model(Protocol):
     def warm_up(self) -> None: ...
 
 
-_ORT_DATATYPES = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(double)": "FP64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-}
-
-
 def zeros_like_inputs(specs: list[TensorMetadata]) -> dict[str, npt.NDArray[Any]]:
-    """Zeros for every input, dynamic dimensions set to 1."""
-    dtypes = {name: dtype for dtype, name in NUMPY_TO_DATATYPE.items()}
-    return {s.name: np.zeros([d if d > 0 else 1 for d in s.shape], dtype=dtypes[s.datatype]) for s in specs}
+    """Zeros (empty strings for BYTES) for every input, dynamic dimensions set to 1."""
+    arrays = {}
+    for spec in specs:
+        shape = [d if d >= 0 else 1 for d in spec.shape]
+        dtype = DATATYPES[spec.datatype]
+        arrays[spec.name] = np.full(shape, b"", dtype=object) if dtype.kind == "O" else np.zeros(shape, dtype=dtype)
+    return arrays
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
+    """Declared dimensions; -1 for a dynamic one (a name or None), 0 kept as a zero-size dimension."""
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _to_onnx_runtime(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """BYTES elements as the str ONNX Runtime takes for string tensors (it would turn bytes into "b'...'")."""
+    if array.dtype != object:
+        return array
+    texts = np.empty(array.size, dtype=object)
+    for index, value in enumerate(array.ravel()):
+        try:
+            texts[index] = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ProtocolError(
+                f"input {name!r} element {index} is not UTF-8 text, and ONNX Runtime string tensors hold only "
+                f"UTF-8 text: {error}"
+            ) from error
+    return texts.reshape(array.shape)
+
+
+def _from_onnx_runtime(array: Any) -> npt.NDArray[Any]:
+    """ONNX Runtime's string outputs (str) as BYTES elements (bytes); other arrays as they are."""
+    value = np.asarray(array)
+    if value.dtype != object:
+        return value
+    return np.array([v.encode("utf-8") for v in value.ravel()], dtype=object).reshape(value.shape)
+
+
+def _refuse_unknown_rank(path: Path, names: set[str]) -> None:
+    """ONNX Runtime reports an input of unknown rank as a scalar ([]); the graph says which it is.
+
+    Raises ArtifactError for an input that declares no shape at all: requests could not be checked
+    against it, and its metadata could not say what to send.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for node in graph.input:
+        if node.name in names and not node.type.tensor_type.HasField("shape"):
+            raise ArtifactError(
+                f"input {node.name!r} declares no shape (any rank), which this server cannot describe or check; "
+                "give it one (for example with onnx.shape_inference or by setting its dimensions)"
+            )
 
 
 class OnnxRuntimeModel:
@@ -84,16 +121,25 @@ class OnnxRuntimeModel:
         self.inputs = [self._metadata(i) for i in self.session.get_inputs()]
         self.outputs = [self._metadata(o) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        if any(not spec.shape for spec in self.inputs):
+            _refuse_unknown_rank(path, {spec.name for spec in self.inputs if not spec.shape})
 
     @staticmethod
     def _metadata(node: Any) -> TensorMetadata:
-        if node.type not in _ORT_DATATYPES:
-            raise ArtifactError(f"tensor {node.name!r} has type {node.type}, which this server does not carry")
-        return TensorMetadata(node.name, _ORT_DATATYPES[node.type], _dims(node.shape))
+        if node.type not in ORT_TYPES:
+            raise ArtifactError(
+                f"tensor {node.name!r} has type {node.type}, which this server does not carry "
+                f"(it carries {sorted(ORT_TYPES)})"
+            )
+        if len(node.shape) > MAX_DIMS:
+            raise ArtifactError(f"tensor {node.name!r} has {len(node.shape)} dimensions; {MAX_DIMS} is the most")
+        return TensorMetadata(node.name, ORT_TYPES[node.type], _dims(node.shape))
 
     def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        values = self.session.run(self._output_names, inputs)
-        return dict(zip(self._output_names, values, strict=True))
+        """Run the model; BYTES inputs must be UTF-8 (ProtocolError otherwise), BYTES outputs come as bytes."""
+        feed = {name: _to_onnx_runtime(name, array) for name, array in inputs.items()}
+        values = self.session.run(self._output_names, feed)
+        return {name: _from_onnx_runtime(value) for name, value in zip(self._output_names, values, strict=True)}
 
     def warm_up(self) -> None:
         """One inference on zeros, so the first client does not pay for it (best effort: a model whose
@@ -181,8 +227,14 @@ class TensorRTModel:
         outputs: list[TensorMetadata] = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            spec = TensorMetadata(name, NUMPY_TO_DATATYPE[dtype], _dims(list(engine.get_tensor_shape(name))))
+            trt_type = engine.get_tensor_dtype(name)
+            datatype = None
+            if trt_type != getattr(trt, "bfloat16", None):  # numpy has no bfloat16: nptype cannot say
+                with contextlib.suppress(TypeError, KeyError):
+                    datatype = NUMPY_TO_DATATYPE.get(np.dtype(trt.nptype(trt_type)))
+            if datatype is None:
+                raise ArtifactError(f"tensor {name!r} has type {trt_type}, which this server does not carry")
+            spec = TensorMetadata(name, datatype, _dims(list(engine.get_tensor_shape(name))))
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
         self.inputs, self.outputs = inputs, outputs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgemodel_runtime.serve.protocol import DATATYPES
+from edgemodel_runtime.serve.protocol import DATATYPES, MAX_DIMS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -20,7 +20,7 @@ _ERROR = _json_response("The request was refused; `error` says why.", "Error")
 
 def _schemas() -> dict[str, Any]:
     datatype = {"type": "string", "enum": sorted(DATATYPES)}
-    shape = {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 16}
+    shape = {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": MAX_DIMS}
 
     def tensor(binary_size: dict[str, Any], data: str) -> dict[str, Any]:
         """A tensor in a request or response: JSON data, or the size of its binary data."""
@@ -32,7 +32,11 @@ def _schemas() -> dict[str, Any]:
                 "shape": shape,
                 "datatype": datatype,
                 "parameters": {"type": "object", "properties": {"binary_data_size": binary_size}},
-                "data": {"type": "array", "description": data},
+                "data": {
+                    "type": "array",
+                    "description": data + " Numbers (NaN, Infinity, -Infinity as bare tokens, as Triton writes "
+                    "them), booleans for BOOL, UTF-8 strings for BYTES.",
+                },
             },
         }
 
@@ -84,7 +88,20 @@ def _schemas() -> dict[str, Any]:
             "required": ["inputs"],
             "properties": {
                 "id": {"type": "string"},
-                "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+                "parameters": {
+                    "type": "object",
+                    "description": "Other parameters are refused with 400 naming them.",
+                    "properties": {
+                        "binary_data_output": {"type": "boolean"},
+                        "timeout": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Most microseconds to wait for the engine (0: no bound); 503 beyond.",
+                        },
+                        "priority": {"type": "integer", "enum": [0]},
+                        "sequence_id": {"type": "integer", "enum": [0]},
+                    },
+                },
                 "inputs": {"type": "array", "items": _ref("RequestInput"), "minItems": 1},
                 "outputs": {"type": "array", "items": _ref("RequestOutput")},
             },
@@ -139,6 +156,7 @@ def openapi_document(model_name: str) -> dict[str, Any]:
                 "400": _ERROR,
                 "404": _ERROR,
                 "413": _ERROR,
+                "415": _ERROR,
                 "503": _ERROR,
             },
         }
