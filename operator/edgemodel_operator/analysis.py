@@ -9,7 +9,7 @@ back, any wait keeps shadowing, and only all passes promote.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgemodel_operator.api.fields import parse_duration
@@ -85,7 +85,10 @@ def _bound(name: str, label: str, value: float | None, limit: float, setting: st
 
 def _agreement(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     limit = rollout.analysis.min_agreement
-    return _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
+    check = _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
+    if evidence.agreement is None:
+        return check
+    return replace(check, detail=f"{check.detail} (agreeing within {rollout.analysis.agreement.describe()})")
 
 
 def _latency(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:

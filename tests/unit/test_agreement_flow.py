@@ -1,0 +1,141 @@
+"""spec.rollout.analysis.agreement from the EdgeModel to the stable servers, the evidence and the Events;
+a build's validation verdict in the class status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from edgemodel_operator.analysis import Evidence
+from edgemodel_operator.api.spec import Analysis, EdgeModelSpec
+from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolerances
+from edgemodel_runtime.serve.shadow_config import ShadowConfigError, parse_agreement, parse_shadow_config
+from tests.unit.test_operator_pure import DIGEST
+from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
+
+Obj = dict[str, Any]
+
+
+def _shadow_entry(cluster: Cluster) -> Obj:
+    (value,) = cluster.objects["ConfigMap", "ocr-shadow"]["data"].values()
+    entry: Obj = json.loads(value)
+    return entry
+
+
+def test_the_documented_defaults_are_the_runtime_defaults() -> None:
+    agreement = Analysis().agreement
+    assert agreement.runtime_config() == {"maxRelativeError": 0.05, "minTop1Agreement": 1.0}
+    assert parse_agreement(agreement.runtime_config()) == Tolerances(DEFAULT_AGREEMENT) == parse_agreement(None)
+
+
+def test_the_default_agreement_reaches_the_stable_servers_and_the_shadow_started_event() -> None:
+    cluster, _ = _serving_first_revision()
+    _, started = _shadowing(cluster)
+    entry = _shadow_entry(cluster)
+    assert entry["agreement"] == {"maxRelativeError": 0.05, "minTop1Agreement": 1.0}
+    config = parse_shadow_config(json.dumps(entry).encode())
+    assert config is not None
+    assert config.agreement == Tolerances(DEFAULT_AGREEMENT)
+    (event,) = [e for e in started.events if e.reason == "ShadowStarted"]
+    assert "a request agrees within maxRelativeError 0.05, minTop1Agreement 1" in event.message
+
+
+def test_a_user_defined_agreement_with_per_output_limits_is_what_the_servers_apply() -> None:
+    agreement = {
+        "maxRelativeError": 0.1,
+        "minCosine": 0.99,
+        "outputs": [{"name": "boxes", "maxAbsError": 2.0}, {"name": "scores", "minTop1Agreement": 0}],
+    }
+    cluster, _ = _serving_first_revision(analysis={"agreement": agreement})
+    _shadowing(cluster)
+    config = parse_shadow_config(json.dumps(_shadow_entry(cluster)).encode())
+    assert config is not None
+    default = Tolerance(max_relative_error=0.1, min_cosine=0.99, min_top1_agreement=1.0)
+    assert config.agreement == Tolerances(
+        default,
+        (
+            ("boxes", Tolerance(max_abs_error=2.0, max_relative_error=0.1, min_cosine=0.99, min_top1_agreement=1.0)),
+            ("scores", Tolerance(max_relative_error=0.1, min_cosine=0.99, min_top1_agreement=0.0)),
+        ),
+    )
+
+
+def test_the_agreement_appears_in_the_evidence_and_the_rollback_event() -> None:
+    cluster, _ = _serving_first_revision(analysis={"agreement": {"maxRelativeError": 0.2}})
+    _shadowing(cluster)
+    key = cluster.body["status"]["classes"][0]["key"]
+    cluster.evidence = {key: Evidence(200, 200, 20, 0, 1.0, 1)}
+    rolled = cluster.step("2026-11-26T12:02:30Z")
+    within = "agreeing within maxRelativeError 0.2, minTop1Agreement 1"
+    assert within in rolled.status["classes"][0]["shadow"]["reason"]
+    (event,) = [e for e in rolled.events if e.reason == "RolledBack"]
+    assert within in event.message
+
+
+@pytest.mark.parametrize(
+    ("agreement", "fragment"),
+    [
+        ({"maxRelativeError": 0}, "within (0, 1e+06]"),
+        ({"maxRelativeError": -1}, "within (0, 1e+06]"),
+        ({"minTop1Agreement": 1.5}, "within [0, 1]"),
+        ({"minCosine": -2}, "within [-1, 1]"),
+        ({"maxAbsError": "0.1"}, "must be a number"),
+        ({"maxAbsError": True}, "must be a number"),
+        ({"maxRelErr": 0.1}, "unknown key(s) maxRelErr"),
+        ({"outputs": [{"name": "y"}]}, "agreement.outputs must be a JSON object"),
+        ({"outputs": {"y": {"minCosine": 7}}}, "agreement.outputs['y'].minCosine must be within [-1, 1]"),
+        ([0.05], "agreement must be a JSON object"),
+    ],
+)
+def test_an_invalid_agreement_in_the_shadow_configuration_is_refused_with_its_reason(
+    agreement: Any, fragment: str
+) -> None:
+    content = json.dumps({"url": "http://candidate:8080", "agreement": agreement}).encode()
+    with pytest.raises(ShadowConfigError) as caught:
+        parse_shadow_config(content)
+    assert fragment in str(caught.value)
+
+
+def test_non_finite_limits_cannot_reach_a_server() -> None:
+    content = b'{"url": "http://candidate:8080", "agreement": {"maxRelativeError": NaN}}'
+    with pytest.raises(ShadowConfigError, match="NaN is not JSON"):
+        parse_shadow_config(content)
+
+
+@pytest.mark.parametrize(
+    "agreement",
+    [{"maxRelativeError": 0}, {"minTop1Agreement": 1.5}, {"minCosine": -1.5}, {"maxAbsError": 0}],
+)
+def test_out_of_range_limits_are_refused_by_the_api_types(agreement: Obj) -> None:
+    spec = {"model": {"uri": "oci://r/m:v1", "sha256": DIGEST}, "rollout": {"analysis": {"agreement": agreement}}}
+    with pytest.raises(ValueError, match="agreement"):
+        EdgeModelSpec.model_validate(spec)
+
+
+def _finish_builds_with(cluster: Cluster, compact: Obj) -> None:
+    cluster.finish_builds()
+    for (kind, _), pod in cluster.objects.items():
+        if kind == "Pod":
+            pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = json.dumps(compact)
+
+
+def test_an_uninformative_validation_shows_in_the_class_status() -> None:
+    body: Obj = {
+        "apiVersion": "edgeml.dev/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": "ocr", "namespace": "apps", "uid": "u-1", "generation": 1},
+        "spec": {"model": {"uri": "oci://registry.local/m:v1", "sha256": DIGEST}},
+    }
+    cluster = Cluster(body)
+    cluster.step("2026-11-26T12:00:00Z")
+    compact = {
+        "v": 1, "status": "built", "exitCode": 0, "cacheKey": "k", "precision": "fp32",
+        "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+        "metrics": {"max_abs_error": None, "cosine": None, "worst_sample": None, "nonfinite": 0, "samples": 8},
+        "validation": {"verdict": "uninformative", "uninformative": ["sigmoid_0.tmp_0"]},
+    }  # fmt: skip
+    _finish_builds_with(cluster, compact)
+    entry = cluster.step("2026-11-26T12:00:10Z").status["classes"][0]
+    assert entry["metrics"] == {"validation": "uninformative", "uninformativeOutputs": ["sigmoid_0.tmp_0"]}
