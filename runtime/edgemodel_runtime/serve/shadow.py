@@ -5,11 +5,13 @@ workers send it to the candidate, compare the candidate's outputs with stable's,
 agreement, latency ratio and errors. A candidate that is down, slow or wrong can only cost queue
 slots, never a client request.
 
-What is compared is what both sides answered: the outputs the client asked for (all of them when it
-named none), matched by name. The copy asks the candidate for binary outputs whatever the client
-chose, so that values arrive exactly (JSON cannot carry NaN or infinities). An answer that lacks an
-output, adds one, or holds one of another shape or datatype is a disagreement with a reason, like
-values outside the agreement tolerance (edgemodel_runtime.build.compare holds the value semantics).
+What is compared is what the client was answered: the outputs it asked for (all of them when it
+named none), matched by name. The copy asks the candidate for every output it has, as binary data
+whatever the client chose, so that values arrive exactly (JSON cannot carry NaN or infinities) and
+an output the candidate lacks shows as missing rather than as a refused request; of its answer, the
+outputs the client asked for are compared. A candidate that lacks one of them, answers one stable
+does not have (when the client named none), or holds one of another shape or datatype disagrees,
+with a reason, as do values outside the agreement tolerance (edgemodel_runtime.build.compare).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _Copy:
     headers: dict[str, str]
     stable_outputs: dict[str, npt.NDArray[Any]]
     stable_seconds: float
+    requested: tuple[str, ...] | None
 
 
 class ShadowMirror:
@@ -108,7 +111,8 @@ class ShadowMirror:
             return
         answered = stable_outputs if requested is None else {n: stable_outputs[n] for n in requested}
         try:
-            self._queue.put_nowait(_Copy(body, headers, answered, stable_seconds))
+            names = None if requested is None else tuple(requested)
+            self._queue.put_nowait(_Copy(body, headers, answered, stable_seconds, names))
         except asyncio.QueueFull:
             self.metrics.shadow_dropped.labels(**self.labels).inc()
             return
@@ -129,7 +133,7 @@ class ShadowMirror:
 
     async def _replay(self, item: _Copy) -> None:
         assert self._client is not None
-        body, headers = binary_answer(item.body, item.headers)
+        body, headers = every_output_in_binary(item.body, item.headers)
         started = time.perf_counter()
         try:
             response = await self._client.post(f"/v2/models/{self.model_name}/infer", content=body, headers=headers)
@@ -148,6 +152,8 @@ class ShadowMirror:
         except protocol.ProtocolError:
             self._error("bad_response")
             return
+        if item.requested is not None:
+            outputs = {name: outputs[name] for name in item.requested if name in outputs}
         comparison, missed = agreement(item.stable_outputs, outputs, self.config.agreement)
         labels = self.labels
         self.metrics.shadow_compared.labels(**labels).inc()
@@ -194,11 +200,11 @@ def inference_seconds(header: str | None, round_trip: float) -> float:
     return seconds if math.isfinite(seconds) and seconds >= 0 else round_trip
 
 
-def binary_answer(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-    """The request asking for every output it names (or all) as binary data; unchanged if it cannot be read.
+def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """The same request asking for every output as binary data (unchanged if it cannot be read).
 
-    Binary outputs carry every value exactly, where JSON cannot carry NaN or infinities. Which outputs
-    are asked for stays as the client wrote it.
+    Binary outputs carry every value exactly, where JSON cannot carry NaN or infinities; asking for
+    all outputs lets an output the candidate lacks show as missing instead of a refused request.
     """
     length = headers.get(protocol.BINARY_HEADER)
     try:
@@ -208,8 +214,7 @@ def binary_answer(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str
             return body, headers
         parameters = document.get("parameters") or {}
         document["parameters"] = {**parameters, "binary_data_output": True}
-        for entry in document.get("outputs") or []:
-            entry["parameters"] = {**(entry.get("parameters") or {}), "binary_data": True}
+        document.pop("outputs", None)
         header = orjson.dumps(document)
     except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
         return body, headers
