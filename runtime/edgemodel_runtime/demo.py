@@ -207,7 +207,8 @@ def _evidence(stable: str, requests: int, latencies: list[float], failed: int) -
 def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tuple[str, str]) -> str:
     rows = ["", "engine            precision  build s  p50 ms  p99 ms  vs fp32  max rel. error  cosine  worst sample"]
     for role, report in builds.items():
-        figures = report.get("candidate", {}).get("comparison", {})
+        fell_back = report.get("precision") != report.get("requestedPrecision")
+        figures = (report.get("fp32") if fell_back else report.get("candidate", {})).get("comparison", {})
         latency = report.get("latency", {})
         speedup = report.get("int8Speedup")
         versus = f"{speedup:.2f}x" if speedup else "-"
