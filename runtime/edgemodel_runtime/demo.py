@@ -208,7 +208,7 @@ def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tupl
     rows = ["", "engine            precision  build s  p50 ms  p99 ms  vs fp32  max rel. error  cosine  worst sample"]
     for role, report in builds.items():
         fell_back = report.get("precision") != report.get("requestedPrecision")
-        figures = (report.get("fp32") if fell_back else report.get("candidate", {})).get("comparison", {})
+        figures = report.get("fp32" if fell_back else "candidate", {}).get("comparison", {})
         latency = report.get("latency", {})
         speedup = report.get("int8Speedup")
         versus = f"{speedup:.2f}x" if speedup else "-"
