@@ -167,6 +167,13 @@ def test_uint64_values_beyond_float_precision_are_still_compared_exactly() -> No
     assert compare.compare(_one(reference), _one(candidate)).outputs[0].exact_mismatches == 1
 
 
+def test_integers_of_different_widths_and_signs_are_compared_by_value() -> None:
+    reference = np.array([2**63, 3], np.uint64)
+    assert compare.compare(_one(reference), _one(np.array([2**63 - 1, 3], np.int64))).outputs[0].exact_mismatches == 1
+    same = compare.compare(_one(np.array([1, -2], np.int8)), _one(np.array([1, -2], np.int64)))
+    assert compare.failures(same, compare.Tolerance()) == []
+
+
 def test_empty_tensors_are_equal_and_decide_nothing() -> None:
     empty = np.zeros((0, 4), np.float32)
     comparison = compare.compare(_one(empty), _one(empty.copy()))

@@ -114,13 +114,7 @@ class Difference:
 
 
 def _kind(dtype: np.dtype[Any]) -> str:
-    if dtype.kind == "b":
-        return "bool"
-    if dtype.kind in "iu":
-        return "integer"
-    if dtype.kind == "f":
-        return "float"
-    return dtype.kind
+    return {"b": "bool", "i": "integer", "u": "integer", "f": "float"}.get(dtype.kind, dtype.kind)
 
 
 def check_comparable(name: str, reference: npt.NDArray[Any], candidate: npt.NDArray[Any]) -> None:
@@ -177,6 +171,8 @@ def _top1(reference: npt.NDArray[np.float64], candidate: npt.NDArray[np.float64]
 def difference(reference: npt.NDArray[Any], candidate: npt.NDArray[Any], scale: float) -> Difference:
     """How `candidate` differs from `reference` (same shape and kind, see check_comparable)."""
     if reference.dtype.kind != "f":
+        if reference.dtype != candidate.dtype:  # int64 against uint64 would meet as float64 and lose digits
+            reference, candidate = reference.astype(object), candidate.astype(object)
         return Difference(exact_mismatches=int(np.count_nonzero(reference != candidate)))
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)
