@@ -8,6 +8,7 @@ back, any wait keeps shadowing, and only all passes promote.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -77,6 +78,8 @@ def _bound(name: str, label: str, value: float | None, limit: float, setting: st
     """`value` against a lower (`at_least`) or upper bound; wait while there is no value yet."""
     if value is None:
         return Check(name, "wait", f"no {label} yet")
+    if not math.isfinite(value):  # NaN compares false both ways: it must fail, and say why
+        return Check(name, "fail", f"{label} is {value}, not a finite number")
     ok = value >= limit if at_least else value <= limit
     sign = (">=" if ok else "<") if at_least else ("<=" if ok else ">")
     shown = f"{value:.3f}" if at_least else f"{value:.2f}"
@@ -101,6 +104,8 @@ def _errors(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     rate = evidence.error_rate
     if rate is None:
         return Check("errors", "wait", "no mirrored requests yet")
+    if not math.isfinite(rate):
+        return Check("errors", "fail", f"candidate error rate is {rate}, not a finite number")
     detail = f"candidate error rate {rate:.3f} ({evidence.errors:.0f}/{evidence.mirrored:.0f})"
     if rate <= limit:
         return Check("errors", "pass", f"{detail} <= maxErrorRate {limit}")

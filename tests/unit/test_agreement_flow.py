@@ -4,13 +4,17 @@ a build's validation verdict in the class status."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from edgemodel_operator.analysis import Evidence
-from edgemodel_operator.api.spec import Analysis, EdgeModelSpec
+from edgemodel_operator.analysis import Evidence, analyse
+from edgemodel_operator.api.spec import Analysis, EdgeModelSpec, Rollout
 from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolerances
+from edgemodel_runtime.serve.shadow import every_output_in_binary, inference_seconds
 from edgemodel_runtime.serve.shadow_config import ShadowConfigError, parse_agreement, parse_shadow_config
 from tests.unit.test_operator_pure import DIGEST
 from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
@@ -139,3 +143,65 @@ def test_an_uninformative_validation_shows_in_the_class_status() -> None:
     _finish_builds_with(cluster, compact)
     entry = cluster.step("2026-11-26T12:00:10Z").status["classes"][0]
     assert entry["metrics"] == {"validation": "uninformative", "uninformativeOutputs": ["sigmoid_0.tmp_0"]}
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+LIMIT_KEYS = st.sampled_from(["maxAbsError", "maxRelativeError", "minCosine", "minTop1Agreement", "outputs", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(agreement=JSON | st.dictionaries(LIMIT_KEYS, JSON | st.floats(), max_size=5))
+def test_any_agreement_content_is_applied_or_refused_with_a_reason_never_a_crash(agreement: Any) -> None:
+    content = json.dumps({"url": "http://candidate:8080", "agreement": agreement}).encode()
+    try:
+        config = parse_shadow_config(content)
+    except ShadowConfigError as error:
+        refusal = str(error)
+        assert refusal.startswith(("agreement", "not valid JSON")), refusal  # names what it refused
+        return
+    assert config is not None
+    for _, tolerance in ((None, config.agreement.default), *config.agreement.outputs):
+        for limit in (tolerance.max_abs_error, tolerance.max_relative_error, tolerance.min_cosine):
+            assert limit is None or math.isfinite(limit)
+
+
+@pytest.mark.parametrize(
+    ("evidence", "says"),
+    [
+        (Evidence(mirrored=200, compared=200, agreed=200, latency_ratio=math.nan), "latency ratio is nan"),
+        (Evidence(mirrored=200, compared=200, agreed=200, latency_ratio=math.inf), "latency ratio is inf"),
+        (Evidence(mirrored=math.nan, compared=200, agreed=200, latency_ratio=1.0), "error rate is nan"),
+        (Evidence(mirrored=200, compared=200, agreed=math.nan, latency_ratio=1.0), "agreement is nan"),
+    ],
+)
+def test_evidence_that_is_not_a_finite_number_rolls_back_instead_of_passing_or_waiting(
+    evidence: Evidence, says: str
+) -> None:
+    rollout = Rollout.model_validate({"shadow": {"minRequests": 100, "duration": "60s"}})
+    verdict = analyse(evidence, rollout, 61, approved=False)
+    assert verdict.decision == "Rollback"
+    assert says in verdict.reason
+
+
+@pytest.mark.parametrize("header", ["nan", "inf", "-1", "abc", None])
+def test_a_candidate_inference_time_that_is_not_a_time_falls_back_to_the_round_trip(header: str | None) -> None:
+    assert inference_seconds(header, 0.25) == 0.25
+
+
+def test_the_mirrored_copy_asks_for_every_output_in_binary_and_keeps_the_binary_inputs() -> None:
+    header = json.dumps({"inputs": [{"name": "x", "parameters": {"binary_data_size": 4}}],
+                         "outputs": [{"name": "probs", "parameters": {"binary_data": False}}]}).encode()  # fmt: skip
+    body, headers = every_output_in_binary(header + b"\0\0\0\0", {"inference-header-content-length": str(len(header))})
+    length = int(headers["inference-header-content-length"])
+    document = json.loads(body[:length])
+    assert "outputs" not in document
+    assert document["parameters"] == {"binary_data_output": True}
+    assert body[length:] == b"\0\0\0\0"
+
+
+def test_a_copy_that_cannot_be_read_is_sent_unchanged() -> None:
+    assert every_output_in_binary(b"\x1f\x8b gzip", {}) == (b"\x1f\x8b gzip", {})
