@@ -287,3 +287,25 @@ def test_agreement_uses_per_output_tolerances() -> None:
     )
     assert [m.label for m in compare.agreement(stable, candidate, strict)[1]] == ["relative_error"]
     assert compare.agreement(stable, candidate, loose)[1] == []
+
+
+def test_the_compact_report_carries_the_verdict_and_the_worst_sample_within_4_kib() -> None:
+    from edgemodel_runtime.build.report import TERMINATION_LIMIT, compact
+
+    rng = np.random.default_rng(3)
+    names = [f"output_{i:02d}_with_a_long_name" for i in range(20)]
+    reference = [{n: rng.normal(size=(1, 16)).astype(np.float32) for n in names} for _ in range(300)]
+    candidate = [{n: a + np.float32(1e-3) for n, a in sample.items()} for sample in reference]
+    comparison = compare.compare(reference, candidate)
+    full = {
+        "version": 1, "status": "built", "exitCode": 0, "cacheKey": "k" * 64, "precision": "fp32",
+        "requestedPrecision": "fp32", "message": "built",
+        "candidate": {"comparison": comparison.as_dict()},
+        "validation": validation_verdict(comparison, []),
+    }  # fmt: skip
+    text = compact(full)
+    assert len(text.encode()) <= TERMINATION_LIMIT
+    parsed = json.loads(text)
+    assert parsed["metrics"]["worst_sample"] == comparison.worst_sample
+    assert parsed["metrics"]["samples"] == 300
+    assert parsed["validation"]["verdict"] == "passed"
