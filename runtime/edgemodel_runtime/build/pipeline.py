@@ -292,7 +292,7 @@ class _Build:
         if missed:
             nonfinite = any(m.label == "nonfinite" for m in missed)
             raise ValidationFailedError(
-                f"{what} missed its tolerance: " + "; ".join(m.text for m in missed),
+                f"{what} failed validation: " + "; ".join(m.text for m in missed),
                 reason="NonFiniteOutputs" if nonfinite else "ToleranceMissed",
                 details={"comparison": comparison.as_dict()},
             )
