@@ -109,7 +109,9 @@ class ShadowMirror:
         """
         if self._random.random() * 100 >= self.config.mirror_percent:
             return
-        answered = stable_outputs if requested is None else {n: stable_outputs[n] for n in requested}
+        answered = (
+            stable_outputs if requested is None else {n: stable_outputs[n] for n in requested if n in stable_outputs}
+        )
         try:
             names = None if requested is None else tuple(requested)
             self._queue.put_nowait(_Copy(body, headers, answered, stable_seconds, names))
@@ -154,7 +156,8 @@ class ShadowMirror:
             return
         if item.requested is not None:
             outputs = {name: outputs[name] for name in item.requested if name in outputs}
-        comparison, missed = agreement(item.stable_outputs, outputs, self.config.agreement)
+        # Off the event loop: comparing large outputs is numpy work that would hold up client requests.
+        comparison, missed = await asyncio.to_thread(agreement, item.stable_outputs, outputs, self.config.agreement)
         labels = self.labels
         self.metrics.shadow_compared.labels(**labels).inc()
         if missed:
