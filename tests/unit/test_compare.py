@@ -101,6 +101,27 @@ def test_non_finite_mismatches_are_counted_symmetrically_by_position(
     _json_safe(comparison)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6),
+    dtype=FLOATS,
+    data=st.data(),
+)
+def test_figures_are_always_numbers_in_range_whatever_the_values(shape: tuple[int, ...], dtype: Any,
+                                                                 data: st.DataObject) -> None:  # fmt: skip
+    """Cosine, top-1 and errors with NaN or infinities anywhere: never NaN, cosine in [-1, 1], top-1 in [0, 1]."""
+    elements = st.floats(-1e4, 1e4, width=16) | SPECIAL
+    reference = data.draw(hnp.arrays(dtype, shape, elements=elements))
+    candidate = data.draw(hnp.arrays(dtype, shape, elements=elements))
+    comparison = compare.compare(_one(reference), _one(candidate))
+    _json_safe(comparison)
+    every: list[compare.OutputFigures | compare.SampleFigures] = [*comparison.outputs, *comparison.per_sample]
+    for figures in every:
+        assert figures.cosine is None or -1.0 <= figures.cosine <= 1.0
+        assert figures.top1_agreement is None or 0.0 <= figures.top1_agreement <= 1.0
+        assert figures.max_abs_error is None or figures.max_abs_error >= 0.0
+
+
 @pytest.mark.parametrize(
     ("reference", "candidate", "nonfinite"),
     [
