@@ -30,6 +30,7 @@ class Evidence:
     errors: float = 0  # copies the candidate failed (error status, timeout, refused connection)
     latency_ratio: float | None = None  # mean of candidate latency / stable latency per compared request
     pods: int = 0  # stable pods the figures come from
+    disagreed: tuple[tuple[str, float], ...] = ()  # compared requests that disagreed, by first reason
 
     @property
     def agreement(self) -> float | None:
@@ -91,7 +92,10 @@ def _agreement(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     check = _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
     if evidence.agreement is None:
         return check
-    return replace(check, detail=f"{check.detail} (agreeing within {rollout.analysis.agreement.describe()})")
+    detail = f"{check.detail} (agreeing within {rollout.analysis.agreement.describe()})"
+    if evidence.disagreed:
+        detail += "; disagreed by first reason: " + ", ".join(f"{r} {n:.0f}" for r, n in evidence.disagreed)
+    return replace(check, detail=detail)
 
 
 def _latency(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:

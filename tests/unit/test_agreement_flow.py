@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -205,3 +206,30 @@ def test_the_mirrored_copy_asks_for_every_output_in_binary_and_keeps_the_binary_
 
 def test_a_copy_that_cannot_be_read_is_sent_unchanged() -> None:
     assert every_output_in_binary(b"\x1f\x8b gzip", {}) == (b"\x1f\x8b gzip", {})
+
+
+def test_disagreements_by_reason_are_summed_over_pods_and_quoted_in_the_verdict() -> None:
+    from edgemodel_operator.evidence import summed
+
+    def sample(name: str, pod: str, value: float, **labels: str) -> tuple[str, dict[str, str], float]:
+        return name, {"class": "c1", "candidate_revision": "r2", "pod": pod, **labels}, value
+
+    samples = [
+        sample("edgemodel_shadow_mirrored_total", "a", 100),
+        sample("edgemodel_shadow_mirrored_total", "b", 100),
+        sample("edgemodel_shadow_compared_total", "a", 100),
+        sample("edgemodel_shadow_compared_total", "b", 100),
+        sample("edgemodel_shadow_agreed_total", "a", 90),
+        sample("edgemodel_shadow_agreed_total", "b", 80),
+        sample("edgemodel_shadow_disagreed_total", "a", 10, reason="missing_output"),
+        sample("edgemodel_shadow_disagreed_total", "b", 15, reason="nonfinite"),
+        sample("edgemodel_shadow_disagreed_total", "b", 5, reason="missing_output"),
+        # a candidate this class no longer shadows: not counted
+        ("edgemodel_shadow_disagreed_total", {"class": "c1", "candidate_revision": "r1", "reason": "top1"}, 99),
+    ]
+    evidence = summed(samples, {"c1": "r2"})["c1"]
+    assert evidence.disagreed == (("missing_output", 15.0), ("nonfinite", 15.0))
+    rollout = Rollout.model_validate({"shadow": {"minRequests": 100, "duration": "60s"}})
+    verdict = analyse(replace(evidence, latency_ratio=1.0), rollout, 61, approved=False)
+    assert verdict.decision == "Rollback"
+    assert "disagreed by first reason: missing_output 15, nonfinite 15" in verdict.reason
