@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.integration.test_serve import Server
+from tests.integration.test_serve import Server, _serve_refusal
 
 CLASSES = 6
 
@@ -190,3 +190,21 @@ def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_
     # Every request asks for logits or probs, except the one naming only label and positive, which agree.
     assert counts == {"mirrored": len(REQUESTS), "compared": len(REQUESTS), "agreed": 1, "errors": 0}
     assert pair.disagreed("nonfinite") == len(REQUESTS) - 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": 0}'], "within (0, 1e+06]"),
+        (["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": NaN}'], "NaN is not JSON"),
+        (["--shadow-url", "http://127.0.0.1:9", "--agreement", "0.05"], "must be a JSON object"),
+        (["--shadow-config", "/nonexistent", "--agreement", "{}"], "--agreement goes with --shadow-url"),
+    ],
+    ids=["zero limit", "nan limit", "not an object", "with a config file"],
+)
+def test_an_agreement_the_server_cannot_apply_is_refused_at_start(
+    models: dict[str, Path], arguments: list[str], message: str
+) -> None:
+    result = _serve_refusal(str(models["stable"]), *arguments)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
