@@ -82,7 +82,7 @@ def bench_model(name: str, seconds: float) -> dict[str, Any]:
                 "p99_ms": round(latency[k].p99_ms, 3),
                 "speedup_vs_fp32": round(base / latency[k].p50_ms, 3),
                 "max_abs_error": accuracy[k]["max_abs_error"],
-                "max_relative_error": round(accuracy[k]["max_relative_error"], 5),
+                "max_relative_error": _rounded(accuracy[k]["max_relative_error"], 5),
                 "cosine": None if accuracy[k]["cosine"] is None else round(accuracy[k]["cosine"], 6),
                 "top1_agreement": accuracy[k]["top1_agreement"],
             }
@@ -91,6 +91,15 @@ def bench_model(name: str, seconds: float) -> dict[str, Any]:
             for k in VARIANTS
         },
     }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _shown(value: float | None) -> str:
+    """A relative error, or why there is none: every output's reference is uninformative on these inputs."""
+    return "uninformative" if value is None else f"{value:.2g}"
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -106,7 +115,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             top1 = "" if figures["top1_agreement"] is None else f"{figures['top1_agreement']:.3f}"
             lines.append(
                 f"| {result['model']} | {variant} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} | "
-                f"{figures['speedup_vs_fp32']:.2f}x | {figures['max_relative_error']:.2g} | "
+                f"{figures['speedup_vs_fp32']:.2f}x | {_shown(figures['max_relative_error'])} | "
                 f"{figures['cosine']} | {top1} |"
             )
     return "\n".join(lines)

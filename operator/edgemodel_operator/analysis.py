@@ -8,8 +8,9 @@ back, any wait keeps shadowing, and only all passes promote.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgemodel_operator.api.fields import parse_duration
@@ -29,6 +30,7 @@ class Evidence:
     errors: float = 0  # copies the candidate failed (error status, timeout, refused connection)
     latency_ratio: float | None = None  # mean of candidate latency / stable latency per compared request
     pods: int = 0  # stable pods the figures come from
+    disagreed: tuple[tuple[str, float], ...] = ()  # compared requests that disagreed, by first reason
 
     @property
     def agreement(self) -> float | None:
@@ -77,6 +79,8 @@ def _bound(name: str, label: str, value: float | None, limit: float, setting: st
     """`value` against a lower (`at_least`) or upper bound; wait while there is no value yet."""
     if value is None:
         return Check(name, "wait", f"no {label} yet")
+    if not math.isfinite(value):  # NaN compares false both ways: it must fail, and say why
+        return Check(name, "fail", f"{label} is {value}, not a finite number")
     ok = value >= limit if at_least else value <= limit
     sign = (">=" if ok else "<") if at_least else ("<=" if ok else ">")
     shown = f"{value:.3f}" if at_least else f"{value:.2f}"
@@ -85,7 +89,13 @@ def _bound(name: str, label: str, value: float | None, limit: float, setting: st
 
 def _agreement(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     limit = rollout.analysis.min_agreement
-    return _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
+    check = _bound("agreement", "agreement", evidence.agreement, limit, "minAgreement", at_least=True)
+    if evidence.agreement is None:
+        return check
+    detail = f"{check.detail} (agreeing within {rollout.analysis.agreement.describe()})"
+    if evidence.disagreed:
+        detail += "; disagreed by first reason: " + ", ".join(f"{r} {n:.0f}" for r, n in evidence.disagreed)
+    return replace(check, detail=detail)
 
 
 def _latency(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
@@ -98,6 +108,8 @@ def _errors(evidence: Evidence, rollout: Rollout, elapsed: float) -> Check:
     rate = evidence.error_rate
     if rate is None:
         return Check("errors", "wait", "no mirrored requests yet")
+    if not math.isfinite(rate):
+        return Check("errors", "fail", f"candidate error rate is {rate}, not a finite number")
     detail = f"candidate error rate {rate:.3f} ({evidence.errors:.0f}/{evidence.mirrored:.0f})"
     if rate <= limit:
         return Check("errors", "pass", f"{detail} <= maxErrorRate {limit}")

@@ -244,6 +244,21 @@ def candidate_url(body: dict[str, Any], revision: str, hardware: HardwareClass, 
     return f"http://{host}:{spec.serving.port}"
 
 
+def build_shadow_entry(body: dict[str, Any], revision: str, hardware: HardwareClass, cluster_ip: str | None) -> str:
+    """The shadow ConfigMap value that makes stable pods of `hardware` mirror to candidate `revision`.
+
+    JSON of {url, mirrorPercent, candidateRevision, agreement}, as `edgemodel serve --shadow-config` reads it.
+    """
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    entry = {
+        "url": candidate_url(body, revision, hardware, cluster_ip),
+        "mirrorPercent": spec.rollout.shadow.mirror_percent,
+        "candidateRevision": revision,
+        "agreement": spec.rollout.analysis.agreement.runtime_config(),
+    }
+    return json.dumps(entry, sort_keys=True)
+
+
 def build_deployment_for_class(
     body: dict[str, Any],
     hardware: HardwareClass,

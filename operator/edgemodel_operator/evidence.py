@@ -27,6 +27,7 @@ FIELDS = {
     "edgemodel_shadow_candidate_errors_total": "errors",
     "edgemodel_shadow_latency_ratio_sum": "ratio_sum",
     "edgemodel_shadow_latency_ratio_count": "ratio_count",
+    "edgemodel_shadow_disagreed_total": "disagreed",  # by label `reason`
 }
 
 
@@ -39,6 +40,7 @@ def _evidence(sums: Mapping[str, float], pods: int) -> Evidence:
         errors=sums.get("errors", 0.0),
         latency_ratio=sums.get("ratio_sum", 0.0) / count if count else None,
         pods=pods,
+        disagreed=tuple(sorted((k.split(":", 1)[1], v) for k, v in sums.items() if k.startswith("disagreed:"))),
     )
 
 
@@ -53,6 +55,8 @@ def summed(
         key = labels.get("class", "")
         if field is None or candidates.get(key) != labels.get("candidate_revision"):
             continue
+        if field == "disagreed":
+            field = f"disagreed:{labels.get('reason', 'unknown')}"
         sums.setdefault(key, {})[field] = sums.get(key, {}).get(field, 0.0) + value
         sources.setdefault(key, set()).add(labels.get("pod") or labels.get("instance") or "")
     return {key: _evidence(values, len(sources[key])) for key, values in sums.items()}

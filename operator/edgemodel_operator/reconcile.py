@@ -31,7 +31,7 @@ from edgemodel_operator.builders import (
     build_revision_service,
     build_service,
     build_shadow_configmap,
-    candidate_url,
+    build_shadow_entry,
     child_name,
     revision_of,
     shadow_configmap_name,
@@ -250,7 +250,7 @@ class _Planner:
             "artifactDigest": artifact,
             "buildSeconds": report.get("buildSeconds"),
         }
-        if report.get("metrics") or report.get("latency"):
+        if report.get("metrics") or report.get("latency") or report.get("validation"):
             entry["metrics"] = _metrics(report)
         if not artifact:
             return self._with_stable(
@@ -319,7 +319,8 @@ class _Planner:
         if started is None:
             started = self.now
             self._event("ShadowStarted", f"{hardware.key}: mirroring {rollout.shadow.mirror_percent:g}% of "
-                        f"{stable_revision}'s requests to {self.revision}")  # fmt: skip
+                        f"{stable_revision}'s requests to {self.revision}; a request agrees within "
+                        f"{self.spec.rollout.analysis.agreement.describe()}")  # fmt: skip
         evidence = self.observed.evidence.get(hardware.key) or Evidence()
         approved = self.annotations.get(APPROVE) == self.revision
         verdict = analyse(evidence, rollout, _seconds_between(started, self.now), approved=approved)
@@ -343,11 +344,7 @@ class _Planner:
             (s for s in self.observed.services if s["metadata"]["name"] == candidate["metadata"]["name"]), {}
         )
         cluster_ip = (service.get("spec") or {}).get("clusterIP")
-        self.shadow_data[key] = json.dumps({
-            "url": candidate_url(self.body, self.revision, hardware, cluster_ip),
-            "mirrorPercent": rollout.shadow.mirror_percent,
-            "candidateRevision": self.revision,
-        }, sort_keys=True)  # fmt: skip
+        self.shadow_data[key] = build_shadow_entry(self.body, self.revision, hardware, cluster_ip)
         self.plan.analysing = True
         waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={self.revision}",
                    "Rollback": f"failed; waiting for annotation {REJECT}={self.revision}"}  # fmt: skip
@@ -472,11 +469,15 @@ def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Ver
 def _metrics(report: Obj) -> Obj:
     metrics = report.get("metrics") or {}
     latency = report.get("latency") or {}
+    validation = report.get("validation") or {}
     figures = {
         "maxAbsError": metrics.get("max_abs_error"),
         "maxRelativeError": metrics.get("max_relative_error"),
         "cosine": metrics.get("cosine"),
         "top1Agreement": metrics.get("top1_agreement"),
+        "worstSample": metrics.get("worst_sample"),
+        "validation": validation.get("verdict"),
+        "uninformativeOutputs": validation.get("uninformative") or None,
         "latencyP50Ms": latency.get("p50_ms"),
         "latencyP99Ms": latency.get("p99_ms"),
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from typing import Any
 import httpx
 
 from edgemodel_runtime import samples
-from edgemodel_runtime.build.compare import Tolerance
+from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolerances
 from edgemodel_runtime.build.pipeline import BuildRequest, DataFile, build
 from edgemodel_runtime.build.tensors import save_samples
 from edgemodel_runtime.packaged import OCR_REC
@@ -94,6 +95,16 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
+def _by_label(text: str, name: str, label: str) -> dict[str, int]:
+    """A counter's values by one label, e.g. disagreements by reason."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'{label}="' in line:
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            counts[value] = counts.get(value, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
 @dataclass(frozen=True)
 class Evidence:
     requests: int
@@ -101,9 +112,10 @@ class Evidence:
     compared: int
     agreed: int
     candidate_errors: int
-    latency_ratio: float
+    latency_ratio: float  # NaN when no compared request was timed
     stable_p50_ms: float
     stable_p99_ms: float
+    disagreed: dict[str, int]  # compared requests that disagreed, by the first reason
 
 
 @dataclass(frozen=True)
@@ -118,10 +130,12 @@ def decide(evidence: Evidence, criteria: Criteria) -> tuple[str, str]:
     """Promote or roll back: a chain of small checks, the first failing one decides."""
     agreement = evidence.agreed / evidence.compared if evidence.compared else 0.0
     error_rate = evidence.candidate_errors / max(1, evidence.compared + evidence.candidate_errors)
+    # A figure that is not a finite number passes no check: NaN compares false, and says so.
     checks = [
         (evidence.compared >= criteria.min_requests, f"only {evidence.compared} mirrored requests were compared"),
         (error_rate <= criteria.max_error_rate, f"candidate error rate {error_rate:.3f} > {criteria.max_error_rate}"),
         (agreement >= criteria.min_agreement, f"agreement {agreement:.3f} < minAgreement {criteria.min_agreement}"),
+        (math.isfinite(evidence.latency_ratio), "no latency ratio was measured"),
         (
             evidence.latency_ratio <= criteria.max_latency_ratio,
             f"latency ratio {evidence.latency_ratio:.2f} > maxLatencyRatio {criteria.max_latency_ratio}",
@@ -186,22 +200,26 @@ def _evidence(stable: str, requests: int, latencies: list[float], failed: int) -
         latency_ratio=_metric(text, "edgemodel_shadow_latency_ratio_sum") / count if count else float("nan"),
         stable_p50_ms=1000 * latencies[len(latencies) // 2],
         stable_p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        disagreed=_by_label(text, "edgemodel_shadow_disagreed_total", "reason"),
     )
 
 
 def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tuple[str, str]) -> str:
-    rows = ["", "engine            precision  build s  p50 ms  p99 ms  vs fp32  max rel. error  cosine"]
+    rows = ["", "engine            precision  build s  p50 ms  p99 ms  vs fp32  max rel. error  cosine  worst sample"]
     for role, report in builds.items():
-        figures = report.get("candidate", {}).get("comparison", {})
+        fell_back = report.get("precision") != report.get("requestedPrecision")
+        figures = report.get("fp32" if fell_back else "candidate", {}).get("comparison", {})
         latency = report.get("latency", {})
         speedup = report.get("int8Speedup")
         versus = f"{speedup:.2f}x" if speedup else "-"
-        cosine = figures.get("cosine")
         rows.append(
             f"{role:17} {report['precision']:9} {report['buildSeconds']:8.1f} {latency['p50_ms']:7.2f} "
-            f"{latency['p99_ms']:7.2f} {versus:>8} {figures.get('max_relative_error', 0):15.3g} "
-            f"{'-' if cosine is None else f'{cosine:.4f}'}"
+            f"{latency['p99_ms']:7.2f} {versus:>8} {_figure(figures.get('max_relative_error'), '.3g'):>15} "
+            f"{_figure(figures.get('cosine'), '.4f'):>7} {_figure(figures.get('worst_sample'), 'd'):>13}"
         )
+        uninformative = (report.get("validation") or {}).get("uninformative")
+        if uninformative:
+            rows.append(f"{'':17} uninformative reference outputs, not judged: {uninformative}")
     rows.append("(vs fp32: INT8 against FP32 timed side by side in the INT8 build; other timings differ run to run)")
     agreement = evidence.agreed / evidence.compared if evidence.compared else 0.0
     rows += [
@@ -210,9 +228,16 @@ def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tupl
         f"client p50 {evidence.stable_p50_ms:.1f} ms, p99 {evidence.stable_p99_ms:.1f} ms",
         f"shadow            {evidence.compared} compared, {evidence.agreed} agreed ({agreement:.1%}), "
         f"{evidence.candidate_errors} candidate errors, latency ratio {evidence.latency_ratio:.2f}",
+        f"agreement         a request agrees within {Tolerances(DEFAULT_AGREEMENT).describe()} on every output; "
+        f"disagreed by first reason: {evidence.disagreed or 'none'}",
         f"decision          {decision[0].upper()}: {decision[1]}",
     ]
     return "\n".join(rows)
+
+
+def _figure(value: Any, spec: str) -> str:
+    """A figure of the build report, or '-' where there is none (an uninformative output, a perfect run)."""
+    return "-" if value is None else format(value, spec)
 
 
 def run(requests: int, work: Path) -> dict[str, Any]:

@@ -130,6 +130,36 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ("agreement above 1", _set("spec.rollout.analysis", {"minAgreement": 1.2}), "minAgreement", "less than or equal"),
     ("error rate above 1", _set("spec.rollout.analysis", {"maxErrorRate": 2}), "maxErrorRate", "less than or equal"),
     ("zero latency ratio", _set("spec.rollout.analysis", {"maxLatencyRatio": 0}), "maxLatencyRatio", "greater than"),
+    (
+        "zero agreement relative error",
+        _set("spec.rollout.analysis", {"agreement": {"maxRelativeError": 0}}),
+        "maxRelativeError",
+        "greater than 0",
+    ),
+    (
+        "agreement top-1 above 1",
+        _set("spec.rollout.analysis", {"agreement": {"minTop1Agreement": 1.5}}),
+        "minTop1Agreement",
+        "less than or equal to 1",
+    ),
+    (
+        "agreement cosine below -1",
+        _set("spec.rollout.analysis", {"agreement": {"minCosine": -2}}),
+        "minCosine",
+        "greater than or equal to -1",
+    ),
+    (
+        "agreement output entry without a limit",
+        _set("spec.rollout.analysis", {"agreement": {"outputs": [{"name": "boxes"}]}}),
+        "spec.rollout.analysis.agreement.outputs[0]",
+        "must set at least one of",
+    ),
+    (
+        "agreement output named twice",
+        _set("spec.rollout.analysis", {"agreement": {"outputs": [{"name": "y", "minCosine": 0.9}] * 2}}),
+        "spec.rollout.analysis.agreement.outputs[1]",
+        "Duplicate value",
+    ),
     ("mirror percent above 100", _set("spec.rollout.shadow.mirrorPercent", 101), "mirrorPercent", "less than or equal"),
     ("negative mirror percent", _set("spec.rollout.shadow.mirrorPercent", -5), "mirrorPercent", "greater than 0"),
     ("zero mirror percent", _set("spec.rollout.shadow.mirrorPercent", 0), "mirrorPercent", "greater than 0"),
@@ -182,7 +212,12 @@ def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbe
     crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(valid_manifest()))
     stored = json.loads(crd.kubectl("get", "em", "valid", "-n", namespace, "-o", "json").stdout)
     assert stored["spec"]["serving"] == {"mode": "Deployment", "port": 8080}
-    assert stored["spec"]["rollout"]["analysis"] == {"minAgreement": 0.99, "maxLatencyRatio": 1.5, "maxErrorRate": 0.01}
+    assert stored["spec"]["rollout"]["analysis"] == {
+        "minAgreement": 0.99,
+        "maxLatencyRatio": 1.5,
+        "maxErrorRate": 0.01,
+        "agreement": {"maxRelativeError": 0.05, "minTop1Agreement": 1.0},
+    }
     assert stored["spec"]["rollout"]["autoPromote"] is True
 
 

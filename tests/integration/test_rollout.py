@@ -344,6 +344,9 @@ def test_a_disagreeing_candidate_is_rolled_back_with_the_measured_agreement(scen
     assert decided["state"] == "RolledBack", decided
     assert decided["shadow"]["agreement"] < MIN_AGREEMENT
     assert "agreement" in decided["message"]
+    # The limits that decided each request, and why requests disagreed, as Prometheus measured them.
+    assert "agreeing within maxRelativeError 0.05, minTop1Agreement 1" in decided["message"]
+    assert "disagreed by first reason: " in decided["message"]
     assert decided["revision"] == stable  # the stable revision kept serving
     eventually(lambda: len(scene.kubelet.pods) == 1, what="the candidate removed")
     status = get(scene.bed, "em", NAME, "-n", scene.namespace)["status"]

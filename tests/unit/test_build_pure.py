@@ -1,13 +1,12 @@
-"""Pure parts of `edgemodel build`: URI checks, metrics, tolerances, cache keys, compact reports."""
+"""Pure parts of `edgemodel build`: URI checks, cache keys, compact reports (comparisons: test_compare.py)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from edgemodel_runtime.build import compare, report, tensors
+from edgemodel_runtime.build import report, tensors
 from edgemodel_runtime.build.errors import BadInputError, ExitCode
 from edgemodel_runtime.build.fetch import check_digest, parse_source
 
@@ -60,59 +59,6 @@ def test_digests_are_normalised(digest: str) -> None:
 def test_malformed_digests_are_refused(digest: str) -> None:
     with pytest.raises(BadInputError, match="not a SHA-256 digest"):
         check_digest(digest)
-
-
-def _outputs(*arrays: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"y": a} for a in arrays]
-
-
-def test_identical_outputs_compare_perfectly() -> None:
-    reference = _outputs(np.array([[0.1, 0.9, 0.0]], np.float32))
-    result = compare.compare(reference, reference)
-    assert (result.max_abs_error, result.max_relative_error, result.top1_agreement) == (0, 0, 1.0)
-    assert result.cosine == pytest.approx(1.0)
-
-
-def test_near_zero_reference_leaves_cosine_undefined_instead_of_reporting_noise() -> None:
-    reference = _outputs(np.full((1, 64), 1e-9, np.float32))
-    candidate = _outputs(np.full((1, 64), -1e-9, np.float32))
-    result = compare.compare(reference, candidate)
-    assert result.cosine is None
-    assert result.max_abs_error == pytest.approx(2e-9)
-
-
-def test_relative_error_is_measured_against_the_reference_range() -> None:
-    reference = _outputs(np.array([[0.0, 10.0]], np.float32))
-    candidate = _outputs(np.array([[0.5, 10.0]], np.float32))
-    assert compare.compare(reference, candidate).max_relative_error == pytest.approx(0.05)
-
-
-def test_top1_agreement_counts_positions_with_the_same_argmax() -> None:
-    reference = _outputs(np.array([[[1, 0], [0, 1], [1, 0], [0, 1]]], np.float32))
-    candidate = _outputs(np.array([[[1, 0], [1, 0], [1, 0], [0, 1]]], np.float32))
-    assert compare.compare(reference, candidate).top1_agreement == 0.75
-
-
-def test_outputs_of_different_shapes_cannot_be_compared() -> None:
-    with pytest.raises(ValueError, match="shape"):
-        compare.compare(_outputs(np.zeros((1, 2))), _outputs(np.zeros((1, 3))))
-
-
-@pytest.mark.parametrize(
-    ("tolerance", "expected"),
-    [
-        (compare.Tolerance(max_abs_error=0.5), []),
-        (compare.Tolerance(max_abs_error=0.01), ["max abs error 0.1 > maxAbsError 0.01"]),
-        (compare.Tolerance(min_cosine=0.999), ["cosine 0.990000 < minCosine 0.999"]),
-        (compare.Tolerance(min_top1_agreement=0.9), ["top-1 agreement 0.8000 < minTop1Agreement 0.9"]),
-        (compare.Tolerance(max_relative_error=0.05), ["max relative error 0.2 > maxRelativeError 0.05"]),
-    ],
-)
-def test_each_missed_tolerance_is_a_sentence_with_its_numbers(
-    tolerance: compare.Tolerance, expected: list[str]
-) -> None:
-    figures = compare.Comparison(samples=4, max_abs_error=0.1, max_relative_error=0.2, cosine=0.99, top1_agreement=0.8)
-    assert compare.failures(figures, tolerance) == expected
 
 
 def test_cache_key_changes_with_every_input_and_only_then() -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from edgemodel_operator.api.agreement import Agreement
 from edgemodel_operator.api.fields import (
     ApiModel,
     Duration,
@@ -296,6 +297,12 @@ class Analysis(ApiModel):
     )
     max_error_rate: Rate = Field(
         default=0.01, description="Largest allowed share of mirrored requests that fail on the candidate, in [0, 1]."
+    )
+    agreement: Agreement = Field(
+        default_factory=Agreement,
+        description="When one mirrored request counts as agreeing (default: maxRelativeError 0.05 and the same top-1 "
+        "class on every row).",
+        json_schema_extra={"default": {}},
     )
 
 

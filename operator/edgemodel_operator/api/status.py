@@ -42,6 +42,20 @@ class EngineMetrics(ApiModel):
     )
     cosine: float | None = Field(default=None, description="Smallest cosine similarity to the reference.")
     top1_agreement: float | None = Field(default=None, description="Share of samples with the same arg-max class.")
+    worst_sample: int | None = Field(
+        default=None, ge=0, description="Index of the reference sample with the largest error (0-based)."
+    )
+    validation: Literal["passed", "uninformative"] | None = Field(
+        default=None,
+        description="Validation's verdict: passed, or uninformative when no output's reference values could "
+        "discriminate (near zero, near constant or not finite), so that the figures decided nothing.",
+    )
+    uninformative_outputs: list[str] | None = Field(
+        default=None,
+        max_length=8,
+        description="Outputs whose reference values cannot discriminate; validation did not judge their figures "
+        "(build report.json says why for each).",
+    )
     latency_p50_ms: float | None = Field(default=None, description="Median latency of one inference.")
     latency_p99_ms: float | None = Field(default=None, description="99th percentile latency of one inference.")
 

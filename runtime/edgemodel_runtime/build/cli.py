@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,7 +73,7 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
             value = float(raw)
         except ValueError as error:
             raise BadInputError(f"--tolerance {item!r}: {raw!r} is not a number", reason="InvalidOption") from error
-        if value <= 0 or (key.startswith("min") and value > 1):
+        if not math.isfinite(value) or value <= 0 or (key.startswith("min") and value > 1):
             raise BadInputError(f"--tolerance {item!r}: out of range", reason="InvalidOption")
         values[_TOLERANCE_KEYS[key]] = value
     return compare.Tolerance(**values)

@@ -298,22 +298,39 @@ class _Build:
         self, artifact: Path, samples: list[tensors.Sample], expected: list[tensors.Sample]
     ) -> compare.Comparison:
         tolerance = self.request.tolerance or compare.DEFAULT_TOLERANCES[self.request.precision]
+        self.report["tolerance"] = vars(tolerance)
+        comparison = self._compare(artifact, samples, expected)
+        self.report["candidate"] = {"comparison": comparison.as_dict()}
+        self._judge(comparison, tolerance, f"{self.request.engine} {self.request.precision} engine")
+        return comparison
+
+    def _compare(
+        self, artifact: Path, samples: list[tensors.Sample], expected: list[tensors.Sample]
+    ) -> compare.Comparison:
         try:
-            comparison = compare.compare(expected, self._outputs(artifact, samples))
+            return compare.compare(expected, self._outputs(artifact, samples))
         except (ValueError, KeyError) as error:
             raise BadInputError(
                 f"engine outputs do not match the reference's: {error}", reason="OutputMismatch"
             ) from error
-        self.report["tolerance"] = vars(tolerance)
-        self.report["candidate"] = {"comparison": comparison.as_dict()}
+
+    def _judge(self, comparison: compare.Comparison, tolerance: compare.Tolerance, what: str) -> None:
+        """Record the verdict in the report; raise ValidationFailedError on any miss (non-finite values first)."""
         missed = compare.failures(comparison, tolerance)
+        verdict = report.validation_verdict(comparison, [m.text for m in missed])
+        self.report["validation"] = verdict
+        if verdict["uninformative"]:
+            _log(
+                "the reference cannot discriminate: "
+                + "; ".join(f"{k} {v}" for k, v in verdict["uninformative"].items())
+            )
         if missed:
+            nonfinite = any(m.label == "nonfinite" for m in missed)
             raise ValidationFailedError(
-                f"{self.request.engine} {self.request.precision} engine missed its tolerance: " + "; ".join(missed),
-                reason="ToleranceMissed",
+                f"{what} failed validation: " + "; ".join(m.text for m in missed),
+                reason="NonFiniteOutputs" if nonfinite else "ToleranceMissed",
                 details={"comparison": comparison.as_dict()},
             )
-        return comparison
 
     def _runner(self, artifact: Path, sample: tensors.Sample) -> measure.Runner:
         if self.request.engine == "tensorrt":
@@ -352,8 +369,10 @@ class _Build:
             if speedup < request.int8_min_speedup:
                 final = fp32
                 self.report["precision"] = "fp32"
-                fp32_comparison = compare.compare(expected, self._outputs(fp32, samples))
+                fp32_comparison = self._compare(fp32, samples, expected)
                 self.report["fp32"]["comparison"] = fp32_comparison.as_dict()
+                fallback_tolerance = request.tolerance or compare.DEFAULT_TOLERANCES["fp32"]
+                self._judge(fp32_comparison, fallback_tolerance, "fp32 fallback engine")
                 decision = {
                     "action": "fallback-fp32",
                     "reason": f"int8 was {speedup:.2f}x fp32 on this class, below the {request.int8_min_speedup}x "
@@ -399,7 +418,7 @@ class _Build:
         return (
             f"built {self.report['engine']} {self.report['precision']} for {self.report['classKey']}: "
             f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
-            f"max abs error {figures.get('max_abs_error', 0):.3g}, cosine {figures.get('cosine')}"
+            + report.describe_validation(figures, self.report.get("validation") or {})
         )
 
     def _write(self) -> None:

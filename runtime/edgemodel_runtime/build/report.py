@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
+
+from edgemodel_runtime.build.compare import Comparison
 
 REPORT_VERSION = 1
 TERMINATION_LIMIT = 4096
@@ -29,6 +32,56 @@ def cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+HEADLINE = ("max_abs_error", "max_relative_error", "cosine", "top1_agreement", "nonfinite", "worst_sample", "samples")
+
+
+def validation_verdict(comparison: Comparison, failures: Sequence[str]) -> dict[str, Any]:
+    """What validation concluded: `failed` (with every reason), `uninformative` (no output's reference can
+    discriminate, so the figures decide nothing) or `passed`; which outputs were uninformative and why, and the
+    worst sample (0-based index into the reference samples)."""
+    uninformative = {o.name: o.uninformative for o in comparison.outputs if o.uninformative is not None}
+    verdict = "failed" if failures else "passed" if comparison.informative else "uninformative"
+    return {
+        "verdict": verdict,
+        "failures": list(failures),
+        "uninformative": uninformative,
+        "worstSample": comparison.worst_sample,
+    }
+
+
+def describe_validation(figures: dict[str, Any], validation: dict[str, Any]) -> str:
+    """One clause for the build's summary line: the headline figures, or why there are none."""
+    if validation.get("verdict") == "uninformative":
+        reasons = "; ".join(f"{k}: {v}" for k, v in (validation.get("uninformative") or {}).items())
+        return f"validation uninformative, the reference cannot discriminate ({reasons})"
+    text = ", ".join(
+        f"{label} {figures[key]:.3g}" if isinstance(figures.get(key), float) else f"{label} n/a"
+        for key, label in (("max_abs_error", "max abs error"), ("max_relative_error", "max relative error"),
+                           ("cosine", "cosine"))
+    )  # fmt: skip
+    if validation.get("worstSample") is not None:
+        text += f", worst sample {validation['worstSample']}"
+    if validation.get("uninformative"):
+        text += f"; uninformative outputs not judged: {', '.join(validation['uninformative'])}"
+    return text
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
+    served = report.get("fp32") if report.get("precision") != report.get("requestedPrecision") else None
+    comparison = (served or {}).get("comparison") or (report.get("candidate") or {}).get("comparison")
+    if not comparison:
+        return None
+    return {key: comparison.get(key) for key in HEADLINE if key in comparison}
+
+
+def _compact_validation(validation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The verdict and the uninformative outputs' names (reasons are in report.json), bounded in size."""
+    if not validation:
+        return None
+    names = list(validation.get("uninformative") or {})
+    return {"verdict": validation.get("verdict"), "uninformative": names[:8]}
+
+
 def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
     """The fields the operator needs, as JSON of at most `limit` bytes."""
     candidate = report.get("candidate") or {}
@@ -44,7 +97,8 @@ def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         "classKey": report.get("classKey"),
         "artifact": report.get("artifact"),
         "buildSeconds": report.get("buildSeconds"),
-        "metrics": candidate.get("comparison"),
+        "metrics": _headline(report),
+        "validation": _compact_validation(report.get("validation")),
         "latency": {k: candidate.get("latency", {}).get(k) for k in ("p50_ms", "p99_ms")} if candidate else None,
         "decision": report.get("decision"),
     }

@@ -295,7 +295,7 @@ class InferenceServer:
             self._phase["total"].observe(time.perf_counter() - started)
             outcome = "ok"
             if self.shadow is not None:
-                self.shadow.offer(body, _forwarded(headers), outputs, inference_seconds)
+                self.shadow.offer(body, _forwarded(headers), outputs, inference_seconds, request.requested_outputs)
             return 200, response, response_headers
         except (protocol.ProtocolError, _HttpError) as error:
             outcome = "client_error" if getattr(error, "status", 400) < 500 else "server_error"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -14,10 +15,16 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from edgemodel_runtime.build.compare import Tolerances
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
 from edgemodel_runtime.serve.model import ArtifactError, load, resolve
 from edgemodel_runtime.serve.shadow import ShadowConfig
-from edgemodel_runtime.serve.shadow_config import ShadowConfigError, ShadowConfigFile, check_candidate_url
+from edgemodel_runtime.serve.shadow_config import (
+    ShadowConfigError,
+    ShadowConfigFile,
+    check_candidate_url,
+    parse_agreement,
+)
 
 # What may appear as one segment of a URL path without encoding, in every client: the model name
 # and the revision are path segments of /v2/models/{name}/versions/{revision}/infer.
@@ -61,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--candidate-revision", help="label for the candidate in metrics, with --shadow-url")
     parser.add_argument("--mirror-percent", type=float, help="share of requests mirrored, 0-100, with --shadow-url")
+    parser.add_argument(
+        "--agreement",
+        metavar="JSON",
+        help='when a mirrored request agrees, with --shadow-url: {"maxRelativeError": 0.05, "minTop1Agreement": 1, '
+        '"maxAbsError": ..., "minCosine": ..., "outputs": {"NAME": {...}}} (default: the first two as shown)',
+    )
     parser.add_argument("--mirror-queue", type=int, default=64, help="copies waiting for the candidate before drops")
     parser.add_argument("--max-body-bytes", type=int, default=64 << 20, help="larger requests get 413")
     parser.add_argument("--threads", type=int, help="intra-op threads of the engine (default: all cores)")
@@ -113,11 +126,17 @@ def _check_shadow_arguments(args: argparse.Namespace) -> str | None:
         for flag, value in (
             ("--mirror-percent", args.mirror_percent),
             ("--candidate-revision", args.candidate_revision),
+            ("--agreement", args.agreement),
         ):
             if value is not None:
                 return f"{flag} goes with --shadow-url; {reason}"
     if not args.shadow_config_interval > 0:
         return "--shadow-config-interval must be more than 0 seconds"
+    if args.agreement is not None:
+        try:
+            _agreement(args.agreement)
+        except ShadowConfigError as error:
+            return f"--agreement: {error}"
     return _check_shadow_url(args) if args.shadow_url else None
 
 
@@ -139,6 +158,20 @@ def _is_this_server(url: str, host: str, port: int) -> bool:
     target_port = parts.port or (443 if parts.scheme == "https" else 80)
     listening = {host} | (_LOCAL_HOSTS if host in _LOCAL_HOSTS else set())
     return target_port == port and (parts.hostname or "") in listening
+
+
+def _agreement(text: str | None) -> Tolerances:
+    if text is None:
+        return parse_agreement(None)
+    try:
+        value = json.loads(text, parse_constant=_refuse)
+    except ValueError as error:
+        raise ShadowConfigError(f"not valid JSON: {error}") from error
+    return parse_agreement(value)
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _graceful_server() -> Any:
@@ -173,6 +206,7 @@ def serve_command(argv: Sequence[str]) -> int:
             mirror_percent=100.0 if args.mirror_percent is None else args.mirror_percent,
             candidate_revision=args.candidate_revision or "candidate",
             queue_size=args.mirror_queue,
+            agreement=_agreement(args.agreement),
         )
     shadow_file = None
     if args.shadow_config:

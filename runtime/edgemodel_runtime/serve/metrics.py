@@ -28,6 +28,7 @@ class ServerMetrics:
     shadow_dropped: Counter
     shadow_compared: Counter
     shadow_agreed: Counter
+    shadow_disagreed: Counter
     shadow_errors: Counter
     shadow_latency_ratio: Histogram
     shadow_max_abs_error: Histogram
@@ -76,6 +77,13 @@ def create() -> ServerMetrics:
             "edgemodel_shadow_agreed",
             "Compared requests whose outputs agreed within the agreement tolerance.",
             shadow_labels,
+            registry=registry,
+        ),
+        shadow_disagreed=Counter(
+            "edgemodel_shadow_disagreed",
+            "Compared requests whose outputs disagreed, by the first reason: missing_output, extra_output, shape, "
+            "datatype, nonfinite, exact, abs_error, relative_error, cosine, top1.",
+            (*shadow_labels, "reason"),
             registry=registry,
         ),
         shadow_errors=Counter(

@@ -4,21 +4,32 @@ The client is answered first. A copy goes into a bounded queue (dropped and coun
 workers send it to the candidate, compare the candidate's outputs with stable's, and record
 agreement, latency ratio and errors. A candidate that is down, slow or wrong can only cost queue
 slots, never a client request.
+
+What is compared is what the client was answered: the outputs it asked for (all of them when it
+named none), matched by name. The copy asks the candidate for every output it has, as binary data
+whatever the client chose, so that values arrive exactly (JSON cannot carry NaN or infinities) and
+an output the candidate lacks shows as missing rather than as a refused request; of its answer, the
+outputs the client asked for are compared. A candidate that lacks one of them, answers one stable
+does not have (when the client named none), or holds one of another shape or datatype disagrees,
+with a reason, as do values outside the agreement tolerance (edgemodel_runtime.build.compare).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import numpy.typing as npt
+import orjson
 
-from edgemodel_runtime.build.compare import compare
+from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerances, agreement
 from edgemodel_runtime.serve import protocol
 from edgemodel_runtime.serve.metrics import ServerMetrics
 
@@ -33,7 +44,8 @@ class ShadowConfig:
     queue_size: int = 64
     workers: int = 2
     timeout_s: float = 5.0
-    agreement_relative_error: float = 0.05  # larger relative differences, or another top-1 class, disagree
+    # When a mirrored request agrees: every compared output within these limits (spec.rollout.analysis.agreement).
+    agreement: Tolerances = field(default_factory=lambda: Tolerances(DEFAULT_AGREEMENT))
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class _Copy:
     headers: dict[str, str]
     stable_outputs: dict[str, npt.NDArray[Any]]
     stable_seconds: float
+    requested: tuple[str, ...] | None
 
 
 class ShadowMirror:
@@ -82,13 +95,26 @@ class ShadowMirror:
             await self._client.aclose()
 
     def offer(
-        self, body: bytes, headers: dict[str, str], stable_outputs: dict[str, npt.NDArray[Any]], stable_seconds: float
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        stable_outputs: dict[str, npt.NDArray[Any]],
+        stable_seconds: float,
+        requested: Sequence[str] | None = None,
     ) -> None:
-        """Maybe copy a served request; never blocks and never raises."""
+        """Maybe copy a served request; never blocks and never raises.
+
+        `stable_outputs` are every output stable computed; `requested` the names the client asked for
+        (None: all), which are the ones stable answered and the candidate will answer.
+        """
         if self._random.random() * 100 >= self.config.mirror_percent:
             return
+        answered = (
+            stable_outputs if requested is None else {n: stable_outputs[n] for n in requested if n in stable_outputs}
+        )
         try:
-            self._queue.put_nowait(_Copy(body, headers, stable_outputs, stable_seconds))
+            names = None if requested is None else tuple(requested)
+            self._queue.put_nowait(_Copy(body, headers, answered, stable_seconds, names))
         except asyncio.QueueFull:
             self.metrics.shadow_dropped.labels(**self.labels).inc()
             return
@@ -109,11 +135,10 @@ class ShadowMirror:
 
     async def _replay(self, item: _Copy) -> None:
         assert self._client is not None
+        body, headers = every_output_in_binary(item.body, item.headers)
         started = time.perf_counter()
         try:
-            response = await self._client.post(
-                f"/v2/models/{self.model_name}/infer", content=item.body, headers=item.headers
-            )
+            response = await self._client.post(f"/v2/models/{self.model_name}/infer", content=body, headers=headers)
         except httpx.TimeoutException:
             self._error("timeout")
             return
@@ -129,28 +154,25 @@ class ShadowMirror:
         except protocol.ProtocolError:
             self._error("bad_response")
             return
-        if set(outputs) != set(item.stable_outputs):
-            self._error("output_mismatch")
-            return
-        try:
-            figures = compare([item.stable_outputs], [outputs])
-        except ValueError:
-            self._error("output_mismatch")
-            return
-        candidate_seconds = float(response.headers.get(INFERENCE_TIME_HEADER, round_trip))
+        if item.requested is not None:
+            outputs = {name: outputs[name] for name in item.requested if name in outputs}
+        # Off the event loop: comparing large outputs is numpy work that would hold up client requests.
+        comparison, missed = await asyncio.to_thread(agreement, item.stable_outputs, outputs, self.config.agreement)
         labels = self.labels
         self.metrics.shadow_compared.labels(**labels).inc()
-        agreed = figures.max_relative_error <= self.config.agreement_relative_error and figures.top1_agreement in (
-            None,
-            1.0,
-        )
-        if agreed:
+        if missed:
+            self.metrics.shadow_disagreed.labels(**labels, reason=missed[0].label).inc()
+        else:
             self.metrics.shadow_agreed.labels(**labels).inc()
+        candidate_seconds = inference_seconds(response.headers.get(INFERENCE_TIME_HEADER), round_trip)
         if item.stable_seconds > 0:
             self.metrics.shadow_latency_ratio.labels(**labels).observe(candidate_seconds / item.stable_seconds)
-        self.metrics.shadow_max_abs_error.labels(**labels).observe(figures.max_abs_error)
-        if figures.cosine is not None:
-            self.metrics.shadow_cosine.labels(**labels).observe(figures.cosine)
+        if comparison is not None:
+            errors = [o.max_abs_error for o in comparison.outputs if o.max_abs_error is not None]
+            if errors:
+                self.metrics.shadow_max_abs_error.labels(**labels).observe(max(errors))
+            if comparison.cosine is not None:
+                self.metrics.shadow_cosine.labels(**labels).observe(comparison.cosine)
 
     async def drain(self, timeout: float) -> None:
         """Wait until queued copies are processed (for tests and orderly shutdown)."""
@@ -170,3 +192,33 @@ class ShadowMirror:
             abandoned = self._queue.qsize()
             await self.stop()
         return abandoned
+
+
+def inference_seconds(header: str | None, round_trip: float) -> float:
+    """The candidate's own inference time from its header, or the round trip when absent or not a time."""
+    try:
+        seconds = float(header) if header is not None else round_trip
+    except ValueError:
+        return round_trip
+    return seconds if math.isfinite(seconds) and seconds >= 0 else round_trip
+
+
+def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """The same request asking for every output as binary data (unchanged if it cannot be read).
+
+    Binary outputs carry every value exactly, where JSON cannot carry NaN or infinities; asking for
+    all outputs lets an output the candidate lacks show as missing instead of a refused request.
+    """
+    length = headers.get(protocol.BINARY_HEADER)
+    try:
+        cut = int(length) if length is not None else len(body)
+        document = orjson.loads(body[:cut])
+        if not isinstance(document, dict) or not 0 <= cut <= len(body):
+            return body, headers
+        parameters = document.get("parameters") or {}
+        document["parameters"] = {**parameters, "binary_data_output": True}
+        document.pop("outputs", None)
+        header = orjson.dumps(document)
+    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
+        return body, headers
+    return header + body[cut:], {**headers, protocol.BINARY_HEADER: str(len(header))}

@@ -5,7 +5,11 @@ directory and swapping the `..data` symlink. So the file is read by path at ever
 handle or an inotify watch would keep following the old directory. Polling a small file every
 couple of seconds costs nothing next to inference.
 
-The file holds `{"url": "http://candidate:8080", "mirrorPercent": 100, "candidateRevision": "abc"}`.
+The file holds `{"url": "http://candidate:8080", "mirrorPercent": 100, "candidateRevision": "abc",
+"agreement": {...}}`, where the optional `agreement` decides when a mirrored request agrees:
+`{"maxRelativeError": 0.05, "minTop1Agreement": 1, "maxAbsError": ..., "minCosine": ...,
+"outputs": {"NAME": {<the same limits>}}}` (unset limits are unchecked; an output's entry overrides
+the limits it sets; without `agreement`, maxRelativeError 0.05 and minTop1Agreement 1).
 An absent file, an empty one or `{}` means no mirroring. Content that does not parse or validate is
 reported (log line, `edgemodel_shadow_config_reloads_total{result="invalid"}` and
 `edgemodel_shadow_config_last_reload_successful` 0) and the previous configuration stays.
@@ -23,10 +27,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolerances
 from edgemodel_runtime.serve.metrics import ServerMetrics
 from edgemodel_runtime.serve.shadow import ShadowConfig
 
-KEYS = ("url", "mirrorPercent", "candidateRevision")
+KEYS = ("url", "mirrorPercent", "candidateRevision", "agreement")
+# Agreement limits: JSON key, Tolerance field, smallest and largest value allowed.
+LIMITS = {
+    "maxAbsError": ("max_abs_error", 0.0, 1e30),
+    "maxRelativeError": ("max_relative_error", 0.0, 1e6),
+    "minCosine": ("min_cosine", -1.0, 1.0),
+    "minTop1Agreement": ("min_top1_agreement", 0.0, 1.0),
+}
 
 
 class ShadowConfigError(ValueError):
@@ -85,7 +97,44 @@ def parse_shadow_config(content: bytes, queue_size: int = 64) -> ShadowConfig | 
         mirror_percent=float(percent),
         candidate_revision=revision,
         queue_size=queue_size,
+        agreement=parse_agreement(document.get("agreement")),
     )
+
+
+def _limits(value: Any, where: str, extra: tuple[str, ...] = ()) -> Tolerance:
+    if not isinstance(value, dict):
+        raise ShadowConfigError(f"{where} must be a JSON object, not {json.dumps(value)}")
+    unknown = sorted(set(value) - set(LIMITS) - set(extra))
+    if unknown:
+        raise ShadowConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(LIMITS)}")
+    limits: dict[str, float] = {}
+    for key, (name, low, high) in LIMITS.items():
+        number = value.get(key)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ShadowConfigError(f"{where}.{key} must be a number, not {json.dumps(number)}")
+        exclusive = key.startswith("max")  # an error limit of 0 would refuse every float difference
+        if not (low < number <= high if exclusive else low <= number <= high):
+            bounds = f"({low:g}, {high:g}]" if exclusive else f"[{low:g}, {high:g}]"
+            raise ShadowConfigError(f"{where}.{key} must be within {bounds}, not {number}")
+        limits[name] = float(number)
+    return Tolerance(**limits)
+
+
+def parse_agreement(value: Any) -> Tolerances:
+    """The agreement tolerances an `agreement` object describes (None: the defaults); ShadowConfigError if invalid."""
+    if value is None:
+        return Tolerances(DEFAULT_AGREEMENT)
+    default = _limits(value, "agreement", extra=("outputs",))
+    outputs = value.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        raise ShadowConfigError("agreement.outputs must be a JSON object of output name -> limits")
+    per_output = tuple(
+        (name, default.merged(_limits(limits, f"agreement.outputs[{name!r}]")))
+        for name, limits in sorted(outputs.items())
+    )
+    return Tolerances(default, per_output)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -95,7 +144,10 @@ def _refuse_constant(name: str) -> Any:
 def describe(config: ShadowConfig | None) -> str:
     if config is None:
         return "no mirroring"
-    return f"mirroring {config.mirror_percent:g}% to {config.url} as candidate {config.candidate_revision}"
+    return (
+        f"mirroring {config.mirror_percent:g}% to {config.url} as candidate {config.candidate_revision}, "
+        f"agreeing within {config.agreement.describe()}"
+    )
 
 
 def _log(message: str) -> None:

@@ -1,0 +1,34 @@
+"""`edgemodel demo`'s decision: no figure that is not a number can promote a candidate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edgemodel_runtime.demo import Criteria, Evidence, decide
+
+
+def _evidence(**changes: float) -> Evidence:
+    figures = {"compared": 100, "agreed": 100, "candidate_errors": 0, "latency_ratio": 1.0}
+    figures |= changes
+    return Evidence(requests=100, failed=0, compared=int(figures["compared"]), agreed=int(figures["agreed"]),
+                    candidate_errors=int(figures["candidate_errors"]), latency_ratio=figures["latency_ratio"],
+                    stable_p50_ms=1.0, stable_p99_ms=2.0, disagreed={})  # fmt: skip
+
+
+def test_a_candidate_within_every_criterion_is_promoted() -> None:
+    assert decide(_evidence(), Criteria())[0] == "promote"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"latency_ratio": math.nan}, "no latency ratio was measured"),
+        ({"latency_ratio": math.inf}, "no latency ratio was measured"),
+        ({"agreed": 90}, "agreement 0.900 < minAgreement 0.99"),
+        ({"compared": 0, "agreed": 0}, "only 0 mirrored requests were compared"),
+    ],
+)
+def test_missing_or_non_finite_evidence_rolls_back_with_its_reason(changes: dict[str, float], reason: str) -> None:
+    assert decide(_evidence(**changes), Criteria()) == ("roll back", reason)
