@@ -9,6 +9,7 @@ has it, and misses the fp32 tolerance by four orders of magnitude).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import zipfile
@@ -25,6 +26,7 @@ from edgemodel_runtime.build import compare
 from edgemodel_runtime.build.errors import ExitCode
 from edgemodel_runtime.engines import openvino_engine
 from edgemodel_runtime.packaged import OCR_CLS
+from tests import onnx_models
 from tests.helpers import free_port
 from tests.integration.test_build import edgemodel_build, report_of
 from tests.integration.test_serve import EDGEMODEL, OUTPUT, Server
@@ -59,10 +61,10 @@ def _ort(arrays: list[np.ndarray]) -> list[dict[str, Any]]:
     return [{OUTPUT: np.asarray(session.run(None, {"x": a})[0])} for a in arrays]
 
 
-def _infer(server: Server, array: np.ndarray) -> tuple[int, dict[str, Any]]:
+def _infer(server: Server, array: np.ndarray, model: str = "cls") -> tuple[int, dict[str, Any]]:
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(array.shape), "data": array.ravel().tolist()}]}
     status, raw = server.request(
-        "POST", "/v2/models/cls/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        "POST", f"/v2/models/{model}/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     answer: dict[str, Any] = json.loads(raw)
     return status, answer
@@ -166,6 +168,36 @@ def test_a_request_of_another_shape_than_the_fixed_one_is_a_400(servers: dict[st
     status, answer = _infer(servers["fp32"], np.zeros((1, 3, 48, 100), np.float32))
     assert status == 400
     assert "expects [1, 3, 48, 192]" in answer["error"]
+
+
+@pytest.mark.parametrize(
+    ("fixed", "shape"), [((), [1, 16]), (("--input", "x=4x16"), [4, 16])], ids=["default", "input"]
+)
+def test_dynamic_dimensions_are_fixed_at_the_validated_shape(
+    fixed: tuple[str, ...], shape: list[int], tmp_path: Path
+) -> None:
+    model = onnx_models.tiny_classifier(tmp_path / "tiny.onnx")  # input x: [batch, 16]
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", digest, "--engine", "openvino", "--output", str(tmp_path / "engine"), *fixed
+    )
+    assert result.returncode == 0, result.stderr
+    config, _ = openvino_engine.read_config(tmp_path / "engine" / "model.openvino")
+    assert config.shapes == {"x": shape}
+    server = Server(tmp_path / "engine", "tiny", log_dir=tmp_path)
+    try:
+        described = json.loads(server.get("/v2/models/tiny")[1])
+        assert described["inputs"][0]["shape"] == shape
+        batch = np.random.default_rng(3).random(shape, dtype=np.float32)
+        status, answer = _infer(server, batch, "tiny")
+        assert status == 200, answer
+        served = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(answer["outputs"][0]["shape"])
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(served, session.run(None, {"x": batch})[0], rtol=1e-5, atol=1e-6)
+        status, answer = _infer(server, np.zeros([shape[0] + 1, 16], np.float32), "tiny")
+        assert status == 400, answer
+    finally:
+        assert server.stop() == 0
 
 
 def _serve(artifact: Path) -> subprocess.CompletedProcess[str]:

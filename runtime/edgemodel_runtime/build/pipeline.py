@@ -242,8 +242,11 @@ class _Build:
         if request.engine == "openvino":
             from edgemodel_runtime.engines import openvino_engine
 
+            # Every input fixed at the shape validated here: faster, and dynamic shapes in OpenVINO 2026.4 gave
+            # stale outputs (one thread) or a crash on inputs the model cannot compute with.
+            shapes = {info.name: info.shape for info in inputs}
             target = self.work / ARTIFACT_NAME["openvino"]
-            return openvino_engine.compile_to_artifact(model, target, request.precision, request.inputs)
+            return openvino_engine.compile_to_artifact(model, target, request.precision, shapes)
         optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization)
         if request.precision == "fp32":
             return optimised
