@@ -140,7 +140,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             mask = f.get("mask_agreement")
             lines.append(
                 f"| {result['model']} | {variant} | {f['p50_ms']:.2f} | {f['speedup_vs_onnxruntime_fp32']:.2f}x | "
-                f"{f['max_abs_error']:.2g} | {f['cosine']} | {'' if mask is None else f'{100 * mask:.2f}%'} |"
+                f"{f['max_abs_error']:.2g} | {f['cosine']} | {'' if mask is None else f'{100 * mask:.3f}%'} |"
             )
     return "\n".join(lines)
 
