@@ -9,6 +9,7 @@ has it, and misses the fp32 tolerance by four orders of magnitude).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import subprocess
@@ -162,6 +163,17 @@ def test_the_server_answers_within_tolerance_of_onnxruntime(servers: dict[str, S
         assert compare.failures(figures, compare.DEFAULT_TOLERANCES[precision]) == [], (precision, figures)
         if precision == "fp32":
             assert figures.max_abs_error < 1e-5  # an import at the CPU's default precision would miss this
+
+
+def test_concurrent_requests_each_get_their_own_answer(servers: dict[str, Server]) -> None:
+    arrays = _lines(16)
+    expected = _ort(arrays)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda array: _infer(servers["fp32"], array), arrays * 2))
+    for index, (status, answer) in enumerate(answers):
+        assert status == 200, answer
+        served = np.asarray(answer["outputs"][0]["data"], np.float32)
+        np.testing.assert_allclose(served, expected[index % len(arrays)][OUTPUT].ravel(), atol=1e-5)
 
 
 def test_a_request_of_another_shape_than_the_fixed_one_is_a_400(servers: dict[str, Server]) -> None:
