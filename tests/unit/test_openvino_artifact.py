@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,13 @@ def test_fp32_is_always_buildable_and_the_config_round_trips(tmp_path: Path) -> 
         *expected.values(),
         b"blob",
     )
+
+
+def test_importing_the_operator_cli_server_and_engine_module_does_not_load_openvino() -> None:
+    code = (
+        "import sys, edgemodel_operator.main, edgemodel_runtime.cli, edgemodel_runtime.serve.model, "
+        "edgemodel_runtime.build.pipeline, edgemodel_runtime.engines.openvino_engine; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'openvino'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
