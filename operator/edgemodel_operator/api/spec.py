@@ -135,7 +135,8 @@ class EngineTarget(ApiModel):
             cel(
                 "self.engine != 'openvino' || ((!has(self.match.accelerator) || self.match.accelerator == 'none') "
                 "&& !has(self.match.gpuProduct) && !has(self.match.computeCapability))",
-                "engine openvino runs on the CPU: match CPU-only classes (accelerator none or unset), not GPUs",
+                "engine openvino runs on the CPU: not for GPU matches "
+                "(an accelerator other than none, gpuProduct or computeCapability)",
                 ".engine",
             ),
             cel(
