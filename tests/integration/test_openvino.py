@@ -136,6 +136,27 @@ def test_combinations_the_engines_do_not_build_are_refused(
     assert says in result.stderr
 
 
+def test_an_operator_openvino_cannot_convert_is_refused_by_name(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Det", ["x"], ["y"])],  # ONNX Runtime runs it; OpenVINO 2026.4 has no conversion
+        "determinant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = tmp_path / "det.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", digest, "--engine", "openvino", "--output", str(tmp_path / "out")
+    )
+    assert result.returncode == ExitCode.BAD_INPUT, result.stderr
+    assert "UnsupportedOperator" in result.stderr
+    assert "no conversion for the operators Det" in result.stderr
+    assert report_of(tmp_path / "out")["reason"] == "UnsupportedOperator"
+
+
 @pytest.fixture(scope="module")
 def servers(built: dict[str, Path]) -> Iterator[dict[str, Server]]:
     running = {precision: Server(directory, "cls", log_dir=directory.parent) for precision, directory in built.items()}

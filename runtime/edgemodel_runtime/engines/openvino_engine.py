@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -128,8 +129,15 @@ def compile_to_artifact(model: Path, target: Path, precision: str, shapes: Mappi
     try:
         network = core.read_model(str(model))
     except Exception as error:  # OpenVINO raises RuntimeError subclasses with the frontend's text
-        reason = "UnsupportedOperator" if "not supported" in str(error).lower() else "InvalidModel"
-        raise BadInputError(f"{model.name}: OpenVINO cannot read it: {error}", reason=reason) from error
+        text = str(error)
+        missing = re.search(r"No conversion rule found for operations: ([^\n]*?)(?: To facilitate|\n|$)", text)
+        if missing:
+            raise BadInputError(
+                f"{model.name}: OpenVINO has no conversion for the operators {missing.group(1).strip()}; "
+                "build this model with engine onnxruntime",
+                reason="UnsupportedOperator",
+            ) from error
+        raise BadInputError(f"{model.name}: OpenVINO cannot read it: {text}", reason="InvalidModel") from error
     if shapes:
         try:
             network.reshape({name: list(shape) for name, shape in shapes.items()})
