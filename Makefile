@@ -59,6 +59,7 @@ generate: $(STAMP)
 ## Benchmarks (speed goals live here, not in tests); each prints one JSON object last.
 bench: $(STAMP)
 	$(BIN)/python bench/build.py
+	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/operator.py
 

@@ -4,13 +4,13 @@
     python images/lock.py operator build     # rewrite only these locks
 
 pip resolves each lock once per platform and per CPython version the lock serves (`pip install
---dry-run --report`, binary wheels only, manylinux up to glibc 2.28 so the wheels run on Debian
-bookworm, Ubuntu 22.04 and 24.04); every Python and platform must agree on every version, and the
-lock lists the hashes of every wheel chosen. The operator and CPU runtime images run Debian
-bookworm's python3 (CPython 3.11), the CUDA and Jetson images CPython 3.12, so each lock is resolved
-for the Pythons of the images that install it (PYTHONS below). The runtime's dependencies get two
-locks, because their newest releases differ between the two (numpy 2.5 needs CPython 3.12):
-runtime-cpu.txt for 3.11, runtime.txt for 3.12. The images install a lock with
+--dry-run --report`, binary wheels only, manylinux up to glibc 2.28 where a package has such a wheel
+and up to 2.35 otherwise, so the wheels run on Debian bookworm, Ubuntu 22.04 and 24.04); every
+Python and platform must agree on every version, and the lock lists the hashes of every wheel
+chosen. The operator and CPU runtime images run Debian bookworm's python3 (CPython 3.11), the CUDA
+and Jetson images CPython 3.12, so each lock is resolved for the Pythons of the images that install
+it (PYTHONS below). The runtime's dependencies get two locks, because their newest releases may
+differ between the two: runtime-cpu.txt for 3.11, runtime.txt for 3.12. The images install a lock with
 `pip install --require-hashes --no-deps`, then the edgemodel wheel with `--no-deps`, so nothing
 unpinned is ever resolved at image build time.
 """
@@ -50,7 +50,10 @@ def _name(requirement: str) -> str:
 
 def _resolve(requirements: list[str], python: str, arch: str) -> dict[str, tuple[str, str]]:
     """name -> (version, sha256 of the wheel pip chose for CPython `python` on `arch`)."""
-    platforms = [f"manylinux_2_{minor}_{arch}" for minor in (28, 27, 26, 17)] + [f"manylinux2014_{arch}"]
+    # Wheels for glibc 2.28 and older first; 2.29-2.35 only where a package has no older wheel (openvino
+    # ships aarch64 wheels for glibc 2.35 alone), which every image's base still has (bookworm: 2.36).
+    older = [f"manylinux_2_{minor}_{arch}" for minor in (28, 27, 26, 17)] + [f"manylinux2014_{arch}"]
+    platforms = older + [f"manylinux_2_{minor}_{arch}" for minor in range(35, 28, -1)]
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
         command = [sys.executable, "-m", "pip", "--isolated", "install", "--quiet", "--dry-run", "--ignore-installed",

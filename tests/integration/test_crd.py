@@ -87,7 +87,38 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "spec.validation.reference.uri",
         "'..'",
     ),
-    ("engine is unknown", _engine(engine="openvino"), "spec.targets.engines[0].engine", "Unsupported value"),
+    ("engine is unknown", _engine(engine="tvm"), "spec.targets.engines[0].engine", "Unsupported value"),
+    (
+        "openvino on a GPU accelerator",
+        _set("spec.targets.engines.1", {"match": {"accelerator": "nvidia"}, "engine": "openvino"}),
+        "spec.targets.engines[1].engine",
+        "engine openvino runs on the CPU",
+    ),
+    (
+        "openvino on a GPU product",
+        _set("spec.targets.engines.1", {"match": {"gpuProduct": "NVIDIA-A2"}, "engine": "openvino"}),
+        "spec.targets.engines[1].engine",
+        "engine openvino runs on the CPU",
+    ),
+    (
+        "openvino on a compute capability",
+        _set("spec.targets.engines.1", {"match": {"computeCapability": "8.7"}, "engine": "openvino"}),
+        "spec.targets.engines[1].engine",
+        "engine openvino runs on the CPU",
+    ),
+    ("bf16 on onnxruntime", _engine(precision="bf16"), "spec.targets.engines[0].precision", "only available with"),
+    (
+        "bf16 on tensorrt",
+        _set("spec.targets.engines.1.precision", "bf16"),
+        "spec.targets.engines[1].precision",
+        "only available with engine openvino",
+    ),
+    (
+        "int8 on openvino",
+        _engine(engine="openvino", precision="int8", calibration={"uri": "https://h/c.npz", "sha256": DIGEST}),
+        "spec.targets.engines[0].precision",
+        "for int8 use engine onnxruntime",
+    ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (
         "static int8 without calibration",
@@ -219,6 +250,24 @@ def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbe
         "agreement": {"maxRelativeError": 0.05, "minTop1Agreement": 1.0},
     }
     assert stored["spec"]["rollout"]["autoPromote"] is True
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"match": {"arch": "amd64"}, "engine": "openvino"},
+        {"match": {"arch": "amd64", "accelerator": "none"}, "engine": "openvino", "precision": "bf16"},
+        {"match": {"arch": "arm64", "cpuFeatures": ["ASIMDHP"]}, "engine": "openvino", "precision": "fp16"},
+    ],
+    ids=["fp32", "bf16 on CPU-only classes", "fp16 on CPUs with half precision"],
+)
+def test_openvino_on_cpu_classes_is_accepted(crd: Testbed, namespace: str, entry: dict[str, Any]) -> None:
+    manifest = valid_manifest("openvino")
+    manifest["spec"]["targets"]["engines"][0] = entry
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    stored = json.loads(crd.kubectl("get", "em", "openvino", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["targets"]["engines"][0]["engine"] == "openvino"
+    crd.kubectl("delete", "em", "openvino", "-n", namespace)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])

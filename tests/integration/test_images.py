@@ -157,6 +157,23 @@ print(session.run(None, {"x": np.array([1.5, -2.0], dtype=np.float32)})[0].tolis
     assert done.stdout.strip().splitlines()[-1] == "[3.0, -4.0]"
 
 
+def test_openvino_compiles_and_runs_a_model_in_the_runtime_image(built: dict[str, BuiltImage]) -> None:
+    program = """
+import numpy as np, openvino as ov
+from onnx import TensorProto, helper
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "double", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+core = ov.Core()
+compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", {"ENABLE_CPU_PINNING": False})
+print(np.asarray(compiled({"x": np.array([1.5, -2.0], dtype=np.float32)})[0]).tolist())
+"""
+    done = run_in_image(built["runtime-cpu"], "python", "-c", program)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[3.0, -4.0]"
+
+
 def test_the_operator_image_runs_the_operator_command_without_the_runtime_dependencies(
     built: dict[str, BuiltImage],
 ) -> None:

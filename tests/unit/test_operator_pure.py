@@ -127,6 +127,27 @@ def test_build_job_is_pinned_restricted_and_names_its_inputs() -> None:
     assert args[args.index("--input") + 1] == "x=1x3x480x640"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_openvino_build_job_asks_the_runtime_for_that_engine_on_the_cpu_without_a_gpu(precision: str) -> None:
+    from edgemodel_runtime.build.cli import _parser, _request
+
+    engines = [{"match": {"accelerator": "none"}, "engine": "openvino", "precision": precision}]
+    body = edgemodel(inputs=[{"name": "x", "shape": [1, 3, 48, 192], "dtype": "float32"}], targets={"engines": engines})
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    cpu = next(c for c in discover(NODES) if c.accelerator == "none")
+    target = engine_for(spec, cpu)
+    assert target is not None
+    job = build_job_for_class(body, cpu, target, revision_of(spec), Images())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    request = _request(_parser().parse_args(container["args"][1:]))  # what `edgemodel build` will run
+    assert (request.engine, request.precision, request.inputs) == ("openvino", precision, {"x": (1, 3, 48, 192)})
+    deployment = build_deployment_for_class(
+        body, cpu, target, revision="r1", artifact="oci://r/x@sha256:" + "0" * 64, images=Images()
+    )
+    assert "nvidia.com/gpu" not in json.dumps(deployment)
+
+
 def test_a_plain_http_registry_is_named_to_build_and_serving_pods_only_when_configured() -> None:
     body = edgemodel()
     spec = EdgeModelSpec.model_validate(body["spec"])

@@ -24,8 +24,8 @@ from edgemodel_operator.api.fields import (
     validations,
 )
 
-Engine = Literal["onnxruntime", "tensorrt"]
-Precision = Literal["fp32", "fp16", "int8"]
+Engine = Literal["onnxruntime", "tensorrt", "openvino"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 DType = Literal[
     "float32",
     "float16",
@@ -133,14 +133,37 @@ class EngineTarget(ApiModel):
                 "engine tensorrt needs an NVIDIA accelerator, but this entry matches CPU-only classes",
                 ".engine",
             ),
+            cel(
+                "self.engine != 'openvino' || ((!has(self.match.accelerator) || self.match.accelerator == 'none') "
+                "&& !has(self.match.gpuProduct) && !has(self.match.computeCapability))",
+                "engine openvino runs on the CPU: not for GPU matches "
+                "(an accelerator other than none, gpuProduct or computeCapability)",
+                ".engine",
+            ),
+            cel(
+                "self.precision != 'bf16' || self.engine == 'openvino'",
+                "precision bf16 is only available with engine openvino",
+                ".precision",
+            ),
+            cel(
+                "self.engine != 'openvino' || self.precision != 'int8'",
+                "engine openvino builds fp32 and bf16 (fp16 on CPUs that have it); for int8 use engine onnxruntime",
+                ".precision",
+            ),
         )
     }
 
     match: HardwareMatch = Field(
         description="The hardware classes this entry applies to; the first matching entry wins."
     )
-    engine: Engine = Field(description="Engine to build: onnxruntime (any class) or tensorrt (NVIDIA GPUs only).")
-    precision: Precision = Field(default="fp32", description="Numeric precision of the engine.")
+    engine: Engine = Field(
+        description="Engine to build: onnxruntime (any class), tensorrt (NVIDIA GPUs only) or openvino (CPUs)."
+    )
+    precision: Precision = Field(
+        default="fp32",
+        description="Numeric precision of the engine. bf16 needs engine openvino and a CPU with BF16 "
+        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason.",
+    )
     quantization: Literal["static", "dynamic"] | None = Field(
         default=None,
         description="For int8: static quantization calibrated on `calibration` (the default), "

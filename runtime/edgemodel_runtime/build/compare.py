@@ -94,6 +94,8 @@ class Tolerances:
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(max_relative_error=1e-3, min_cosine=0.9999),
     "fp16": Tolerance(max_relative_error=2e-2, min_cosine=0.999),
+    # bf16 keeps 8 significant bits (fp16 keeps 11): about 8x fp16's rounding error, same cosine bound.
+    "bf16": Tolerance(max_relative_error=0.1, min_cosine=0.999),
     "int8": Tolerance(max_relative_error=0.15, min_cosine=0.97, min_top1_agreement=0.9),
 }
 DEFAULT_AGREEMENT = Tolerance(max_relative_error=0.05, min_top1_agreement=1.0)

@@ -21,9 +21,9 @@ from edgemodel_runtime.build.errors import BadInputError, BuildError, Infrastruc
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 
-Engine = Literal["onnxruntime", "tensorrt"]
-Precision = Literal["fp32", "fp16", "int8"]
-ARTIFACT_NAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+Engine = Literal["onnxruntime", "tensorrt", "openvino"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+ARTIFACT_NAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "openvino": "model.openvino"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,10 @@ def _builder_version(engine: Engine) -> str:
         from edgemodel_runtime.engines import tensorrt_engine
 
         parts.append(f"tensorrt-{tensorrt_engine.version()}")
+    if engine == "openvino":
+        from edgemodel_runtime.engines import openvino_engine
+
+        parts.append(f"openvino-{openvino_engine.version()}")
     return "+".join(parts)
 
 
@@ -94,6 +98,12 @@ def check_request(request: BuildRequest) -> None:
     """Refuse inconsistent options before any work; raise BadInputError naming the option."""
     fetch.check_digest(request.sha256)
     fetch.parse_source(request.model, allow_local=request.allow_local)
+    if request.precision == "bf16" and request.engine != "openvino":
+        raise BadInputError("--precision bf16 is only available with --engine openvino", reason="InvalidOption")
+    if request.engine == "openvino":
+        from edgemodel_runtime.engines import openvino_engine
+
+        openvino_engine.check_precision(request.precision)
     if request.quantization and request.precision != "int8":
         raise BadInputError("--quantization applies only to --precision int8", reason="InvalidOption")
     if request.precision == "int8" and _quantization(request) is None:
@@ -259,6 +269,14 @@ class _Build:
             if request.precision == "int8":  # explicit quantisation: a QDQ model that TensorRT honours
                 source = self._quantize_static(model, inputs)
             return tensorrt_engine.build_engine(source, self.work / "candidate.plan", request.precision, inputs)
+        if request.engine == "openvino":
+            from edgemodel_runtime.engines import openvino_engine
+
+            # Every input fixed at the shape validated here: faster, and dynamic shapes in OpenVINO 2026.4 gave
+            # stale outputs (one thread) or a crash on inputs the model cannot compute with.
+            shapes = {info.name: info.shape for info in inputs}
+            target = self.work / ARTIFACT_NAME["openvino"]
+            return openvino_engine.compile_to_artifact(model, target, request.precision, shapes)
         optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization, self.external)
         if request.precision == "fp32":
             return optimised
@@ -291,6 +309,10 @@ class _Build:
             from edgemodel_runtime.engines import tensorrt_engine
 
             return tensorrt_engine.run_all(artifact, samples)
+        if self.request.engine == "openvino":
+            from edgemodel_runtime.engines import openvino_engine
+
+            return openvino_engine.run_all(artifact, samples)
         engine_session = ortx.session(artifact)
         return [ortx.run(engine_session, sample) for sample in samples]
 
@@ -337,6 +359,10 @@ class _Build:
             from edgemodel_runtime.engines import tensorrt_engine
 
             return tensorrt_engine.runner(artifact, sample)
+        if self.request.engine == "openvino":
+            from edgemodel_runtime.engines import openvino_engine
+
+            return openvino_engine.runner(artifact, sample)
         engine_session = ortx.session(artifact)
         names = [o.name for o in engine_session.get_outputs()]
 

@@ -1,7 +1,7 @@
 """The one model interface the server uses, and where its engine comes from.
 
-An artifact is a directory written by `edgemodel build` (report.json + model.onnx or
-model.plan), a single model file, or `oci://registry/repo@sha256:...`. Files listed in a
+An artifact is a directory written by `edgemodel build` (report.json + model.onnx,
+model.plan or model.openvino), a single model file, or `oci://registry/repo@sha256:...`. Files listed in a
 report are verified against the report's digest before anything loads them.
 """
 
@@ -164,9 +164,9 @@ class Artifact:
 def _from_directory(directory: Path) -> Artifact:
     report_path = directory / "report.json"
     if not report_path.is_file():
-        candidates = [p for p in ("model.onnx", "model.plan") if (directory / p).is_file()]
+        candidates = [p for p in ("model.onnx", "model.plan", "model.openvino") if (directory / p).is_file()]
         if not candidates:
-            raise ArtifactError(f"{directory} holds neither report.json nor model.onnx/model.plan")
+            raise ArtifactError(f"{directory} holds neither report.json nor model.onnx/model.plan/model.openvino")
         return Artifact(directory / candidates[0], {})
     try:
         report: dict[str, Any] = json.loads(report_path.read_text())
@@ -246,8 +246,47 @@ class TensorRTModel:
             self.predict(zeros_like_inputs(self.inputs))
 
 
+class OpenVINOModel:
+    """A model compiled by OpenVINO for this node's CPU (model.openvino), at the precision it was built for."""
+
+    platform = "openvino"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        from edgemodel_runtime.build.errors import BuildError
+        from edgemodel_runtime.engines import openvino_engine
+
+        try:
+            compiled = openvino_engine.load(path, threads)
+        except BuildError as error:
+            raise ArtifactError(str(error)) from error
+        except RuntimeError as error:  # the plugin refuses a damaged blob
+            raise ArtifactError(f"{path}: OpenVINO cannot load it: {error}") from error
+        self.inputs = [self._metadata(port) for port in compiled.inputs]
+        self.outputs = [self._metadata(port) for port in compiled.outputs]
+        self._requests = openvino_engine.Requests(compiled)
+
+    @staticmethod
+    def _metadata(port: Any) -> TensorMetadata:
+        name = str(port.get_any_name())
+        dtype = np.dtype(port.get_element_type().to_dtype())
+        if dtype not in NUMPY_TO_DATATYPE:
+            raise ArtifactError(f"tensor {name!r} has type {dtype}, which this server does not carry")
+        shape = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
+        return TensorMetadata(name, NUMPY_TO_DATATYPE[dtype], _dims(shape))
+
+    def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return self._requests.infer(inputs)
+
+    def warm_up(self) -> None:
+        with contextlib.suppress(Exception):
+            self.predict(zeros_like_inputs(self.inputs))
+
+
 def load(artifact: Artifact, threads: int | None = None) -> Model:
-    """The engine module that fits the artifact: TensorRT for .plan files, ONNX Runtime otherwise."""
+    """The engine module that fits the artifact: TensorRT for .plan files, OpenVINO for .openvino files,
+    ONNX Runtime otherwise."""
     if artifact.path.suffix == ".plan":
         return TensorRTModel(artifact.path)
+    if artifact.path.suffix == ".openvino":
+        return OpenVINOModel(artifact.path, threads)
     return OnnxRuntimeModel(artifact.path, threads)
