@@ -18,6 +18,7 @@ from typing import Any
 
 from edgemodel_operator import metrics, pacing
 from edgemodel_operator.builders import Images
+from edgemodel_operator.buildreport import OUTCOME
 from edgemodel_operator.cluster import Cluster
 from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
 from edgemodel_operator.reconcile import Observed, plan, shadowing
@@ -88,23 +89,27 @@ def node_fingerprint(node: Obj) -> tuple[Any, ...]:
 
 
 def slim_job(obj: Obj) -> Obj:
-    """A build Job: whether it finished, and how."""
+    """A build Job: whether it finished, how, and the outcome the operator kept on it."""
     conditions = [_pick(c, ("type", "status")) for c in (obj.get("status") or {}).get("conditions") or []]
-    return {"kind": "Job", "metadata": _meta(obj), "status": {"conditions": conditions}}
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == OUTCOME}
+    return {"kind": "Job", "metadata": _meta(obj) | {"annotations": annotations}, "status": {"conditions": conditions}}
 
 
 def slim_pod(obj: Obj) -> Obj:
-    """A build pod: its phase, why it waits for a node, and the report in its termination message."""
+    """A build pod: its phase, why it waits for a node, and the report in its termination message, timed."""
     status = obj.get("status") or {}
+    fields = ("exitCode", "message", "reason", "startedAt", "finishedAt")
     terminated = [
-        {"state": {"terminated": _pick((c.get("state") or {}).get("terminated"), ("exitCode", "message"))}}
+        {"state": {"terminated": _pick((c.get("state") or {}).get("terminated"), fields)}}
         for c in status.get("containerStatuses") or []
         if (c.get("state") or {}).get("terminated")
     ]
     conditions = [_pick(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or []
                   if c.get("type") == "PodScheduled"]  # fmt: skip
-    kept = {"phase": status.get("phase"), "conditions": conditions, "containerStatuses": terminated}
-    return {"kind": "Pod", "metadata": _meta(obj), "status": kept}
+    kept = {"phase": status.get("phase"), "startTime": status.get("startTime"), "conditions": conditions,
+            "containerStatuses": terminated}  # fmt: skip
+    created = {"creationTimestamp": obj["metadata"].get("creationTimestamp")}
+    return {"kind": "Pod", "metadata": _meta(obj) | created, "status": kept}
 
 
 def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:

@@ -37,6 +37,7 @@ from edgemodel_operator.builders import (
     shadow_configmap_name,
     shadow_key,
 )
+from edgemodel_operator.buildreport import keep_patch, read_outcome
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.pacing import merge_patch
 
@@ -133,23 +134,6 @@ def subject(obj: Obj) -> str:
     return f"{obj['kind']}/{obj['metadata']['name'] if 'metadata' in obj else obj['name']}"
 
 
-def build_report(job: Obj, pods: list[Obj]) -> Obj | None:
-    """The compact build report a finished build pod left in its termination message."""
-    name = job["metadata"]["name"]
-    for pod in pods:
-        if pod["metadata"].get("labels", {}).get("job-name") != name:
-            continue
-        for status in pod.get("status", {}).get("containerStatuses", []) or []:
-            message = (status.get("state", {}).get("terminated") or {}).get("message")
-            if message:
-                try:
-                    report: Obj = json.loads(message)
-                except ValueError:
-                    return {"status": "failed", "reason": "UnreadableReport", "message": message[:200]}
-                return report
-    return None
-
-
 def _unschedulable(job: Obj, pods: list[Obj]) -> str | None:
     """The scheduler's reason when the build pod of `job` waits for a node it cannot get (e.g. no free GPU)."""
     name = job["metadata"]["name"]
@@ -236,22 +220,23 @@ class _Planner:
             if waiting:
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
-        report = build_report(job, self.observed.pods) or {}
-        if state == "Failed" or report.get("status") not in {"built", "cached"}:
-            reason = report.get("reason") or "BuildFailed"
-            message = f"{reason}: {report.get('message') or 'the build Job failed without a report'}"
+        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        if newly_read:  # kept on the Job: losing the pod later changes nothing
+            self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
+        if outcome["status"] not in {"built", "cached"}:
+            message = f"{outcome.get('reason')}: {outcome.get('message')}"
             return self._with_stable(
                 _class_status(hardware, target.engine, target.precision, "Failed", message), stable
             )
-        entry = _class_status(hardware, target.engine, report.get("precision", target.precision), "Built", None)
-        artifact = (report.get("artifact") or {}).get("reference")
+        entry = _class_status(hardware, target.engine, outcome.get("precision", target.precision), "Built", None)
+        artifact = outcome.get("artifact")
         entry |= {
-            "cacheKey": report.get("cacheKey"),
+            "cacheKey": outcome.get("cacheKey"),
             "artifactDigest": artifact,
-            "buildSeconds": report.get("buildSeconds"),
+            "buildSeconds": outcome.get("buildSeconds"),
         }
-        if report.get("metrics") or report.get("latency"):
-            entry["metrics"] = _metrics(report)
+        if outcome.get("metrics"):
+            entry["metrics"] = outcome["metrics"]
         if not artifact:
             return self._with_stable(
                 entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
@@ -465,20 +450,6 @@ def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Ver
         "errorRate": None if evidence.error_rate is None else round(evidence.error_rate, 4),
         "decision": verdict.decision,
         "reason": verdict.reason,
-    }
-    return {k: v for k, v in figures.items() if v is not None}
-
-
-def _metrics(report: Obj) -> Obj:
-    metrics = report.get("metrics") or {}
-    latency = report.get("latency") or {}
-    figures = {
-        "maxAbsError": metrics.get("max_abs_error"),
-        "maxRelativeError": metrics.get("max_relative_error"),
-        "cosine": metrics.get("cosine"),
-        "top1Agreement": metrics.get("top1_agreement"),
-        "latencyP50Ms": latency.get("p50_ms"),
-        "latencyP99Ms": latency.get("p99_ms"),
     }
     return {k: v for k, v in figures.items() if v is not None}
 

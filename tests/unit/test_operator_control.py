@@ -125,7 +125,13 @@ def test_the_planner_reads_nothing_the_slim_copies_drop() -> None:
     body = edgemodel()
     body["metadata"] |= {"managedFields": [{"manager": "kubectl"}], "annotations": {"note": "x" * 1000}}
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
-    ok = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
+    ok = {
+        "v": 1,
+        "status": "built",
+        "exitCode": 0,
+        "cacheKey": "k",
+        "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+    }
     finished = [_finished(j, ok) for j in jobs]
     full_jobs = [j | {"metadata": j["metadata"] | {"managedFields": [{"x": 1}]}} for j, _ in finished]
     pods = [p | {"spec": {"containers": [{"name": "build"}]}} for _, p in finished]

@@ -170,7 +170,12 @@ def _finished(job: dict[str, Any], report: dict[str, Any], ok: bool = True) -> t
     job["status"] = {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True"}]}
     pod = {
         "metadata": {"name": job["metadata"]["name"] + "-abc", "labels": {"job-name": job["metadata"]["name"]}},
-        "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+        "status": {
+            "phase": "Succeeded" if ok else "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 0 if ok else 3, "message": json.dumps(report)}}}
+            ],
+        },
     }
     return job, pod
 
@@ -192,8 +197,20 @@ def test_first_plan_builds_every_class_and_the_service() -> None:
 def test_built_classes_get_a_deployment_and_a_failed_class_degrades_without_touching_others() -> None:
     body = edgemodel()
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
-    ok_report = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
-    bad_report = {"status": "failed", "reason": "ToleranceMissed", "message": "cosine 0.5 < minCosine 0.99"}
+    ok_report = {
+        "v": 1,
+        "status": "built",
+        "exitCode": 0,
+        "cacheKey": "k",
+        "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+    }
+    bad_report = {
+        "v": 1,
+        "status": "failed",
+        "exitCode": 3,
+        "reason": "ToleranceMissed",
+        "message": "cosine 0.5 < minCosine 0.99",
+    }
     finished = [_finished(j, ok_report) for j in jobs[:3]] + [_finished(jobs[3], bad_report, ok=False)]
     result = plan(_observed(body, jobs=[j for j, _ in finished], pods=[p for _, p in finished]), Images(), LATER)
     deployments = [o for o in result.create if o["kind"] == "Deployment"]

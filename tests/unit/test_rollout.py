@@ -89,13 +89,24 @@ class Cluster:
         return result
 
     def finish_builds(self) -> None:
-        report = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
+        report = {
+            "v": 1,
+            "status": "built",
+            "exitCode": 0,
+            "cacheKey": "k",
+            "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+        }
         for (kind, name), job in list(self.objects.items()):
             if kind == "Job" and not job.get("status"):
                 job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
                 self.objects["Pod", name] = {
                     "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
-                    "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+                    "status": {
+                        "phase": "Succeeded",
+                        "containerStatuses": [
+                            {"state": {"terminated": {"exitCode": 0, "message": json.dumps(report)}}}
+                        ],
+                    },
                 }
 
     def pods_ready(self) -> None:
