@@ -83,9 +83,13 @@ def slim_node(obj: Obj) -> Obj:
 
 
 def node_fingerprint(node: Obj) -> tuple[Any, ...]:
-    """What about a node can change the hardware classes: labels, schedulability, readiness."""
+    """What about a node can change the hardware classes or their schedulability: labels, cordon,
+    taints, readiness. Heartbeats change none of them, so they queue nothing."""
     ready = [c.get("status") for c in node["status"]["conditions"]]
-    return (sorted(node["metadata"]["labels"].items()), node["spec"].get("unschedulable"), ready)
+    taints = sorted(
+        (t.get("key") or "", t.get("value") or "", t.get("effect") or "") for t in node["spec"].get("taints") or []
+    )
+    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready)
 
 
 def slim_job(obj: Obj) -> Obj:
@@ -133,12 +137,14 @@ class Controller:
         evidence: PrometheusSource | ScrapeSource | None = None,
         analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
+        absent_grace: float = 600.0,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
+        self._absent_grace = absent_grace
         self._written: dict[Key, tuple[str, Obj]] = {}  # (uid, status) this process wrote last: it is the only writer
         self._held: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
@@ -194,7 +200,7 @@ class Controller:
         cluster = self._cluster()
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
-        result = plan(observed, self._images, _now())
+        result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         done = await asyncio.to_thread(cluster.apply, result)
         metrics.API_WRITES.labels(verb="create").inc(len(done.created))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
@@ -212,6 +218,8 @@ class Controller:
         await self._write_status(key, body, current, result.status)
         if result.analysing:
             self.queue.add_after(key, self._analysis_seconds)
+        if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
+            self.queue.add_after(key, result.wake_after + 1.0)
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> dict[str, Any]:
         """Shadow evidence for the classes being shadowed; none (so: keep waiting) if it cannot be read."""

@@ -59,9 +59,12 @@ def test_default_nodes_form_four_classes_with_stable_label_safe_keys() -> None:
     assert [c.key for c in discover(list(reversed(NODES)))] == [c.key for c in classes]
 
 
-def test_not_ready_nodes_and_nodes_outside_the_selector_are_left_out() -> None:
+def test_not_ready_nodes_are_present_but_not_schedulable_and_nodes_outside_the_selector_are_left_out() -> None:
     nodes = [*NODES[:2], ready(NODES[2], is_ready=False)]
-    assert [c.nodes for c in discover(nodes)] == [("edge-x86-1", "edge-x86-2")]
+    assert [(c.nodes, c.schedulable) for c in discover(nodes)] == [
+        (("edge-x86-1", "edge-x86-2"), ("edge-x86-1", "edge-x86-2")),
+        (("gpu-ws-1",), ()),
+    ]
     arm_only = discover(NODES, {"kubernetes.io/arch": "arm64"})
     assert sorted(c.accelerator for c in arm_only) == ["none", "nvidia-orin"]
 
@@ -235,11 +238,15 @@ def test_lasttransitiontime_moves_only_when_a_condition_flips() -> None:
     assert before == after
 
 
-def test_a_class_that_leaves_has_its_workloads_removed() -> None:
+def test_a_class_that_leaves_has_its_workloads_removed_after_the_grace_period() -> None:
     body = edgemodel()
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
     without_jetsons = [n for n in NODES if not n["metadata"]["name"].startswith("jetson")]
-    result = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), LATER)
+    kept = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), LATER)  # grace: 600 s by default
+    assert not kept.delete
+    assert sorted(e["state"] for e in kept.status["classes"]).count("Absent") == 1
+    body["status"] = kept.status
+    result = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), "2026-11-26T12:15:00Z")
     assert [d["name"] for d in result.delete] == [
         j["metadata"]["name"] for j in jobs if j["metadata"]["labels"]["edgeml.dev/class"].startswith("arm64-nvidia")
     ]

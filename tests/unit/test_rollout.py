@@ -64,13 +64,14 @@ class Cluster:
     body: Obj
     objects: dict[tuple[str, str], Obj] = field(default_factory=dict)
     evidence: dict[str, Evidence] = field(default_factory=dict)
+    nodes: list[Obj] = field(default_factory=lambda: list(CPU_ONLY))
 
     def observed(self) -> Observed:
         kinds: dict[str, list[Obj]] = {}
         for (kind, _), obj in self.objects.items():
             kinds.setdefault(kind, []).append(obj)
         return Observed(
-            body=self.body, nodes=CPU_ONLY, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
+            body=self.body, nodes=self.nodes, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
             deployments=kinds.get("Deployment", []) + kinds.get("DaemonSet", []),
             services=kinds.get("Service", []), configmaps=kinds.get("ConfigMap", []), evidence=self.evidence,
         )  # fmt: skip
