@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgemodel_operator import metrics, pacing
-from edgemodel_operator.builders import Images
+from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import OUTCOME
 from edgemodel_operator.cluster import Cluster
 from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
@@ -55,11 +55,12 @@ def slim_edgemodel(obj: Obj) -> Obj:
 
 
 def slim_workload(obj: Obj) -> Obj:
-    """A Deployment or DaemonSet: its labels, replicas and rollout progress."""
+    """A Deployment or DaemonSet: its labels, the spec its revision was built from, replicas, rollout progress."""
     counts = ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration", "numberReady",
               "desiredNumberScheduled", "updatedNumberScheduled")  # fmt: skip
-    return {"kind": obj.get("kind"), "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["replicas"]),
-            "status": _pick(obj.get("status"), counts)}  # fmt: skip
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == ANNOTATION_SPEC}
+    return {"kind": obj.get("kind"), "metadata": _meta(obj) | {"annotations": annotations},
+            "spec": _pick(obj.get("spec"), ["replicas"]), "status": _pick(obj.get("status"), counts)}  # fmt: skip
 
 
 def slim_service(obj: Obj) -> Obj:

@@ -21,6 +21,7 @@ from typing import Any
 from edgemodel_operator.analysis import Evidence, Verdict, analyse
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
 from edgemodel_operator.builders import (
+    ANNOTATION_SPEC,
     LABEL_CLASS,
     LABEL_REVISION,
     LABEL_TRACK,
@@ -175,7 +176,7 @@ class _Planner:
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
         found = discover(self.observed.nodes, selector, tolerations)
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
-        entries = [self._class(hardware) for hardware in seen.classes]
+        entries = [self._stable_first(hardware) or self._class(hardware) for hardware in seen.classes]
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._retire({c.key for c in seen.classes} | set(seen.absent))
         self.plan.wake_after = seen.wake_after
@@ -260,6 +261,61 @@ class _Planner:
                 entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
             )
         return self._serve(hardware, target, artifact, entry, workloads=workloads, stable=stable)
+
+    def _stable_first(self, hardware: HardwareClass) -> Obj | None:
+        """A class with nothing serving it while the EdgeModel's stable revision is not the spec's (a
+        rollout, or a rolled-back candidate): build and serve that stable revision first, from the spec
+        kept on its workloads; the spec's revision then comes as a candidate, through shadow.
+        None where there is no such revision (or it has no engine for this class)."""
+        found = self._stable_source()
+        if found is None or any(_track(w) == "stable" for w in self._workloads(hardware)):
+            return None
+        revision, body = found
+        spec = EdgeModelSpec.model_validate(body["spec"])
+        target = engine_for(spec, hardware)
+        if target is None:
+            return None
+        name = child_name(self.name, revision, hardware)
+        self._want(name, "Job", "Workload")
+        first = f"serving the stable revision {revision} first; {self.revision} follows through shadow"
+        entry = class_entry(hardware, target.engine, target.precision, "Building", first)
+        job = self.jobs.get(name)
+        if job is None:
+            job = build_job_for_class(body, hardware, target, revision, self.images)
+            self.plan.create.append(job)
+            self._event("BuildStarted", f"building stable revision {revision} for new class {hardware.key}", job)
+            return entry
+        state = _job_state(job)
+        if state == "Active":
+            return entry
+        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        if newly_read:
+            self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
+        artifact = outcome.get("artifact")
+        if outcome["status"] not in {"built", "cached"} or not artifact:
+            why = f"{outcome.get('reason')}: {outcome.get('message')}"
+            return entry | {"state": "Failed", "message": f"stable revision {revision}: {why}"}
+        workload = build_deployment_for_class(body, hardware, target, revision=revision, artifact=artifact,
+                                              images=self.images, track="stable")  # fmt: skip
+        self.plan.create.append(workload)
+        self._event("ServingStarted", f"serving {hardware.key} from {artifact} (stable revision {revision})", workload)
+        return entry | {"state": "Built", "artifactDigest": artifact, "cacheKey": outcome.get("cacheKey")}
+
+    def _stable_source(self) -> tuple[str, Obj] | None:
+        """The EdgeModel's stable revision, when it is not the spec's, and an EdgeModel body with its spec."""
+        stable = ((self.body.get("status") or {}).get("revisions") or {}).get("stable")
+        if not stable or stable == self.revision:
+            return None
+        for workload in self.observed.deployments:
+            text = (workload["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC)
+            if _labels(workload).get(LABEL_REVISION) == stable and _track(workload) == "stable" and text:
+                try:
+                    spec = json.loads(text)
+                    if revision_of(EdgeModelSpec.model_validate(spec)) == stable:
+                        return stable, {**self.body, "spec": spec}
+                except ValueError:  # a spec that no longer reads (e.g. edited by hand): no stable-first
+                    continue
+        return None
 
     def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
         """Name the revision that keeps serving this class while the current one is not there yet."""

@@ -13,7 +13,7 @@ from edgemodel_operator.builders import Images
 from edgemodel_operator.classes import discover, presence
 from edgemodel_operator.controller import node_fingerprint, slim_node
 from edgemodel_operator.reconcile import Plan, plan
-from tests.testbed.nodes import X86_VNNI, build_node
+from tests.testbed.nodes import ARM64_CPU, X86_VNNI, build_node
 from tests.unit.test_operator_pure import DIGEST, NOW, ready
 from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
 
@@ -249,3 +249,36 @@ def test_a_new_class_whose_only_node_cannot_take_pods_builds_nothing_yet() -> No
     result = plan(observed, Images(), NOW)
     assert [o["kind"] for o in result.create] == ["Service"]
     assert result.status["classes"] == []
+
+
+def _tracks(cluster: Cluster, key: str) -> dict[str, str]:
+    """Revision -> track of the class's serving workloads."""
+    return {
+        o["metadata"]["labels"]["edgeml.dev/revision"]: o["metadata"]["labels"]["edgeml.dev/track"]
+        for (kind, _), o in cluster.objects.items()
+        if kind == "Deployment" and o["metadata"]["labels"]["edgeml.dev/class"] == key
+    }
+
+
+def test_a_class_new_during_a_rollout_serves_the_stable_revision_first_then_shadows_the_candidate() -> None:
+    cluster, first = _serving_first_revision()
+    second, _ = _shadowing(cluster)
+    cluster.nodes = [*cluster.nodes, ready(build_node("rpi5-1", ARM64_CPU))]
+    (new,) = [c.key for c in discover(cluster.nodes) if c.arch == "arm64"]
+    seen: list[dict[str, str]] = []
+    for moment in ("2026-11-26T12:01:30Z", "2026-11-26T12:01:40Z", "2026-11-26T12:01:50Z", "2026-11-26T12:02:00Z",
+                   "2026-11-26T12:02:10Z"):  # fmt: skip
+        result = cluster.step(moment)
+        jobs = [o["metadata"]["labels"]["edgeml.dev/revision"] for o in result.create if o["kind"] == "Job"]
+        if moment == "2026-11-26T12:01:30Z":
+            assert jobs == [first]  # the EdgeModel's stable revision, from the spec kept on its workloads
+            entry = next(e for e in result.status["classes"] if e["key"] == new)
+            assert "stable revision" in entry["message"]
+        cluster.finish_builds()
+        cluster.pods_ready()
+        seen.append(_tracks(cluster, new))
+    assert {first: "stable"} in seen  # served the stable revision first ...
+    assert all(tracks.get(second) != "stable" for tracks in seen)  # ... and never the candidate unshadowed
+    entry = next(e for e in cluster.body["status"]["classes"] if e["key"] == new)
+    assert (entry["state"], entry["revision"], entry["shadow"]["revision"]) == ("Shadowing", first, second)
+    assert cluster.body["status"]["revisions"] == {"stable": first, "candidate": second}
