@@ -85,9 +85,9 @@ def test_cordon_taints_notready_and_a_lost_build_pod_delete_nothing_and_rebuild_
 
     for taint in ("node.kubernetes.io/disk-pressure:NoSchedule", "example.com/maintenance=now:NoExecute"):
         bed.kubectl("taint", "node", name, taint)
-        _until(bed, namespace, lambda e: e.get("schedulable") is False, f"the class unschedulable under {taint}")
+        _until(bed, namespace, lambda e: e.get("schedulable") is False, f"unschedulable under {taint}", timeout=60)
         bed.kubectl("taint", "node", name, taint.split("=")[0].split(":")[0] + "-")
-        _until(bed, namespace, lambda e: e.get("schedulable") is True, f"{taint} removed")
+        _until(bed, namespace, lambda e: e.get("schedulable") is True, f"{taint} removed", timeout=60)
 
     # NotReady: the node's agent stops (KWOK lets go of it) after reporting NotReady, as a kubelet would.
     bed.kubectl("annotate", "node", name, f"{KWOK_ANNOTATION}-")
