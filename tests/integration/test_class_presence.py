@@ -28,24 +28,25 @@ Obj = dict[str, Any]
 
 
 @pytest.fixture
-def operator(crd: Testbed, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Testbed]:
+def operator(crd: Testbed, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
     """An operator at its default settings, or with the settings a test passes by indirect parametrisation."""
     running = OperatorProcess(crd, tmp_path / "operator.log", settings=getattr(request, "param", None))
     running.start()
-    yield crd
+    yield running
     running.stop()
     print(f"[operator] log: {running.log}", file=sys.stderr)
 
 
 @pytest.fixture
-def serving(operator: Testbed, namespace: str) -> Iterator[tuple[Testbed, Obj]]:
-    """One single-node class of this test's own pool, built and serving; the node object."""
-    nodes = Pool(operator, namespace)
+def serving(operator: OperatorProcess, namespace: str) -> Iterator[tuple[Testbed, Obj]]:
+    """One single-node class of this test's own pool, built and serving; the test bed and the node object."""
+    bed = operator.bed
+    nodes = Pool(bed, namespace)
     node = nodes.add(X86_VNNI)
-    apply_edgemodel(operator, namespace, "ocr", targets=pool_targets(namespace))
-    finish_builds(operator, namespace, count=1)
-    operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=90s")
-    yield operator, node
+    apply_edgemodel(bed, namespace, "ocr", targets=pool_targets(namespace))
+    finish_builds(bed, namespace, count=1)
+    bed.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "--timeout=90s")
+    yield bed, node
     nodes.remove()
 
 
@@ -112,15 +113,22 @@ def test_cordon_taints_notready_and_a_lost_build_pod_delete_nothing_and_rebuild_
     assert events.count("BuildStarted") == 1
 
 
-def test_a_node_deleted_and_added_again_finds_its_class_as_it_was(serving: tuple[Testbed, Obj], namespace: str) -> None:
-    """At the default grace (10 minutes): the class turns Absent, nothing is deleted, nothing rebuilt."""
+def test_a_node_deleted_and_added_again_finds_its_class_as_it_was(
+    serving: tuple[Testbed, Obj], operator: OperatorProcess, namespace: str
+) -> None:
+    """At the default grace (10 minutes): the class turns Absent, nothing is deleted, nothing rebuilt;
+    an operator restarted meanwhile keeps counting from the same absentSince."""
     bed, node = serving
     before = _objects(bed, namespace)
     bed.kubectl("delete", "node", node["metadata"]["name"], "--wait=true")
     entry = _until(bed, namespace, lambda e: e.get("state") == "Absent", "the class Absent")
     assert (entry["lastState"], entry["nodeCount"]) == ("Serving", 0)
     assert entry["absentSince"]
-    time.sleep(5)  # several reconciles later
+    time.sleep(2)
+    operator.kill()
+    operator.start()
+    time.sleep(3)  # the restarted operator has listed everything and reconciled
+    assert _entry(bed, namespace)["absentSince"] == entry["absentSince"]
     assert _objects(bed, namespace) == before
     bed.apply_objects([node])  # the same node (name, labels, taint of the pool) comes back
     _until(bed, namespace, lambda e: e.get("state") == "Serving", "the class serving again", timeout=90)
