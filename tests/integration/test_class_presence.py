@@ -65,6 +65,15 @@ def _entry(bed: Testbed, namespace: str) -> Obj:
     return entry
 
 
+def _condition(bed: Testbed, node: str, kind: str, status: str, reason: str) -> None:
+    """Set one condition of a node's status, as its kubelet would report it."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {"type": kind, "status": status, "reason": reason, "message": f"{kind} {status} (test)",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now}  # fmt: skip
+    bed.kubectl("patch", "node", node, "--subresource=status", "--type=strategic",
+                "-p", json.dumps({"status": {"conditions": [condition]}}))  # fmt: skip
+
+
 def _until(bed: Testbed, namespace: str, check: Callable[[Obj], bool], what: str, timeout: float = 30) -> Obj:
     entry: Obj = eventually(lambda: (e := _entry(bed, namespace)) and check(e) and e, timeout=timeout, what=what)
     return entry
@@ -84,19 +93,21 @@ def test_cordon_taints_notready_and_a_lost_build_pod_delete_nothing_and_rebuild_
     bed.kubectl("uncordon", name)
     _until(bed, namespace, lambda e: e.get("schedulable") is True, "the class schedulable again")
 
-    for taint in ("node.kubernetes.io/disk-pressure:NoSchedule", "example.com/maintenance=now:NoExecute"):
-        bed.kubectl("taint", "node", name, taint)
-        _until(bed, namespace, lambda e: e.get("schedulable") is False, f"unschedulable under {taint}", timeout=60)
-        bed.kubectl("taint", "node", name, taint.split("=")[0].split(":")[0] + "-")
-        _until(bed, namespace, lambda e: e.get("schedulable") is True, f"{taint} removed", timeout=60)
+    # DiskPressure: the node lifecycle controller taints the node from its condition (and removes a
+    # disk-pressure taint set by hand at once), so the condition is what changes here.
+    _condition(bed, name, "DiskPressure", "True", "KubeletHasDiskPressure")
+    _until(bed, namespace, lambda e: e.get("schedulable") is False, "unschedulable under DiskPressure")
+    _condition(bed, name, "DiskPressure", "False", "KubeletHasNoDiskPressure")
+    _until(bed, namespace, lambda e: e.get("schedulable") is True, "DiskPressure over")
+    taint = "example.com/maintenance=now:NoExecute"  # evicts the serving pod: the Deployment stays, and waits
+    bed.kubectl("taint", "node", name, taint)
+    _until(bed, namespace, lambda e: e.get("schedulable") is False, "unschedulable under a NoExecute taint")
+    bed.kubectl("taint", "node", name, "example.com/maintenance-")
+    _until(bed, namespace, lambda e: e.get("schedulable") is True, "the NoExecute taint removed", timeout=60)
 
     # NotReady: the node's agent stops (KWOK lets go of it) after reporting NotReady, as a kubelet would.
     bed.kubectl("annotate", "node", name, f"{KWOK_ANNOTATION}-")
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    condition = {"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "container runtime down",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now}  # fmt: skip
-    bed.kubectl("patch", "node", name, "--subresource=status", "--type=strategic",
-                "-p", json.dumps({"status": {"conditions": [condition]}}))  # fmt: skip
+    _condition(bed, name, "Ready", "False", "KubeletNotReady")
     entry = _until(bed, namespace, lambda e: e.get("schedulable") is False, "the class unschedulable when NotReady")
     assert entry["nodeCount"] == 1
     bed.kubectl("annotate", "node", name, f"{KWOK_ANNOTATION}=fake")
