@@ -43,7 +43,7 @@ class _Report(BaseModel):
 class Artifact(_Report):
     """Where the engine was pushed, by digest."""
 
-    reference: str = Field(min_length=1, max_length=2048)
+    reference: str | None = Field(default=None, max_length=2048)  # none when the build pushed nothing
 
 
 class Comparison(_Report):
@@ -123,7 +123,7 @@ def outcome_of(report: BuildReport | str, *, job_succeeded: bool) -> Obj:
     figures = {
         "cacheKey": report.cache_key,
         "precision": report.precision,
-        "artifact": report.artifact.reference if report.artifact else None,
+        "artifact": (report.artifact.reference or None) if report.artifact else None,
         "buildSeconds": report.build_seconds,
         "metrics": _metrics(report),
     }

@@ -82,7 +82,7 @@ def test_pods_of_other_jobs_are_never_read() -> None:
         ('{"v": 2, "status": "built", "exitCode": 0}', "v: Input should be 1"),
         ('{"v": 1, "status": "built", "exitCode": "zero"}', "exitCode"),
         ('{"v": 1, "status": "built", "exitCode": 0, "artifact": "oci://x"}', "artifact"),
-        ('{"v": 1, "status": "built", "exitCode": 0, "artifact": {"reference": 7}}', "artifact.reference"),
+        ('{"v": 1, "status": "built", "exitCode": 0, "artifact": {"reference": [7]}}', "artifact.reference"),
         ('{"v": 1, "status": "built", "exitCode": 0, "metrics": [1]}', "metrics"),
         ('{"v": 1, "status": "built", "exitCode": 0, "buildSeconds": "slow"}', "buildSeconds"),
     ],
@@ -188,3 +188,45 @@ def test_the_plan_serves_a_build_whose_retry_succeeded() -> None:
     result = plan(_observed(body, nodes=CPU_ONLY, jobs=[job], pods=pods), Images(), LATER)
     assert [e["state"] for e in result.status["classes"]] == ["Built"]
     assert "Deployment" in [o["kind"] for o in result.create]
+
+
+def _runtime_report(**fields: Any) -> str:
+    """A termination message as `edgemodel build` writes it (the runtime's own `compact`)."""
+    from edgemodel_runtime.build import report as runtime_report
+
+    full = {"version": 1, "status": "built", "exitCode": 0, "message": "", "cacheKey": "k" * 64,
+            "engine": "onnxruntime", "precision": "fp32", "classKey": "amd64-none-ed73af2f", "buildSeconds": 12.5,
+            "artifact": {"file": "model.onnx", "sha256": "ab" * 32, "size": 1234, "reference": ARTIFACT},
+            "candidate": {"comparison": {"samples": 8, "max_abs_error": 1e-5, "max_relative_error": 1e-4,
+                                         "cosine": 0.99999, "top1_agreement": None},
+                          "latency": {"p50_ms": 4.2, "p99_ms": 6.1, "mean_ms": 4.4}},
+            "decision": {"chosen": "fp32", "tried": ["fp32"]}} | fields  # fmt: skip
+    return runtime_report.compact(full)
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "reason"),
+    [
+        ({}, "built", None),
+        ({"status": "cached", "message": "cache hit for k; nothing rebuilt"}, "cached", None),
+        ({"status": "failed", "exitCode": 3, "reason": "ToleranceMissed", "message": "x" * 20000}, "failed",
+         "ToleranceMissed"),
+        ({"status": "failed", "exitCode": 4, "reason": "PushFailed", "artifact": None, "candidate": None}, "failed",
+         "PushFailed"),
+    ],
+    ids=["built", "cached", "failed, message cut to fit", "failed before validation"],
+)  # fmt: skip
+def test_every_report_the_runtime_writes_is_readable(fields: Obj, status: str, reason: str | None) -> None:
+    text = _runtime_report(**fields)
+    exit_code = int(json.loads(text)["exitCode"])
+    outcome, _ = read_outcome(_job(), [_pod("ocr-r1-x", 1, text, exit_code=exit_code, finished=NOW)],
+                              job_succeeded=exit_code == 0)  # fmt: skip
+    assert (outcome["status"], outcome.get("reason")) == (status, reason)
+    if status != "failed":
+        assert (outcome["artifact"], outcome["metrics"]["cosine"]) == (ARTIFACT, 0.99999)
+
+
+def test_a_build_that_pushed_nothing_names_no_artifact_and_fails_its_class_as_such() -> None:
+    text = _runtime_report(artifact={"file": "model.onnx", "sha256": "ab" * 32, "size": 1234})
+    outcome, _ = read_outcome(_job(), [_pod("ocr-r1-x", 1, text, exit_code=0, finished=NOW)], job_succeeded=True)
+    assert (outcome["status"], outcome.get("artifact")) == ("built", None)  # the plan says "names no artifact"
