@@ -21,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 Obj = dict[str, Any]
 OUTCOME = "edgeml.dev/build-outcome"  # annotation on a finished build Job: its outcome, as read once
+CACHE_KEY = "edgeml.dev/cache-key"  # annotation on a build Job (see builders.build_job_for_class)
 UNREADABLE = "UnreadableReport"
 LOST = "ReportLost"
 MESSAGE_LIMIT = 1024  # characters of a report's message kept in the outcome
@@ -231,6 +232,26 @@ def read_outcome(job: Obj, pods: list[Obj], *, job_succeeded: bool) -> tuple[Obj
         return {"status": "failed", "reason": why, "message": f"the build pod exited with code {code} without a report",
                 "exitCode": code}, True  # fmt: skip
     return outcome_of(parse_report(str(message)), job_succeeded=job_succeeded), True
+
+
+def serving_artifact(workload: Obj) -> str | None:
+    """The engine artifact a serving workload runs (`edgemodel serve ARTIFACT ...`), if it names one."""
+    containers = ((((workload.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers")) or []
+    args = list((containers[0] if containers else {}).get("args") or [])
+    return str(args[1]) if len(args) > 1 and args[0] == "serve" else None
+
+
+def recovered(job: Obj, workloads: list[Obj]) -> Obj | None:
+    """The outcome of a Complete Job whose report was lost before it was read, from a workload that
+    already serves its build (same revision and class: the Job's name); None if none does."""
+    name = job["metadata"]["name"]
+    artifacts = [serving_artifact(w) for w in workloads if w["metadata"]["name"] == name]
+    artifact = next((a for a in artifacts if a), None)
+    if artifact is None:
+        return None
+    outcome: Obj = {"status": "built", "artifact": artifact}
+    key = ((job.get("metadata") or {}).get("annotations") or {}).get(CACHE_KEY)
+    return outcome | ({"cacheKey": key} if key else {})
 
 
 def keep_patch(outcome: Obj) -> Obj:

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgemodel_operator import metrics, pacing
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
-from edgemodel_operator.buildreport import OUTCOME
+from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster
 from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
 from edgemodel_operator.reconcile import Observed, plan, shadowing
@@ -59,8 +59,11 @@ def slim_workload(obj: Obj) -> Obj:
     counts = ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration", "numberReady",
               "desiredNumberScheduled", "updatedNumberScheduled")  # fmt: skip
     annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == ANNOTATION_SPEC}
+    containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
+    template = {"spec": {"containers": [{"args": list(containers[0].get("args") or [])}]}}  # names the artifact
     return {"kind": obj.get("kind"), "metadata": _meta(obj) | {"annotations": annotations},
-            "spec": _pick(obj.get("spec"), ["replicas"]), "status": _pick(obj.get("status"), counts)}  # fmt: skip
+            "spec": _pick(obj.get("spec"), ["replicas"]) | {"template": template},
+            "status": _pick(obj.get("status"), counts)}  # fmt: skip
 
 
 def slim_service(obj: Obj) -> Obj:
@@ -96,7 +99,7 @@ def node_fingerprint(node: Obj) -> tuple[Any, ...]:
 def slim_job(obj: Obj) -> Obj:
     """A build Job: whether it finished, how, and the outcome the operator kept on it."""
     conditions = [_pick(c, ("type", "status")) for c in (obj.get("status") or {}).get("conditions") or []]
-    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == OUTCOME}
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k in {OUTCOME, CACHE_KEY}}
     return {"kind": "Job", "metadata": _meta(obj) | {"annotations": annotations}, "status": {"conditions": conditions}}
 
 

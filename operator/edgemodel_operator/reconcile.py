@@ -37,7 +37,7 @@ from edgemodel_operator.builders import (
     shadow_configmap_name,
     shadow_key,
 )
-from edgemodel_operator.buildreport import keep_patch, read_outcome
+from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
 from edgemodel_operator.pacing import merge_patch
 from edgemodel_operator.projection import absent_entry, class_entry, project
@@ -242,6 +242,8 @@ class _Planner:
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
         outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        found = recovered(job, workloads) if outcome.get("reason") == LOST and state == "Complete" else None
+        outcome, newly_read = (found, True) if found else (outcome, newly_read)
         if newly_read:  # kept on the Job: losing the pod later changes nothing
             self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
         if outcome["status"] not in {"built", "cached"}:

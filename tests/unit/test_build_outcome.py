@@ -230,3 +230,24 @@ def test_a_build_that_pushed_nothing_names_no_artifact_and_fails_its_class_as_su
     text = _runtime_report(artifact={"file": "model.onnx", "sha256": "ab" * 32, "size": 1234})
     outcome, _ = read_outcome(_job(), [_pod("ocr-r1-x", 1, text, exit_code=0, finished=NOW)], job_succeeded=True)
     assert (outcome["status"], outcome.get("artifact")) == ("built", None)  # the plan says "names no artifact"
+
+
+def test_a_report_lost_before_it_was_read_does_not_fail_a_class_that_serves_that_build() -> None:
+    """The pod went (node lost, garbage-collected) while no operator ran, and nothing was kept on the Job
+    (say, Jobs made by an older operator): what already serves the revision names its artifact."""
+    body, job, _pod_gone, deployment = _serving_cluster()
+    result = plan(_observed(body, nodes=CPU_ONLY, jobs=[job], pods=[], deployments=[deployment]), Images(), LATER)
+    (entry,) = result.status["classes"]
+    assert (entry["state"], entry["artifactDigest"]) == ("Serving", ARTIFACT)
+    assert not result.delete
+    (kept,) = [p for p in result.patch if p["kind"] == "Job"]
+    assert json.loads(kept["patch"]["metadata"]["annotations"][OUTCOME])["artifact"] == ARTIFACT
+
+
+def test_a_report_lost_with_nothing_serving_it_fails_the_class_as_lost() -> None:
+    body, job, _pod_gone, _ = _serving_cluster()
+    result = plan(_observed(body, nodes=CPU_ONLY, jobs=[job], pods=[]), Images(), LATER)
+    (entry,) = result.status["classes"]
+    assert entry["state"] == "Failed"
+    assert entry["message"].startswith("ReportLost: ")
+    assert not [p for p in result.patch if p["kind"] == "Job"]  # not kept: the pod may still show up
