@@ -22,6 +22,9 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 # Which serving pods take live traffic (the EdgeModel's Service selects track=stable) and which only
 # receive mirrored copies. Not part of any workload's selector, so promotion can change it.
 LABEL_TRACK = "edgeml.dev/track"
+# On a serving workload: the EdgeModel spec its revision was built from (JSON), so that a class that
+# is new during a rollout can be given that revision first, as the other classes have it.
+ANNOTATION_SPEC = "edgeml.dev/spec"
 SHADOW_DIR = "/etc/edgemodel/shadow"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgemodel", "app.kubernetes.io/name": "edgemodel"}
 RUN_AS_USER = 65532
@@ -332,6 +335,7 @@ def build_deployment_for_class(
             "name": child_name(name, revision, hardware),
             "namespace": body["metadata"]["namespace"],
             "labels": labels,
+            "annotations": {ANNOTATION_SPEC: json.dumps(body["spec"], sort_keys=True, separators=(",", ":"))},
             "ownerReferences": [owner_reference(body)],
         },
         "spec": {

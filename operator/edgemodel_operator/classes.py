@@ -4,10 +4,15 @@ Pure functions from Node objects and an EdgeModel spec to classes. A class is th
 node's labels that decides whether an engine can run there (architecture, accelerator, GPU
 product and compute capability, CPU features that change kernels); nodes that agree on all of
 them share one engine. Each class gets a stable, label-safe key.
+
+Presence is not schedulability: a class exists while any node with its labels exists, whether
+cordoned, NotReady or tainted. A class is *new* only once one of its nodes can take the EdgeModel's
+pods; it *leaves* only after no node with its labels has existed for a grace period (`presence`).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +46,8 @@ class HardwareClass:
     compute_capability: str | None
     cpu_features: tuple[str, ...]
     node_selector: dict[str, str]
-    nodes: tuple[str, ...] = field(default=())
+    nodes: tuple[str, ...] = field(default=())  # every node with the class's labels, by name, sorted
+    schedulable: tuple[str, ...] = field(default=())  # those Ready, not cordoned, whose taints the pods tolerate
 
     @property
     def has_gpu(self) -> bool:
@@ -122,18 +128,21 @@ def discover(
     node_selector: Mapping[str, str] | None = None,
     tolerations: Sequence[Mapping[str, Any]] = (),
 ) -> list[HardwareClass]:
-    """Every distinct class among Ready, schedulable nodes that carry all of `node_selector`'s labels
-    and whose taints the pods tolerate."""
-    grouped: dict[tuple[Any, ...], list[tuple[str, Mapping[str, str]]]] = {}
+    """Every distinct class among the nodes that carry all of `node_selector`'s labels, ready or not.
+
+    Each class lists all its nodes and, in `schedulable`, those that can take the pods now: Ready,
+    not cordoned, and with no NoSchedule/NoExecute taint that `tolerations` leaves untolerated.
+    """
+    grouped: dict[tuple[Any, ...], list[tuple[str, Mapping[str, str], bool]]] = {}
     for node in nodes:
         labels = _labels(node)
-        if not _ready_and_schedulable(node) or _repelled(node, tolerations):
-            continue
         if any(labels.get(k) != v for k, v in (node_selector or {}).items()):
             continue
-        grouped.setdefault(_signature(labels), []).append((node["metadata"]["name"], labels))
+        usable = _ready_and_schedulable(node) and not _repelled(node, tolerations)
+        grouped.setdefault(_signature(labels), []).append((node["metadata"]["name"], labels, usable))
     classes = []
     for (arch, accelerator, product, capability, features), members in grouped.items():
+        members.sort(key=lambda member: (not member[2], member[0]))  # a usable node's labels pin the class
         classes.append(
             HardwareClass(
                 key=class_key(arch, accelerator, product, capability, features),
@@ -143,7 +152,8 @@ def discover(
                 compute_capability=capability,
                 cpu_features=features,
                 node_selector=_selector(members[0][1], features, accelerator != "none"),
-                nodes=tuple(sorted(name for name, _ in members)),
+                nodes=tuple(sorted(name for name, _, _ in members)),
+                schedulable=tuple(sorted(name for name, _, usable in members if usable)),
             )
         )
     return sorted(classes, key=lambda c: c.key)
@@ -178,3 +188,59 @@ def engine_for(spec: EdgeModelSpec, hardware: HardwareClass) -> EngineTarget | N
     if not engines:
         return default_engine(hardware)
     return next((entry for entry in engines if _matches(entry.match, hardware)), None)
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Which classes an EdgeModel has now, from the classes found and those it already knew."""
+
+    classes: list[HardwareClass]  # with a node: known ones, and new ones that can take pods
+    absent: dict[str, tuple[str, str]]  # key -> (absent since, retired at), RFC 3339: within the grace period
+    retired: frozenset[str]  # without a node for longer than the grace period: what serves them goes
+    wake_after: float | None  # seconds until the next absent class is due to retire
+
+
+def _parse(moment: str) -> datetime.datetime | None:
+    try:
+        parsed = datetime.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def _format(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def presence(
+    found: Sequence[HardwareClass], known: Mapping[str, str | None], *, now: str, grace_seconds: float
+) -> Presence:
+    """Present, absent and retired classes at `now` (RFC 3339).
+
+    `found` is what `discover` sees; `known` maps each class the EdgeModel already has to since when
+    it has been absent (None: it had a node when last seen). A known class stays while any node
+    with its labels exists, however unschedulable; without one it is absent from `now` (or its
+    recorded time) and retired once that has lasted `grace_seconds`. An unknown class becomes one
+    only when a node of it can take the pods. A recorded time that cannot be read counts from `now`.
+    """
+    clock = _parse(now)
+    if clock is None:
+        raise ValueError(f"now is not an RFC 3339 time: {now!r}")
+    present = {c.key for c in found}
+    classes = [c for c in found if c.key in known or c.schedulable]
+    absent: dict[str, tuple[str, str]] = {}
+    retired: set[str] = set()
+    waits: list[float] = []
+    for key, recorded in known.items():
+        if key in present:
+            continue
+        since = _parse(recorded or "") or clock
+        since = min(since, clock)  # a time in the future (clock skew, a hand edit) counts from now
+        end = since + datetime.timedelta(seconds=grace_seconds)
+        left = (end - clock).total_seconds()
+        if left <= 0:
+            retired.add(key)
+        else:
+            absent[key] = (_format(since), _format(end))
+            waits.append(left)
+    return Presence(classes, absent, frozenset(retired), min(waits) if waits else None)

@@ -85,6 +85,7 @@ class Cluster:
             "Service": self.core.delete_namespaced_service,
         }
         patch: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.patch_namespaced_job,  # the build outcome, kept once read
             "Deployment": self.apps.patch_namespaced_deployment,
             "DaemonSet": self.apps.patch_namespaced_daemon_set,
             "ConfigMap": self.core.patch_namespaced_config_map,

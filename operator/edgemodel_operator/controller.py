@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgemodel_operator import metrics, pacing
-from edgemodel_operator.builders import Images
+from edgemodel_operator.builders import ANNOTATION_SPEC, Images
+from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster
 from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
 from edgemodel_operator.reconcile import Observed, plan, shadowing
@@ -54,10 +55,14 @@ def slim_edgemodel(obj: Obj) -> Obj:
 
 
 def slim_workload(obj: Obj) -> Obj:
-    """A Deployment or DaemonSet: its labels, replicas and rollout progress."""
+    """A Deployment or DaemonSet: its labels, the spec its revision was built from, replicas, rollout progress."""
     counts = ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration", "numberReady",
               "desiredNumberScheduled", "updatedNumberScheduled")  # fmt: skip
-    return {"kind": obj.get("kind"), "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["replicas"]),
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == ANNOTATION_SPEC}
+    containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
+    template = {"spec": {"containers": [{"args": list(containers[0].get("args") or [])}]}}  # names the artifact
+    return {"kind": obj.get("kind"), "metadata": _meta(obj) | {"annotations": annotations},
+            "spec": _pick(obj.get("spec"), ["replicas"]) | {"template": template},
             "status": _pick(obj.get("status"), counts)}  # fmt: skip
 
 
@@ -82,29 +87,37 @@ def slim_node(obj: Obj) -> Obj:
 
 
 def node_fingerprint(node: Obj) -> tuple[Any, ...]:
-    """What about a node can change the hardware classes: labels, schedulability, readiness."""
+    """What about a node can change the hardware classes or their schedulability: labels, cordon,
+    taints, readiness. Heartbeats change none of them, so they queue nothing."""
     ready = [c.get("status") for c in node["status"]["conditions"]]
-    return (sorted(node["metadata"]["labels"].items()), node["spec"].get("unschedulable"), ready)
+    taints = sorted(
+        (t.get("key") or "", t.get("value") or "", t.get("effect") or "") for t in node["spec"].get("taints") or []
+    )
+    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready)
 
 
 def slim_job(obj: Obj) -> Obj:
-    """A build Job: whether it finished, and how."""
+    """A build Job: whether it finished, how, and the outcome the operator kept on it."""
     conditions = [_pick(c, ("type", "status")) for c in (obj.get("status") or {}).get("conditions") or []]
-    return {"kind": "Job", "metadata": _meta(obj), "status": {"conditions": conditions}}
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k in {OUTCOME, CACHE_KEY}}
+    return {"kind": "Job", "metadata": _meta(obj) | {"annotations": annotations}, "status": {"conditions": conditions}}
 
 
 def slim_pod(obj: Obj) -> Obj:
-    """A build pod: its phase, why it waits for a node, and the report in its termination message."""
+    """A build pod: its phase, why it waits for a node, and the report in its termination message, timed."""
     status = obj.get("status") or {}
+    fields = ("exitCode", "message", "reason", "startedAt", "finishedAt")
     terminated = [
-        {"state": {"terminated": _pick((c.get("state") or {}).get("terminated"), ("exitCode", "message"))}}
+        {"state": {"terminated": _pick((c.get("state") or {}).get("terminated"), fields)}}
         for c in status.get("containerStatuses") or []
         if (c.get("state") or {}).get("terminated")
     ]
     conditions = [_pick(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or []
                   if c.get("type") == "PodScheduled"]  # fmt: skip
-    kept = {"phase": status.get("phase"), "conditions": conditions, "containerStatuses": terminated}
-    return {"kind": "Pod", "metadata": _meta(obj), "status": kept}
+    kept = {"phase": status.get("phase"), "startTime": status.get("startTime"), "conditions": conditions,
+            "containerStatuses": terminated}  # fmt: skip
+    created = {"creationTimestamp": obj["metadata"].get("creationTimestamp")}
+    return {"kind": "Pod", "metadata": _meta(obj) | created, "status": kept}
 
 
 def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:
@@ -128,12 +141,14 @@ class Controller:
         evidence: PrometheusSource | ScrapeSource | None = None,
         analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
+        absent_grace: float = 600.0,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
+        self._absent_grace = absent_grace
         self._written: dict[Key, tuple[str, Obj]] = {}  # (uid, status) this process wrote last: it is the only writer
         self._held: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
@@ -189,7 +204,7 @@ class Controller:
         cluster = self._cluster()
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
-        result = plan(observed, self._images, _now())
+        result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         done = await asyncio.to_thread(cluster.apply, result)
         metrics.API_WRITES.labels(verb="create").inc(len(done.created))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
@@ -207,6 +222,8 @@ class Controller:
         await self._write_status(key, body, current, result.status)
         if result.analysing:
             self.queue.add_after(key, self._analysis_seconds)
+        if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
+            self.queue.add_after(key, result.wake_after + 1.0)
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> dict[str, Any]:
         """Shadow evidence for the classes being shadowed; none (so: keep waiting) if it cannot be read."""

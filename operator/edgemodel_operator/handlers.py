@@ -107,6 +107,7 @@ CONTROLLER = Controller(
     evidence=evidence.source(SETTINGS.prometheus_url),
     analysis_seconds=SETTINGS.analysis_seconds,
     active=lambda: PEERING.active,
+    absent_grace=SETTINGS.absent_class_grace_seconds,
 )
 _indexes: dict[str, Any] = {}
 _nodes: dict[str, tuple[Any, ...]] = {}

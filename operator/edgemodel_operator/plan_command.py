@@ -54,6 +54,6 @@ def plan_command(argv: Sequence[str]) -> int:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = plan(observed, OperatorSettings().images(), now)
     classes = result.status["classes"]
-    print(f"# {len(classes)} hardware classes: " + ", ".join(f"{c['key']} ({len(c['nodes'])} nodes)" for c in classes))
+    print(f"# {len(classes)} hardware classes: " + ", ".join(f"{c['key']} ({c['nodeCount']} nodes)" for c in classes))
     sys.stdout.write(yaml.safe_dump_all(result.create, sort_keys=False))
     return 0

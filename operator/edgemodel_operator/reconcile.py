@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgemodel_operator import conditions as cond
 from edgemodel_operator.analysis import Evidence, Verdict, analyse
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
 from edgemodel_operator.builders import (
+    ANNOTATION_SPEC,
     LABEL_CLASS,
     LABEL_REVISION,
     LABEL_TRACK,
@@ -37,8 +37,10 @@ from edgemodel_operator.builders import (
     shadow_configmap_name,
     shadow_key,
 )
-from edgemodel_operator.classes import HardwareClass, discover, engine_for
+from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
+from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
 from edgemodel_operator.pacing import merge_patch
+from edgemodel_operator.projection import absent_entry, class_entry, project
 
 Obj = dict[str, Any]
 APPROVE = "edgeml.dev/promote"  # annotation: the candidate revision a person approves for promotion
@@ -74,6 +76,7 @@ class Plan:
     status: Obj = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     analysing: bool = False  # a class is shadowed: plan again soon with fresh evidence, even without a change
+    wake_after: float | None = None  # seconds until an absent class is due to retire: plan again then
 
 
 def shadowing(status: Obj) -> dict[str, str]:
@@ -133,23 +136,6 @@ def subject(obj: Obj) -> str:
     return f"{obj['kind']}/{obj['metadata']['name'] if 'metadata' in obj else obj['name']}"
 
 
-def build_report(job: Obj, pods: list[Obj]) -> Obj | None:
-    """The compact build report a finished build pod left in its termination message."""
-    name = job["metadata"]["name"]
-    for pod in pods:
-        if pod["metadata"].get("labels", {}).get("job-name") != name:
-            continue
-        for status in pod.get("status", {}).get("containerStatuses", []) or []:
-            message = (status.get("state", {}).get("terminated") or {}).get("message")
-            if message:
-                try:
-                    report: Obj = json.loads(message)
-                except ValueError:
-                    return {"status": "failed", "reason": "UnreadableReport", "message": message[:200]}
-                return report
-    return None
-
-
 def _unschedulable(job: Obj, pods: list[Obj]) -> str | None:
     """The scheduler's reason when the build pod of `job` waits for a node it cannot get (e.g. no free GPU)."""
     name = job["metadata"]["name"]
@@ -169,20 +155,9 @@ def _job_state(job: Obj) -> str:
     return "Active"
 
 
-def _class_status(
-    hardware: HardwareClass, engine: str | None, precision: str | None, state: str, message: str | None
-) -> Obj:
-    entry: Obj = {"key": hardware.key, "nodes": list(hardware.nodes), "state": state}
-    if engine:
-        entry |= {"engine": engine, "precision": precision}
-    if message:
-        entry["message"] = message
-    return entry
-
-
 class _Planner:
-    def __init__(self, observed: Observed, images: Images, now: str) -> None:
-        self.observed, self.images, self.now = observed, images, now
+    def __init__(self, observed: Observed, images: Images, now: str, absent_grace: float) -> None:
+        self.observed, self.images, self.now, self.absent_grace = observed, images, now, absent_grace
         self.body = observed.body
         self.name, self.namespace = self.body["metadata"]["name"], self.body["metadata"]["namespace"]
         self.spec = EdgeModelSpec.model_validate(self.body["spec"])
@@ -199,14 +174,44 @@ class _Planner:
         targets = self.spec.targets
         selector = targets.node_selector if targets else None
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
-        classes = discover(self.observed.nodes, selector, tolerations)
-        entries = [self._class(hardware) for hardware in classes]
-        self._retire(classes)
+        found = discover(self.observed.nodes, selector, tolerations)
+        seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
+        entries = [self._stable_first(hardware) or self._class(hardware) for hardware in seen.classes]
+        entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
+        self._retire({c.key for c in seen.classes} | set(seen.absent))
+        self.plan.wake_after = seen.wake_after
         self._shadow_configmap()
         if not any(s["metadata"]["name"] == self.name for s in self.observed.services):
             self.plan.create.append(build_service(self.body))
-        self.plan.status = self._status(classes, entries)
+        serving = {_labels(d).get(LABEL_REVISION) or "" for d in self.observed.deployments if _track(d) == "stable"}
+        generation = int(self.body["metadata"].get("generation", 1))
+        self.plan.status = project(self.body.get("status") or {}, entries, generation=generation,
+                                   revision=self.revision, serving=serving, now=self.now)  # fmt: skip
         return self.plan
+
+    # ------------------------------------------------------------------ presence
+
+    def _known(self) -> dict[str, str | None]:
+        """Classes this EdgeModel already has (a status entry, or objects labelled with the class),
+        each with since when it has been absent (None: it had a node when last seen)."""
+        known: dict[str, str | None] = {key: entry.get("absentSince") for key, entry in self.previous.items()}
+        for obj in (*self.observed.jobs, *self.observed.deployments, *self.observed.services):
+            key = _labels(obj).get(LABEL_CLASS)
+            if key and key not in known:
+                known[key] = None
+        return known
+
+    def _absent(self, key: str, since: str, retire_at: str) -> Obj:
+        """A class without nodes, within its grace period: everything it has is kept, nothing is started."""
+        stable = []
+        for kind, objects in (("Workload", self.observed.deployments), ("Job", self.observed.jobs),
+                              ("Service", self.observed.services)):  # fmt: skip
+            for obj in objects:
+                if _labels(obj).get(LABEL_CLASS) == key:
+                    self._want(obj["metadata"]["name"], kind)
+                    stable += [obj] if kind == "Workload" and _track(obj) == "stable" else []
+        ready = sum(_ready(w) for w in stable)
+        return absent_entry(self.previous.get(key), key, since=since, retire_at=retire_at, ready=ready)
 
     # ------------------------------------------------------------------ one class
 
@@ -220,7 +225,7 @@ class _Planner:
             self._want(workload["metadata"]["name"], "Workload", "Job", "Service")
         target = engine_for(self.spec, hardware)
         if target is None:
-            return _class_status(hardware, None, None, "Failed", "no entry of spec.targets.engines matches this class")
+            return class_entry(hardware, None, None, "Failed", "no entry of spec.targets.engines matches this class")
         name = child_name(self.name, self.revision, hardware)
         self._want(name, "Job")
         job = self.jobs.get(name)
@@ -228,35 +233,91 @@ class _Planner:
             job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
             self.plan.create.append(job)
             self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
-            return self._with_stable(_class_status(hardware, target.engine, target.precision, "Building", None), stable)
+            return self._with_stable(class_entry(hardware, target.engine, target.precision, "Building", None), stable)
         state = _job_state(job)
         if state == "Active":
             waiting = _unschedulable(job, self.observed.pods)
-            entry = _class_status(hardware, target.engine, target.precision, "Building", None)
+            entry = class_entry(hardware, target.engine, target.precision, "Building", None)
             if waiting:
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
-        report = build_report(job, self.observed.pods) or {}
-        if state == "Failed" or report.get("status") not in {"built", "cached"}:
-            reason = report.get("reason") or "BuildFailed"
-            message = f"{reason}: {report.get('message') or 'the build Job failed without a report'}"
-            return self._with_stable(
-                _class_status(hardware, target.engine, target.precision, "Failed", message), stable
-            )
-        entry = _class_status(hardware, target.engine, report.get("precision", target.precision), "Built", None)
-        artifact = (report.get("artifact") or {}).get("reference")
+        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        found = recovered(job, workloads) if outcome.get("reason") == LOST and state == "Complete" else None
+        outcome, newly_read = (found, True) if found else (outcome, newly_read)
+        if newly_read:  # kept on the Job: losing the pod later changes nothing
+            self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
+        if outcome["status"] not in {"built", "cached"}:
+            message = f"{outcome.get('reason')}: {outcome.get('message')}"
+            return self._with_stable(class_entry(hardware, target.engine, target.precision, "Failed", message), stable)
+        entry = class_entry(hardware, target.engine, outcome.get("precision", target.precision), "Built", None)
+        artifact = outcome.get("artifact")
         entry |= {
-            "cacheKey": report.get("cacheKey"),
+            "cacheKey": outcome.get("cacheKey"),
             "artifactDigest": artifact,
-            "buildSeconds": report.get("buildSeconds"),
+            "buildSeconds": outcome.get("buildSeconds"),
         }
-        if report.get("metrics") or report.get("latency") or report.get("validation"):
-            entry["metrics"] = _metrics(report)
+        if outcome.get("metrics"):
+            entry["metrics"] = outcome["metrics"]
         if not artifact:
             return self._with_stable(
                 entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
             )
         return self._serve(hardware, target, artifact, entry, workloads=workloads, stable=stable)
+
+    def _stable_first(self, hardware: HardwareClass) -> Obj | None:
+        """A class with nothing serving it while the EdgeModel's stable revision is not the spec's (a
+        rollout, or a rolled-back candidate): build and serve that stable revision first, from the spec
+        kept on its workloads; the spec's revision then comes as a candidate, through shadow.
+        None where there is no such revision (or it has no engine for this class)."""
+        found = self._stable_source()
+        if found is None or any(_track(w) == "stable" for w in self._workloads(hardware)):
+            return None
+        revision, body = found
+        spec = EdgeModelSpec.model_validate(body["spec"])
+        target = engine_for(spec, hardware)
+        if target is None:
+            return None
+        name = child_name(self.name, revision, hardware)
+        self._want(name, "Job", "Workload")
+        first = f"serving the stable revision {revision} first; {self.revision} follows through shadow"
+        entry = class_entry(hardware, target.engine, target.precision, "Building", first)
+        job = self.jobs.get(name)
+        if job is None:
+            job = build_job_for_class(body, hardware, target, revision, self.images)
+            self.plan.create.append(job)
+            self._event("BuildStarted", f"building stable revision {revision} for new class {hardware.key}", job)
+            return entry
+        state = _job_state(job)
+        if state == "Active":
+            return entry
+        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        if newly_read:
+            self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
+        artifact = outcome.get("artifact")
+        if outcome["status"] not in {"built", "cached"} or not artifact:
+            why = f"{outcome.get('reason')}: {outcome.get('message')}"
+            return entry | {"state": "Failed", "message": f"stable revision {revision}: {why}"}
+        workload = build_deployment_for_class(body, hardware, target, revision=revision, artifact=artifact,
+                                              images=self.images, track="stable")  # fmt: skip
+        self.plan.create.append(workload)
+        self._event("ServingStarted", f"serving {hardware.key} from {artifact} (stable revision {revision})", workload)
+        return entry | {"state": "Built", "artifactDigest": artifact, "cacheKey": outcome.get("cacheKey")}
+
+    def _stable_source(self) -> tuple[str, Obj] | None:
+        """The EdgeModel's stable revision, when it is not the spec's, and an EdgeModel body with its spec."""
+        stable = ((self.body.get("status") or {}).get("revisions") or {}).get("stable")
+        if not stable or stable == self.revision:
+            return None
+        for workload in self.observed.deployments:
+            text = (workload["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC)
+            if _labels(workload).get(LABEL_REVISION) == stable and _track(workload) == "stable" and text:
+                try:
+                    spec = json.loads(text)
+                    if revision_of(EdgeModelSpec.model_validate(spec)) == stable:
+                        return stable, {**self.body, "spec": spec}
+                except ValueError:  # a spec that no longer reads (e.g. edited by hand): no stable-first
+                    continue
+        return None
 
     def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
         """Name the revision that keeps serving this class while the current one is not there yet."""
@@ -271,14 +332,15 @@ class _Planner:
     ) -> Obj:  # fmt: skip
         mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
         previous = self.previous.get(hardware.key) or {}
-        rolled_back = (
-            previous.get("state") == "RolledBack" and (previous.get("shadow") or {}).get("revision") == self.revision
-        )
+        # Absent (no node) a while: what the class was in when its last node went.
+        was = previous.get("lastState") if previous.get("state") == "Absent" else previous.get("state")
+        rolled_back = was == "RolledBack" and (previous.get("shadow") or {}).get("revision") == self.revision
         if mine is None:
             if rolled_back:  # decided: this revision does not replace the stable one on this class
-                return self._with_stable(
-                    entry | {k: previous[k] for k in ("state", "message", "shadow") if k in previous}, stable
-                )
+                why = previous.get("message") if previous.get("state") == "RolledBack" else None
+                return self._with_stable(entry | {"state": "RolledBack", "shadow": previous.get("shadow"),
+                                                  "message": why or f"{self.revision} was rolled back on this class"},
+                                         stable)  # fmt: skip
             track = "candidate" if stable else "stable"
             workload = build_deployment_for_class(self.body, hardware, target, revision=self.revision,
                                                   artifact=artifact, images=self.images, track=track)  # fmt: skip
@@ -352,9 +414,8 @@ class _Planner:
 
     # ------------------------------------------------------------------ the EdgeModel's other objects
 
-    def _retire(self, classes: list[HardwareClass]) -> None:
-        """Delete every workload, revision Service and Job that no class wants any more."""
-        current = {c.key for c in classes}
+    def _retire(self, current: set[str]) -> None:
+        """Delete every workload, revision Service and Job that no class in `current` wants any more."""
         for kind, objects in (("Workload", self.observed.deployments), ("Job", self.observed.jobs),
                               ("Service", self.observed.services)):  # fmt: skip
             for obj in objects:
@@ -390,67 +451,6 @@ class _Planner:
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
         self.plan.events.append(Event(reason, message, subject(obj) if obj is not None else None))
 
-    def _status(self, classes: list[HardwareClass], entries: list[Obj]) -> Obj:
-        generation = int(self.body["metadata"].get("generation", 1))
-        old: Obj = self.body.get("status") or {}
-        states = [e["state"] for e in entries]
-        total = len(entries)
-        built = sum(s in {"Built", "Serving", "Shadowing", "RolledBack"} for s in states)
-        failed = [e for e in entries if e["state"] == "Failed"]
-        rolled_back = [e for e in entries if e["state"] == "RolledBack"]
-        serving = states.count("Serving")
-        building = states.count("Building") + states.count("Pending") + states.count("Shadowing")
-        pending = [e for e in entries if e["state"] == "Pending"]
-        conditions: list[Obj] = list(old.get("conditions", []))
-
-        def put(kind: str, status: bool, reason: str, message: str) -> None:
-            nonlocal conditions
-            conditions = cond.set_condition(
-                conditions, kind, status, reason, message, generation=generation, now=self.now
-            )
-
-        if total == 0:
-            put(cond.ENGINES_BUILT, False, "NoNodes", "no Ready node matches spec.targets")
-        elif failed:
-            put(cond.ENGINES_BUILT, False, "BuildFailed", "; ".join(f"{e['key']}: {e.get('message')}" for e in failed))
-        elif pending:
-            put(cond.ENGINES_BUILT, False, "Unschedulable", "; ".join(f"{e['key']}: {e['message']}" for e in pending))
-        else:
-            put(cond.ENGINES_BUILT, built == total, "Built" if built == total else "Building", f"{built}/{total} built")
-        put(cond.VALIDATED, built > 0 and not failed, "Validated" if built and not failed else "NotValidated",
-            f"{built}/{total} engines passed validation")  # fmt: skip
-        ready = total > 0 and serving == total
-        put(cond.READY, ready, "Serving" if ready else "NotReady", f"{serving}/{total} classes serve {self.revision}")
-        progressing = building > 0 or (built > serving + len(rolled_back))
-        shadowing = states.count("Shadowing")
-        put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable",
-            f"{building - shadowing} building, {shadowing} shadowing")  # fmt: skip
-        bad = failed + rolled_back
-        reason = "RolledBack" if rolled_back else "ClassFailed"
-        summary = "; ".join(f"{e['key']}: {e.get('message')}" for e in bad)
-        put(cond.DEGRADED, bool(bad), reason if bad else "AsExpected", summary or "every class as expected")
-        stalled = bool(bad) and not progressing
-        put(cond.STALLED, stalled, reason if stalled else "AsExpected",
-            f"{len(bad)} classes need a spec change: {summary}" if stalled else "nothing is stuck")  # fmt: skip
-        return {
-            "observedGeneration": generation,
-            "phase": cond.phase(conditions),
-            "conditions": conditions,
-            "revisions": self._revisions(old, ready),
-            "classesReady": f"{serving}/{total}",
-            "classes": entries,
-        }
-
-    def _revisions(self, old: Obj, ready: bool) -> Obj:
-        """The revision serving now (stable) and the one on its way (candidate)."""
-        if ready:
-            return {"stable": self.revision}
-        stable = (old.get("revisions") or {}).get("stable")
-        serving = {_labels(d).get(LABEL_REVISION) for d in self.observed.deployments if _track(d) == "stable"}
-        if stable and stable != self.revision and stable in serving:
-            return {"stable": stable, "candidate": self.revision}
-        return {"candidate": self.revision}
-
 
 def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Verdict) -> Obj:
     figures = {
@@ -466,24 +466,9 @@ def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Ver
     return {k: v for k, v in figures.items() if v is not None}
 
 
-def _metrics(report: Obj) -> Obj:
-    metrics = report.get("metrics") or {}
-    latency = report.get("latency") or {}
-    validation = report.get("validation") or {}
-    figures = {
-        "maxAbsError": metrics.get("max_abs_error"),
-        "maxRelativeError": metrics.get("max_relative_error"),
-        "cosine": metrics.get("cosine"),
-        "top1Agreement": metrics.get("top1_agreement"),
-        "worstSample": metrics.get("worst_sample"),
-        "validation": validation.get("verdict"),
-        "uninformativeOutputs": validation.get("uninformative") or None,
-        "latencyP50Ms": latency.get("p50_ms"),
-        "latencyP99Ms": latency.get("p99_ms"),
-    }
-    return {k: v for k, v in figures.items() if v is not None}
+def plan(observed: Observed, images: Images, now: str, *, absent_grace: float = 600.0) -> Plan:
+    """What to create, delete and report for one EdgeModel at `now` (RFC 3339).
 
-
-def plan(observed: Observed, images: Images, now: str) -> Plan:
-    """What to create, delete and report for one EdgeModel."""
-    return _Planner(observed, images, now).run()
+    `absent_grace`: seconds a class may have no node at all before what serves it is deleted.
+    """
+    return _Planner(observed, images, now, absent_grace).run()

@@ -37,6 +37,12 @@ class OperatorSettings(BaseSettings):
         ge=0,
         description="How long an intermediate status is held before it is written; settled ones are written at once.",
     )
+    absent_class_grace_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a hardware class may have no node at all (deleted, not merely cordoned, NotReady or "
+        "tainted, which never count) before its serving workload, build Job and Service are deleted.",
+    )
     health_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint (/healthz).")  # noqa: S104 - in a pod
     health_port: int = Field(default=8081, description="Port of the liveness endpoint (/healthz).")
     metrics_host: str = Field(default="0.0.0.0", description="Address of the Prometheus metrics endpoint.")  # noqa: S104 - in a pod

@@ -41,13 +41,19 @@ def finished(job: Obj, ok: bool) -> tuple[Obj, Obj]:
     """The Job finished, and its pod with the build report in its termination message."""
     name = job["metadata"]["name"]
     report = (
-        {"v": 1, "status": "built", "cacheKey": name, "artifact": {"reference": f"oci://r/e@sha256:{'ab' * 32}"}}
+        {"v": 1, "status": "built", "exitCode": 0, "cacheKey": name,
+         "artifact": {"reference": f"oci://r/e@sha256:{'ab' * 32}"}}
         if ok
-        else {"v": 1, "status": "failed", "reason": "ToleranceMissed", "message": "cosine 0.91 < minCosine 0.99"}
-    )
+        else {"v": 1, "status": "failed", "exitCode": 3, "reason": "ToleranceMissed",
+              "message": "cosine 0.91 < minCosine 0.99"}
+    )  # fmt: skip
+    terminated = {"exitCode": report["exitCode"], "message": json.dumps(report)}
     pod = {
         "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
-        "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+        "status": {
+            "phase": "Succeeded" if ok else "Failed",
+            "containerStatuses": [{"state": {"terminated": terminated}}],
+        },
     }
     return {**job, "status": {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True"}]}}, pod
 

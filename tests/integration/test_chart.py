@@ -250,7 +250,7 @@ NEEDED = [
     *((verb, "customresourcedefinitions.apiextensions.k8s.io", None) for verb in ("list", "watch")),
     *((verb, "edgemodels.edgeml.dev", "M") for verb in ("get", "list", "watch")),
     ("patch", "edgemodels.edgeml.dev/status", "M"),
-    *((verb, "jobs.batch", "M") for verb in ("list", "watch", "create", "delete")),
+    *((verb, "jobs.batch", "M") for verb in ("list", "watch", "create", "delete", "patch")),
     *((verb, "pods", "M") for verb in ("list", "watch")),
     *(
         (verb, resource, "M")

@@ -302,3 +302,32 @@ def test_status_is_a_subresource_that_spec_writes_cannot_touch(crd: Testbed, nam
     crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
     stored = json.loads(crd.kubectl("get", "em", "status", "-n", namespace, "-o", "json").stdout)
     assert "status" not in stored or stored["status"].get("phase") != "Ready"
+
+
+def test_the_api_server_accepts_the_status_of_a_1000_node_class_and_50_failing_classes(
+    crd: Testbed, namespace: str, tmp_path: Path
+) -> None:
+    """The bounded status the plan writes (tests/unit/test_status_bounds.py) passes the CRD's schema;
+    the same status with one condition message as long as an unbounded summary's is refused."""
+    from tests.unit.test_status_bounds import large_status
+
+    status = large_status()
+    crd.apply_objects([{**valid_manifest("large"), "metadata": {"name": "large", "namespace": namespace}}])
+
+    def patch(body: dict[str, Any]) -> Any:
+        path = tmp_path / "patch.json"
+        path.write_text(json.dumps({"status": body}))
+        return crd.kubectl("patch", "em", "large", "-n", namespace, "--subresource=status", "--type=merge",
+                           "--patch-file", str(path), check=False)  # fmt: skip
+
+    unbounded = copy.deepcopy(status)
+    unbounded["conditions"][0]["message"] = "x" * 40_000
+    refused = patch(unbounded)
+    assert refused.returncode != 0
+    assert "32768" in refused.stderr
+    accepted = patch(status)
+    assert accepted.returncode == 0, accepted.stderr
+    stored = json.loads(crd.kubectl("get", "em", "large", "-n", namespace, "-o", "json").stdout)["status"]
+    assert len(stored["classes"]) == 51
+    assert max(c["nodeCount"] for c in stored["classes"]) == 1000
+    assert {c["type"] for c in stored["conditions"]} == {c["type"] for c in status["conditions"]}

@@ -125,7 +125,14 @@ def test_a_node_of_a_new_class_triggers_exactly_one_new_build(operator: Testbed,
         assert len(new) == 1
     finally:
         operator.kubectl("delete", "node", "gpu-l4-1", "--wait=false")
-    eventually(lambda: len(_jobs(operator, namespace)) == 4, what="the departed class's Job removed")
+
+    def absent() -> Any:
+        classes = get(operator, "em", "ocr", "-n", namespace).get("status", {}).get("classes") or []
+        return [c for c in classes if c["state"] == "Absent"]
+
+    (entry,) = eventually(absent, what="the departed class Absent")
+    assert entry["nodeCount"] == 0
+    assert len(_jobs(operator, namespace)) == 5  # kept for the grace period (10 minutes by default)
 
 
 def test_an_operator_killed_mid_reconcile_restarts_without_duplicates(

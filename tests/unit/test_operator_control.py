@@ -125,7 +125,13 @@ def test_the_planner_reads_nothing_the_slim_copies_drop() -> None:
     body = edgemodel()
     body["metadata"] |= {"managedFields": [{"manager": "kubectl"}], "annotations": {"note": "x" * 1000}}
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
-    ok = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
+    ok = {
+        "v": 1,
+        "status": "built",
+        "exitCode": 0,
+        "cacheKey": "k",
+        "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+    }
     finished = [_finished(j, ok) for j in jobs]
     full_jobs = [j | {"metadata": j["metadata"] | {"managedFields": [{"x": 1}]}} for j, _ in finished]
     pods = [p | {"spec": {"containers": [{"name": "build"}]}} for _, p in finished]
@@ -144,7 +150,10 @@ def test_the_planner_reads_nothing_the_slim_copies_drop() -> None:
     assert plan(full, Images(), NOW).status["phase"] == "Ready"  # the comparison covered serving, too
     assert "managedFields" not in slim_job(full_jobs[0])["metadata"]
     assert "spec" not in slim_pod(pods[0])
-    assert "template" not in slim_workload(workloads[0])["spec"]
+    template = slim_workload(workloads[0])["spec"]["template"]  # of the pod template, only what names the artifact
+    assert template == {
+        "spec": {"containers": [{"args": workloads[0]["spec"]["template"]["spec"]["containers"][0]["args"]}]}
+    }
 
 
 def test_a_build_no_node_can_take_is_reported_pending_with_the_schedulers_reason() -> None:

@@ -59,9 +59,12 @@ def test_default_nodes_form_four_classes_with_stable_label_safe_keys() -> None:
     assert [c.key for c in discover(list(reversed(NODES)))] == [c.key for c in classes]
 
 
-def test_not_ready_nodes_and_nodes_outside_the_selector_are_left_out() -> None:
+def test_not_ready_nodes_are_present_but_not_schedulable_and_nodes_outside_the_selector_are_left_out() -> None:
     nodes = [*NODES[:2], ready(NODES[2], is_ready=False)]
-    assert [c.nodes for c in discover(nodes)] == [("edge-x86-1", "edge-x86-2")]
+    assert [(c.nodes, c.schedulable) for c in discover(nodes)] == [
+        (("edge-x86-1", "edge-x86-2"), ("edge-x86-1", "edge-x86-2")),
+        (("gpu-ws-1",), ()),
+    ]
     arm_only = discover(NODES, {"kubernetes.io/arch": "arm64"})
     assert sorted(c.accelerator for c in arm_only) == ["none", "nvidia-orin"]
 
@@ -191,7 +194,12 @@ def _finished(job: dict[str, Any], report: dict[str, Any], ok: bool = True) -> t
     job["status"] = {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True"}]}
     pod = {
         "metadata": {"name": job["metadata"]["name"] + "-abc", "labels": {"job-name": job["metadata"]["name"]}},
-        "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+        "status": {
+            "phase": "Succeeded" if ok else "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 0 if ok else 3, "message": json.dumps(report)}}}
+            ],
+        },
     }
     return job, pod
 
@@ -213,8 +221,20 @@ def test_first_plan_builds_every_class_and_the_service() -> None:
 def test_built_classes_get_a_deployment_and_a_failed_class_degrades_without_touching_others() -> None:
     body = edgemodel()
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
-    ok_report = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
-    bad_report = {"status": "failed", "reason": "ToleranceMissed", "message": "cosine 0.5 < minCosine 0.99"}
+    ok_report = {
+        "v": 1,
+        "status": "built",
+        "exitCode": 0,
+        "cacheKey": "k",
+        "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+    }
+    bad_report = {
+        "v": 1,
+        "status": "failed",
+        "exitCode": 3,
+        "reason": "ToleranceMissed",
+        "message": "cosine 0.5 < minCosine 0.99",
+    }
     finished = [_finished(j, ok_report) for j in jobs[:3]] + [_finished(jobs[3], bad_report, ok=False)]
     result = plan(_observed(body, jobs=[j for j, _ in finished], pods=[p for _, p in finished]), Images(), LATER)
     deployments = [o for o in result.create if o["kind"] == "Deployment"]
@@ -239,11 +259,15 @@ def test_lasttransitiontime_moves_only_when_a_condition_flips() -> None:
     assert before == after
 
 
-def test_a_class_that_leaves_has_its_workloads_removed() -> None:
+def test_a_class_that_leaves_has_its_workloads_removed_after_the_grace_period() -> None:
     body = edgemodel()
     jobs = [o for o in plan(_observed(body), Images(), NOW).create if o["kind"] == "Job"]
     without_jetsons = [n for n in NODES if not n["metadata"]["name"].startswith("jetson")]
-    result = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), LATER)
+    kept = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), LATER)  # grace: 600 s by default
+    assert not kept.delete
+    assert sorted(e["state"] for e in kept.status["classes"]).count("Absent") == 1
+    body["status"] = kept.status
+    result = plan(_observed(body, nodes=without_jetsons, jobs=jobs), Images(), "2026-11-26T12:15:00Z")
     assert [d["name"] for d in result.delete] == [
         j["metadata"]["name"] for j in jobs if j["metadata"]["labels"]["edgeml.dev/class"].startswith("arm64-nvidia")
     ]

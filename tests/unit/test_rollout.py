@@ -64,13 +64,14 @@ class Cluster:
     body: Obj
     objects: dict[tuple[str, str], Obj] = field(default_factory=dict)
     evidence: dict[str, Evidence] = field(default_factory=dict)
+    nodes: list[Obj] = field(default_factory=lambda: list(CPU_ONLY))
 
     def observed(self) -> Observed:
         kinds: dict[str, list[Obj]] = {}
         for (kind, _), obj in self.objects.items():
             kinds.setdefault(kind, []).append(obj)
         return Observed(
-            body=self.body, nodes=CPU_ONLY, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
+            body=self.body, nodes=self.nodes, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
             deployments=kinds.get("Deployment", []) + kinds.get("DaemonSet", []),
             services=kinds.get("Service", []), configmaps=kinds.get("ConfigMap", []), evidence=self.evidence,
         )  # fmt: skip
@@ -89,13 +90,24 @@ class Cluster:
         return result
 
     def finish_builds(self) -> None:
-        report = {"status": "built", "cacheKey": "k", "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}}
+        report = {
+            "v": 1,
+            "status": "built",
+            "exitCode": 0,
+            "cacheKey": "k",
+            "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+        }
         for (kind, name), job in list(self.objects.items()):
             if kind == "Job" and not job.get("status"):
                 job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
                 self.objects["Pod", name] = {
                     "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
-                    "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(report)}}}]},
+                    "status": {
+                        "phase": "Succeeded",
+                        "containerStatuses": [
+                            {"state": {"terminated": {"exitCode": 0, "message": json.dumps(report)}}}
+                        ],
+                    },
                 }
 
     def pods_ready(self) -> None:

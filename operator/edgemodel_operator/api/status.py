@@ -9,6 +9,16 @@ from pydantic import Field
 
 from edgemodel_operator.api.fields import ApiModel
 
+MESSAGE_MAX = 1024
+"""Longest message of a class (and reason of its shadow evidence), in characters; the operator cuts longer ones."""
+CONDITION_MESSAGE_MAX = 4096
+"""Longest condition message the operator writes (the schema allows 32768, as Kubernetes does)."""
+NODE_NAMES = 5
+"""Nodes a class entry names; `nodeCount` counts them all."""
+
+ClassState = Literal["Pending", "Building", "Built", "Failed", "Serving", "Shadowing", "RolledBack", "Absent"]
+"""Where a class is in the rollout; Absent: no node with its labels exists (see `absentSince`)."""
+
 ConditionType = Literal["Ready", "EnginesBuilt", "Validated", "Progressing", "Degraded", "Stalled"]
 """The condition types the operator sets; Ready is the one kstatus, Flux and Argo CD read."""
 
@@ -74,14 +84,26 @@ class ShadowStatus(ApiModel):
     decision: Literal["Pending", "Promote", "Rollback", "AwaitingApproval"] | None = Field(
         default=None, description="What the analysis concluded."
     )
-    reason: str | None = Field(default=None, description="Why, with the figures that decided it.")
+    reason: str | None = Field(
+        default=None, max_length=MESSAGE_MAX, description="Why, with the figures that decided it."
+    )
 
 
 class ClassStatus(ApiModel):
     """State of one hardware class."""
 
-    key: str = Field(description="Stable identifier of the hardware class.")
-    nodes: list[str] = Field(default_factory=list, description="Nodes of this class.")
+    key: str = Field(max_length=63, description="Stable identifier of the hardware class.")
+    node_count: int = Field(
+        default=0, ge=0, description="Nodes with this class's labels (cordoned, NotReady and tainted included)."
+    )
+    nodes: list[str] = Field(
+        default_factory=list, max_length=NODE_NAMES, description=f"Up to {NODE_NAMES} of this class's nodes, by name."
+    )
+    schedulable: bool | None = Field(
+        default=None,
+        description="Whether a node of this class can take new pods now (Ready, not cordoned, taints tolerated); "
+        "what runs keeps running either way.",
+    )
     engine: str | None = Field(default=None, description="Engine built for this class.")
     precision: str | None = Field(default=None, description="Precision of the engine (after any fallback).")
     cache_key: str | None = Field(default=None, description="Hash that identifies the build; same key, same engine.")
@@ -92,10 +114,18 @@ class ClassStatus(ApiModel):
         default=None, description="The revision serving this class's live traffic (its stable revision)."
     )
     ready_replicas: int = Field(default=0, ge=0, description="Serving pods of this class that are ready.")
-    state: Literal["Pending", "Building", "Built", "Failed", "Serving", "Shadowing", "RolledBack"] = Field(
-        default="Pending", description="Where this class is in the rollout."
+    state: ClassState = Field(default="Pending", description="Where this class is in the rollout.")
+    message: str | None = Field(
+        default=None, max_length=MESSAGE_MAX, description="Details of the current state, e.g. why a build failed."
     )
-    message: str | None = Field(default=None, description="Details of the current state, e.g. why a build failed.")
+    absent_since: str | None = Field(
+        default=None,
+        description="Absent classes: since when no node has had this class's labels (RFC 3339); what serves the "
+        "class is deleted once that lasts EDGEMODEL_ABSENT_CLASS_GRACE_SECONDS.",
+    )
+    last_state: ClassState | None = Field(
+        default=None, description="Absent classes: the state the class was in when its last node went."
+    )
     shadow: ShadowStatus | None = Field(default=None, description="Shadow evidence for this class's candidate.")
 
 
