@@ -259,8 +259,12 @@ def test_a_spec_change_is_built_and_shadowed_while_the_old_revision_keeps_servin
 
     operator.kubectl("annotate", "em", "ocr", "-n", namespace, f"edgeml.dev/rollback={second}")
     eventually(lambda: _serving(operator, namespace) == {first: 2}, what="the candidates removed")
-    status = get(operator, "em", "ocr", "-n", namespace)["status"]
-    assert {c["state"] for c in status["classes"]} == {"RolledBack"}
+
+    def rolled_back() -> Any:  # the deletions and the status are two writes: the status may land just after
+        found = get(operator, "em", "ocr", "-n", namespace)["status"]
+        return {c["state"] for c in found["classes"]} == {"RolledBack"} and found
+
+    status = eventually(rolled_back, what="both classes rolled back in the status")
     assert status["phase"] == "Failed"  # Stalled: the spec asks for a revision that was refused
     assert get(operator, "configmap", "ocr-shadow", "-n", namespace).get("data", {}) == {}
 
