@@ -11,154 +11,32 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from edgemodel_runtime.build import compare, fetch, hardware, measure, modelcheck, modelfiles, report, tensors
 from edgemodel_runtime.build.errors import BadInputError, BuildError, InfrastructureError, ValidationFailedError
+from edgemodel_runtime.build.request import (
+    ARTIFACT_NAME,
+    BuildRequest,
+    DataFile,
+    Engine,
+    Precision,
+    builder_version,
+    cached_report,
+    check_request,
+    fetch_data,
+    options,
+    quantization,
+)
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 
-Engine = Literal["onnxruntime", "tensorrt", "openvino"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
-ARTIFACT_NAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "openvino": "model.openvino"}
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """A calibration or reference .npz: a local path, or a URI with its digest."""
-
-    location: str
-    sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    model: str
-    sha256: str
-    engine: Engine = "onnxruntime"
-    precision: Precision = "fp32"
-    output: Path = Path("engine")
-    quantization: Literal["static", "dynamic"] | None = None
-    calibration: DataFile | None = None
-    calibration_method: ortx.CalibrationMethodName = "minmax"
-    reference: DataFile | None = None
-    tolerance: compare.Tolerance | None = None
-    latency_budget_ms: float | None = None
-    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    push: str | None = None
-    class_key: str | None = None
-    int8_min_speedup: float = 1.1
-    samples: int = 8
-    seed: int = 0
-    graph_optimization: Literal["basic", "extended", "all"] = "extended"
-    allow_local: bool = True
-    benchmark_seconds: float = 2.0
+__all__ = ["BuildRequest", "DataFile", "Engine", "Precision", "build", "check_request"]
 
 
 def _log(message: str) -> None:
     print(f"[build] {message}", file=sys.stderr, flush=True)
-
-
-def _builder_version(engine: Engine) -> str:
-    parts = [f"edgemodel-{package_version('edgemodel')}", f"onnxruntime-{ortx.version()}"]
-    if engine == "tensorrt":
-        from edgemodel_runtime.engines import tensorrt_engine
-
-        parts.append(f"tensorrt-{tensorrt_engine.version()}")
-    if engine == "openvino":
-        from edgemodel_runtime.engines import openvino_engine
-
-        parts.append(f"openvino-{openvino_engine.version()}")
-    return "+".join(parts)
-
-
-def _options(request: BuildRequest, model_identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build options that change the engine, part of the cache key (with what pins external weights)."""
-    return {
-        **({"modelFiles": model_identity} if model_identity else {}),
-        "inputs": {k: list(v) for k, v in sorted(request.inputs.items())},
-        "quantization": _quantization(request),
-        "calibration": request.calibration.sha256 if request.calibration else None,
-        "calibrationMethod": request.calibration_method if request.precision == "int8" else None,
-        "graphOptimization": request.graph_optimization,
-        "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
-    }
-
-
-def _quantization(request: BuildRequest) -> str | None:
-    if request.precision != "int8":
-        return None
-    return request.quantization or ("static" if request.calibration else None)
-
-
-def check_request(request: BuildRequest) -> None:
-    """Refuse inconsistent options before any work; raise BadInputError naming the option."""
-    fetch.check_digest(request.sha256)
-    fetch.parse_source(request.model, allow_local=request.allow_local)
-    if request.precision == "bf16" and request.engine != "openvino":
-        raise BadInputError("--precision bf16 is only available with --engine openvino", reason="InvalidOption")
-    if request.engine == "openvino":
-        from edgemodel_runtime.engines import openvino_engine
-
-        openvino_engine.check_precision(request.precision)
-    if request.quantization and request.precision != "int8":
-        raise BadInputError("--quantization applies only to --precision int8", reason="InvalidOption")
-    if request.precision == "int8" and _quantization(request) is None:
-        raise BadInputError(
-            "--precision int8 needs --calibration NPZ (static quantisation) or --quantization dynamic",
-            reason="InvalidOption",
-        )
-    if _quantization(request) == "static" and request.calibration is None:
-        raise BadInputError("static int8 quantisation needs --calibration NPZ", reason="InvalidOption")
-    if request.quantization == "dynamic" and request.engine != "onnxruntime":
-        raise BadInputError("dynamic quantisation is only available with --engine onnxruntime", reason="InvalidOption")
-    for name, data in (("calibration", request.calibration), ("reference", request.reference)):
-        if data is None:
-            continue
-        source = fetch.parse_source(data.location, allow_local=request.allow_local)
-        if source.kind != "path" and data.sha256 is None:
-            raise BadInputError(f"--{name} {data.location} is a URI and needs --{name}-sha256", reason="InvalidOption")
-        if data.sha256 is not None:
-            fetch.check_digest(data.sha256)
-    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
-        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
-    if request.engine == "tensorrt":
-        from edgemodel_runtime.engines import tensorrt_engine
-
-        tensorrt_engine.require()
-
-
-def _cached(request: BuildRequest, key: str) -> dict[str, Any] | None:
-    """The earlier report when the output directory already holds a verified build with this key."""
-    path = request.output / "report.json"
-    if not path.exists():
-        return None
-    try:
-        earlier: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    artifact = earlier.get("artifact") or {}
-    if earlier.get("cacheKey") != key or earlier.get("status") not in {"built", "cached"}:
-        return None
-    for entry in [artifact, *artifact.get("dataFiles", [])]:
-        file = request.output / Path(str(entry.get("file", ""))).name
-        if not file.is_file() or sha256_file(file) != entry.get("sha256"):
-            return None
-    return earlier
-
-
-def _fetch_data(data: DataFile, work: Path, name: str, allow_local: bool) -> Path:
-    target = work / f"{name}.npz"
-    if data.sha256 is None:  # a local path given without a digest: record the one it has
-        source = Path(data.location)
-        if not source.is_file():
-            raise BadInputError(f"--{name} {data.location}: no such file", reason="InvalidSampleSet")
-        shutil.copyfile(source, target)
-        return target
-    return fetch.fetch(data.location, data.sha256, target, allow_local=allow_local)
 
 
 class _Build:
@@ -181,8 +59,8 @@ class _Build:
             "precision": request.precision,
             "classKey": class_key,
             "model": {"uri": request.model, "sha256": fetch.check_digest(request.sha256)},
-            "options": _options(request, identity),
-            "versions": {"builder": _builder_version(request.engine), "python": sys.version.split()[0]},
+            "options": options(request, identity),
+            "versions": {"builder": builder_version(request.engine), "python": sys.version.split()[0]},
             "hardware": machine.as_dict(),
         }
 
@@ -249,7 +127,7 @@ class _Build:
         if request.reference is None:
             self.report["reference"] = {"kind": "seeded", "samples": request.samples, "seed": request.seed}
             return tensors.seeded_samples(inputs, request.samples, request.seed), None
-        path = _fetch_data(request.reference, self.work, "reference", request.allow_local)
+        path = fetch_data(request.reference, self.work, "reference", request.allow_local)
         samples, expected = tensors.load_samples(path, inputs, request.reference.location)
         self.report["reference"] = {
             "kind": "npz",
@@ -282,14 +160,14 @@ class _Build:
             return optimised
         if request.precision == "fp16":
             return ortx.convert_fp16(optimised, self.work / "fp16.onnx", self.external)
-        if _quantization(request) == "dynamic":
+        if quantization(request) == "dynamic":
             return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx", self.external)
         return self._quantize_static(model, inputs)
 
     def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
         request = self.request
         assert request.calibration is not None  # checked by check_request
-        path = _fetch_data(request.calibration, self.work, "calibration", request.allow_local)
+        path = fetch_data(request.calibration, self.work, "calibration", request.allow_local)
         calibration, _ = tensors.load_samples(path, inputs, request.calibration.location)
         self.report["calibration"] = {
             "uri": request.calibration.location,
@@ -475,10 +353,10 @@ def build(request: BuildRequest) -> dict[str, Any]:
         engine=request.engine,
         precision=request.precision,
         class_key=class_key,
-        builder_version=_builder_version(request.engine),
-        options=_options(request, identity),
+        builder_version=builder_version(request.engine),
+        options=options(request, identity),
     )
-    earlier = _cached(request, key)
+    earlier = cached_report(request, key)
     if earlier is not None:
         _log(f"cache hit: {request.output} already holds the engine for cache key {key[:16]}…; nothing to do")
         return {**earlier, "status": "cached", "message": f"cache hit for {key}; nothing rebuilt"}
