@@ -330,3 +330,85 @@ def test_the_compact_report_carries_the_verdict_and_the_worst_sample_within_4_ki
     assert parsed["metrics"]["worst_sample"] == comparison.worst_sample
     assert parsed["metrics"]["samples"] == 300
     assert parsed["validation"]["verdict"] == "passed"
+
+
+# ------------------------------------------------------------------ string outputs (ONNX strings, OIP BYTES)
+
+TEXT = st.binary(max_size=6) | st.text(max_size=4).map(lambda t: t.encode())  # empty, NULs, non-UTF-8 bytes
+
+
+def _strings(values: list[bytes], shape: tuple[int, ...], *, as_str: bool = False) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = [v.decode("utf-8", "surrogateescape") if as_str else v for v in values]
+    return array.reshape(shape)
+
+
+@st.composite
+def _string_pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    """A string output, a candidate with some elements changed, and how many differ."""
+    shape = draw(SHAPES)
+    size = int(np.prod(shape))
+    values = draw(st.lists(TEXT, min_size=size, max_size=size))
+    changed = draw(st.lists(st.booleans(), min_size=size, max_size=size))
+    other = [v + b"\x00" if flip else v for v, flip in zip(values, changed, strict=True)]  # a trailing NUL counts
+    return _strings(values, shape), _strings(other, shape), sum(changed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pair=_string_pairs())
+def test_string_outputs_are_compared_exactly_element_by_element(pair: tuple[np.ndarray, np.ndarray, int]) -> None:
+    reference, candidate, differing = pair
+    same = compare.compare(_one(reference), _one(reference.copy()))
+    assert [m.label for m in compare.failures(same, compare.Tolerance())] == []
+    assert compare.agreement({"y": reference}, {"y": reference.copy()}, compare.Tolerances())[1] == []
+    comparison = compare.compare(_one(reference), _one(candidate))
+    figures = comparison.outputs[0]
+    assert (figures.dtype, figures.exact_mismatches, figures.values) == ("string", differing, reference.size)
+    assert figures.equal_share == ((reference.size - differing) / reference.size if reference.size else None)
+    assert figures.max_abs_error is None
+    assert figures.cosine is None
+    labels = [m.label for m in compare.failures(comparison, compare.Tolerance(max_relative_error=1e-9))]
+    assert labels == (["exact"] if differing else [])
+    missed = compare.agreement({"y": reference}, {"y": candidate}, compare.Tolerances(compare.DEFAULT_AGREEMENT))[1]
+    assert [m.label for m in missed] == (["exact"] if differing else [])
+    _json_safe(comparison)
+
+
+def test_strings_from_the_engine_equal_bytes_from_the_wire_and_numpy_text_arrays() -> None:
+    words = ["cat", "", "naïve", "a\x00b"]
+    engine = _strings([w.encode() for w in words], (2, 2), as_str=True)  # ONNX Runtime hands out str
+    wire = _strings([w.encode() for w in words], (2, 2))  # the OIP codec hands out bytes
+    for reference, candidate in [(engine, wire), (wire, engine), (np.array(words).reshape(2, 2), wire)]:
+        comparison = compare.compare(_one(reference), _one(candidate))
+        assert comparison.outputs[0].exact_mismatches == 0
+        assert comparison.outputs[0].equal_share == 1.0
+    changed = wire.copy()
+    changed[1, 0] = b"naive"
+    missed = compare.failures(compare.compare(_one(engine), _one(changed)), compare.Tolerance())
+    assert [m.text for m in missed] == ["output y: 1 of 4 string values differ (compared exactly)"]
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32), np.array([[b"a", 1]], dtype=object)],
+    ids=["integers", "floats", "mixed objects"],
+)
+def test_strings_against_anything_else_are_a_datatype_mismatch(candidate: np.ndarray) -> None:
+    reference = _strings([b"a", b"b"], (1, 2))
+    with pytest.raises(compare.IncomparableError) as caught:
+        compare.compare(_one(reference), _one(candidate))
+    assert caught.value.reason == "datatype"
+    assert [m.label for m in compare.agreement({"y": reference}, {"y": candidate}, compare.Tolerances())[1]] == [
+        "datatype"
+    ]
+
+
+def test_a_string_output_with_one_value_everywhere_is_uninformative_and_nul_suffixes_are_values() -> None:
+    constant = _strings([b"same"] * 4, (4,))
+    assert compare.compare(_one(constant), _one(constant.copy())).outputs[0].uninformative == (
+        "constant (every value is b'same')"
+    )
+    varied = _strings([b"a", b"a\x00"], (2,))  # numpy's own bytes type would drop the trailing NUL
+    assert compare.compare(_one(varied), _one(varied.copy())).outputs[0].uninformative is None
+    mixed = compare.compare(_one(varied), _one(_strings([b"a", b"a"], (2,))))
+    assert mixed.outputs[0].exact_mismatches == 1

@@ -9,15 +9,20 @@ Value semantics, per output, position by position:
   non-finite value, is a *non-finite mismatch*: always a failure, whatever the tolerances. Error figures
   (absolute, relative, cosine) are computed over the positions where both sides are finite, so a NaN can never
   vanish into a maximum. float16 values that overflowed to inf are non-finite like any other.
-- Integer and boolean outputs are compared exactly: any differing element is a failure.
-- Shapes must be equal, and both sides must be floating point, or both integer, or both boolean.
+- Integer, boolean and string outputs are compared exactly, element by element: any differing element is a
+  failure, and their figure is the share of equal elements (`equal_share`). String elements (ONNX string
+  tensors, OIP BYTES) compare as bytes, str taken as its UTF-8 encoding, so an engine's str and the wire's
+  bytes are equal when they hold the same text; an empty string and embedded NULs are values like any other.
+- Shapes must be equal, and both sides must be floating point, or both integer, or both boolean, or both
+  strings.
 - Top-1 (outputs shaped [..., classes] with more than one class): a row agrees when the candidate's arg-max is
   the reference's, or names a class that the reference scores equal to its maximum (ties and flat rows cannot
   discriminate); NaN ranks highest, as in numpy's argmax, and rows with a non-finite mismatch disagree.
 - Relative errors are absolute differences divided by the output's scale: max(range, largest magnitude) of the
   reference's finite values over every sample compared.
 
-A reference output that cannot discriminate (near zero everywhere, near constant, or without finite values) is
+A reference output that cannot discriminate (near zero everywhere, near constant, without finite values, or one
+value everywhere for outputs compared exactly) is
 *uninformative*: its figures are reported but decide nothing, because on such outputs every metric is noise.
 """
 
@@ -36,6 +41,7 @@ from edgemodel_runtime.build.values import (
     check_comparable,
     difference,
     exact_uninformative,
+    kind_of,
     scale_of,
     uninformative,
 )
@@ -120,7 +126,7 @@ class OutputFigures:
     name: str
     dtype: str
     values: int  # elements compared, over all samples
-    max_abs_error: float | None  # None for integer and boolean outputs
+    max_abs_error: float | None  # None for outputs compared exactly (integer, boolean, string)
     max_relative_error: float | None
     cosine: float | None  # smallest over the samples
     top1_agreement: float | None  # share of rows over all samples
@@ -129,6 +135,7 @@ class OutputFigures:
     exact_mismatches: int | None
     worst_sample: int | None
     uninformative: str | None  # why the reference cannot discriminate, or None
+    equal_share: float | None = None  # outputs compared exactly: share of equal elements (None when empty)
 
 
 @dataclass(frozen=True)
@@ -183,23 +190,27 @@ def _worst_index(ranks: Sequence[tuple[int, float]]) -> int | None:
 
 
 def _output(name: str, references: list[npt.NDArray[Any]], diffs: list[Difference]) -> OutputFigures:
-    floating = references[0].dtype.kind == "f"
+    kind = kind_of(references[0])
+    floating = kind == "float"
     top1 = [d.top1 for d in diffs if d.top1 is not None]
     rows = sum(total for _, total in top1)
     worst = _worst_index([(d.nonfinite + (d.exact_mismatches or 0), d.max_relative_error or 0.0) for d in diffs])
+    values = sum(int(r.size) for r in references)
+    mismatches = None if floating else sum(d.exact_mismatches or 0 for d in diffs)
     return OutputFigures(
         name=name,
-        dtype=str(references[0].dtype),
-        values=sum(int(r.size) for r in references),
+        dtype="string" if kind == "string" else str(references[0].dtype),
+        values=values,
         max_abs_error=_worst([d.max_abs_error for d in diffs]),
         max_relative_error=_worst([d.max_relative_error for d in diffs]),
         cosine=_worst([d.cosine for d in diffs], smallest=True),
         top1_agreement=sum(agree for agree, _ in top1) / rows if rows else None,
         nonfinite=sum(d.nonfinite for d in diffs),
         nonfinite_candidate=sum(d.nonfinite_candidate for d in diffs),
-        exact_mismatches=None if floating else sum(d.exact_mismatches or 0 for d in diffs),
+        exact_mismatches=mismatches,
         worst_sample=worst,
         uninformative=uninformative(references) if floating else exact_uninformative(references),
+        equal_share=(values - mismatches) / values if mismatches is not None and values else None,
     )
 
 

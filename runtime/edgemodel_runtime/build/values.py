@@ -41,8 +41,22 @@ class Difference:
     exact_mismatches: int | None = None  # integer and boolean outputs: elements that differ
 
 
-def _kind(dtype: np.dtype[Any]) -> str:
-    return {"b": "bool", "i": "integer", "u": "integer", "f": "float"}.get(dtype.kind, dtype.kind)
+def kind_of(array: npt.NDArray[Any]) -> str:
+    """How an array's elements compare: "float", "integer", "bool", "string" (str or bytes elements: ONNX
+    string tensors, OIP BYTES), or numpy's kind letter for anything else (not comparable)."""
+    kind = array.dtype.kind
+    if kind in "SU" or (kind == "O" and all(isinstance(value, str | bytes) for value in array.flat)):
+        return "string"
+    return {"b": "bool", "i": "integer", "u": "integer", "f": "float"}.get(kind, kind)
+
+
+def as_bytes(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """String elements as one representation, an object array of bytes: str is encoded as UTF-8 (as ONNX
+    Runtime's str outputs are sent as BYTES), so text from the engine, the wire and a .npz compare equal."""
+    encoded = [v.encode("utf-8", "surrogatepass") if isinstance(v, str) else bytes(v) for v in array.flat]
+    result = np.empty(len(encoded), dtype=object)
+    result[:] = encoded
+    return result.reshape(array.shape)
 
 
 def check_comparable(name: str, reference: npt.NDArray[Any], candidate: npt.NDArray[Any]) -> None:
@@ -51,7 +65,8 @@ def check_comparable(name: str, reference: npt.NDArray[Any], candidate: npt.NDAr
         raise IncomparableError(
             f"output {name}: shape {list(candidate.shape)} differs from reference {list(reference.shape)}", "shape"
         )
-    if _kind(candidate.dtype) != _kind(reference.dtype) or _kind(reference.dtype) not in {"bool", "integer", "float"}:
+    kind = kind_of(reference)
+    if kind_of(candidate) != kind or kind not in {"bool", "integer", "float", "string"}:
         raise IncomparableError(
             f"output {name}: datatype {candidate.dtype} cannot be compared with reference {reference.dtype}", "datatype"
         )
@@ -98,6 +113,8 @@ def _top1(reference: npt.NDArray[np.float64], candidate: npt.NDArray[np.float64]
 
 def difference(reference: npt.NDArray[Any], candidate: npt.NDArray[Any], scale: float) -> Difference:
     """How `candidate` differs from `reference` (same shape and kind, see check_comparable)."""
+    if kind_of(reference) == "string":
+        return Difference(exact_mismatches=int(np.count_nonzero(as_bytes(reference) != as_bytes(candidate))))
     if reference.dtype.kind != "f":
         if reference.dtype != candidate.dtype:  # int64 against uint64 would meet as float64 and lose digits
             reference, candidate = reference.astype(object), candidate.astype(object)
@@ -136,6 +153,11 @@ def _bounded(value: float) -> float:
 
 
 def exact_uninformative(references: Sequence[npt.NDArray[Any]]) -> str | None:
+    """Why an exactly compared output (integer, boolean, string) cannot discriminate: one value everywhere."""
+    if references and kind_of(references[0]) == "string":  # as Python bytes: numpy's bytes scalars drop trailing NULs
+        texts = {value for array in references for value in as_bytes(array).flat}
+        values = sum(int(np.size(a)) for a in references)
+        return f"constant (every value is {next(iter(texts))!r})" if values > 1 and len(texts) == 1 else None
     flat = np.concatenate([np.ravel(a) for a in references]) if references else np.empty(0)
     if flat.size > 1 and bool(np.all(flat == flat[0])):
         return f"constant (every value is {flat[0].item()!r})"
