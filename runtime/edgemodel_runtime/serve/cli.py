@@ -1,4 +1,11 @@
-"""`edgemodel serve ARTIFACT`: run the OIP v2 inference server on one engine."""
+"""`edgemodel serve ARTIFACT`: run the OIP v2 inference server on one engine.
+
+Exit codes: 0 after a drained stop (SIGTERM); 1 when the server stopped without having started; 2 for a
+setting that would leave the model unreachable or an artifact that cannot be served as it is (missing,
+tampered with, not a model, a tensor the server does not carry); 4 when the registry or the disk failed
+(retrying may help) or on a bug. Each refusal is one line on stderr: `edgemodel serve: <message>` for a
+setting, `edgemodel serve: <Reason>: <message>` for the artifact.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from urllib.parse import urlsplit
 
 from edgemodel_runtime.build.compare import Tolerances
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
-from edgemodel_runtime.serve.model import ArtifactError, load, resolve
+from edgemodel_runtime.serve.model import INFRASTRUCTURE, ArtifactError, load, resolve
 from edgemodel_runtime.serve.shadow import ShadowConfig
 from edgemodel_runtime.serve.shadow_config import (
     ShadowConfigError,
@@ -174,6 +181,11 @@ def _refuse(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (engine libraries put newlines and their own tracebacks in theirs)."""
+    return " ".join(str(error).split())
+
+
 def _graceful_server() -> Any:
     """uvicorn's server, except that a drained stop on SIGTERM exits 0 instead of re-raising the signal."""
     import uvicorn
@@ -197,8 +209,15 @@ def serve_command(argv: Sequence[str]) -> int:
         artifact = resolve(args.artifact, cache)
         model = load(artifact, args.threads)
     except ArtifactError as error:
-        print(f"edgemodel serve: {error}", file=sys.stderr)
-        return 2
+        print(f"edgemodel serve: {error.reason}: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code
+    except Exception as error:  # a bug: still one line and a documented exit code, never a traceback
+        print(
+            f"edgemodel serve: InternalError: {type(error).__name__}: {_one_line(error)}; this is a bug in "
+            "edgemodel serve, please report it together with the artifact",
+            file=sys.stderr,
+        )
+        return INFRASTRUCTURE
     shadow = None
     if args.shadow_url:
         shadow = ShadowConfig(

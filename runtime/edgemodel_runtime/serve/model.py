@@ -1,15 +1,23 @@
 """The one model interface the server uses, and where its engine comes from.
 
-An artifact is a directory written by `edgemodel build` (report.json + model.onnx,
-model.plan or model.openvino), a single model file, or `oci://registry/repo@sha256:...`. Files listed in a
-report are verified against the report's digest before anything loads them.
+An artifact is a directory written by `edgemodel build` (report.json + model.onnx, model.plan
+or model.openvino, and the model's side files for ONNX engines above 2 GiB), a single model
+file, or `oci://registry/repo@sha256:...`. Every file a report lists is verified against the
+report's digest before anything loads it, and a model may read no side file that its report
+does not list.
+
+Every failure to fetch or load an engine is an ArtifactError with a reason and an exit code:
+2 when the artifact cannot be served as it is (retrying will not help), 4 when something around
+it failed (the registry, the disk), as `edgemodel build`'s exit codes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,9 +35,20 @@ from edgemodel_runtime.serve.protocol import (
     TensorMetadata,
 )
 
+BAD_ARTIFACT = 2  # exit code: the artifact cannot be served as it is
+INFRASTRUCTURE = 4  # exit code: the registry or the disk failed; retrying may help
+
 
 class ArtifactError(Exception):
-    """The artifact cannot be served: missing, tampered with, or of an unknown kind."""
+    """The artifact cannot be served: missing, tampered with, or of an unknown kind; or it could not be fetched.
+
+    `reason` is a CamelCase word (as the build's reasons), `exit_code` BAD_ARTIFACT or INFRASTRUCTURE.
+    """
+
+    def __init__(self, message: str, reason: str = "InvalidArtifact", exit_code: int = BAD_ARTIFACT) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.exit_code = exit_code
 
 
 class Model(Protocol):
@@ -96,7 +115,8 @@ def _refuse_unknown_rank(path: Path, names: set[str]) -> None:
         if node.name in names and not node.type.tensor_type.HasField("shape"):
             raise ArtifactError(
                 f"input {node.name!r} declares no shape (any rank), which this server cannot describe or check; "
-                "give it one (for example with onnx.shape_inference or by setting its dimensions)"
+                "give it one (for example with onnx.shape_inference or by setting its dimensions)",
+                reason="UnsupportedModel",
             )
 
 
@@ -117,7 +137,7 @@ class OnnxRuntimeModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:
-            raise ArtifactError(f"{path}: onnxruntime cannot load it: {error}") from error
+            raise ArtifactError(f"{path}: onnxruntime cannot load it: {error}", reason="InvalidModel") from error
         self.inputs = [self._metadata(i) for i in self.session.get_inputs()]
         self.outputs = [self._metadata(o) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
@@ -129,10 +149,14 @@ class OnnxRuntimeModel:
         if node.type not in ORT_TYPES:
             raise ArtifactError(
                 f"tensor {node.name!r} has type {node.type}, which this server does not carry "
-                f"(it carries {sorted(ORT_TYPES)})"
+                f"(it carries {sorted(ORT_TYPES)})",
+                reason="UnsupportedModel",
             )
         if len(node.shape) > MAX_DIMS:
-            raise ArtifactError(f"tensor {node.name!r} has {len(node.shape)} dimensions; {MAX_DIMS} is the most")
+            raise ArtifactError(
+                f"tensor {node.name!r} has {len(node.shape)} dimensions; {MAX_DIMS} is the most",
+                reason="UnsupportedModel",
+            )
         return TensorMetadata(node.name, ORT_TYPES[node.type], _dims(node.shape))
 
     def predict(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
@@ -161,6 +185,38 @@ class Artifact:
         return str(key)[:12] if key else None
 
 
+def _verified(directory: Path, entry: dict[str, Any], what: str) -> Path:
+    """The file a report entry names, in `directory`, after checking its SHA-256 against the entry's."""
+    path = directory / Path(str(entry.get("file", ""))).name
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing ({what} listed in the build report)")
+    actual = sha256_file(path)
+    if actual != entry.get("sha256"):
+        raise ArtifactError(
+            f"{path} has sha256 {actual}, but the build report says {entry.get('sha256')}; not loaded",
+            reason="DigestMismatch",
+        )
+    return path
+
+
+def _check_side_files(model: Path, verified: set[str]) -> None:
+    """Refuse an ONNX model that would read a side file its build report does not list (and so verify)."""
+    from edgemodel_runtime.build import modelcheck
+    from edgemodel_runtime.build.errors import BuildError
+
+    try:
+        locations = modelcheck.inspect(model).external_data
+    except BuildError as error:
+        raise ArtifactError(f"{model}: {error}", reason=error.reason) from error
+    unlisted = [location for location in locations if location not in verified]
+    if unlisted:
+        raise ArtifactError(
+            f"{model} reads its weights from {', '.join(unlisted)}, which the build report does not list under "
+            "artifact.dataFiles, so nothing could verify them; not loaded",
+            reason="InvalidArtifact",
+        )
+
+
 def _from_directory(directory: Path) -> Artifact:
     report_path = directory / "report.json"
     if not report_path.is_file():
@@ -170,40 +226,72 @@ def _from_directory(directory: Path) -> Artifact:
         return Artifact(directory / candidates[0], {})
     try:
         report: dict[str, Any] = json.loads(report_path.read_text())
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{report_path} is not valid JSON: {error}") from error
-    artifact = report.get("artifact") or {}
-    if report.get("status") not in {"built", "cached"} or "file" not in artifact:
-        raise ArtifactError(f"{report_path} describes no built engine (status {report.get('status')!r})")
-    path = directory / Path(str(artifact["file"])).name
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing")
-    actual = sha256_file(path)
-    if actual != artifact.get("sha256"):
-        raise ArtifactError(f"{path} has sha256 {actual}, but the build report says {artifact.get('sha256')}")
+    artifact = report.get("artifact") if isinstance(report, dict) else None
+    if not isinstance(artifact, dict) or report.get("status") not in {"built", "cached"} or "file" not in artifact:
+        status = report.get("status") if isinstance(report, dict) else None
+        raise ArtifactError(f"{report_path} describes no built engine (status {status!r})")
+    data = artifact.get("dataFiles") or []
+    if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
+        raise ArtifactError(f"{report_path}: artifact.dataFiles is not a list of files")
+    path = _verified(directory, artifact, "the engine")
+    side_files = {_verified(directory, entry, "a side file of the engine").name for entry in data}
+    if path.suffix == ".onnx":
+        _check_side_files(path, side_files)
     return Artifact(path, report)
 
 
-def resolve(location: str, cache: Path) -> Artifact:
-    """Find, fetch if needed, and verify the artifact named on the command line."""
-    if location.startswith("oci://"):
-        from edgemodel_runtime.build import oci
+def _pull(location: str, target: Path) -> None:
+    """Pull an OCI artifact into `target`, which appears whole or not at all (a failed pull leaves nothing)."""
+    from edgemodel_runtime.build import oci
+    from edgemodel_runtime.build.errors import BuildError
 
+    try:
+        pulled = oci.pull_artifact(location)
+    except BuildError as error:
+        raise ArtifactError(str(error), reason=error.reason, exit_code=int(error.exit_code)) from error
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".pulling-", dir=target.parent))
+        for file in pulled.files:
+            shutil.move(str(file), staging / file.name)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # another server pulled the same digest meanwhile: use theirs
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        raise ArtifactError(
+            f"cannot keep {location} in the artifact cache {target.parent} (EDGEMODEL_ARTIFACT_CACHE): {error}",
+            reason="DiskError",
+            exit_code=INFRASTRUCTURE,
+        ) from error
+    finally:
+        shutil.rmtree(pulled.directory, ignore_errors=True)
+
+
+def resolve(location: str, cache: Path) -> Artifact:
+    """Find, fetch if needed, and verify the artifact named on the command line.
+
+    Raises ArtifactError (with a reason and an exit code) for anything that cannot be served or fetched.
+    """
+    if location.startswith("oci://"):
         if "@sha256:" not in location:
-            raise ArtifactError(f"{location}: serve engines by digest (oci://registry/repo@sha256:...)")
+            raise ArtifactError(
+                f"{location}: serve engines by digest (oci://registry/repo@sha256:...)", reason="UnpinnedArtifact"
+            )
         target = cache / location.rsplit("@sha256:", 1)[1][:16]
-        if not target.exists():
-            files = oci.pull_files(location)
-            target.mkdir(parents=True)
-            for file in files:
-                shutil.move(str(file), target / file.name)
+        if not target.is_dir():
+            _pull(location, target)
         return _from_directory(target)
     path = Path(location)
     if path.is_dir():
         return _from_directory(path)
     if path.is_file():
         return Artifact(path, {})
-    raise ArtifactError(f"{location}: no such file or directory")
+    raise ArtifactError(f"{location}: no such file or directory", reason="ArtifactNotFound")
 
 
 class TensorRTModel:
@@ -218,10 +306,13 @@ class TensorRTModel:
         try:
             tensorrt_engine.require()
         except BuildError as error:
-            raise ArtifactError(str(error)) from error
+            raise ArtifactError(str(error), reason=error.reason) from error
         import tensorrt as trt
 
-        self._runner = tensorrt_engine.open_runner(path)
+        try:
+            self._runner = tensorrt_engine.open_runner(path)
+        except Exception as error:  # TensorRT raises its own kinds for a plan it cannot deserialize
+            raise ArtifactError(f"{path}: TensorRT cannot load it: {error}", reason="InvalidModel") from error
         engine = self._runner.engine
         inputs: list[TensorMetadata] = []
         outputs: list[TensorMetadata] = []
@@ -233,7 +324,9 @@ class TensorRTModel:
                 with contextlib.suppress(TypeError, KeyError):
                     datatype = NUMPY_TO_DATATYPE.get(np.dtype(trt.nptype(trt_type)))
             if datatype is None:
-                raise ArtifactError(f"tensor {name!r} has type {trt_type}, which this server does not carry")
+                raise ArtifactError(
+                    f"tensor {name!r} has type {trt_type}, which this server does not carry", reason="UnsupportedModel"
+                )
             spec = TensorMetadata(name, datatype, _dims(list(engine.get_tensor_shape(name))))
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
         self.inputs, self.outputs = inputs, outputs
@@ -258,9 +351,9 @@ class OpenVINOModel:
         try:
             compiled = openvino_engine.load(path, threads)
         except BuildError as error:
-            raise ArtifactError(str(error)) from error
+            raise ArtifactError(str(error), reason=error.reason) from error
         except RuntimeError as error:  # the plugin refuses a damaged blob
-            raise ArtifactError(f"{path}: OpenVINO cannot load it: {error}") from error
+            raise ArtifactError(f"{path}: OpenVINO cannot load it: {error}", reason="InvalidModel") from error
         self.inputs = [self._metadata(port) for port in compiled.inputs]
         self.outputs = [self._metadata(port) for port in compiled.outputs]
         self._requests = openvino_engine.Requests(compiled)
@@ -270,7 +363,9 @@ class OpenVINOModel:
         name = str(port.get_any_name())
         dtype = np.dtype(port.get_element_type().to_dtype())
         if dtype not in NUMPY_TO_DATATYPE:
-            raise ArtifactError(f"tensor {name!r} has type {dtype}, which this server does not carry")
+            raise ArtifactError(
+                f"tensor {name!r} has type {dtype}, which this server does not carry", reason="UnsupportedModel"
+            )
         shape = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
         return TensorMetadata(name, NUMPY_TO_DATATYPE[dtype], _dims(shape))
 
