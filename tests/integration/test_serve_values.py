@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
+from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerances, agreement
 from edgemodel_runtime.serve import protocol
 from tests.integration.test_serve import EDGEMODEL, Server
 
@@ -216,6 +217,9 @@ def test_every_value_and_shape_round_trips_exactly_through_json_and_binary(
         bitwise = sent_binary and (wanted is None or wanted[name])
         _assert_same(sent, result.as_numpy(name), bitwise, f"{name} (tritonclient)")
         _assert_same(sent, decoded[name], bitwise, f"{name} (decode_response)")
+    # ... and the shadow comparison finds that answer equal to what was sent, whatever the datatype and values.
+    sent_outputs = {name: arrays[name.removeprefix("out_")][0] for name in names}
+    assert agreement(sent_outputs, decoded, Tolerances(DEFAULT_AGREEMENT))[1] == []
 
 
 # ---------------------------------------------------------------- what JSON cannot carry
