@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from edgemodel_runtime.build import modelcheck
 from edgemodel_runtime.build.errors import BuildError, ExitCode
 from edgemodel_runtime.build.pipeline import BuildRequest, build
-from edgemodel_runtime.serve.protocol import DATATYPES
+from edgemodel_runtime.serve.protocol import DATATYPES, MAX_DIMS
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
 
@@ -157,11 +157,11 @@ def test_a_sequence_output_left_for_onnxruntime_to_infer_is_refused_too(tmp_path
 def test_more_dimensions_than_the_protocol_takes_are_refused(tmp_path: Path) -> None:
     model = _model(
         [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1] * 17)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1] * 17)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1] * (MAX_DIMS + 1))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1] * (MAX_DIMS + 1))],
     )
     error = _refused(build_in_process(model, tmp_path), "UnsupportedModel")
-    assert "17 dimensions" in str(error)
+    assert f"{MAX_DIMS + 1} dimensions" in str(error)
 
 
 # ------------------------------------------------------------------ malformed files
