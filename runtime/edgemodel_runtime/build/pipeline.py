@@ -95,7 +95,7 @@ class _Build:
         self.report["buildSeconds"] = round(time.monotonic() - started, 3)
         self.report["peakRssMb"] = round(measure.peak_rss_mb(), 1)
         self.report["status"] = "built"
-        self.report["message"] = self._summary()
+        self.report["message"] = report.summary(self.report)
         self._publish(final)
         return self.report
 
@@ -314,16 +314,6 @@ class _Build:
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
             digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
-
-    def _summary(self) -> str:
-        served = self.report["fp32"] if self.report.get("precision") != self.request.precision else self.report
-        figures = served.get("comparison") or self.report.get("candidate", {}).get("comparison", {})
-        latency = self.report.get("latency", {})
-        return (
-            f"built {self.report['engine']} {self.report['precision']} for {self.report['classKey']}: "
-            f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
-            + report.describe_validation(figures, self.report.get("validation") or {})
-        )
 
     def _write(self) -> None:
         self.request.output.mkdir(parents=True, exist_ok=True)

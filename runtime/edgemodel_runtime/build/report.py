@@ -66,6 +66,19 @@ def describe_validation(figures: dict[str, Any], validation: dict[str, Any]) -> 
     return text
 
 
+def summary(built: dict[str, Any]) -> str:
+    """The one-line message of a built report: engine, precision, class, latency and validation figures
+    (those of the fp32 fallback when the build served fp32 instead of the requested precision)."""
+    served = built["fp32"] if built.get("precision") != built.get("requestedPrecision") else built
+    figures = served.get("comparison") or built.get("candidate", {}).get("comparison", {})
+    latency = built.get("latency", {})
+    return (
+        f"built {built['engine']} {built['precision']} for {built['classKey']}: "
+        f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
+        + describe_validation(figures, built.get("validation") or {})
+    )
+
+
 def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
     served = report.get("fp32") if report.get("precision") != report.get("requestedPrecision") else None
     comparison = (served or {}).get("comparison") or (report.get("candidate") or {}).get("comparison")
