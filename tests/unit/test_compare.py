@@ -7,6 +7,7 @@ positions), with table tests for each sibling named in the value semantics.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -412,3 +413,16 @@ def test_a_string_output_with_one_value_everywhere_is_uninformative_and_nul_suff
     assert compare.compare(_one(varied), _one(varied.copy())).outputs[0].uninformative is None
     mixed = compare.compare(_one(varied), _one(_strings([b"a", b"a"], (2,))))
     assert mixed.outputs[0].exact_mismatches == 1
+
+
+def test_a_range_wider_than_float64_still_gives_relative_errors() -> None:
+    top = np.finfo(np.float64).max
+    reference = np.array([[-top, top]], np.float64)
+    candidate = np.array([[-top, top * 0.9]], np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning escapes either
+        comparison = compare.compare(_one(reference), _one(candidate))
+    assert comparison.max_relative_error == pytest.approx(0.1 * top / top)
+    missed = compare.agreement({"y": reference}, {"y": candidate}, compare.Tolerances(compare.DEFAULT_AGREEMENT))[1]
+    assert [m.label for m in missed] == ["relative_error"]
+    _json_safe(comparison)

@@ -81,7 +81,9 @@ def scale_of(references: Sequence[npt.NDArray[Any]]) -> tuple[float, float]:
         if finite.size:
             low, high = min(low, float(finite.min())), max(high, float(finite.max()))
             magnitude = max(magnitude, float(np.abs(finite).max()))
-    return (high - low, magnitude) if high >= low else (0.0, 0.0)
+    # A range wider than float64 (values near both its limits) is the largest float, not inf: an infinite
+    # scale would make every relative error 0.
+    return (_bounded(high - low), magnitude) if high >= low else (0.0, 0.0)
 
 
 def uninformative(references: Sequence[npt.NDArray[Any]]) -> str | None:
@@ -136,7 +138,8 @@ def difference(reference: npt.NDArray[Any], candidate: npt.NDArray[Any], scale: 
     r, c = ref[both], cand[both]
     with np.errstate(over="ignore"):
         max_abs = _bounded(float(np.max(np.abs(r - c))))
-    span, magnitude = float(r.max() - r.min()), float(np.abs(r).max())
+    with np.errstate(over="ignore"):  # an overflowed range is still wider than flat
+        span, magnitude = float(r.max() - r.min()), float(np.abs(r).max())
     cosine = None
     if span > max(FLAT, NEAR_CONSTANT * magnitude):
         unit = max(magnitude, float(np.abs(c).max()))  # scaled first, so that huge values cannot overflow
