@@ -44,10 +44,14 @@ engine-demo: $(STAMP)
 cluster-demo: binaries
 	$(BIN)/python -m tests.testbed demo --dir $(TESTBED_DIR)
 
-## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node.
+## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node;
+## ARM64_NODE=1 adds it and an arm64 node beside it, under emulation (qemu-user-static).
 testbed: binaries
-	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(REAL_NODE)),--real-node)
+	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(REAL_NODE)),--real-node) \
+		$(if $(filter 1 yes true,$(ARM64_NODE)),--arm64-node)
 
+## Stop the test bed in TESTBED_DIR, and every test bed whose directory is gone (found by its record
+## under /run and the real nodes' locks).
 testbed-down: $(STAMP)
 	$(BIN)/python -m tests.testbed down --dir $(TESTBED_DIR)
 

@@ -6,9 +6,13 @@ termination message), so they are checked here on their own first.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +21,13 @@ import pytest
 import yaml
 
 from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
-from tests.testbed.cluster import Testbed
+from tests.testbed import node as real_node
+from tests.testbed.__main__ import up
+from tests.testbed.cluster import RECORD, Testbed, _ours
 from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, X86_VNNI, build_node
+from tests.testbed.orphans import _processes_naming
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.testbed
 
@@ -204,3 +213,52 @@ def test_every_component_listens_on_loopback_only(testbed: Testbed) -> None:
         assert addresses, f"{name} listens on nothing"
         outside = {a for a in addresses if not a.startswith(("127.", "::ffff:127."))}
         assert not outside, f"{name} listens beyond loopback: {outside}"
+
+
+def test_a_test_bed_whose_directory_was_deleted_is_stopped_by_the_down_command(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("orphan-0", X86_VNNI)])
+    state = bed.state()
+    try:
+        assert (bed.run_dir / RECORD).exists()
+        shutil.rmtree(clone, ignore_errors=True)  # the clone is deleted while its test bed runs
+        assert not (bed.directory / "state.json").exists()
+        assert all(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+
+        down = subprocess.run(
+            [sys.executable, "-m", "tests.testbed", "down", "--dir", str(tmp_path / "another-clone")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert f"its directory {bed.directory} was gone" in down.stderr
+        assert not any(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+        assert not bed.run_dir.exists()
+        assert not _processes_naming(bed.directory)
+    finally:
+        Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+
+
+def test_a_refused_real_node_start_starts_nothing_and_says_which_command_stops_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        real_node.preflight()
+    except real_node.NodeUnavailableError as error:
+        pytest.skip(f"no real node here: {error}")
+    # The node's lock, held (as a real node's containerd holds it) by a test bed whose directory is gone.
+    monkeypatch.setattr(real_node, "lock_directory", lambda: tmp_path / "locks")
+    (tmp_path / "locks").mkdir()
+    gone = tmp_path / "deleted-clone" / ".testbed"
+    with (tmp_path / "locks" / "containerd.lock").open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(json.dumps({"testbed": str(gone)}) + "\n")
+        holder.flush()
+        bed = Testbed(tmp_path / "bed")
+        with pytest.raises(real_node.NodeUnavailableError) as refused:
+            up(bed, real_node=True)
+    assert f"the test bed in {gone} runs the real node" in str(refused.value)
+    assert "make testbed-down" in str(refused.value)
+    assert not bed.running()
+    assert not bed.state()
+    assert not _processes_naming(bed.directory)

@@ -119,6 +119,27 @@ NODE = Component(
 )
 
 
+# The arm64 node's commands: the same kubelet and kube-proxy built for arm64, and containerd built for
+# arm64, whose CRI plugin then takes linux/arm64 as its own platform. They run under qemu-user-static
+# (binfmt_misc); cross-compiled here, with CGO off as for every build.
+NODE_ARM64 = Component(
+    name="kubernetes-node-arm64",
+    version=KUBERNETES_VERSION,
+    packages=NODE.packages,
+    module_dir=NODE.module_dir,
+    ldflags=NODE.ldflags,
+    env={"GOOS": "linux", "GOARCH": "arm64"},
+)
+CONTAINERD_ARM64 = Component(
+    name="containerd-arm64",
+    version="v1.7.35",
+    packages=("github.com/containerd/containerd/cmd/containerd",),
+    module_dir=GOMOD / "containerd",
+    ldflags="-s -w -X github.com/containerd/containerd/version.Version=v1.7.35",
+    env={"GOOS": "linux", "GOARCH": "arm64"},
+)
+
+
 def _log(message: str) -> None:
     print(f"[testbed] {message}", file=sys.stderr, flush=True)
 

@@ -117,10 +117,19 @@ def _follow(bed: Testbed, done: Any, timeout: float = 600) -> dict[str, Any]:
 def _cluster(directory: Path) -> Testbed:
     bed = Testbed(directory)
     _say("1. the test bed: a real control plane, simulated edge classes, and this machine as a real node")
-    if not bed.running():
+    node = RealNode(bed)
+    if not node.running():
+        node.check()  # a refused start starts nothing
+    started_here = not bed.running()
+    if started_here:
         print(f"control plane and KWOK nodes up in {bed.start():.1f}s")
-    if not RealNode(bed).running():
-        timings = RealNode(bed).start(lambda m: print(f"  {m}", flush=True))
+    if not node.running():
+        try:
+            timings = node.start(lambda m: print(f"  {m}", flush=True))
+        except BaseException:
+            if started_here:
+                bed.stop()
+            raise
         print(f"real node up in {timings['total']:.1f}s")
     _show(bed, "get", "nodes", "-L", f"kubernetes.io/arch,nvidia.com/gpu.product,{LABEL}")
     _show(bed, "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
