@@ -1,12 +1,15 @@
-"""The arm64 node: real pods of arm64 images, under emulation, beside the amd64 real node.
+"""The arm64 node: real pods of arm64 images, under emulation, on this amd64 machine.
 
-Real parts: the test bed's control plane; its amd64 real node; its arm64 node, whose kubelet and
-containerd are built for arm64 from the pinned releases and run by qemu-user-static through
-binfmt_misc (containerd's CRI plugin takes linux/arm64 as its platform), with Debian's runc and CNI
-plugins; the runtime image built for arm64 from images/runtime-cpu/Dockerfile; a registry on the
-amd64 node's address; the operator as a process. One EdgeModel targets both real nodes: one build Job
-per architecture builds and validates the engine on its own architecture, and each class serves it
-from a pod of its own node.
+Real parts: the test bed's control plane; its arm64 node, whose kubelet and containerd are built for
+arm64 from the pinned releases and run by qemu-user-static through binfmt_misc (containerd's CRI
+plugin takes linux/arm64 as its platform), with Debian's runc and CNI plugins; the runtime image built
+for arm64 from images/runtime-cpu/Dockerfile; a registry on the arm64 node's address; the operator as
+a process. An EdgeModel for the arm64 class: its build Job builds and validates the engine on arm64,
+and a pod of the arm64 node serves it.
+
+The amd64 real node is not needed here (the machine's one amd64 node is shared by other test
+sessions); pods are reached by their addresses, since Services are routed by the amd64 node's
+kube-proxy (see tests/testbed/node_arm64.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tests import onnx_models
 from tests.helpers import eventually, get, post_json
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
-from tests.testbed.node import LABEL, NODE_IP, NODE_NAME, TOLERATION, RealNode
+from tests.testbed.node import LABEL, TOLERATION
 from tests.testbed.node_arm64 import ARM64_NODE, Arm64Node
 from tests.testbed.registry import Registry
 
@@ -60,14 +63,10 @@ def scene(
     crd: Testbed, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
 ) -> Iterator[Scene]:
     directory = tmp_path_factory.mktemp("arm64-node")
-    amd64, arm64 = RealNode(crd), Arm64Node(crd)
-    registry = Registry(directory / "registry", host=NODE_IP)
+    arm64 = Arm64Node(crd)
+    registry = Registry(directory / "registry", host=ARM64_NODE.node_ip)
     namespace = f"arm64-{os.getpid()}"
-    started_amd64 = False
     try:
-        if not amd64.running():
-            amd64.start()
-            started_amd64 = True
         timings = arm64.start()
         print(f"[arm64 node] started: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
         registry.start()
@@ -79,8 +78,6 @@ def scene(
         crd.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--timeout=120s", check=False)
         registry.stop()
         arm64.teardown()
-        if started_amd64:
-            amd64.teardown()
 
 
 def _node(scene: Scene) -> dict[str, Any]:
@@ -145,12 +142,12 @@ def _class_entries(scene: Scene) -> dict[str, dict[str, Any]]:
     return {entry.get("key", ""): entry for entry in status.get("classes") or []}
 
 
-def _both_serving(scene: Scene) -> dict[str, dict[str, Any]] | None:
+def _serving(scene: Scene) -> dict[str, dict[str, Any]] | None:
     entries = _class_entries(scene)
-    return entries if len(entries) == 2 and all(c.get("state") == "Serving" for c in entries.values()) else None
+    return entries if entries and all(c.get("state") == "Serving" for c in entries.values()) else None
 
 
-def test_one_edgemodel_builds_validates_and_serves_on_both_architectures(scene: Scene) -> None:
+def test_an_edgemodel_for_the_arm64_class_is_built_validated_and_served_on_arm64(scene: Scene) -> None:
     digest = oci.push(oci.parse_reference(f"{scene.registry.address}/models/{NAME}"), [scene.model], "a", {})
     operator = OperatorProcess(scene.bed, scene.model.parent / "operator.log", settings={
         "image_cpu": scene.images["runtime-cpu"], "registry": f"{scene.registry.address}/engines",
@@ -166,22 +163,23 @@ def test_one_edgemodel_builds_validates_and_serves_on_both_architectures(scene: 
                 "model": {"uri": f"oci://{scene.registry.address}/models/{NAME}@{digest}",
                           "sha256": sha256_file(scene.model)},
                 "inputs": [{"name": "x", "shape": [1, 16], "dtype": "float32"}],
-                "targets": {"nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION]},
+                "targets": {"nodeSelector": {LABEL: "true", "kubernetes.io/arch": "arm64"},
+                            "tolerations": [TOLERATION]},
                 "serving": {"port": PORT},
             },
         }])  # fmt: skip
-        entries = eventually(lambda: _both_serving(scene), timeout=TIMEOUT, what="both classes serving", interval=2)
+        entries = eventually(lambda: _serving(scene), timeout=TIMEOUT, what="the arm64 class serving", interval=2)
     finally:
         operator.stop()
-    assert {key.split("-", 1)[0] for key in entries} == {"amd64", "arm64"}, entries
+    assert [key.split("-", 1)[0] for key in entries] == ["arm64"], entries
     builds = get(scene.bed, "pods", "-n", scene.namespace, "-l", "app.kubernetes.io/component=build")["items"]
-    by_node = {p["spec"]["nodeName"]: p for p in builds if p["status"].get("phase") == "Succeeded"}
-    assert set(by_node) == {NODE_NAME, ARM64_NODE.name}, [p["spec"]["nodeName"] for p in builds]
-    for pod in by_node.values():
-        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-        report = json.loads(terminated["message"])
-        assert report["status"] == "built", report
-    for key, entry in entries.items():  # per class: build seconds, validation and latency (emulated on arm64)
+    (build,) = [p for p in builds if p["status"].get("phase") == "Succeeded"]
+    assert build["spec"]["nodeName"] == ARM64_NODE.name
+    terminated = build["status"]["containerStatuses"][0]["state"]["terminated"]
+    report = json.loads(terminated["message"])
+    assert report["status"] == "built", report
+    print(f"[arm64 node] build report: {json.dumps(report)[:800]}")
+    for key, entry in entries.items():  # build seconds, validation and latency, all measured under emulation
         print(f"[arm64 node] {key}: build {entry.get('buildSeconds')}s, metrics {json.dumps(entry.get('metrics'))}")
         assert entry.get("metrics"), entry
     serving = get(scene.bed, "pods", "-n", scene.namespace, "-l", "app.kubernetes.io/component=serve")["items"]

@@ -21,7 +21,6 @@ start that is refused says which command stops that test bed, even one whose dir
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -40,6 +39,16 @@ from edgemodel_runtime.packaged import cache_root
 from tests.testbed import binaries
 from tests.testbed.cluster import Testbed, _free_port, _ours, _terminate
 from tests.testbed.cluster import _log as _testbed_log
+from tests.testbed.hostparts import (
+    kill_cgroup,
+    kill_shims,
+    make_cgroups,
+    mounts_under,
+    network_teardown,
+    read,
+    remove_cgroups,
+    write_kubeconfig,
+)
 from tests.testbed.pki import write_client_cert
 
 NODE_NAME = "edge-real-0"
@@ -51,9 +60,7 @@ TOLERATION = {"key": "edgeml.dev/real-node", "operator": "Equal", "value": "true
 LABEL = "edgeml.dev/real-node"
 CGROUP_ROOT = "/edgemodel-testbed"
 CNI_BIN = Path("/usr/lib/cni")
-CGROUP = Path("/sys/fs/cgroup")
 SYSCTLS = {"/proc/sys/net/ipv4/ip_forward": "1", "/proc/sys/net/bridge/bridge-nf-call-iptables": "1"}
-KUBELET_CHAINS = ("KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT", "KUBE-FIREWALL")
 COMMANDS = ("containerd", "runc", "ctr", "iptables")
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -275,7 +282,7 @@ class RealNode:
         self.teardown()  # whatever a run of this test bed that died left behind
         state = self.bed.state()
         state["binaries"] |= {self.spec.process(command): path for command, path in paths.items()}
-        sysctls = {path: _read(path) for path in self.sysctls}  # restored by teardown
+        sysctls = {path: read(path) for path in self.sysctls}  # restored by teardown
         state[self.spec.state_key] = {"name": self.spec.name, "arch": self.spec.arch, "run_dir": str(self.run_dir),
                                       "sysctls": sysctls}  # fmt: skip
         state["images"] = {name: image.name for name, image in built.items()}
@@ -426,11 +433,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _start_kubelet(self, state: dict[str, Any], kubelet: Path) -> None:
         spec = self.spec
-        _make_cgroups(spec.cgroup_root)
+        make_cgroups(spec.cgroup_root)
         pki = self.bed.pki
         cert, key = write_client_cert(pki, f"kubelet{spec.suffix}", f"system:node:{spec.name}", "system:nodes")
         kubeconfig = self.directory / "kubelet.kubeconfig"
-        _write_kubeconfig(kubeconfig, state["ports"]["apiserver"], pki.ca_cert, cert, key)
+        write_kubeconfig(kubeconfig, state["ports"]["apiserver"], pki.ca_cert, cert, key)
         resolv = self.directory / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\noptions ndots:1\n")  # pods resolve nothing: no cluster DNS here
         ports = state.setdefault("ports", {})
@@ -522,14 +529,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for name in (spec.process("kube-proxy"), spec.process("kubelet")):  # nothing may restart a container
             if name in pids and _ours(pids[name], state["binaries"][name]):
                 _terminate(pids[name], 15)
-        _kill_cgroup(spec.cgroup_root)
+        kill_cgroup(spec.cgroup_root)
         containerd = spec.process("containerd")
         if containerd in pids and _ours(pids[containerd], state["binaries"][containerd]):
             _terminate(pids[containerd], 15)
-        _kill_shims(str(self.socket))
-        for mount in _mounts_under((self.run_dir, self.directory, self.containerd_root)):
+        kill_shims(str(self.socket))
+        for mount in mounts_under((self.run_dir, self.directory, self.containerd_root)):
             subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
-        _remove_cgroups(spec.cgroup_root)
+        remove_cgroups(spec.cgroup_root)
         if spec.state_key in state:
             self._network_teardown(state)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -540,154 +547,4 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.bed._save(state)
 
     def _network_teardown(self, state: dict[str, Any]) -> None:
-        _network_teardown(state, self.spec)
-
-
-def _network_teardown(state: dict[str, Any], spec: NodeSpec, kubelet_chains: bool = True) -> None:
-    """The pods' network namespaces, kube-proxy's and the kubelet's iptables chains, the bridge, the sysctls."""
-    for name in _netns():  # the pods' sandboxes: containerd names them cni-<uuid>
-        if name.startswith("cni-") and not _netns_in_use(name):
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
-    kube_proxy = state.get("binaries", {}).get(spec.process("kube-proxy"))
-    if kube_proxy and Path(kube_proxy).exists():
-        subprocess.run([kube_proxy, "--cleanup"], capture_output=True, check=False)
-    for table in ("filter", "nat", "mangle") if kubelet_chains else ():  # the kubelet's chains, with their jumps
-        for chain in KUBELET_CHAINS:
-            for parent in ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"):
-                while _iptables("-t", table, "-D", parent, "-j", chain):
-                    pass
-            _iptables("-t", table, "-F", chain)
-            _iptables("-t", table, "-X", chain)
-    subprocess.run(["ip", "link", "delete", spec.bridge], capture_output=True, check=False)
-    for path, value in (state[spec.state_key].get("sysctls") or {}).items():
-        if value is not None:
-            Path(path).write_text(value)
-
-
-def _write_kubeconfig(path: Path, port: int, ca: Path, cert: Path, key: Path) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "testbed", "cluster": {"server": f"https://127.0.0.1:{port}", "certificate-authority": str(ca)}}
-        ],
-        "users": [{"name": "node", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
-        "contexts": [{"name": "node", "context": {"cluster": "testbed", "user": "node"}}],
-        "current-context": "node",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-
-
-def _iptables(*args: str) -> bool:
-    return subprocess.run(["iptables", *args], capture_output=True, check=False).returncode == 0
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def _netns_in_use(name: str) -> bool:
-    """Whether a process still lives in the network namespace /run/netns/<name>."""
-    try:
-        target = os.stat(f"/run/netns/{name}").st_ino
-    except OSError:
-        return False
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.stat(entry / "ns" / "net").st_ino == target:
-                    return True
-            except OSError:
-                continue
-    return False
-
-
-def _netns() -> set[str]:
-    directory = Path("/run/netns")
-    return {p.name for p in directory.iterdir()} if directory.exists() else set()
-
-
-def _cgroup_v2() -> bool:
-    return (CGROUP / "cgroup.controllers").exists()
-
-
-def _cgroup_dirs(root: str) -> list[Path]:
-    """The node's cgroup root: one directory on cgroup v2, one per hierarchy on v1."""
-    if _cgroup_v2():
-        found = [CGROUP / root.lstrip("/")]
-    else:
-        found = [p / root.lstrip("/") for p in CGROUP.iterdir() if p.is_dir()] if CGROUP.exists() else []
-    return [path for path in found if path.is_dir()]
-
-
-def _make_cgroups(root: str) -> None:
-    """The kubelet's cgroup root (it must exist): on v2 one directory with the controllers pods need
-    delegated to it; on v1 one per hierarchy, where cpuset needs its CPUs and memory nodes."""
-    base = CGROUP
-    if _cgroup_v2():
-        available = set((base / "cgroup.controllers").read_text().split())
-        wanted = [c for c in ("cpuset", "cpu", "io", "memory", "hugetlb", "pids") if c in available]
-        (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
-        (base / root.lstrip("/")).mkdir(exist_ok=True)
-        return
-    for subsystem in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "unified"):
-        path = subsystem / root.lstrip("/")
-        path.mkdir(exist_ok=True)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            if (path / name).exists() and not (path / name).read_text().strip():
-                (path / name).write_text((subsystem / name).read_text())
-
-
-def _kill_cgroup(root: str) -> None:
-    """SIGKILL every process in the node's cgroups (pods' containers and sandboxes), until none is left."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pids = {
-            int(pid)
-            for directory in _cgroup_dirs(root)
-            for procs in directory.rglob("cgroup.procs")
-            for pid in procs.read_text().split()
-        }
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        time.sleep(0.2)
-
-
-def _remove_cgroups(root: str) -> None:
-    for directory in _cgroup_dirs(root):
-        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            with contextlib.suppress(OSError):
-                child.rmdir()
-        with contextlib.suppress(OSError):
-            directory.rmdir()
-
-
-def _kill_shims(socket: str) -> None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if command and command[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in command:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), 9)
-
-
-def _mounts_under(directories: tuple[Path, ...]) -> list[str]:
-    """Mount points below any of `directories`, deepest first."""
-    prefixes = tuple(f"{d}/" for d in directories)
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point.startswith(prefixes):
-            points.append(point)
-    return sorted(points, key=lambda p: -p.count("/"))
+        network_teardown(state, self.spec)

@@ -41,7 +41,8 @@ from typing import Any
 
 from tests.testbed import binaries
 from tests.testbed.emulation import ARM64, cpuinfo_text, emulated_hwcaps, emulation_problem, features
-from tests.testbed.node import LABEL, NodeSpec, NodeUnavailableError, RealNode, _network_teardown, cpu_labels
+from tests.testbed.hostparts import network_teardown
+from tests.testbed.node import LABEL, NodeSpec, NodeUnavailableError, RealNode, cpu_labels
 
 ARM64_NODE = NodeSpec(
     name="edge-arm64-0",
@@ -130,7 +131,7 @@ class Arm64Node(RealNode):
 
     def _network_teardown(self, state: dict[str, Any]) -> None:
         # The kubelet's iptables chains are shared with the amd64 node's kubelet: removed only when it is gone.
-        _network_teardown(state, self.spec, kubelet_chains=not _held(RealNode(self.bed).lock_path))
+        network_teardown(state, self.spec, kubelet_chains=not _held(RealNode(self.bed).lock_path))
 
 
 def _held(lock: Path) -> bool:
