@@ -124,13 +124,13 @@ NODE = Component(
 )
 
 
-# The arm64 node's commands: the same kubelet and kube-proxy built for arm64, and containerd built for
+# The arm64 node's commands: the same kubelet built for arm64, and containerd built for
 # arm64, whose CRI plugin then takes linux/arm64 as its own platform. They run under qemu-user-static
 # (binfmt_misc); cross-compiled here, with CGO off as for every build.
 NODE_ARM64 = Component(
     name="kubernetes-node-arm64",
     version=KUBERNETES_VERSION,
-    packages=NODE.packages,
+    packages=("k8s.io/kubernetes/cmd/kubelet",),  # no kube-proxy: the amd64 node's routes Services for both
     module_dir=NODE.module_dir,
     ldflags=NODE.ldflags,
     env={"GOOS": "linux", "GOARCH": "arm64"},
