@@ -104,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=["build", "up", "down", "demo", "story"])
     parser.add_argument("--real-node", action="store_true", help="`up`: also start this machine as a real node")
     parser.add_argument(
-        "--arm64-node", action="store_true", help="`up`: the real node and an arm64 node beside it, under emulation"
+        "--arm64-node",
+        action="store_true",
+        help="`up`, `story`: the real node and an arm64 node beside it, under emulation",
     )
     parser.add_argument("--dir", type=Path, default=ROOT / ".testbed", help="state directory (default .testbed)")
     args = parser.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             return up(bed, args.real_node, args.arm64_node)
         if args.command == "story":
-            return story.main(bed.directory)
+            return story.main(bed.directory, args.arm64_node)
         if args.command == "down":
             if bed.state():
                 bed.stop()
