@@ -98,7 +98,10 @@ class Arm64Node(RealNode):
         """The arm64 /proc/cpuinfo of this machine's emulated CPU, written once per start."""
         if not self.cpuinfo.exists():
             with tempfile.TemporaryDirectory(prefix=".hwcaps-", dir=self.directory) as scratch:
-                hwcap, hwcap2 = emulated_hwcaps(Path(scratch))
+                try:
+                    hwcap, hwcap2 = emulated_hwcaps(Path(scratch))
+                except (OSError, RuntimeError) as error:  # no cross compiler, or the program did not run
+                    raise NodeUnavailableError(f"cannot read the emulated CPU's features: {error}") from error
             self.cpuinfo.write_text(cpuinfo_text(features(hwcap, hwcap2), os.cpu_count() or 1))
         return self.cpuinfo.read_text()
 

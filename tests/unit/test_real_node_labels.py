@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.testbed.emulation import cpuinfo_text, features
 from tests.testbed.node import cpu_labels, lock_owner, refusal
 
 PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
@@ -48,3 +49,15 @@ def test_the_lock_names_its_test_bed_in_either_format() -> None:
     assert lock_owner("the test bed in /a/b/.testbed\n") == Path("/a/b/.testbed")  # older versions wrote this
     assert lock_owner("") is None
     assert lock_owner("{not json") is None
+
+
+def test_the_arm64_nodes_cpuinfo_names_the_emulated_cpus_features_and_labels_follow() -> None:
+    # AT_HWCAP bits 0 (fp), 1 (asimd), 20 (asimddp), 22 (sve); AT_HWCAP2 bit 13 (i8mm).
+    names = features((1 << 0) | (1 << 1) | (1 << 20) | (1 << 22), 1 << 13)
+    assert names == ["fp", "asimd", "asimddp", "sve", "i8mm"]
+    text = cpuinfo_text(names, 3)
+    assert text.count("processor\t:") == 3
+    assert text.count("CPU implementer\t: 0x41") == 3
+    labels = cpu_labels(text, "aarch64")
+    assert {k.removeprefix(PREFIX) for k in labels if k.startswith(PREFIX)} == {"ASIMD", "ASIMDDP", "SVE", "I8MM"}
+    assert features(0, 0) == []
