@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -625,14 +625,18 @@ def _build_one(buildah: Buildah, name: str, image: BuiltImage, log: Callable[[st
 
 
 def ensure_images(
-    log: Callable[[str], None] = print, *, timings: dict[str, float] | None = None, arch: str = "amd64"
+    log: Callable[[str], None] = print,
+    *,
+    timings: dict[str, float] | None = None,
+    arch: str = "amd64",
+    only: Collection[str] | None = None,
 ) -> dict[str, BuiltImage]:
     """The pause, operator and runtime-cpu images for `arch` (amd64, arm64) as OCI archives, built if
-    their archives are missing.
+    their archives are missing (`only`: just these of them).
 
     `timings`, if given, receives the seconds each built image took ("base" too when it was made).
     """
-    planned = planned_images(arch)
+    planned = {name: image for name, image in planned_images(arch).items() if only is None or name in only}
     if all(image.archive.exists() for image in planned.values()):
         return planned
     if arch == ARM64 and (problem := emulation_problem()):

@@ -285,7 +285,7 @@ class RealNode:
         sysctls = {path: read(path) for path in self.sysctls}  # restored by teardown
         state[self.spec.state_key] = {"name": self.spec.name, "arch": self.spec.arch, "run_dir": str(self.run_dir),
                                       "sysctls": sysctls}  # fmt: skip
-        state["images"] = {name: image.name for name, image in built.items()}
+        state["images"] = state.get("images", {}) | {name: image.name for name, image in built.items()}
         self.bed._save(state)
         for directory in (self.directory, self.run_dir, self.containerd_root):
             directory.mkdir(parents=True, exist_ok=True)

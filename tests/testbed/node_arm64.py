@@ -88,7 +88,7 @@ class Arm64Node(RealNode):
     def _images(self, log: Callable[[str], None]) -> Mapping[str, Any]:
         from tests.testbed import images
 
-        return images.ensure_images(log, arch=ARM64)
+        return images.ensure_images(log, arch=ARM64, only=("pause", "runtime-cpu"))  # no operator runs on it
 
     @property
     def cpuinfo(self) -> Path:
