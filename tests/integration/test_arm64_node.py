@@ -90,7 +90,7 @@ def test_the_arm64_node_is_registered_by_its_own_arm64_kubelet(scene: Scene) -> 
     info = node["status"]["nodeInfo"]
     assert info["architecture"] == "arm64"  # reported by the kubelet from the architecture it was built for
     assert node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
-    assert info["containerRuntimeVersion"] == "containerd://v1.7.35"
+    assert info["containerRuntimeVersion"] == "containerd://1.7.35"
     assert info["kubeletVersion"] == "v1.36.3"
     addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
     assert addresses["InternalIP"] == ARM64_NODE.node_ip
