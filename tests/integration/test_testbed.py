@@ -24,6 +24,7 @@ from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
 from tests.testbed import node as real_node
 from tests.testbed.__main__ import up
 from tests.testbed.cluster import RECORD, Testbed, _ours
+from tests.testbed.emulation import emulation_problem
 from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, X86_VNNI, build_node
 from tests.testbed.orphans import _processes_naming
 
@@ -239,25 +240,32 @@ def test_a_test_bed_whose_directory_was_deleted_is_stopped_by_the_down_command(t
         Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
 
 
+@pytest.mark.parametrize(
+    ("lock", "what", "arm64"),
+    [("containerd.lock", "the real node", False), ("containerd-arm64.lock", "the arm64 node", True)],
+    ids=["real-node", "arm64-node"],
+)
 def test_a_refused_real_node_start_starts_nothing_and_says_which_command_stops_the_holder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str, what: str, arm64: bool
 ) -> None:
     try:
         real_node.preflight()
     except real_node.NodeUnavailableError as error:
         pytest.skip(f"no real node here: {error}")
+    if arm64 and (problem := emulation_problem()):
+        pytest.skip(f"no arm64 emulation here: {problem}")
     # The node's lock, held (as a real node's containerd holds it) by a test bed whose directory is gone.
     monkeypatch.setattr(real_node, "lock_directory", lambda: tmp_path / "locks")
     (tmp_path / "locks").mkdir()
     gone = tmp_path / "deleted-clone" / ".testbed"
-    with (tmp_path / "locks" / "containerd.lock").open("a+") as holder:
+    with (tmp_path / "locks" / lock).open("a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write(json.dumps({"testbed": str(gone)}) + "\n")
         holder.flush()
         bed = Testbed(tmp_path / "bed")
         with pytest.raises(real_node.NodeUnavailableError) as refused:
-            up(bed, real_node=True)
-    assert f"the test bed in {gone} runs the real node" in str(refused.value)
+            up(bed, real_node=True, arm64_node=arm64)
+    assert f"the test bed in {gone} runs {what}" in str(refused.value)
     assert "make testbed-down" in str(refused.value)
     assert not bed.running()
     assert not bed.state()
