@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from tests.testbed import node as real_node
 from tests.testbed.__main__ import up
 from tests.testbed.cluster import RECORD, Testbed, _ours
 from tests.testbed.emulation import emulation_problem
+from tests.testbed.hostparts import cgroup_dirs
+from tests.testbed.node_arm64 import ARM64_NODE, Arm64Node, held
 from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, X86_VNNI, build_node
 from tests.testbed.orphans import _processes_naming
 
@@ -238,6 +241,7 @@ def test_a_test_bed_whose_directory_was_deleted_is_stopped_by_the_down_command(t
         assert not _processes_naming(bed.directory)
     finally:
         Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+        shutil.rmtree(clone, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -270,3 +274,41 @@ def test_a_refused_real_node_start_starts_nothing_and_says_which_command_stops_t
     assert not bed.running()
     assert not bed.state()
     assert not _processes_naming(bed.directory)
+
+
+def test_a_test_bed_and_its_arm64_node_whose_directory_was_deleted_are_stopped_by_the_down_command(
+    tmp_path: Path,
+) -> None:
+    """As above, with a real node: its processes, containers' cgroups, bridge and lock go as well.
+
+    The arm64 node stands for either node here; the amd64 one is shared by other test sessions.
+    """
+    if problem := emulation_problem():
+        pytest.skip(f"no arm64 emulation here: {problem}")
+    # Short: the kubelet's unix sockets live under its root directory (at most 108 bytes a path).
+    clone = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("orphan-1", X86_VNNI)])
+    node = Arm64Node(bed)
+    try:
+        node.start()
+        state = bed.state()
+        assert node.running()
+        shutil.rmtree(clone, ignore_errors=True)
+        assert not (bed.directory / "state.json").exists()
+
+        down = subprocess.run(
+            [sys.executable, "-m", "tests.testbed", "down", "--dir", str(tmp_path / "another-clone")],
+            cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert f"its directory {bed.directory} was gone" in down.stderr
+        assert not any(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+        assert not _processes_naming(bed.directory)
+        assert subprocess.run(["ip", "link", "show", ARM64_NODE.bridge], capture_output=True, check=False).returncode
+        assert not cgroup_dirs(ARM64_NODE.cgroup_root)
+        assert not held(node.lock_path)
+        assert not bed.run_dir.exists()
+    finally:
+        Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+        shutil.rmtree(clone, ignore_errors=True)

@@ -134,10 +134,10 @@ class Arm64Node(RealNode):
 
     def _network_teardown(self, state: dict[str, Any]) -> None:
         # The kubelet's iptables chains are shared with the amd64 node's kubelet: removed only when it is gone.
-        network_teardown(state, self.spec, kubelet_chains=not _held(RealNode(self.bed).lock_path))
+        network_teardown(state, self.spec, kubelet_chains=not held(RealNode(self.bed).lock_path))
 
 
-def _held(lock: Path) -> bool:
+def held(lock: Path) -> bool:
     """Whether a process holds the lock file (a node's containerd does while it runs)."""
     if not lock.exists():
         return False
