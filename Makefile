@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TESTBED_DIR ?= .testbed
 
-.PHONY: venv system-deps demo engine-demo cluster-demo test lint generate testbed testbed-down binaries images bench clean
+.PHONY: venv system-deps demo engine-demo cluster-demo test lint generate testbed testbed-down binaries images images-arm64 bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ binaries: $(STAMP)
 ## Build (or reuse) the images from images/*/Dockerfile for the real node; cached by their inputs.
 images: $(STAMP) system-deps
 	$(BIN)/python -m tests.testbed.images
+
+## The same images for arm64 (built under emulation), the operator's too; the tests build what they run.
+images-arm64: $(STAMP) system-deps
+	$(BIN)/python -m tests.testbed.images arm64
 
 ## Every test: static checks, unit tests, integration tests on a real control plane.
 test: binaries images
