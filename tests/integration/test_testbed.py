@@ -25,6 +25,7 @@ from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
 from tests.testbed import node as real_node
 from tests.testbed.__main__ import up
 from tests.testbed.cluster import RECORD, Testbed, _ours
+from tests.testbed.cluster import TestbedError as StartError
 from tests.testbed.emulation import emulation_problem
 from tests.testbed.hostparts import cgroup_dirs
 from tests.testbed.node_arm64 import ARM64_NODE, Arm64Node, held
@@ -311,4 +312,31 @@ def test_a_test_bed_and_its_arm64_node_whose_directory_was_deleted_are_stopped_b
         assert not bed.run_dir.exists()
     finally:
         Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+        shutil.rmtree(clone, ignore_errors=True)
+
+
+def test_a_node_start_that_fails_leaves_nothing_of_the_node_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubelet that exits at once (`/bin/false`, standing in for a kubelet that fails; the real one cannot
+    be made to fail on demand) fails the start after containerd, the bridge and the lock are up: all go."""
+    if problem := emulation_problem():
+        pytest.skip(f"no arm64 emulation here: {problem}")
+    clone = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("failing-1", X86_VNNI)])
+    node = Arm64Node(bed)
+    real_binaries = node._binaries
+    monkeypatch.setattr(node, "_binaries", lambda: real_binaries() | {"kubelet": "/bin/false"})
+    try:
+        with pytest.raises(StartError, match="kubelet-arm64 exited during start-up"):
+            node.start()
+        state = bed.state()
+        assert ARM64_NODE.state_key not in state
+        assert not any(name.endswith("-arm64") for name in state["pids"])
+        assert not _processes_naming(node.directory)  # its containerd and kubelet name it
+        assert subprocess.run(["ip", "link", "show", ARM64_NODE.bridge], capture_output=True, check=False).returncode
+        assert not cgroup_dirs(ARM64_NODE.cgroup_root)
+        assert not held(node.lock_path)
+        assert bed.running()  # the control plane is the caller's
+    finally:
+        bed.stop()
         shutil.rmtree(clone, ignore_errors=True)
