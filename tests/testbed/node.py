@@ -148,6 +148,21 @@ def refusal(what: str, owner: Path | None) -> str:
     return f"the test bed in {owner} runs {what} on this machine; stop it with `{command}`"
 
 
+def image_conflicts(state: Mapping[str, Any], state_key: str, names: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The images (by Dockerfile name) that another node of the test bed runs under another name than `names`
+    gives them, with (its name, this node's name) (pure). Names carry the key of the sources they were built
+    from, so a conflict means the sources changed between the two nodes' starts: the operator's one image
+    name would then be missing from one node."""
+    conflicts: dict[str, tuple[str, str]] = {}
+    for key, node in state.items():
+        if not key.startswith("node") or key == state_key or not isinstance(node, Mapping):
+            continue
+        for name, theirs in (node.get("images") or {}).items():
+            if name in names and names[name] != theirs:
+                conflicts[name] = (theirs, names[name])
+    return conflicts
+
+
 def cpu_labels(cpuinfo: str, machine: str) -> dict[str, str]:
     """The labels Node Feature Discovery would put on a node with this /proc/cpuinfo (pure)."""
     flags: set[str] = set()
@@ -267,6 +282,14 @@ class RealNode:
         mark = time.monotonic()
         built = self._images(log)
         timings["images"] = time.monotonic() - mark
+        names = {name: image.name for name, image in built.items()}
+        if conflicts := image_conflicts(self.bed.state(), self.spec.state_key, names):
+            listed = "; ".join(f"{name}: {theirs}, here {ours}" for name, (theirs, ours) in sorted(conflicts.items()))
+            raise NodeUnavailableError(
+                f"{self.what} would run other images than the test bed's other node ({listed}): the sources "
+                f"changed since that node started; stop the test bed (python -m tests.testbed down --dir "
+                f"{self.bed.directory}) and start it again"
+            )
         self._lock()  # before anything host-wide is touched
         try:
             return self._start(paths, built, timings, started, log)
@@ -284,7 +307,7 @@ class RealNode:
         state["binaries"] |= {self.spec.process(command): path for command, path in paths.items()}
         sysctls = {path: read(path) for path in self.sysctls}  # restored by teardown
         state[self.spec.state_key] = {"name": self.spec.name, "arch": self.spec.arch, "run_dir": str(self.run_dir),
-                                      "sysctls": sysctls}  # fmt: skip
+                                      "sysctls": sysctls, "images": {n: i.name for n, i in built.items()}}  # fmt: skip
         state["images"] = state.get("images", {}) | {name: image.name for name, image in built.items()}
         self.bed._save(state)
         for directory in (self.directory, self.run_dir, self.containerd_root):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.testbed.emulation import cpuinfo_text, features
-from tests.testbed.node import cpu_labels, lock_owner, refusal
+from tests.testbed.node import cpu_labels, image_conflicts, lock_owner, refusal
 
 PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
 
@@ -61,3 +61,19 @@ def test_the_arm64_nodes_cpuinfo_names_the_emulated_cpus_features_and_labels_fol
     labels = cpu_labels(text, "aarch64")
     assert {k.removeprefix(PREFIX) for k in labels if k.startswith(PREFIX)} == {"ASIMD", "ASIMDDP", "SVE", "I8MM"}
     assert features(0, 0) == []
+
+
+def test_a_node_whose_images_differ_from_the_other_nodes_is_named_with_both_names() -> None:
+    amd64 = {"name": "edge-real-0", "images": {"pause": "registry.k8s.io/pause:3.10", "runtime-cpu": "rt:aaa"}}
+    state = {"node": amd64, "images": {"runtime-cpu": "rt:aaa"}, "pids": {}}
+    same = {"pause": "registry.k8s.io/pause:3.10", "runtime-cpu": "rt:aaa"}
+    assert image_conflicts(state, "node-arm64", same) == {}
+    assert image_conflicts(state, "node-arm64", same | {"runtime-cpu": "rt:bbb"}) == {
+        "runtime-cpu": ("rt:aaa", "rt:bbb")
+    }
+    # The node's own record (a start of the same node after its sources changed) and other keys are no conflict.
+    assert image_conflicts(state, "node", same | {"runtime-cpu": "rt:bbb"}) == {}
+    assert image_conflicts({"images": {"runtime-cpu": "rt:aaa"}}, "node", {"runtime-cpu": "rt:bbb"}) == {}
+    # Only the images both nodes run are compared (the arm64 node runs no operator image).
+    assert image_conflicts({"node": {"images": {"operator": "op:1"}}}, "node-arm64", {"operator": "op:1"}) == {}
+    assert image_conflicts({"node": {"images": {"operator": "op:1"}}}, "node-arm64", {"runtime-cpu": "x"}) == {}
