@@ -36,10 +36,10 @@ images-arm64: $(STAMP) system-deps
 test: binaries images
 	$(BIN)/python -m pytest
 
-## The main job: the operator on a test bed with a real node builds, serves, shadows, promotes, rolls back.
-## ARM64_NODE=1: on two architectures, the real node and an arm64 node under emulation.
+## The main job: one EdgeModel on two real architectures, this machine (amd64) and an arm64 node under
+## emulation: built, served, shadowed, promoted and rolled back per class. ARM64_NODE=0: this machine only.
 demo: binaries images
-	$(BIN)/python -m tests.testbed story --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(ARM64_NODE)),--arm64-node)
+	$(BIN)/python -m tests.testbed story --dir $(TESTBED_DIR) $(if $(filter 0 no false,$(ARM64_NODE)),,--arm64-node)
 
 ## Without a cluster: build FP32 and INT8 engines of a real model, shadow one against the other, decide.
 engine-demo: $(STAMP)

@@ -1,11 +1,13 @@
-"""`make demo`: the operator's story on this machine, with a real node and simulated edge classes.
+"""`make demo`: the operator's story on this machine, with real nodes and simulated edge classes.
 
 1. The test bed: a real control plane, KWOK nodes for the classes this machine lacks (Jetson, GPU
-   workstations, ARM), and one real node (kubelet, containerd, runc) for the class it has.
+   workstations, ARM), one real node (kubelet, containerd, runc) for the class it has, and (by
+   default in `make demo`) an arm64 node beside it under emulation.
 2. The EdgeModel CRD, a registry on the node's address holding a real model (the PP-OCR text
    direction classifier shipped in the rapidocr-onnxruntime wheel), and the operator.
-3. An EdgeModel for the real node's class: a build Job really builds and validates the engine,
-   a pod really serves it, and live requests reach it through its Service.
+3. An EdgeModel for the real nodes' classes: a build Job per class really builds and validates the
+   engine on its node, a pod per class really serves it, and live requests reach them through the
+   EdgeModel's Service.
 4. Revision 2, the same model re-exported: shadowed on real pods, agreement measured, promoted.
 5. Revision 3, a retrain gone wrong: shadowed, disagreement measured, rolled back, while revision 2
    keeps serving.
@@ -13,10 +15,11 @@
 `kubectl get em` and the EdgeModel's Events are shown at each step. The test bed and its node keep
 running afterwards (the operator and the registry stop with the demo); `make testbed-down` stops them.
 
-With `--arm64-node` (`make demo ARM64_NODE=1`) an arm64 node runs beside the real node, under
-emulation (tests/testbed/node_arm64.py): the same EdgeModel then has two real classes, amd64 and
-arm64, each with its own build Job, engine validated on its own architecture, serving pods, shadow and
-decision; the figures of the arm64 class are those of emulation.
+With `--arm64-node` (`make demo`'s default; `make demo ARM64_NODE=0` leaves it out) an arm64 node runs
+beside the real node, under emulation (tests/testbed/node_arm64.py): the same EdgeModel then has two
+real classes, amd64 and arm64, each with its own build Job, engine validated on its own architecture,
+serving pods, shadow and decision; each class's build seconds, validation and latency are printed, the
+arm64 class's labelled as measured under emulation.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ROLLOUT = {
     "shadow": {"mirrorPercent": 100, "minRequests": 40, "duration": "5s"},
     "analysis": {"minAgreement": 0.99, "maxLatencyRatio": 20, "maxErrorRate": 0.05},
 }
+VALIDATION = {"cosine": "cosine", "top1Agreement": "top-1 agreement", "maxAbsError": "max abs error"}
 
 
 def _say(text: str) -> None:
@@ -116,21 +120,51 @@ def _follow(bed: Testbed, done: Any, classes: int = 1) -> list[dict[str, Any]]:
         entries = list(_status(bed).get("classes") or [])
         state = line + "".join(f"\n      {e.get('key', '-')}: {e.get('state', '-')}: {e.get('message', '')}"
                                for e in entries)  # fmt: skip
-        if state != last:
+        unaged = state.replace(line, " ".join(line.split()[:-1]), 1)  # AGE, the last column, changes every second
+        if unaged != last:
             print(f"  {time.strftime('%H:%M:%S')}  {state}", flush=True)
-            last = state
+            last = unaged
         if len(entries) >= classes and all(done(entry) for entry in entries):
             return entries
         time.sleep(1)
     raise TimeoutError(f"{NAME} did not get there in {timeout:.0f}s; see `kubectl describe em {NAME} -n {NAMESPACE}`")
 
 
+def _number(value: Any) -> str:
+    """A figure as printed: floats to four significant digits, anything else (None: not reported) as is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _emulated(entry: dict[str, Any]) -> str:
+    return " (arm64 under emulation: qemu-user-static)" if entry.get("key", "").startswith("arm64") else ""
+
+
+def figures(entry: dict[str, Any]) -> str:
+    """One class's build seconds, validation and latency, as its status reports them (pure).
+
+    The arm64 class's are labelled as measured under emulation (they say nothing of a real arm64 board).
+    """
+    metrics = entry.get("metrics") or {}
+    validation = ", ".join(
+        f"{label} {_number(metrics[key])}" for key, label in VALIDATION.items() if metrics.get(key) is not None
+    )
+    verdict = metrics.get("validation") or "-"
+    return (f"{entry.get('key')}{_emulated(entry)}: build {_number(entry.get('buildSeconds'))} s; validation "
+            f"{verdict}{f' ({validation})' if validation else ''}; latency p50 {_number(metrics.get('latencyP50Ms'))} "
+            f"ms, p99 {_number(metrics.get('latencyP99Ms'))} ms")  # fmt: skip
+
+
+def shadow_figures(entry: dict[str, Any]) -> str:
+    """One class's shadow evidence and decision (pure); the arm64 class's latency ratio is emulated."""
+    shadow = entry.get("shadow") or {}
+    return (f"{entry.get('key')}{_emulated(entry)}: {shadow.get('decision')}: {shadow.get('requests')} mirrored "
+            f"requests, agreement {_number(shadow.get('agreement'))}, latency ratio "
+            f"{_number(shadow.get('latencyRatio'))}, error rate {_number(shadow.get('errorRate'))}")  # fmt: skip
+
+
 def _figures(entries: list[dict[str, Any]]) -> None:
-    """Per class: build seconds, validation and latency (the arm64 class's are measured under emulation)."""
     for entry in entries:
-        emulated = " (arm64 under emulation: qemu-user-static)" if entry.get("key", "").startswith("arm64") else ""
-        print(f"  {entry.get('key')}{emulated}: build {entry.get('buildSeconds')} s, "
-              f"metrics {json.dumps(entry.get('metrics'))}")  # fmt: skip
+        print(f"  {figures(entry)}", flush=True)
 
 
 def _cluster(directory: Path, arm64: bool) -> Testbed:
@@ -195,7 +229,8 @@ def _revisions(
 
     _say("4. revision 2, the same model re-exported: shadowed on real pods, then promoted")
     bed.apply_objects([_edgemodel(uris["v2"], sha256_file(models["v2"]))])
-    _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"}, classes)
+    for entry in _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"}, classes):
+        print(f"  {shadow_figures(entry)}")
     _follow(bed, lambda e: e.get("state") == "Serving" and not _status(bed).get("revisions", {}).get("candidate"),
             classes)  # fmt: skip
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
@@ -203,7 +238,7 @@ def _revisions(
     _say("5. revision 3, a retrain gone wrong: shadowed, measured, rolled back; revision 2 keeps serving")
     bed.apply_objects([_edgemodel(uris["v3"], sha256_file(models["v3"]))])
     for entry in _follow(bed, lambda e: e.get("state") == "RolledBack", classes):
-        print(f"  {entry.get('key')} shadow evidence: {json.dumps(entry.get('shadow'))}")
+        print(f"  {shadow_figures(entry)}")
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
     _show(bed, "get", "pods", "-n", NAMESPACE, "-o", "wide")
     _show(bed, "get", "em", "-n", NAMESPACE)
@@ -238,6 +273,7 @@ def main(directory: Path, arm64: bool = False) -> int:
         if operator is not None:
             operator.stop()
         registry.stop()
-    print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The test bed and its real node keep running:")
+    nodes = "its real nodes keep" if arm64 else "its real node keeps"
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s. The test bed and {nodes} running:")
     print(f"  export KUBECONFIG={bed.kubeconfig}; stop them with `make testbed-down`.")
     return 0
