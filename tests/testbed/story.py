@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,9 @@ def main(directory: Path, arm64: bool = False) -> int:
     _say("2. a registry on the node's address with three revisions of a real model, and the operator")
     work = directory / "demo"
     work.mkdir(exist_ok=True)
+    # A fresh registry, as the namespace is: an earlier run's engines would turn this run's builds into cache hits,
+    # which report no build seconds, validation or latency.
+    shutil.rmtree(work / "registry", ignore_errors=True)
     registry = Registry(work / "registry", host=NODE_IP)
     operator: OperatorProcess | None = None
     traffic: list[LiveRequests] = []
