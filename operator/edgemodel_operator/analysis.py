@@ -127,3 +127,42 @@ def analyse(evidence: Evidence, rollout: Rollout, elapsed: float, *, approved: b
     if "wait" in outcomes.values():
         return Verdict("Pending", checks)
     return Verdict("Promote" if rollout.auto_promote or approved else "AwaitingApproval", checks)
+
+
+Counters = dict[str, float]
+"""One source's (stable pod's) shadow counters for one candidate: mirrored, compared, agreed, errors,
+ratio_sum, ratio_count, and `created` (when the source's counters were created, in Unix seconds:
+a new value means the source restarted and its counters began again at zero)."""
+COUNTED = ("mirrored", "compared", "agreed", "errors", "ratio_sum", "ratio_count")
+
+
+def _reset(baseline: Counters, now: Counters) -> bool:
+    """Whether the source's counters began again since `baseline` (a restart): another creation time,
+    or any counter lower than it was."""
+    if baseline.get("created") != now.get("created"):
+        return True
+    return any(now.get(name, 0.0) < baseline.get(name, 0.0) for name in COUNTED)
+
+
+def since(baseline: dict[str, Counters], now: dict[str, Counters]) -> Evidence:
+    """Evidence gathered since `baseline` was taken, summed over sources (by pod or scrape target).
+
+    A source absent from the baseline (a pod started later) counts from zero, as does a source whose
+    counters were reset (a restarted pod): what it counted since it started belongs to this attempt.
+    A source that disappeared contributes nothing (its figures are lost, never double counted).
+    """
+    sums = dict.fromkeys(COUNTED, 0.0)
+    for source, counters in now.items():
+        base = baseline.get(source)
+        start = {} if base is None or _reset(base, counters) else base
+        for name in COUNTED:
+            sums[name] += counters.get(name, 0.0) - start.get(name, 0.0)
+    count = sums["ratio_count"]
+    return Evidence(
+        mirrored=sums["mirrored"],
+        compared=sums["compared"],
+        agreed=sums["agreed"],
+        errors=sums["errors"],
+        latency_ratio=sums["ratio_sum"] / count if count else None,
+        pods=len(now),
+    )

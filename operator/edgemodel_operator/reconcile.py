@@ -1,25 +1,27 @@
-"""The reconcile decision for one EdgeModel: observed objects in, a plan of writes out.
+"""The reconcile decision for one EdgeModel: observed objects and decision records in, a plan of writes out.
 
 Pure: the controller gathers (nodes, owned Jobs, their pods, serving workloads, Services, the
-shadow ConfigMap, shadow evidence), calls `plan`, and applies the result. The same observations
-always give the same plan, whatever order the events that led to them arrived in.
+shadow ConfigMap, the decision records read from the API server, shadow counters), calls `plan`,
+and applies the result: record writes first (guarded by resourceVersion), then the children, the
+Events of the steps the records took, and the status. The same observations always give the same
+plan, whatever order the events that led to them arrived in.
 
-Per hardware class, a new revision goes: build Job -> candidate workload (track=candidate) and its
-own Service -> once Ready, the class's stable pods mirror live requests to it (their key in the
-shadow ConfigMap) -> analysis of the evidence -> promote (the candidate's track becomes stable; the
-old stable goes once the new one has rolled out) or roll back (the candidate goes; the class keeps
-its stable revision). The first revision of a class has nothing to shadow and serves at once.
+Per hardware class, the current revision's attempt (see `rollout` for its states and transitions,
+`records` for where it is kept) decides what should exist: its build Job; once built, a candidate
+workload (track=candidate) and its own Service, mirrored to by the class's stable pods (their key in
+the shadow ConfigMap) while it shadows; once promoted, its workload on track stable (the old stable
+goes once the new one has rolled out); once rolled back, nothing but its Job. The status is a
+projection of the attempts and the cluster.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgemodel_operator import conditions as cond
-from edgemodel_operator.analysis import Evidence, Verdict, analyse
+from edgemodel_operator.analysis import Counters, Verdict
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
 from edgemodel_operator.builders import (
     LABEL_CLASS,
@@ -39,10 +41,22 @@ from edgemodel_operator.builders import (
 )
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.pacing import merge_patch
+from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
+from edgemodel_operator.rollout import (
+    APPROVALS,
+    APPROVE,
+    REJECT,
+    ClassView,
+    Context,
+    Step,
+    advance,
+    evidence_of,
+    new_attempt,
+    shadow_figures,
+)
 
 Obj = dict[str, Any]
-APPROVE = "edgeml.dev/promote"  # annotation: the candidate revision a person approves for promotion
-REJECT = "edgeml.dev/rollback"  # annotation: the candidate revision a person rolls back
+__all__ = ["APPROVE", "REJECT", "Event", "Observed", "Plan", "evidence_wanted", "plan", "subject"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +68,15 @@ class Observed:
     deployments: list[Obj]  # serving workloads: Deployments, or DaemonSets in that mode
     services: list[Obj]
     configmaps: list[Obj] = field(default_factory=list)
-    evidence: dict[str, Evidence] = field(default_factory=dict)  # by class key, for its current candidate
+    records: list[Obj] = field(default_factory=list)  # record ConfigMaps, as read from the API server
+    # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
+    # missing could not be read this time.
+    evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Event:
-    """A step worth an Event on the EdgeModel; `subject` ("Kind/name") ties it to one create or delete."""
+    """A step worth an Event on the EdgeModel; `subject` ("Kind/name") ties it to one write."""
 
     reason: str
     message: str
@@ -68,6 +85,7 @@ class Event:
 
 @dataclass
 class Plan:
+    records: list[Obj] = field(default_factory=list)  # record writes (see `records.record_write`), applied first
     create: list[Obj] = field(default_factory=list)
     delete: list[Obj] = field(default_factory=list)  # objects to delete (kind, name, namespace)
     patch: list[Obj] = field(default_factory=list)  # merge patches (kind, name, namespace, patch)
@@ -76,12 +94,23 @@ class Plan:
     analysing: bool = False  # a class is shadowed: plan again soon with fresh evidence, even without a change
 
 
-def shadowing(status: Obj) -> dict[str, str]:
-    """Class key -> candidate revision, for the classes a status says are shadowing."""
+def _records(observed: Observed) -> dict[str, Record]:
+    found = (parse(c) for c in observed.records)
+    return {r.revision: r for r in found if r is not None}
+
+
+def evidence_wanted(observed: Observed) -> dict[str, str]:
+    """Class key -> candidate revision, for the classes whose counters the next plan needs: those whose
+    current attempt is built (the baseline is taken as shadowing begins) or shadowing."""
+    spec = EdgeModelSpec.model_validate(observed.body["spec"])
+    revision = revision_of(spec)
+    record = _records(observed).get(revision)
+    if record is None:
+        return {}
     return {
-        entry["key"]: entry["shadow"]["revision"]
-        for entry in status.get("classes") or []
-        if entry.get("state") == "Shadowing" and (entry.get("shadow") or {}).get("revision")
+        key: revision
+        for key, attempt in record.attempts.items()
+        if attempt.state in {"Built", "Shadowing"} and attempt.application == record.application.generation
     }
 
 
@@ -117,11 +146,6 @@ def _rolled_out(workload: Obj) -> bool:
         and int(status.get("updatedReplicas") or 0) >= wanted
         and int(status.get("readyReplicas") or 0) >= wanted
     )
-
-
-def _seconds_between(start: str, end: str) -> float:
-    parse = datetime.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
 
 
 def _ref(obj: Obj) -> Obj:
@@ -180,6 +204,22 @@ def _class_status(
     return entry
 
 
+@dataclass
+class _Slot:
+    """One class as the planner works on it: its engine, this revision's attempt and workload, and the
+    stable workloads serving the class now."""
+
+    hardware: HardwareClass
+    target: EngineTarget
+    attempt: Attempt
+    mine: Obj | None
+    stable: list[Obj]
+
+    @property
+    def artifact(self) -> str:
+        return str((self.attempt.build or {}).get("artifactDigest"))
+
+
 class _Planner:
     def __init__(self, observed: Observed, images: Images, now: str) -> None:
         self.observed, self.images, self.now = observed, images, now
@@ -189,8 +229,12 @@ class _Planner:
         self.revision = revision_of(self.spec)
         self.plan = Plan()
         self.jobs = {j["metadata"]["name"]: j for j in observed.jobs}
-        self.previous = {e["key"]: e for e in (self.body.get("status") or {}).get("classes") or []}
         self.annotations: dict[str, str] = self.body["metadata"].get("annotations") or {}
+        self.records = _records(observed)
+        generation = int(self.body["metadata"].get("generation", 1))
+        self.application = current_application(self.records, self.revision, generation, self.annotations, APPROVALS)
+        self.attempts: dict[str, Attempt] = {}  # this revision's attempts after this plan, by class key
+        self.steps: list[Step] = []
         self.shadow_data: dict[str, str] = {}  # the shadow ConfigMap's desired content
         # Names still wanted, by kind. A (revision, class) names its Job, workload and Service alike.
         self.keep: dict[str, set[str]] = {"Job": set(), "Workload": set(), "Service": set()}
@@ -201,12 +245,40 @@ class _Planner:
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
         classes = discover(self.observed.nodes, selector, tolerations)
         entries = [self._class(hardware) for hardware in classes]
+        self._record()
         self._retire(classes)
         self._shadow_configmap()
         if not any(s["metadata"]["name"] == self.name for s in self.observed.services):
             self.plan.create.append(build_service(self.body))
         self.plan.status = self._status(classes, entries)
         return self.plan
+
+    # ------------------------------------------------------------------ decision records
+
+    def _attempt(self, hardware: HardwareClass) -> Attempt:
+        """This revision's attempt on the class in the current application; a new one if there is none."""
+        record = self.records.get(self.revision)
+        previous = record.attempts.get(hardware.key) if record else None
+        if previous is not None and previous.application == self.application.generation:
+            return previous
+        return new_attempt(self.revision, hardware.key, self.application, self.now, previous)
+
+    def _record(self) -> None:
+        """Write this revision's record if an attempt changed; the steps' Events go with that write."""
+        before = self.records.get(self.revision)
+        attempts = dict(before.attempts) if before else {}
+        attempts |= self.attempts
+        spec = before.spec if before else self.body["spec"]
+        after = Record(record_name(self.name, self.revision), self.revision,
+                       before.resource_version if before else None, spec, self.application, attempts)  # fmt: skip
+        write = record_write(self.body, before, after)
+        if write is not None:
+            self.plan.records.append(write)
+            for step in self.steps:
+                self.plan.events.append(Event(step.reason, step.message, f"ConfigMap/{after.name}"))
+        serving = {_labels(w).get(LABEL_REVISION, "") for w in self.observed.deployments}
+        for old in retired(self.records, serving | {self.revision}):
+            self.plan.delete.append({"kind": "ConfigMap", "name": old.name, "namespace": self.namespace})
 
     # ------------------------------------------------------------------ one class
 
@@ -224,39 +296,39 @@ class _Planner:
         name = child_name(self.name, self.revision, hardware)
         self._want(name, "Job")
         job = self.jobs.get(name)
-        if job is None:
-            job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
-            self.plan.create.append(job)
-            self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
-            return self._with_stable(_class_status(hardware, target.engine, target.precision, "Building", None), stable)
-        state = _job_state(job)
-        if state == "Active":
-            waiting = _unschedulable(job, self.observed.pods)
-            entry = _class_status(hardware, target.engine, target.precision, "Building", None)
-            if waiting:
+        mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
+        view = ClassView(
+            job=_job_state(job) if job else None,
+            report=build_report(job, self.observed.pods) if job else None,
+            has_stable=bool(stable),
+            mine=_track(mine) if mine else None,
+            mine_ready=_ready(mine) if mine else 0,
+            samples=self.observed.evidence.get(hardware.key),
+        )
+        before = self._attempt(hardware)
+        context = Context(self.spec.rollout, self.annotations, self.application, self.now)
+        attempt, steps, verdict = advance(before, view, context)
+        self.attempts[hardware.key] = attempt
+        self.steps += steps
+        entry = _class_status(hardware, target.engine, target.precision, attempt.state, attempt.message)
+        evidence = evidence_of(attempt, view) if attempt.state == "Shadowing" else None
+        live = shadow_figures(evidence) if evidence is not None else {}
+        if attempt.build:
+            entry |= {k: v for k, v in attempt.build.items() if k != "engine"}
+        if attempt.state in {"Building", "Failed"}:
+            if job is None and attempt.state == "Building":
+                job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
+                self.plan.create.append(job)
+                self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
+            elif job is not None and (waiting := _unschedulable(job, self.observed.pods)):
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
-        report = build_report(job, self.observed.pods) or {}
-        if state == "Failed" or report.get("status") not in {"built", "cached"}:
-            reason = report.get("reason") or "BuildFailed"
-            message = f"{reason}: {report.get('message') or 'the build Job failed without a report'}"
-            return self._with_stable(
-                _class_status(hardware, target.engine, target.precision, "Failed", message), stable
-            )
-        entry = _class_status(hardware, target.engine, report.get("precision", target.precision), "Built", None)
-        artifact = (report.get("artifact") or {}).get("reference")
-        entry |= {
-            "cacheKey": report.get("cacheKey"),
-            "artifactDigest": artifact,
-            "buildSeconds": report.get("buildSeconds"),
-        }
-        if report.get("metrics") or report.get("latency"):
-            entry["metrics"] = _metrics(report)
-        if not artifact:
-            return self._with_stable(
-                entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
-            )
-        return self._serve(hardware, target, artifact, entry, workloads=workloads, stable=stable)
+        if attempt.state == "RolledBack":
+            return self._with_stable(entry | {"message": attempt.reason, "shadow": _shadow(attempt)}, stable)
+        slot = _Slot(hardware, target, attempt, mine, stable)
+        if attempt.state == "Promoted":
+            return self._promoted(slot, entry)
+        return self._candidate(slot, entry, verdict, live)
 
     def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
         """Name the revision that keeps serving this class while the current one is not there yet."""
@@ -265,93 +337,77 @@ class _Planner:
             entry["readyReplicas"] = sum(_ready(w) for w in stable)
         return entry
 
-    def _serve(  # noqa: PLR0911 - one return per rollout state, in order
-        self, hardware: HardwareClass, target: EngineTarget, artifact: str, entry: Obj, *, workloads: list[Obj],
-        stable: list[Obj],
-    ) -> Obj:  # fmt: skip
-        mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
-        previous = self.previous.get(hardware.key) or {}
-        rolled_back = (
-            previous.get("state") == "RolledBack" and (previous.get("shadow") or {}).get("revision") == self.revision
-        )
-        if mine is None:
-            if rolled_back:  # decided: this revision does not replace the stable one on this class
-                return self._with_stable(
-                    entry | {k: previous[k] for k in ("state", "message", "shadow") if k in previous}, stable
-                )
-            track = "candidate" if stable else "stable"
-            workload = build_deployment_for_class(self.body, hardware, target, revision=self.revision,
-                                                  artifact=artifact, images=self.images, track=track)  # fmt: skip
-            self.plan.create.append(workload)
-            if track == "candidate":
-                self.plan.create.append(build_revision_service(self.body, self.revision, hardware))
-                self._event("CandidateStarted", f"{hardware.key}: candidate {self.revision} from {artifact}", workload)
-            else:
-                self._event("ServingStarted", f"serving {hardware.key} from {artifact}", workload)
-            return self._with_stable(entry, stable)
-        self._want(mine["metadata"]["name"], "Workload")
-        ready = _ready(mine)
-        if _track(mine) == "stable":
-            others = [w for w in stable if w is not mine]
-            if others and not _rolled_out(mine):
-                return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Shadowing",
-                                "message": "promoted: waiting for every pod of the new stable revision",
-                                "shadow": previous.get("shadow")}  # fmt: skip
-            for old in others:  # the new stable revision has rolled out: the old one goes
-                self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
-            shadow = previous.get("shadow") or {}
-            evidence = {"shadow": shadow} if shadow.get("revision") == self.revision else {}  # what promoted it
-            return entry | {"revision": self.revision, "readyReplicas": ready,
-                            "state": "Serving" if ready else "Built"} | evidence  # fmt: skip
-        if rolled_back or not stable:  # a leftover candidate
-            self._drop(mine["metadata"]["name"], "Workload", "Service")
-            return self._with_stable(entry, stable)
-        self._want(mine["metadata"]["name"], "Service")
-        if not ready:
-            return self._with_stable(entry | {"message": "candidate starting"}, stable)
-        return self._shadow(hardware, entry, mine, stable[0], previous)
+    def _create_workload(self, slot: _Slot, track: str) -> None:
+        hardware, artifact = slot.hardware, slot.artifact
+        workload = build_deployment_for_class(self.body, hardware, slot.target, revision=self.revision,
+                                              artifact=artifact, images=self.images, track=track)  # fmt: skip
+        self.plan.create.append(workload)
+        if track == "candidate":
+            self.plan.create.append(build_revision_service(self.body, self.revision, hardware))
+            self._event("CandidateStarted", f"{hardware.key}: candidate {self.revision} from {artifact}", workload)
+        else:
+            self._event("ServingStarted", f"serving {hardware.key} from {artifact}", workload)
 
-    def _shadow(self, hardware: HardwareClass, entry: Obj, candidate: Obj, stable: Obj, previous: Obj) -> Obj:
-        rollout = self.spec.rollout
-        stable_revision = _labels(stable)[LABEL_REVISION]
-        before = previous.get("shadow") or {}
-        started = before.get("started") if before.get("revision") == self.revision else None
-        if started is None:
-            started = self.now
-            self._event("ShadowStarted", f"{hardware.key}: mirroring {rollout.shadow.mirror_percent:g}% of "
-                        f"{stable_revision}'s requests to {self.revision}")  # fmt: skip
-        evidence = self.observed.evidence.get(hardware.key) or Evidence()
-        approved = self.annotations.get(APPROVE) == self.revision
-        verdict = analyse(evidence, rollout, _seconds_between(started, self.now), approved=approved)
-        shadow = _shadow_status(self.revision, started, evidence, verdict)
-        entry = self._with_stable(entry, [stable]) | {"state": "Shadowing", "shadow": shadow}
-        rejected = self.annotations.get(REJECT) == self.revision
-        if verdict.decision == "Promote":
+    def _promoted(self, slot: _Slot, entry: Obj) -> Obj:
+        """Promoted: this revision serves the class on track stable; the old stable goes once it has rolled out."""
+        attempt, mine, stable = slot.attempt, slot.mine, slot.stable
+        shadow = {"shadow": _shadow(attempt)} if attempt.shadow_started else {}
+        if mine is None:
+            self._create_workload(slot, "stable")
+            return self._with_stable(entry | {"state": "Built"} | shadow, stable)
+        name = mine["metadata"]["name"]
+        self._want(name, "Workload")
+        ready = _ready(mine)
+        if _track(mine) != "stable":
+            self._want(name, "Service")
             patch = {"metadata": {"labels": {LABEL_TRACK: "stable"}},
                      "spec": {"template": {"metadata": {"labels": {LABEL_TRACK: "stable"}}}}}  # fmt: skip
-            self.plan.patch.append(_ref(candidate) | {"patch": patch})
-            self._event("Promoted", f"{hardware.key}: {self.revision} replaces {stable_revision}: {verdict.reason}")
-            return entry | {"message": f"promoting: {verdict.reason}"}
-        if (verdict.decision == "Rollback" and rollout.auto_rollback) or rejected:
-            self._drop(candidate["metadata"]["name"], "Workload", "Service")  # the Job stays: no rebuild
-            why = verdict.reason if verdict.decision == "Rollback" else f"rolled back by {REJECT}"
-            self._event("RolledBack", f"{hardware.key}: {self.revision} rolled back, {stable_revision} keeps "
-                        f"serving: {why}")  # fmt: skip
-            return entry | {"state": "RolledBack", "message": why, "shadow": shadow | {"decision": "Rollback"}}
-        key = shadow_key(stable_revision, hardware)
-        service = next(
-            (s for s in self.observed.services if s["metadata"]["name"] == candidate["metadata"]["name"]), {}
+            self.plan.patch.append(_ref(mine) | {"patch": patch})
+            return self._with_stable(entry | {"state": "Shadowing", "message": f"promoting: {attempt.reason}"} | shadow,
+                                     stable)  # fmt: skip
+        others = [w for w in stable if w is not mine]
+        if others and not _rolled_out(mine):
+            waiting = "promoted: waiting for every pod of the new stable revision"
+            return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Shadowing",
+                            "message": waiting} | shadow  # fmt: skip
+        for old in others:  # the new stable revision has rolled out: the old one goes
+            self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
+        return (
+            entry
+            | {"revision": self.revision, "readyReplicas": ready, "state": "Serving" if ready else "Built"}
+            | shadow
         )
+
+    def _candidate(self, slot: _Slot, entry: Obj, verdict: Verdict | None, live: Obj) -> Obj:
+        """Built or Shadowing: the candidate runs beside the stable revision; while shadowing, mirrored to."""
+        hardware, attempt, mine, stable = slot.hardware, slot.attempt, slot.mine, slot.stable
+        if mine is None:
+            self._create_workload(slot, "candidate")
+            return self._with_stable(entry | {"state": "Built", "message": "candidate starting"}, stable)
+        name = mine["metadata"]["name"]
+        self._want(name, "Workload", "Service")
+        if attempt.state == "Built":
+            why = "candidate starting" if not _ready(mine) else "waiting for shadow evidence to be readable"
+            return self._with_stable(entry | {"message": why}, stable)
+        stable_revision = _labels(stable[0])[LABEL_REVISION] if stable else ""
+        service = next((s for s in self.observed.services if s["metadata"]["name"] == name), {})
         cluster_ip = (service.get("spec") or {}).get("clusterIP")
-        self.shadow_data[key] = json.dumps({
-            "url": candidate_url(self.body, self.revision, hardware, cluster_ip),
-            "mirrorPercent": rollout.shadow.mirror_percent,
-            "candidateRevision": self.revision,
-        }, sort_keys=True)  # fmt: skip
+        if stable:
+            self.shadow_data[shadow_key(stable_revision, hardware)] = json.dumps({
+                "url": candidate_url(self.body, self.revision, hardware, cluster_ip),
+                "mirrorPercent": self.spec.rollout.shadow.mirror_percent,
+                "candidateRevision": self.revision,
+            }, sort_keys=True)  # fmt: skip
         self.plan.analysing = True
-        waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={self.revision}",
-                   "Rollback": f"failed; waiting for annotation {REJECT}={self.revision}"}  # fmt: skip
-        return entry | {"message": waiting.get(verdict.decision, verdict.reason)}
+        shadow = _shadow(attempt, live)
+        if verdict is None:
+            return self._with_stable(entry | {"shadow": shadow, "message": "no shadow evidence readable now"}, stable)
+        shadow |= {"decision": verdict.decision, "reason": verdict.reason}
+        rev = self.revision if self.application.stale.get(APPROVE) != self.revision else attempt.identity
+        waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={rev}",
+                   "Rollback": f"failed; waiting for annotation {REJECT}={rev}"}  # fmt: skip
+        return self._with_stable(entry | {"shadow": shadow, "message": waiting.get(verdict.decision, verdict.reason)},
+                                 stable)  # fmt: skip
 
     # ------------------------------------------------------------------ the EdgeModel's other objects
 
@@ -455,34 +511,15 @@ class _Planner:
         return {"candidate": self.revision}
 
 
-def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Verdict) -> Obj:
-    figures = {
-        "revision": revision,
-        "started": started,
-        "requests": int(evidence.compared + evidence.errors),
-        "agreement": None if evidence.agreement is None else round(evidence.agreement, 4),
-        "latencyRatio": None if evidence.latency_ratio is None else round(evidence.latency_ratio, 3),
-        "errorRate": None if evidence.error_rate is None else round(evidence.error_rate, 4),
-        "decision": verdict.decision,
-        "reason": verdict.reason,
-    }
-    return {k: v for k, v in figures.items() if v is not None}
-
-
-def _metrics(report: Obj) -> Obj:
-    metrics = report.get("metrics") or {}
-    latency = report.get("latency") or {}
-    figures = {
-        "maxAbsError": metrics.get("max_abs_error"),
-        "maxRelativeError": metrics.get("max_relative_error"),
-        "cosine": metrics.get("cosine"),
-        "top1Agreement": metrics.get("top1_agreement"),
-        "latencyP50Ms": latency.get("p50_ms"),
-        "latencyP99Ms": latency.get("p99_ms"),
-    }
-    return {k: v for k, v in figures.items() if v is not None}
+def _shadow(attempt: Attempt, live: Obj | None = None) -> Obj:
+    """The status's shadow figures of an attempt: `live` ones while it shadows, the recorded ones once decided."""
+    shadow: Obj = {"revision": attempt.revision, "started": attempt.shadow_started}
+    shadow |= live if live is not None else attempt.figures
+    if attempt.decision is not None and attempt.state in {"Promoted", "RolledBack"}:
+        shadow |= {"decision": attempt.decision, "reason": attempt.reason}
+    return {k: v for k, v in shadow.items() if v is not None}
 
 
 def plan(observed: Observed, images: Images, now: str) -> Plan:
-    """What to create, delete and report for one EdgeModel."""
+    """What to record, create, delete and report for one EdgeModel."""
     return _Planner(observed, images, now).run()

@@ -19,11 +19,15 @@ from tests.unit.test_operator_pure import NOW, _finished, _observed, edgemodel
 Obj = dict[str, Any]
 
 
-def _status(generation: int, progressing: bool, classes: str = "0/4") -> Obj:
+def _status(generation: int, progressing: bool, classes: str = "0/4", state: str = "Shadowing",
+            requests: int = 0) -> Obj:  # fmt: skip
+    shadow = {"revision": "b", "started": "2026-11-26T12:00:00Z", "requests": requests, "decision": "Pending",
+              "reason": f"{requests}/100 mirrored requests"}  # fmt: skip
     return {
         "observedGeneration": generation,
         "classesReady": classes,
-        "conditions": [{"type": "Progressing", "status": "True" if progressing else "False"}],
+        "conditions": [{"type": "Progressing", "status": "True" if progressing else "False", "message": "m"}],
+        "classes": [{"key": "c", "state": state, "message": shadow["reason"], "shadow": shadow}],
     }
 
 
@@ -33,13 +37,17 @@ def _status(generation: int, progressing: bool, classes: str = "0/4") -> Obj:
         (_status(1, True), _status(1, True), None, None),  # nothing changed
         (_status(2, True), _status(1, False), None, 0.0),  # a new generation is written at once
         (_status(1, False, "4/4"), _status(1, True), None, 0.0),  # settled: at once
-        (_status(1, True, "2/4"), _status(1, True), None, 5.0),  # intermediate: held
-        (_status(1, True, "2/4"), _status(1, True), 98.0, 3.0),  # held 2 s ago: 3 s to go
-        (_status(1, True, "2/4"), _status(1, True), 90.0, 0.0),  # held long enough: written
+        (_status(1, True, "2/4"), _status(1, True), None, 0.0),  # a class more ready: a state change, at once
+        (_status(1, True, state="RolledBack"), _status(1, True), None, 0.0),  # a decision: at once, never held
+        (_status(1, True, requests=7), _status(1, True), None, 5.0),  # only figures changed: held
+        (_status(1, True, requests=7), _status(1, True), 98.0, 3.0),  # held 2 s ago: 3 s to go
+        (_status(1, True, requests=7), _status(1, True), 90.0, 0.0),  # held long enough: written
     ],
-    ids=["unchanged", "new generation", "settled", "intermediate", "held", "hold over"],
+    ids=["unchanged", "new generation", "settled", "class ready", "decision", "figures", "held", "hold over"],
 )
-def test_status_writes_are_paced(new: Obj, current: Obj, held_since: float | None, expected: float | None) -> None:
+def test_status_writes_hold_back_only_figures(
+    new: Obj, current: Obj, held_since: float | None, expected: float | None
+) -> None:
     assert pacing.write_delay(new, current, held_since=held_since, now=100.0, hold=5.0) == expected
 
 
