@@ -66,13 +66,14 @@ class Cluster:
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
     records: dict[str, Obj] = field(default_factory=dict)  # record ConfigMaps by name
     versions: int = 0
+    nodes: list[Obj] = field(default_factory=lambda: CPU_ONLY)
 
     def observed(self) -> Observed:
         kinds: dict[str, list[Obj]] = {}
         for (kind, _), obj in self.objects.items():
             kinds.setdefault(kind, []).append(obj)
         return Observed(
-            body=self.body, nodes=CPU_ONLY, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
+            body=self.body, nodes=self.nodes, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
             deployments=kinds.get("Deployment", []) + kinds.get("DaemonSet", []),
             services=kinds.get("Service", []), configmaps=kinds.get("ConfigMap", []), evidence=self.evidence,
             records=copy.deepcopy(list(self.records.values())),
@@ -93,7 +94,8 @@ class Cluster:
             target["data"] |= write["patch"]["data"]
             target["metadata"]["resourceVersion"] = str(self.versions)
 
-    def step(self, now: str) -> Plan:
+    def step(self, now: str, *, write_status: bool = True) -> Plan:
+        """Plan and apply; `write_status=False` plays a status write held back (or lost)."""
         result = plan(self.observed(), Images(), now)
         self.record(result)
         for obj in result.create:
@@ -105,7 +107,8 @@ class Cluster:
             target = self.objects[ref["kind"], ref["name"]]
             _merge(target, ref["patch"])
             target["metadata"]["generation"] = target["metadata"].get("generation", 1) + 1
-        self.body["status"] = result.status
+        if write_status:
+            self.body["status"] = result.status
         return result
 
     def finish_builds(self) -> None:
@@ -144,14 +147,14 @@ def _merge(target: Obj, patch: Obj) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def _counters(mirrored: float, compared: float, agreed: float, errors: float = 0, ratio: float = 1.0,
+def _counters(mirrored: float, compared: float, agreed: float, *, errors: float = 0, ratio: float = 1.0,
               created: float = 1.0) -> Counters:  # fmt: skip
     """One stable pod's shadow counters, as the runtime exports them."""
     return {"mirrored": mirrored, "compared": compared, "agreed": agreed, "errors": errors,
             "ratio_sum": ratio * compared, "ratio_count": compared, "created": created}  # fmt: skip
 
 
-def _serving_first_revision(**rollout: Any) -> tuple[Cluster, str]:
+def _serving_first_revision(nodes: list[Obj] = CPU_ONLY, **rollout: Any) -> tuple[Cluster, str]:
     body: Obj = {
         "apiVersion": "edgeml.dev/v1alpha1",
         "kind": "EdgeModel",
@@ -159,7 +162,7 @@ def _serving_first_revision(**rollout: Any) -> tuple[Cluster, str]:
         "spec": {"model": {"uri": "oci://registry.local/m:v1", "sha256": DIGEST},
                  "rollout": {"shadow": {"minRequests": 100, "duration": "60s"}} | rollout},
     }  # fmt: skip
-    cluster = Cluster(body)
+    cluster = Cluster(body, nodes=nodes)
     cluster.step(T0)
     cluster.finish_builds()
     cluster.step(T0)
