@@ -80,6 +80,37 @@ class Cluster:
             records=self.records(body),
         )
 
+    def uids(self, namespaces: list[str]) -> set[str]:
+        """UIDs of every object the operator's watches index now: nodes, EdgeModels and what they own."""
+        selector = LABEL_EDGEMODEL
+        lists: list[Any] = [self.core.list_node()]
+        scopes: list[str | None] = list(namespaces) or [None]
+        for namespace in scopes:
+            if namespace is None:
+                lists += [
+                    self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL),
+                    self.batch.list_job_for_all_namespaces(label_selector=selector),
+                    self.core.list_pod_for_all_namespaces(label_selector=selector),
+                    self.apps.list_deployment_for_all_namespaces(label_selector=selector),
+                    self.apps.list_daemon_set_for_all_namespaces(label_selector=selector),
+                    self.core.list_service_for_all_namespaces(label_selector=selector),
+                    self.core.list_config_map_for_all_namespaces(label_selector=selector),
+                ]
+                continue
+            lists += [
+                self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL),
+                self.batch.list_namespaced_job(namespace, label_selector=selector),
+                self.core.list_namespaced_pod(namespace, label_selector=selector),
+                self.apps.list_namespaced_deployment(namespace, label_selector=selector),
+                self.apps.list_namespaced_daemon_set(namespace, label_selector=selector),
+                self.core.list_namespaced_service(namespace, label_selector=selector),
+                self.core.list_namespaced_config_map(namespace, label_selector=selector),
+            ]
+        items: list[Obj] = []
+        for result in lists:  # custom objects come as dicts, the others as client models
+            items += result.get("items", []) if isinstance(result, dict) else self._dicts(result)
+        return {str(i["metadata"]["uid"]) for i in items}
+
     def records(self, body: Obj) -> list[Obj]:
         """The EdgeModel's decision records, read from the API server (never from a cache that may lag)."""
         namespace, name, uid = body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"]["uid"]

@@ -77,8 +77,9 @@ def slim_configmap(obj: Obj) -> Obj:
 
 def slim_node(obj: Obj) -> Obj:
     status = obj.get("status") or {}
+    meta = obj["metadata"]
     return {
-        "metadata": {"name": obj["metadata"]["name"], "labels": dict(obj["metadata"].get("labels") or {})},
+        "metadata": {"name": meta["name"], "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {})},
         "spec": {k: v for k, v in (obj.get("spec") or {}).items() if k in {"unschedulable", "taints"}},
         "status": {
             "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
@@ -111,6 +112,14 @@ def slim_pod(obj: Obj) -> Obj:
                   if c.get("type") == "PodScheduled"]  # fmt: skip
     kept = {"phase": status.get("phase"), "conditions": conditions, "containerStatuses": terminated}
     return {"kind": "Pod", "metadata": _meta(obj), "status": kept}
+
+
+def phantoms(indexed: Iterable[Obj], live: set[str], seen: set[str]) -> set[str]:
+    """UIDs of indexed objects that no longer exist: absent from a fresh list (`live`) and from every watch
+    event since that list began (`seen`: what the watches added meanwhile is no phantom). A replica's
+    indexes keep such objects when they were deleted while its watches were paused (standing by)."""
+    uids = {str(o["metadata"].get("uid")) for o in indexed if o["metadata"].get("uid")}
+    return uids - live - seen
 
 
 def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:

@@ -181,3 +181,11 @@ def test_the_readme_documents_every_operator_setting() -> None:
     missing = [f"EDGEMODEL_{name.upper()}" for name in OperatorSettings.model_fields
                if f"`EDGEMODEL_{name.upper()}`" not in readme]  # fmt: skip
     assert not missing, f"README.md's settings table lacks {missing}"
+
+
+def test_a_replica_taking_over_forgets_objects_deleted_while_it_stood_by() -> None:
+    from edgemodel_operator.controller import phantoms
+
+    indexed = [{"metadata": {"uid": uid}} for uid in ("kept", "deleted-meanwhile", "added-during-the-list")]
+    assert phantoms(indexed, live={"kept", "new"}, seen={"added-during-the-list"}) == {"deleted-meanwhile"}
+    assert phantoms([{"metadata": {}}], live=set(), seen=set()) == set()  # nothing without a UID is dropped
