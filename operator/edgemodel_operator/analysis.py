@@ -144,17 +144,24 @@ def _reset(baseline: Counters, now: Counters) -> bool:
     return any(now.get(name, 0.0) < baseline.get(name, 0.0) for name in COUNTED)
 
 
-def since(baseline: dict[str, Counters], now: dict[str, Counters]) -> Evidence:
-    """Evidence gathered since `baseline` was taken, summed over sources (by pod or scrape target).
+def since(baseline: dict[str, Counters], now: dict[str, Counters], started: float | None = None) -> Evidence:
+    """Evidence gathered since `baseline` was taken (at `started`, Unix seconds), summed over sources.
 
-    A source absent from the baseline (a pod started later) counts from zero, as does a source whose
-    counters were reset (a restarted pod): what it counted since it started belongs to this attempt.
-    A source that disappeared contributes nothing (its figures are lost, never double counted).
+    A source whose counters were reset since (a restarted pod) counts from zero: what it counted
+    since it started belongs to this attempt. So does a source absent from the baseline whose
+    counters were created after `started` (a pod started later, or one that first mirrored to this
+    candidate then). One absent from the baseline whose counters are older (a pod that could not be
+    read when the baseline was taken) counts nothing: its older counts cannot be told apart. A
+    source that disappeared contributes nothing (its figures are lost, never double counted).
     """
     sums = dict.fromkeys(COUNTED, 0.0)
+    counted = 0
     for source, counters in now.items():
         base = baseline.get(source)
+        if base is None and started is not None and counters.get("created", started) < started:
+            continue
         start = {} if base is None or _reset(base, counters) else base
+        counted += 1
         for name in COUNTED:
             sums[name] += counters.get(name, 0.0) - start.get(name, 0.0)
     count = sums["ratio_count"]
@@ -164,5 +171,5 @@ def since(baseline: dict[str, Counters], now: dict[str, Counters]) -> Evidence:
         agreed=sums["agreed"],
         errors=sums["errors"],
         latency_ratio=sums["ratio_sum"] / count if count else None,
-        pods=len(now),
+        pods=counted,
     )

@@ -81,17 +81,14 @@ class PrometheusSource:
 
 
 class ScrapeSource:
-    """Reads /metrics of every ready stable serving pod of the shadowing classes.
-
-    A class with a pod that cannot be read is left out of the result (no evidence this time): a sum
-    without that pod would count it from zero at its next read, as if it had restarted."""
+    """Reads /metrics of every ready stable serving pod of the shadowing classes; a pod that cannot be
+    read is left out this time (`analysis.since` never counts a pod's older counts in a later read)."""
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.timeout = timeout
 
     def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]) -> Samples:
         samples: list[tuple[str, Mapping[str, str], float]] = []
-        unread: set[str] = set()
         for pod in pods:
             labels = pod["metadata"].get("labels") or {}
             ip = (pod.get("status") or {}).get("podIP")
@@ -104,13 +101,12 @@ class ScrapeSource:
                 text = httpx.get(url, timeout=self.timeout).text
             except httpx.HTTPError as error:
                 LOG.warning("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
-                unread.add(key)
                 continue
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     samples.append((sample.name, {**sample.labels, "class": key, "pod": pod["metadata"]["name"]},
                                     float(sample.value)))  # fmt: skip
-        return {key: sources for key, sources in by_source(samples, candidates).items() if key not in unread}
+        return by_source(samples, candidates)
 
 
 def _port(pod: Obj) -> int:

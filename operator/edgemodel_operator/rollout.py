@@ -141,7 +141,8 @@ def evidence_of(attempt: Attempt, view: ClassView) -> Evidence | None:
     """The attempt's evidence: its sources' counters since its baseline; None when unreadable now."""
     if view.samples is None:
         return None
-    return since(attempt.baseline or {}, dict(view.samples))
+    started = _epoch(attempt.shadow_started) if attempt.shadow_started else None
+    return since(attempt.baseline or {}, dict(view.samples), started)
 
 
 def decide(attempt: Attempt, view: ClassView, context: Context) -> tuple[Attempt, Step | None, Verdict | None]:
@@ -181,9 +182,12 @@ def shadow_figures(evidence: Evidence) -> dict[str, object]:
     return {k: v for k, v in figures.items() if v is not None}
 
 
+def _epoch(moment: str) -> float:
+    return datetime.datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
+
+
 def seconds_between(start: str, end: str) -> float:
-    parse = datetime.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+    return _epoch(end) - _epoch(start)
 
 
 def _metrics(report: dict[str, object]) -> dict[str, object]:

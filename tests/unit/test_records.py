@@ -176,8 +176,15 @@ def test_a_revision_applied_again_is_judged_on_its_new_attempt_only() -> None:
 def test_a_restarted_stable_pod_counts_from_zero_and_a_lost_one_counts_nothing() -> None:
     baseline = {"a": _counters(100, 100, 90, created=1.0), "b": _counters(50, 50, 50, created=1.0)}
     now = {"a": _counters(10, 10, 10, created=2.0), "c": _counters(5, 5, 4, created=3.0)}  # a restarted, b lost
-    evidence = since(baseline, now)
+    evidence = since(baseline, now, started=1.5)
     assert (evidence.mirrored, evidence.compared, evidence.agreed, evidence.pods) == (15, 15, 14, 2)
+
+
+def test_a_pod_missing_from_the_baseline_with_older_counters_counts_nothing() -> None:
+    """It could not be read when shadowing began: its counts may be an earlier attempt's."""
+    evidence = since({}, {"old": _counters(500, 0, 0, errors=500, created=1.0), "new": _counters(9, 9, 9, created=3.0)},
+                     started=2.0)  # fmt: skip
+    assert (evidence.mirrored, evidence.errors, evidence.pods) == (9, 0, 1)
 
 
 @st.composite

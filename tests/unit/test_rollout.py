@@ -18,6 +18,7 @@ from tests.unit.test_operator_pure import DIGEST, NODES
 Obj = dict[str, Any]
 CPU_ONLY = [n for n in NODES if n["metadata"]["name"].startswith("edge-x86")]  # one class keeps the story short
 T0 = "2026-11-26T12:00:00Z"
+CREATED = 1_795_696_200.0  # 2026-11-26T12:30:00Z in Unix seconds: after every shadow start here
 
 
 def _rollout(**changes: Any) -> Rollout:
@@ -148,8 +149,9 @@ def _merge(target: Obj, patch: Obj) -> None:
 
 
 def _counters(mirrored: float, compared: float, agreed: float, *, errors: float = 0, ratio: float = 1.0,
-              created: float = 1.0) -> Counters:  # fmt: skip
-    """One stable pod's shadow counters, as the runtime exports them."""
+              created: float = CREATED) -> Counters:  # fmt: skip
+    """One stable pod's shadow counters, as the runtime exports them; `created`: when the pod's counters
+    for this candidate were created (by default after every shadow start of these tests)."""
     return {"mirrored": mirrored, "compared": compared, "agreed": agreed, "errors": errors,
             "ratio_sum": ratio * compared, "ratio_count": compared, "created": created}  # fmt: skip
 
