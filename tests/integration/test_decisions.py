@@ -37,8 +37,8 @@ ROLLOUT = {"shadow": {"minRequests": 100000, "duration": "1s"}, "analysis": {"ma
 class StablePods:
     """What the stable pods of one class export while they mirror to a candidate (see the module docstring)."""
 
-    def __init__(self, key: str) -> None:
-        self.key, self.port = key, free_port()
+    def __init__(self, key: str, edgemodel: str = NAME) -> None:
+        self.key, self.edgemodel, self.port = key, edgemodel, free_port()
         self.registry = CollectorRegistry()
         labels = ("model", "stable_revision", "candidate_revision")
         self.counters = {
@@ -49,7 +49,7 @@ class StablePods:
         self.server, _thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
 
     def count(self, candidate: str, *, agreed: int = 0, errors: int = 0) -> None:
-        labels = {"model": NAME, "stable_revision": "s", "candidate_revision": candidate}
+        labels = {"model": self.edgemodel, "stable_revision": "s", "candidate_revision": candidate}
         self.counters["mirrored"].labels(**labels).inc(agreed + errors)
         self.counters["compared"].labels(**labels).inc(agreed)
         self.counters["agreed"].labels(**labels).inc(agreed)
@@ -58,7 +58,12 @@ class StablePods:
             self.ratio.labels(**labels).observe(1.0)
 
     def target(self, namespace: str) -> tuple[str, dict[str, str]]:
-        labels = {"namespace": namespace, "edgemodel": NAME, "class": self.key, "pod": f"stable-{self.key[-8:]}"}
+        labels = {
+            "namespace": namespace,
+            "edgemodel": self.edgemodel,
+            "class": self.key,
+            "pod": f"stable-{self.key[-8:]}",
+        }
         return f"127.0.0.1:{self.port}", labels
 
 
