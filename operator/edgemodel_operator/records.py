@@ -104,23 +104,36 @@ def record_name(edgemodel: str, revision: str) -> str:
     return f"{edgemodel}-rec-{revision}"
 
 
+def _attempt(text: str) -> Attempt | None:
+    try:
+        fields = json.loads(text)
+        known = {k: v for k, v in fields.items() if k in Attempt.__dataclass_fields__}
+        return Attempt(**known)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def parse(configmap: Obj) -> Record | None:
-    """A record from its ConfigMap; None for anything that is not a readable record (reported by the caller)."""
+    """A record from its ConfigMap; None if it names no revision. Parts that cannot be read (edited by
+    hand, or written by another version) read as absent, so the next write replaces them."""
     meta = configmap.get("metadata") or {}
     data: dict[str, str] = configmap.get("data") or {}
     revision = (meta.get("labels") or {}).get(LABEL_REVISION)
-    try:
-        application = Application(**json.loads(data["application"]))
-        attempts = {
-            key.removeprefix(CLASS_PREFIX): Attempt.from_json(value)
-            for key, value in data.items()
-            if key.startswith(CLASS_PREFIX)
-        }
-        spec = json.loads(data.get("spec") or "{}")
-    except (KeyError, TypeError, ValueError):
-        return None
     if not revision:
         return None
+    try:
+        application = Application(**json.loads(data["application"]))
+    except (KeyError, TypeError, ValueError):
+        application = Application(0)
+    try:
+        spec = json.loads(data.get("spec") or "{}")
+    except ValueError:
+        spec = {}
+    attempts = {
+        key.removeprefix(CLASS_PREFIX): attempt
+        for key, value in data.items()
+        if key.startswith(CLASS_PREFIX) and (attempt := _attempt(value)) is not None
+    }
     return Record(meta["name"], revision, meta.get("resourceVersion"), spec, application, attempts)
 
 

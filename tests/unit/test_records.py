@@ -241,3 +241,21 @@ def test_a_view_without_samples_never_starts_shadowing() -> None:
     built = Attempt("b", "c", 1, "Built", "t", build={"artifactDigest": "x"})
     view = ClassView(job="Complete", report=None, has_stable=True, mine="candidate", mine_ready=1, samples=None)
     assert start_shadow(built, view, "t2", 100)[0] is built
+
+
+def test_a_record_edited_by_hand_reads_as_far_as_it_can_and_is_rewritten() -> None:
+    configmap = {
+        "metadata": {"name": "m-rec-b", "resourceVersion": "7", "labels": {"edgeml.dev/revision": "b"}},
+        "data": {
+            "application": "not json",
+            "class.c1": Attempt("b", "c1", 3, "RolledBack", "t").to_json(),
+            "class.c2": '{"revision": "b", "unknown": 1}',  # too little to be an attempt
+            "class.c3": '["a", "list"]',
+        },
+    }
+    record = parse(configmap)
+    assert record is not None
+    assert record.resource_version == "7"  # a write patches it under that version: no create that conflicts
+    assert record.application == Application(0)
+    assert list(record.attempts) == ["c1"]
+    assert parse({"metadata": {"name": "x", "labels": {}}, "data": {}}) is None
