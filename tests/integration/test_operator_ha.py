@@ -92,3 +92,29 @@ def test_two_peered_replicas_act_once_and_the_standby_takes_over(
     print(f"standby took over in {time.monotonic() - started:.1f}s (peering lifetime 8s)")
     finish_builds(crd, namespace, count=4)
     crd.kubectl("wait", "-n", namespace, "--for=condition=Ready", "em/ocr", "em/second", "--timeout=60s")
+
+
+def test_a_replica_taking_over_forgets_what_was_deleted_while_it_stood_by(
+    crd: Testbed, namespace: str, processes: list[OperatorProcess], tmp_path: Path, pool: Pool
+) -> None:
+    """The standby's watches are paused, so its indexes still hold an EdgeModel (and its Jobs) deleted
+    meanwhile; acting on that phantom after taking over would write for an object that is gone."""
+    crd.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peering.yaml"))
+    crd.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    peering = f"edgemodel-{namespace}"
+    crd.apply_objects([{"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}])
+    settings = {"peering": peering, "peering_lifetime_seconds": "8", "peering_check_seconds": "1"}
+    low = _start(crd, processes, tmp_path, peering_priority="10", **settings)
+    eventually(lambda: "this replica is active" in low.log.read_text(), what="the only replica active")
+    apply_edgemodel(crd, namespace, "gone", targets=pool_targets(namespace))
+    eventually(lambda: len(get(crd, "jobs", "-n", namespace)["items"]) == 2, what="2 build Jobs")
+    high = _start(crd, processes, tmp_path, peering_priority="20", **settings)
+    eventually(lambda: "standing by" in low.log.read_text(), what="the lower-priority replica standing by")
+    crd.kubectl("delete", "em", "gone", "-n", namespace, "--wait=true", "--timeout=60s")
+    eventually(lambda: not get(crd, "jobs", "-n", namespace)["items"], what="the deleted EdgeModel's Jobs gone")
+    high.kill()
+    eventually(lambda: low.log.read_text().count("this replica is active") == 2, timeout=60, what="the takeover")
+    time.sleep(5)  # the takeover's pass over every EdgeModel it knows
+    leftovers = get(crd, "configmaps,jobs", "-n", namespace, "-l", "edgeml.dev/edgemodel=gone")["items"]
+    assert not leftovers, [o["metadata"]["name"] for o in leftovers]
+    assert "reconciling" not in low.log.read_text(), low.log.read_text()[-2000:]
