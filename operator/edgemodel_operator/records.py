@@ -62,11 +62,8 @@ class Attempt:
         return f"{self.revision}@{self.application}"
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, {})}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Attempt:
-        return cls(**json.loads(text))
+        """The attempt as stored: camelCase keys, as Kubernetes objects spell them; empty fields left out."""
+        return json.dumps({_camel(k): v for k, v in asdict(self).items() if v not in (None, {})}, sort_keys=True)
 
     def moved(self, state: State, **changes: Any) -> Attempt:
         return replace(self, state=state, **changes)
@@ -104,11 +101,18 @@ def record_name(edgemodel: str, revision: str) -> str:
     return f"{edgemodel}-rec-{revision}"
 
 
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+_FIELDS = {_camel(name): name for name in Attempt.__dataclass_fields__}
+
+
 def _attempt(text: str) -> Attempt | None:
     try:
         fields = json.loads(text)
-        known = {k: v for k, v in fields.items() if k in Attempt.__dataclass_fields__}
-        return Attempt(**known)
+        return Attempt(**{_FIELDS[k]: v for k, v in fields.items() if k in _FIELDS})
     except (AttributeError, TypeError, ValueError):
         return None
 

@@ -164,5 +164,6 @@ def test_records_name_the_attempt_and_its_decision(scene: Scene) -> None:
     assert attempt["state"] == "RolledBack"
     assert attempt["decision"] == "Rollback"
     assert "error rate" in attempt["reason"]
-    assert attempt["baseline"] == {}  # nothing counted for this candidate before it shadowed
+    assert "baseline" not in attempt  # empty: nothing counted for this candidate before it shadowed
+    assert attempt["shadowStarted"] <= attempt["decided"]
     assert json.loads(by_revision[candidate]["data"]["spec"])["model"]["sha256"] == SECOND
