@@ -167,3 +167,55 @@ def test_records_name_the_attempt_and_its_decision(scene: Scene) -> None:
     assert "baseline" not in attempt  # empty: nothing counted for this candidate before it shadowed
     assert attempt["shadowStarted"] <= attempt["decided"]
     assert json.loads(by_revision[candidate]["data"]["spec"])["model"]["sha256"] == SECOND
+
+
+def _attempts(scene: Scene, revision: str) -> dict[str, dict[str, Any]]:
+    selector = f"edgeml.dev/edgemodel={NAME},edgeml.dev/revision={revision},app.kubernetes.io/component=record"
+    items = get(scene.bed, "configmaps", "-n", scene.namespace, "-l", selector)["items"]
+    data: dict[str, str] = items[0]["data"] if items else {}
+    return {k.removeprefix("class."): json.loads(v) for k, v in data.items() if k.startswith("class.")}
+
+
+def test_a_revision_applied_again_is_judged_on_its_new_attempt_and_a_left_approval_approves_nothing(
+    scene: Scene,
+) -> None:
+    """The second revision failed on one class (5000 candidate errors counted by its stable pods) and
+    shadows on the other; someone approves it. The first revision is applied again, then the second
+    again, without autoPromote: its new attempt must neither be rolled back on the old errors nor be
+    promoted by the approval left on the object; an approval naming the new attempt promotes it."""
+    failing, _ = scene.keys
+    second = _candidate_revision(scene)
+    scene.bed.kubectl("annotate", "em", NAME, "-n", scene.namespace, f"edgeml.dev/promote={second}", "--overwrite")
+    apply_edgemodel(scene.bed, scene.namespace, NAME, digest=FIRST, targets=pool_targets(scene.namespace),
+                    rollout=ROLLOUT)  # fmt: skip
+    eventually(lambda: {c["state"] for c in _classes(scene).values()} == {"Serving"}, what="the first revision again")
+    again = {"shadow": {"minRequests": 100, "duration": "1s"}, "analysis": {"maxErrorRate": 0.01}, "autoPromote": False}
+    apply_edgemodel(scene.bed, scene.namespace, NAME, digest=SECOND, targets=pool_targets(scene.namespace),
+                    rollout=again)  # fmt: skip
+    generation = get(scene.bed, "em", NAME, "-n", scene.namespace)["metadata"]["generation"]
+    eventually(lambda: {a["state"] for a in _attempts(scene, second).values()} == {"Shadowing"}
+               and {a["application"] for a in _attempts(scene, second).values()} == {generation},
+               what="the second revision shadowing again, with no new build")  # fmt: skip
+    assert not get(scene.bed, "jobs", "-n", scene.namespace, "-l", f"edgeml.dev/revision={second}")["items"]
+    for key in scene.keys:
+        scene.pods[key].count(second, agreed=200)
+    waiting = eventually(
+        lambda: (
+            {k: c["shadow"].get("decision") for k, c in _classes(scene).items()}
+            == dict.fromkeys(scene.keys, "AwaitingApproval")
+            and _classes(scene)
+        ),
+        what="both classes passed and waiting for an approval",
+    )
+    identity = f"{second}@{generation}"
+    assert all(identity in entry["message"] for entry in waiting.values()), waiting
+    assert _attempts(scene, second)[failing]["baseline"], "the old attempt's counts are the new one's baseline"
+    scene.bed.kubectl("annotate", "em", NAME, "-n", scene.namespace, f"edgeml.dev/promote={identity}", "--overwrite")
+    eventually(lambda: {(c["state"], c.get("revision")) for c in _classes(scene).values()} == {("Serving", second)},
+               what="both classes promoted")  # fmt: skip
+    assert {a["approval"] for a in _attempts(scene, second).values()} == {f"edgeml.dev/promote={identity}"}
+
+
+def _candidate_revision(scene: Scene) -> str:
+    revisions = get(scene.bed, "em", NAME, "-n", scene.namespace)["status"]["revisions"]
+    return str(revisions.get("candidate"))
