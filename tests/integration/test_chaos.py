@@ -31,7 +31,7 @@ pytestmark = pytest.mark.testbed
 NAME = "chaos"
 FIRST, SECOND = "c" * 64, "d" * 64
 ROLLOUT = {"shadow": {"minRequests": 100, "duration": "1s"}, "analysis": {"maxErrorRate": 0.01}}
-KILLS = 12
+KILLS = int(os.environ.get("EDGEMODEL_CHAOS_KILLS", "12"))  # the 20 take about half a minute more
 
 
 class Watcher(threading.Thread):
