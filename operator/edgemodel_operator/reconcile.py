@@ -10,8 +10,8 @@ Per hardware class, the current revision's attempt (see `rollout` for its states
 `records` for where it is kept) decides what should exist: its build Job; once built, a candidate
 workload (track=candidate) and its own Service, mirrored to by the class's stable pods (their key in
 the shadow ConfigMap) while it shadows; once promoted, its workload on track stable (the old stable
-goes once the new one has rolled out); once rolled back, nothing but its Job. The status is a
-projection of the attempts and the cluster.
+goes once the new one has rolled out); once rolled back, nothing but its Job (see `serving`). The
+status is a projection of the attempts and the cluster.
 """
 
 from __future__ import annotations
@@ -21,23 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgemodel_operator import conditions as cond
-from edgemodel_operator.analysis import Counters, Verdict
-from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
+from edgemodel_operator.analysis import Counters
+from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import (
     LABEL_CLASS,
     LABEL_REVISION,
-    LABEL_TRACK,
     Images,
-    build_deployment_for_class,
     build_job_for_class,
-    build_revision_service,
     build_service,
     build_shadow_configmap,
-    candidate_url,
     child_name,
     revision_of,
     shadow_configmap_name,
-    shadow_key,
 )
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.pacing import merge_patch
@@ -54,6 +49,12 @@ from edgemodel_operator.rollout import (
     new_attempt,
     shadow_figures,
 )
+from edgemodel_operator.serving import ServingSteps, Slot, shadow_of
+from edgemodel_operator.workloads import Event, subject
+from edgemodel_operator.workloads import labels_of as _labels
+from edgemodel_operator.workloads import ready_of as _ready
+from edgemodel_operator.workloads import ref_of as _ref
+from edgemodel_operator.workloads import track_of as _track
 
 Obj = dict[str, Any]
 __all__ = ["APPROVE", "REJECT", "Event", "Observed", "Plan", "evidence_wanted", "plan", "subject"]
@@ -72,15 +73,6 @@ class Observed:
     # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
     # missing could not be read this time.
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Event:
-    """A step worth an Event on the EdgeModel; `subject` ("Kind/name") ties it to one write."""
-
-    reason: str
-    message: str
-    subject: str | None = None
 
 
 @dataclass
@@ -112,49 +104,6 @@ def evidence_wanted(observed: Observed) -> dict[str, str]:
         for key, attempt in record.attempts.items()
         if attempt.state in {"Built", "Shadowing"} and attempt.application == record.application.generation
     }
-
-
-def _labels(obj: Obj) -> dict[str, str]:
-    labels: dict[str, str] = obj["metadata"].get("labels") or {}
-    return labels
-
-
-def _track(workload: Obj) -> str:
-    return _labels(workload).get(LABEL_TRACK, "stable")
-
-
-def _ready(workload: Obj) -> int:
-    status = workload.get("status") or {}
-    return int(status.get("readyReplicas") or status.get("numberReady") or 0)
-
-
-def _rolled_out(workload: Obj) -> bool:
-    """Every pod runs the current template and is ready (after promotion changed the track)."""
-    status = workload.get("status") or {}
-    if int(status.get("observedGeneration") or 0) < int(workload["metadata"].get("generation") or 1):
-        return False
-    if workload["kind"] == "DaemonSet":
-        desired = int(status.get("desiredNumberScheduled") or 0)
-        return (
-            int(status.get("updatedNumberScheduled") or 0) >= desired and int(status.get("numberReady") or 0) >= desired
-        )
-    wanted = int((workload.get("spec") or {}).get("replicas") or 1)
-    # During the rolling update the old template's pods still count as ready: done only once they are gone.
-    no_old_pods = int(status.get("replicas") or 0) <= wanted
-    return (
-        no_old_pods
-        and int(status.get("updatedReplicas") or 0) >= wanted
-        and int(status.get("readyReplicas") or 0) >= wanted
-    )
-
-
-def _ref(obj: Obj) -> Obj:
-    return {"kind": obj["kind"], "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]}
-
-
-def subject(obj: Obj) -> str:
-    """How an Event names the object a create or delete is about."""
-    return f"{obj['kind']}/{obj['metadata']['name'] if 'metadata' in obj else obj['name']}"
 
 
 def build_report(job: Obj, pods: list[Obj]) -> Obj | None:
@@ -204,23 +153,7 @@ def _class_status(
     return entry
 
 
-@dataclass
-class _Slot:
-    """One class as the planner works on it: its engine, this revision's attempt and workload, and the
-    stable workloads serving the class now."""
-
-    hardware: HardwareClass
-    target: EngineTarget
-    attempt: Attempt
-    mine: Obj | None
-    stable: list[Obj]
-
-    @property
-    def artifact(self) -> str:
-        return str((self.attempt.build or {}).get("artifactDigest"))
-
-
-class _Planner:
+class _Planner(ServingSteps):
     def __init__(self, observed: Observed, images: Images, now: str) -> None:
         self.observed, self.images, self.now = observed, images, now
         self.body = observed.body
@@ -324,90 +257,11 @@ class _Planner:
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
         if attempt.state == "RolledBack":
-            return self._with_stable(entry | {"message": attempt.reason, "shadow": _shadow(attempt)}, stable)
-        slot = _Slot(hardware, target, attempt, mine, stable)
+            return self._with_stable(entry | {"message": attempt.reason, "shadow": shadow_of(attempt)}, stable)
+        slot = Slot(hardware, target, attempt, mine, stable)
         if attempt.state == "Promoted":
             return self._promoted(slot, entry)
         return self._candidate(slot, entry, verdict, live)
-
-    def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
-        """Name the revision that keeps serving this class while the current one is not there yet."""
-        if stable:
-            entry["revision"] = _labels(stable[0])[LABEL_REVISION]
-            entry["readyReplicas"] = sum(_ready(w) for w in stable)
-        return entry
-
-    def _create_workload(self, slot: _Slot, track: str) -> None:
-        hardware, artifact = slot.hardware, slot.artifact
-        workload = build_deployment_for_class(self.body, hardware, slot.target, revision=self.revision,
-                                              artifact=artifact, images=self.images, track=track)  # fmt: skip
-        self.plan.create.append(workload)
-        if track == "candidate":
-            self.plan.create.append(build_revision_service(self.body, self.revision, hardware))
-            self._event("CandidateStarted", f"{hardware.key}: candidate {self.revision} from {artifact}", workload)
-        else:
-            self._event("ServingStarted", f"serving {hardware.key} from {artifact}", workload)
-
-    def _promoted(self, slot: _Slot, entry: Obj) -> Obj:
-        """Promoted: this revision serves the class on track stable; the old stable goes once it has rolled out."""
-        attempt, mine, stable = slot.attempt, slot.mine, slot.stable
-        shadow = {"shadow": _shadow(attempt)} if attempt.shadow_started else {}
-        if mine is None:
-            self._create_workload(slot, "stable")
-            return self._with_stable(entry | {"state": "Built"} | shadow, stable)
-        name = mine["metadata"]["name"]
-        self._want(name, "Workload")
-        ready = _ready(mine)
-        if _track(mine) != "stable":
-            self._want(name, "Service")
-            patch = {"metadata": {"labels": {LABEL_TRACK: "stable"}},
-                     "spec": {"template": {"metadata": {"labels": {LABEL_TRACK: "stable"}}}}}  # fmt: skip
-            self.plan.patch.append(_ref(mine) | {"patch": patch})
-            return self._with_stable(entry | {"state": "Shadowing", "message": f"promoting: {attempt.reason}"} | shadow,
-                                     stable)  # fmt: skip
-        others = [w for w in stable if w is not mine]
-        if others and not _rolled_out(mine):
-            waiting = "promoted: waiting for every pod of the new stable revision"
-            return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Shadowing",
-                            "message": waiting} | shadow  # fmt: skip
-        for old in others:  # the new stable revision has rolled out: the old one goes
-            self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
-        return (
-            entry
-            | {"revision": self.revision, "readyReplicas": ready, "state": "Serving" if ready else "Built"}
-            | shadow
-        )
-
-    def _candidate(self, slot: _Slot, entry: Obj, verdict: Verdict | None, live: Obj) -> Obj:
-        """Built or Shadowing: the candidate runs beside the stable revision; while shadowing, mirrored to."""
-        hardware, attempt, mine, stable = slot.hardware, slot.attempt, slot.mine, slot.stable
-        if mine is None:
-            self._create_workload(slot, "candidate")
-            return self._with_stable(entry | {"state": "Built", "message": "candidate starting"}, stable)
-        name = mine["metadata"]["name"]
-        self._want(name, "Workload", "Service")
-        if attempt.state == "Built":
-            why = "candidate starting" if not _ready(mine) else "waiting for shadow evidence to be readable"
-            return self._with_stable(entry | {"message": why}, stable)
-        stable_revision = _labels(stable[0])[LABEL_REVISION] if stable else ""
-        service = next((s for s in self.observed.services if s["metadata"]["name"] == name), {})
-        cluster_ip = (service.get("spec") or {}).get("clusterIP")
-        if stable:
-            self.shadow_data[shadow_key(stable_revision, hardware)] = json.dumps({
-                "url": candidate_url(self.body, self.revision, hardware, cluster_ip),
-                "mirrorPercent": self.spec.rollout.shadow.mirror_percent,
-                "candidateRevision": self.revision,
-            }, sort_keys=True)  # fmt: skip
-        self.plan.analysing = True
-        shadow = _shadow(attempt, live)
-        if verdict is None:
-            return self._with_stable(entry | {"shadow": shadow, "message": "no shadow evidence readable now"}, stable)
-        shadow |= {"decision": verdict.decision, "reason": verdict.reason}
-        rev = self.revision if self.application.stale.get(APPROVE) != self.revision else attempt.identity
-        waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={rev}",
-                   "Rollback": f"failed; waiting for annotation {REJECT}={rev}"}  # fmt: skip
-        return self._with_stable(entry | {"shadow": shadow, "message": waiting.get(verdict.decision, verdict.reason)},
-                                 stable)  # fmt: skip
 
     # ------------------------------------------------------------------ the EdgeModel's other objects
 
@@ -437,14 +291,6 @@ class _Planner:
         patch = merge_patch(found.get("data") or {}, self.shadow_data)
         if patch:
             self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": {"data": patch}})
-
-    def _want(self, name: str, *kinds: str) -> None:
-        for kind in kinds:
-            self.keep[kind].add(name)
-
-    def _drop(self, name: str, *kinds: str) -> None:
-        for kind in kinds:
-            self.keep[kind].discard(name)
 
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
         self.plan.events.append(Event(reason, message, subject(obj) if obj is not None else None))
@@ -509,15 +355,6 @@ class _Planner:
         if stable and stable != self.revision and stable in serving:
             return {"stable": stable, "candidate": self.revision}
         return {"candidate": self.revision}
-
-
-def _shadow(attempt: Attempt, live: Obj | None = None) -> Obj:
-    """The status's shadow figures of an attempt: `live` ones while it shadows, the recorded ones once decided."""
-    shadow: Obj = {"revision": attempt.revision, "started": attempt.shadow_started}
-    shadow |= live if live is not None else attempt.figures
-    if attempt.decision is not None and attempt.state in {"Promoted", "RolledBack"}:
-        shadow |= {"decision": attempt.decision, "reason": attempt.reason}
-    return {k: v for k, v in shadow.items() if v is not None}
 
 
 def plan(observed: Observed, images: Images, now: str) -> Plan:
