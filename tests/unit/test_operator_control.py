@@ -189,3 +189,23 @@ def test_a_replica_taking_over_forgets_objects_deleted_while_it_stood_by() -> No
     indexed = [{"metadata": {"uid": uid}} for uid in ("kept", "deleted-meanwhile", "added-during-the-list")]
     assert phantoms(indexed, live={"kept", "new"}, seen={"added-during-the-list"}) == {"deleted-meanwhile"}
     assert phantoms([{"metadata": {}}], live=set(), seen=set()) == set()  # nothing without a UID is dropped
+
+
+def test_a_replica_that_stops_being_active_writes_nothing_more() -> None:
+    """`Cluster.apply` checks before every write; the client points at a closed port, so any write that
+    was still attempted would fail with a connection error instead of NotActiveError."""
+    from kubernetes import client
+
+    from edgemodel_operator.cluster import Cluster, NotActiveError
+    from edgemodel_operator.reconcile import Plan
+
+    configuration = client.Configuration()
+    configuration.host = "http://127.0.0.1:9"  # discard: nothing answers
+    configuration.retries = 0
+    cluster = Cluster(client.ApiClient(configuration))
+    result = Plan(create=[{"kind": "Job", "metadata": {"name": "j", "namespace": "n"}}])
+    with pytest.raises(NotActiveError):
+        cluster.apply(result, active=lambda: False)
+    answers = iter([True, False])  # active when the plan starts, not any more before its first create
+    with pytest.raises(NotActiveError):
+        cluster.apply(result, active=lambda: next(answers))
