@@ -36,6 +36,7 @@ class Applied:
     created: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     patched: set[str] = field(default_factory=set)
+    conflicts: int = 0  # patches refused because the object changed since it was read
 
 
 class Cluster:
@@ -189,8 +190,14 @@ class Cluster:
                 applied.deleted.add(subject(ref))
         for ref in plan.patch:  # a dict body goes as a (strategic) merge patch: null removes a key
             _check(active)
-            _drain(patch[ref["kind"]](ref["name"], ref["namespace"], ref["patch"], _preload_content=False))
-            applied.patched.add(subject(ref))
+            try:
+                _drain(patch[ref["kind"]](ref["name"], ref["namespace"], ref["patch"], _preload_content=False))
+            except ApiException as error:
+                if error.status != 409:  # changed since the watch showed it: planned again soon
+                    raise
+                applied.conflicts += 1
+            else:
+                applied.patched.add(subject(ref))
         return applied
 
     def stable_pods(self, namespace: str, edgemodel: str) -> list[Obj]:

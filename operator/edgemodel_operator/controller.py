@@ -221,7 +221,9 @@ class Controller:
             await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
         await self._write_status(key, body, dict(body.get("status") or {}), result.status)
-        if result.analysing:
+        if done.conflicts:
+            self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
+        elif result.analysing:
             self.queue.add_after(key, self._analysis_seconds)
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:

@@ -288,9 +288,11 @@ class _Planner(ServingSteps):
             if self.shadow_data:
                 self.plan.create.append(build_shadow_configmap(self.body, self.shadow_data))
             return
-        patch = merge_patch(found.get("data") or {}, self.shadow_data)
-        if patch:
-            self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": {"data": patch}})
+        patch: Obj = {"data": merge_patch(found.get("data") or {}, self.shadow_data)}
+        if patch["data"]:  # computed from the watched copy: only if that is still the ConfigMap's version
+            if found["metadata"].get("resourceVersion"):
+                patch["metadata"] = {"resourceVersion": found["metadata"]["resourceVersion"]}
+            self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": patch})
 
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
         self.plan.events.append(Event(reason, message, subject(obj) if obj is not None else None))
