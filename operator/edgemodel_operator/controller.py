@@ -34,6 +34,7 @@ Key = tuple[str, str]  # (namespace, EdgeModel name)
 LOG = logging.getLogger("edgemodel.controller")
 _META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp", "resourceVersion")
 CONFLICT_RETRY_SECONDS = 0.5  # a write met newer state: plan again once the watches have caught up
+WATCH_LAG_SECONDS = 2.0  # look again if the watch event of our own status write has not come by then
 
 
 def _meta(obj: Obj) -> Obj:
@@ -150,6 +151,9 @@ class Controller:
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
         self._held: dict[Key, float] = {}
+        # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
+        # newer one, another write would only conflict. It delays a write, it never decides one.
+        self._wrote_at: dict[Key, str] = {}
         self._failures: dict[Key, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.read: Callable[[Key], Observed | None] = lambda _key: None
@@ -191,6 +195,7 @@ class Controller:
         observed = self.read(key)
         if observed is None or observed.body["metadata"].get("deletionTimestamp"):
             self._held.pop(key, None)
+            self._wrote_at.pop(key, None)
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
@@ -220,7 +225,7 @@ class Controller:
         for reason, messages in steps.items():
             await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
-        await self._write_status(key, body, dict(body.get("status") or {}), result.status)
+        await self._write_status(key, body, dict(body.get("status") or {}), pacing.with_defaults(result.status))
         if done.conflicts:
             self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
         elif result.analysing:
@@ -249,7 +254,11 @@ class Controller:
             self._held.setdefault(key, now)
             self.queue.add_after(key, delay)
             return
+        version = body["metadata"].get("resourceVersion")
         if not self._active():
+            return
+        if version is not None and self._wrote_at.get(key) == version:
+            self.queue.add_after(key, WATCH_LAG_SECONDS)  # our last write is not in the watch yet
             return
         try:
             await asyncio.to_thread(self._cluster().patch_status, body, pacing.merge_patch(current, status))
@@ -259,3 +268,5 @@ class Controller:
             return
         metrics.API_WRITES.labels(verb="patch_status").inc()
         self._held.pop(key, None)
+        if version is not None:
+            self._wrote_at[key] = version

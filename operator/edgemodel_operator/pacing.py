@@ -13,8 +13,29 @@ from __future__ import annotations
 from typing import Any
 
 from edgemodel_operator import conditions as cond
+from edgemodel_operator.api.schema import structural_schema
+from edgemodel_operator.api.status import EdgeModelStatus
 
 Obj = dict[str, Any]
+STATUS_SCHEMA = structural_schema(EdgeModelStatus)
+
+
+def with_defaults(value: Any, schema: Obj = STATUS_SCHEMA) -> Any:
+    """`value` with the defaults of its CRD schema filled in, as the API server stores it.
+
+    A status compared without them never equals the stored one (a class without `readyReplicas` is
+    stored with 0), so it would be written again, unchanged, at every reconcile.
+    """
+    if isinstance(value, dict):
+        properties: Obj = schema.get("properties") or {}
+        filled = {k: with_defaults(v, properties.get(k) or {}) for k, v in value.items()}
+        for name, child in properties.items():
+            if name not in filled and "default" in child:
+                filled[name] = with_defaults(child["default"], child)
+        return filled
+    if isinstance(value, list):
+        return [with_defaults(item, schema.get("items") or {}) for item in value]
+    return value
 
 
 def changed(new: Obj, current: Obj) -> bool:

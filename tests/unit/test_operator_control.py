@@ -209,3 +209,18 @@ def test_a_replica_that_stops_being_active_writes_nothing_more() -> None:
     answers = iter([True, False])  # active when the plan starts, not any more before its first create
     with pytest.raises(NotActiveError):
         cluster.apply(result, active=lambda: next(answers))
+
+
+def test_a_status_stored_with_the_schemas_defaults_is_not_written_again() -> None:
+    """The API server fills the CRD's defaults in (readyReplicas 0, state Pending, shadow requests 0, condition
+    message ""): compared with them filled in, the planned status equals the stored one and nothing is written."""
+    result = plan(_observed(edgemodel()), Images(), NOW)
+    planned = result.status
+    stored = pacing.with_defaults(copy.deepcopy(planned))
+    assert any("readyReplicas" not in entry for entry in planned["classes"])  # the case that rewrote forever
+    assert pacing.write_delay(planned, stored, held_since=None, now=0.0, hold=30.0) == 0.0
+    assert pacing.write_delay(pacing.with_defaults(planned), stored, held_since=None, now=0.0, hold=30.0) is None
+    assert pacing.with_defaults({"classes": [{"shadow": {}}], "conditions": [{}]}) == {
+        "classes": [{"shadow": {"requests": 0}, "readyReplicas": 0, "state": "Pending"}],
+        "conditions": [{"message": ""}],
+    }
