@@ -177,14 +177,13 @@ class Cluster:
                 applied.created.add(subject(obj))
         for ref in plan.delete:
             _check(active)
+            options = {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else None
             try:
-                _drain(
-                    delete[ref["kind"]](
-                        ref["name"], ref["namespace"], propagation_policy="Background", _preload_content=False
-                    )
-                )
+                remove = delete[ref["kind"]]
+                _drain(remove(ref["name"], ref["namespace"], body=options, propagation_policy="Background",
+                              _preload_content=False))  # fmt: skip
             except ApiException as error:
-                if error.status != 404:
+                if error.status not in {404, 409}:  # gone already, or replaced since it was observed
                     raise
             else:
                 applied.deleted.add(subject(ref))

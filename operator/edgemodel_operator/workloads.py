@@ -54,7 +54,11 @@ def rolled_out(workload: Obj) -> bool:
 
 
 def ref_of(obj: Obj) -> Obj:
-    return {"kind": obj["kind"], "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]}
+    """Kind, name and namespace of an observed object, and its UID: a delete by this reference removes
+    that object only, never one created since under the same name."""
+    meta = obj["metadata"]
+    ref = {"kind": obj["kind"], "name": meta["name"], "namespace": meta["namespace"]}
+    return ref | ({"uid": meta["uid"]} if meta.get("uid") else {})
 
 
 def subject(obj: Obj) -> str:
