@@ -18,7 +18,7 @@ from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolera
 from edgemodel_runtime.serve.shadow import every_output_in_binary, inference_seconds
 from edgemodel_runtime.serve.shadow_config import ShadowConfigError, parse_agreement, parse_shadow_config
 from tests.unit.test_operator_pure import DIGEST
-from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
+from tests.unit.test_rollout import Cluster, _counters, _serving_first_revision, _shadowing
 
 Obj = dict[str, Any]
 
@@ -71,7 +71,7 @@ def test_the_agreement_appears_in_the_evidence_and_the_rollback_event() -> None:
     cluster, _ = _serving_first_revision(analysis={"agreement": {"maxRelativeError": 0.2}})
     _shadowing(cluster)
     key = cluster.body["status"]["classes"][0]["key"]
-    cluster.evidence = {key: Evidence(200, 200, 20, 0, 1.0, 1)}
+    cluster.evidence = {key: {"stable-pod": _counters(200, 200, 20)}}
     rolled = cluster.step("2026-11-26T12:02:30Z")
     within = "agreeing within maxRelativeError 0.2, minTop1Agreement 1"
     assert within in rolled.status["classes"][0]["shadow"]["reason"]
