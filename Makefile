@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TESTBED_DIR ?= .testbed
 
-.PHONY: venv system-deps demo engine-demo cluster-demo test lint generate testbed testbed-down binaries images bench clean
+.PHONY: venv system-deps demo engine-demo cluster-demo test lint generate testbed testbed-down binaries images images-arm64 bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,18 @@ binaries: $(STAMP)
 images: $(STAMP) system-deps
 	$(BIN)/python -m tests.testbed.images
 
+## The same images for arm64 (built under emulation), the operator's too; the tests build what they run.
+images-arm64: $(STAMP) system-deps
+	$(BIN)/python -m tests.testbed.images arm64
+
 ## Every test: static checks, unit tests, integration tests on a real control plane.
 test: binaries images
 	$(BIN)/python -m pytest
 
 ## The main job: the operator on a test bed with a real node builds, serves, shadows, promotes, rolls back.
+## ARM64_NODE=1: on two architectures, the real node and an arm64 node under emulation.
 demo: binaries images
-	$(BIN)/python -m tests.testbed story --dir $(TESTBED_DIR)
+	$(BIN)/python -m tests.testbed story --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(ARM64_NODE)),--arm64-node)
 
 ## Without a cluster: build FP32 and INT8 engines of a real model, shadow one against the other, decide.
 engine-demo: $(STAMP)
@@ -44,10 +49,14 @@ engine-demo: $(STAMP)
 cluster-demo: binaries
 	$(BIN)/python -m tests.testbed demo --dir $(TESTBED_DIR)
 
-## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node.
+## Start a test bed for a person; prints the KUBECONFIG line to use. REAL_NODE=1 adds the real node;
+## ARM64_NODE=1 adds it and an arm64 node beside it, under emulation (qemu-user-static).
 testbed: binaries
-	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(REAL_NODE)),--real-node)
+	$(BIN)/python -m tests.testbed up --dir $(TESTBED_DIR) $(if $(filter 1 yes true,$(REAL_NODE)),--real-node) \
+		$(if $(filter 1 yes true,$(ARM64_NODE)),--arm64-node)
 
+## Stop the test bed in TESTBED_DIR, and every test bed whose directory is gone (found by its record
+## under /run and the real nodes' locks).
 testbed-down: $(STAMP)
 	$(BIN)/python -m tests.testbed down --dir $(TESTBED_DIR)
 

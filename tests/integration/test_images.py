@@ -22,6 +22,7 @@ import pytest
 
 from edgemodel_runtime.packaged import cache_root
 from tests.testbed import images
+from tests.testbed.emulation import emulation_problem
 from tests.testbed.images import BuiltImage, ensure_images, run_in_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,3 +206,35 @@ def test_each_key_covers_what_its_dockerfile_copies() -> None:
     shared = {"images/requirements/build.txt", "pyproject.toml", "README.md", "operator", "runtime"}
     assert _copied("runtime-cpu") == shared | {"images/requirements/runtime-cpu.txt"}
     assert _copied("operator") == shared | {"images/requirements/operator.txt"}
+
+
+@pytest.mark.parametrize("name", ["pause", "runtime-cpu"])
+def test_the_arm64_images_are_arm64_builds_of_the_same_images_under_the_same_names(
+    built: dict[str, BuiltImage], name: str
+) -> None:
+    if problem := emulation_problem():
+        pytest.skip(f"arm64 images are built under emulation: {problem}")
+    arm64 = ensure_images(lambda line: print(f"[images] {line}", flush=True), arch="arm64", only=(name,))[name]
+    assert arm64.name == built[name].name  # as one multi-arch tag names both
+    assert arm64.key != built[name].key
+    assert arm64.archive.name == f"{name}-arm64-{arm64.key}.tar"
+    native, emulated = Archive(built[name].archive), Archive(arm64.archive)
+    assert native.config["architecture"] == "amd64"
+    assert emulated.config["architecture"] == "arm64"
+    assert emulated.entry["annotations"]["org.opencontainers.image.ref.name"] == built[name].name
+    assert emulated.config["config"].get("User") == native.config["config"].get("User")
+    assert emulated.config["config"].get("Entrypoint") == native.config["config"].get("Entrypoint")
+    # The programs in it are arm64 ELF files (e_machine 183, EM_AARCH64).
+    program = "pause" if name == "pause" else "usr/bin/python3.11"
+    with tarfile.open(arm64.archive) as tar:
+        for layer in reversed(emulated.manifest["layers"]):
+            blob = tar.extractfile(f"blobs/sha256/{layer['digest'].partition(':')[2]}")
+            assert blob is not None
+            with tarfile.open(fileobj=io.BytesIO(blob.read())) as files:
+                member = next((m for m in files.getmembers() if m.name.removeprefix("./") == program), None)
+                if member is not None and member.isfile():
+                    header = files.extractfile(member)
+                    assert header is not None
+                    assert int.from_bytes(header.read(20)[18:20], "little") == 183, program
+                    return
+    raise AssertionError(f"{program} not found in {arm64.archive}")

@@ -6,9 +6,14 @@ termination message), so they are checked here on their own first.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +22,17 @@ import pytest
 import yaml
 
 from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
-from tests.testbed.cluster import Testbed
+from tests.testbed import node as real_node
+from tests.testbed.__main__ import up
+from tests.testbed.cluster import RECORD, Testbed, _ours
+from tests.testbed.cluster import TestbedError as StartError
+from tests.testbed.emulation import emulation_problem
+from tests.testbed.hostparts import cgroup_dirs
+from tests.testbed.node_arm64 import ARM64_NODE, Arm64Node, held
 from tests.testbed.nodes import CLASSES, DEFAULT_NODES, X86_NVIDIA, X86_VNNI, build_node
+from tests.testbed.orphans import _processes_naming
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.testbed
 
@@ -204,3 +218,125 @@ def test_every_component_listens_on_loopback_only(testbed: Testbed) -> None:
         assert addresses, f"{name} listens on nothing"
         outside = {a for a in addresses if not a.startswith(("127.", "::ffff:127."))}
         assert not outside, f"{name} listens beyond loopback: {outside}"
+
+
+def test_a_test_bed_whose_directory_was_deleted_is_stopped_by_the_down_command(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("orphan-0", X86_VNNI)])
+    state = bed.state()
+    try:
+        assert (bed.run_dir / RECORD).exists()
+        shutil.rmtree(clone, ignore_errors=True)  # the clone is deleted while its test bed runs
+        assert not (bed.directory / "state.json").exists()
+        assert all(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+
+        down = subprocess.run(
+            [sys.executable, "-m", "tests.testbed", "down", "--dir", str(tmp_path / "another-clone")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert f"its directory {bed.directory} was gone" in down.stderr
+        assert not any(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+        assert not bed.run_dir.exists()
+        assert not _processes_naming(bed.directory)
+    finally:
+        Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+        shutil.rmtree(clone, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("lock", "what", "arm64"),
+    [("containerd.lock", "the real node", False), ("containerd-arm64.lock", "the arm64 node", True)],
+    ids=["real-node", "arm64-node"],
+)
+def test_a_refused_real_node_start_starts_nothing_and_says_which_command_stops_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str, what: str, arm64: bool
+) -> None:
+    try:
+        real_node.preflight()
+    except real_node.NodeUnavailableError as error:
+        pytest.skip(f"no real node here: {error}")
+    if arm64 and (problem := emulation_problem()):
+        pytest.skip(f"no arm64 emulation here: {problem}")
+    # The node's lock, held (as a real node's containerd holds it) by a test bed whose directory is gone.
+    monkeypatch.setattr(real_node, "lock_directory", lambda: tmp_path / "locks")
+    (tmp_path / "locks").mkdir()
+    gone = tmp_path / "deleted-clone" / ".testbed"
+    with (tmp_path / "locks" / lock).open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(json.dumps({"testbed": str(gone)}) + "\n")
+        holder.flush()
+        bed = Testbed(tmp_path / "bed")
+        with pytest.raises(real_node.NodeUnavailableError) as refused:
+            up(bed, real_node=True, arm64_node=arm64)
+    assert f"the test bed in {gone} runs {what}" in str(refused.value)
+    assert "make testbed-down" in str(refused.value)
+    assert not bed.running()
+    assert not bed.state()
+    assert not _processes_naming(bed.directory)
+
+
+def test_a_test_bed_and_its_arm64_node_whose_directory_was_deleted_are_stopped_by_the_down_command(
+    tmp_path: Path,
+) -> None:
+    """As above, with a real node: its processes, containers' cgroups, bridge and lock go as well.
+
+    The arm64 node stands for either node here; the amd64 one is shared by other test sessions.
+    """
+    if problem := emulation_problem():
+        pytest.skip(f"no arm64 emulation here: {problem}")
+    # Short: the kubelet's unix sockets live under its root directory (at most 108 bytes a path).
+    clone = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("orphan-1", X86_VNNI)])
+    node = Arm64Node(bed)
+    try:
+        node.start()
+        state = bed.state()
+        assert node.running()
+        shutil.rmtree(clone, ignore_errors=True)
+        assert not (bed.directory / "state.json").exists()
+
+        down = subprocess.run(
+            [sys.executable, "-m", "tests.testbed", "down", "--dir", str(tmp_path / "another-clone")],
+            cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert f"its directory {bed.directory} was gone" in down.stderr
+        assert not any(_ours(pid, state["binaries"][name]) for name, pid in state["pids"].items())
+        assert not _processes_naming(bed.directory)
+        assert subprocess.run(["ip", "link", "show", ARM64_NODE.bridge], capture_output=True, check=False).returncode
+        assert not cgroup_dirs(ARM64_NODE.cgroup_root)
+        assert not held(node.lock_path)
+        assert not bed.run_dir.exists()
+    finally:
+        Testbed(bed.directory, state_path=bed.run_dir / RECORD).stop()
+        shutil.rmtree(clone, ignore_errors=True)
+
+
+def test_a_node_start_that_fails_leaves_nothing_of_the_node_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubelet that exits at once (`/bin/false`, standing in for a kubelet that fails; the real one cannot
+    be made to fail on demand) fails the start after containerd, the bridge and the lock are up: all go."""
+    if problem := emulation_problem():
+        pytest.skip(f"no arm64 emulation here: {problem}")
+    clone = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))
+    bed = Testbed(clone / ".testbed")
+    bed.start([build_node("failing-1", X86_VNNI)])
+    node = Arm64Node(bed)
+    real_binaries = node._binaries
+    monkeypatch.setattr(node, "_binaries", lambda: real_binaries() | {"kubelet": "/bin/false"})
+    try:
+        with pytest.raises(StartError, match="kubelet-arm64 exited during start-up"):
+            node.start()
+        state = bed.state()
+        assert ARM64_NODE.state_key not in state
+        assert not any(name.endswith("-arm64") for name in state["pids"])
+        assert not _processes_naming(node.directory)  # its containerd and kubelet name it
+        assert subprocess.run(["ip", "link", "show", ARM64_NODE.bridge], capture_output=True, check=False).returncode
+        assert not cgroup_dirs(ARM64_NODE.cgroup_root)
+        assert not held(node.lock_path)
+        assert bed.running()  # the control plane is the caller's
+    finally:
+        bed.stop()
+        shutil.rmtree(clone, ignore_errors=True)

@@ -1,7 +1,8 @@
 """`python -m tests.testbed build|up|down|demo|story`: the test bed for a person at a terminal.
 
 `up` starts the control plane and the simulated nodes in the background (and, with `--real-node`,
-this machine as a real node) and prints the KUBECONFIG line to use; `down` stops them by PID;
+this machine as a real node) and prints the KUBECONFIG line to use; `down` stops them by PID, and
+also every test bed whose directory is gone (tests/testbed/orphans.py);
 `demo` brings it up, installs the CRD and applies examples/, then shows what the cluster holds;
 `story` is `make demo`: the operator on a real node (see tests/testbed/story.py).
 """
@@ -14,24 +15,45 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.testbed import binaries, story
+from tests.testbed import binaries, orphans, story
 from tests.testbed.cluster import Testbed, TestbedError
 from tests.testbed.images import ImageBuildError
-from tests.testbed.node import NODE_NAME, NodeUnavailableError, RealNode
+from tests.testbed.node import NodeUnavailableError, RealNode
+from tests.testbed.node_arm64 import Arm64Node
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _up(bed: Testbed, real_node: bool = False) -> int:
-    if bed.running():
-        print(f"test bed already running from {bed.directory}", file=sys.stderr)
-    else:
+def up(bed: Testbed, real_node: bool = False, arm64_node: bool = False) -> int:
+    """Start the test bed and, if asked, its real nodes (`arm64_node`: the amd64 one and the arm64 one).
+
+    A start that is refused or fails leaves nothing it started running.
+    """
+    nodes: list[RealNode] = [RealNode(bed)] if real_node or arm64_node else []
+    nodes += [Arm64Node(bed)] if arm64_node else []
+    for node in nodes:
+        if not node.running():
+            node.check()  # refused before anything starts
+    started_here = not bed.running()
+    if started_here:
         seconds = bed.start()
         print(f"test bed ready in {seconds:.1f}s (logs in {bed.logs})", file=sys.stderr)
-    if real_node and not RealNode(bed).running():
-        timings = RealNode(bed).start()
-        print(f"real node {NODE_NAME} ready in {timings['total']:.1f}s", file=sys.stderr)
-    print(bed.kubectl("get", "nodes", "-L", "kubernetes.io/arch,node.kubernetes.io/instance-type").stdout)
+    else:
+        print(f"test bed already running from {bed.directory}", file=sys.stderr)
+    started: list[RealNode] = []
+    try:
+        for node in nodes:
+            if not node.running():
+                timings = node.start()
+                started.append(node)
+                print(f"{node.what} {node.spec.name} ready in {timings['total']:.1f}s", file=sys.stderr)
+    except BaseException:
+        for node in reversed(started):
+            node.teardown()
+        if started_here:
+            bed.stop()
+        raise
+    print(bed.kubectl("get", "nodes", "-o", "wide", "-L", "kubernetes.io/arch,node.kubernetes.io/instance-type").stdout)
     print(f"export KUBECONFIG={bed.kubeconfig.resolve()}")
     print(f"export PATH={Path(bed.state()['binaries']['kubectl']).parent}:$PATH")
     return 0
@@ -55,7 +77,7 @@ def _show(bed: Testbed, title: str, *args: str, stdin: str | None = None) -> Non
 
 
 def _demo(bed: Testbed) -> int:
-    _up(bed)
+    up(bed)
     _show(bed, "install the EdgeModel CRD", "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
     bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
     time.sleep(1)  # discovery refresh
@@ -81,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__)
     parser.add_argument("command", choices=["build", "up", "down", "demo", "story"])
     parser.add_argument("--real-node", action="store_true", help="`up`: also start this machine as a real node")
+    parser.add_argument(
+        "--arm64-node",
+        action="store_true",
+        help="`up`, `story`: the real node and an arm64 node beside it, under emulation",
+    )
     parser.add_argument("--dir", type=Path, default=ROOT / ".testbed", help="state directory (default .testbed)")
     args = parser.parse_args(argv)
     bed = Testbed(args.dir.resolve())
@@ -91,12 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kubelet, kube-proxy: {binaries.ensure(binaries.NODE)}")
             return 0
         if args.command == "up":
-            return _up(bed, args.real_node)
+            return up(bed, args.real_node, args.arm64_node)
         if args.command == "story":
-            return story.main(bed.directory)
+            return story.main(bed.directory, args.arm64_node)
         if args.command == "down":
-            bed.stop()
-            print(f"test bed stopped (data and logs kept in {bed.directory})", file=sys.stderr)
+            if bed.state():
+                bed.stop()
+                print(f"test bed stopped (data and logs kept in {bed.directory})", file=sys.stderr)
+            for directory in orphans.stop_all(lambda line: print(line, file=sys.stderr)):
+                print(f"test bed stopped (its directory {directory} was gone)", file=sys.stderr)
             return 0
         return _demo(bed)
     except (TestbedError, NodeUnavailableError, ImageBuildError, TimeoutError) as error:

@@ -50,6 +50,9 @@ class Component:
     module_dir: Path | None = None  # a module under gomod/; None means `go install pkg@version`
     ldflags: str = "-s -w"
     env: dict[str, str] = field(default_factory=dict)
+    # Source files of the modules built replaced by files of ours: the module is vendored into a scratch
+    # copy of `module_dir` and built from there. Path under vendor/ ("github.com/x/y/pkg/z.go") -> ours.
+    overlay: tuple[tuple[str, Path], ...] = ()
 
     @property
     def commands(self) -> tuple[str, ...]:
@@ -62,6 +65,8 @@ class Component:
             for path in sorted(self.module_dir.iterdir()):
                 if path.suffix in {".mod", ".sum", ".go"}:
                     digest.update(path.name.encode() + path.read_bytes())
+        for replaced, replacement in self.overlay:
+            digest.update(replaced.encode() + replacement.read_bytes())
         return digest.hexdigest()[:12]
 
     def directory(self) -> Path:
@@ -119,20 +124,64 @@ NODE = Component(
 )
 
 
+# The arm64 node's commands: the same kubelet built for arm64, and containerd built for
+# arm64, whose CRI plugin then takes linux/arm64 as its own platform. They run under qemu-user-static
+# (binfmt_misc); cross-compiled here, with CGO off as for every build.
+NODE_ARM64 = Component(
+    name="kubernetes-node-arm64",
+    version=KUBERNETES_VERSION,
+    packages=("k8s.io/kubernetes/cmd/kubelet",),  # no kube-proxy: the amd64 node's routes Services for both
+    module_dir=NODE.module_dir,
+    ldflags=NODE.ldflags,
+    env={"GOOS": "linux", "GOARCH": "arm64"},
+)
+# Two files replaced (gomod/containerd/overlay), both for running under emulation: the seccomp check asks
+# the kernel through prctl, which qemu-user answers itself ("not supported"), so ours also reads the
+# kernel's answer from /proc/self/status; and the default seccomp profile (arm64's) also allows the two
+# amd64-only calls the emulator, an amd64 program, makes in every container.
+CONTAINERD_ARM64 = Component(
+    name="containerd-arm64",
+    version="v1.7.35",
+    packages=("github.com/containerd/containerd/cmd/containerd",),
+    module_dir=GOMOD / "containerd",
+    ldflags="-s -w -X github.com/containerd/containerd/version.Version=v1.7.35",
+    env={"GOOS": "linux", "GOARCH": "arm64"},
+    overlay=(
+        (
+            "github.com/containerd/containerd/pkg/seccomp/seccomp_linux.go",
+            GOMOD / "containerd" / "overlay" / "seccomp_linux.go",
+        ),
+        (
+            "github.com/containerd/containerd/contrib/seccomp/seccomp.go",
+            GOMOD / "containerd" / "overlay" / "seccomp.go",
+        ),
+    ),
+)
+
+
 def _log(message: str) -> None:
     print(f"[testbed] {message}", file=sys.stderr, flush=True)
 
 
 def _build(component: Component, target: Path) -> None:
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", **component.env}
+    flags = ["-trimpath", f"-ldflags={component.ldflags}"]
     if component.module_dir is None:
-        command = ["go", "install", "-trimpath", f"-ldflags={component.ldflags}", *component.packages]
+        command = ["go", "install", *flags, *component.packages]
         env["GOBIN"] = str(target)
-        cwd = None
-    else:
-        command = ["go", "build", "-trimpath", f"-ldflags={component.ldflags}", "-o", f"{target}/", *component.packages]
-        cwd = component.module_dir
-    subprocess.run(command, cwd=cwd, env=env, check=True)
+        subprocess.run(command, env=env, check=True)
+        return
+    command = ["go", "build", *flags, "-o", f"{target}/", *component.packages]
+    if not component.overlay:
+        subprocess.run(command, cwd=component.module_dir, env=env, check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{component.name}-src-", dir=target.parent) as scratch:
+        module = Path(scratch) / "module"
+        shutil.copytree(component.module_dir, module)
+        subprocess.run(["go", "mod", "vendor"], cwd=module, env=env, check=True)
+        for replaced, replacement in component.overlay:
+            shutil.copyfile(replacement, module / "vendor" / replaced)
+        subprocess.run(command, cwd=module, env={**env, "GOFLAGS": "-mod=vendor"}, check=True)
 
 
 def ensure(component: Component) -> Path:

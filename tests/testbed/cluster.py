@@ -3,10 +3,18 @@
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as plain processes
 listening on 127.0.0.1 only. Their PIDs, ports, logs and data live in one state directory, so a
 test session, or `make testbed` and `make testbed-down` in two different shells, can manage them.
+
+A copy of the state (`testbed.json`) is also kept in the test bed's run directory,
+`/run/edgemodel-<hash of the state directory>` (the temporary directory where /run is not
+writable), which the real node also uses for its sockets: if the state directory is deleted while
+the test bed runs, `python -m tests.testbed down` finds the test bed there and stops it
+(tests/testbed/orphans.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -31,6 +40,12 @@ from tests.testbed.pki import Pki, write_pki
 STAGES = Path(__file__).parent / "kwok-stages.yaml"
 SERVICE_CIDR = "10.96.0.0/16"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+RECORD = "testbed.json"  # the copy of the state in the run directory
+
+
+def run_parent() -> Path:
+    """Where run directories live: /run, or the temporary directory where /run is not writable."""
+    return Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
 
 
 class TestbedError(RuntimeError):
@@ -57,6 +72,16 @@ class Testbed:
     # Client rate limit of the controller-manager and scheduler; None keeps Kubernetes' defaults.
     # Benchmarks raise it to simulate a control plane sized for thousands of objects.
     client_qps: int | None = None
+    # Read and write the state here instead of `directory`: a test bed whose directory is gone is
+    # known only by its record in the run directory (tests/testbed/orphans.py).
+    state_path: Path | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Short-lived files of this test bed outside its directory: the record of its state, the
+        real nodes' sockets (unix socket paths must stay short, hence a hash)."""
+        digest = hashlib.sha256(str(self.directory).encode()).hexdigest()[:10]
+        return run_parent() / f"edgemodel-{digest}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -72,7 +97,7 @@ class Testbed:
 
     @property
     def _state_file(self) -> Path:
-        return self.directory / "state.json"
+        return self.state_path or self.directory / "state.json"
 
     def state(self) -> dict[str, Any]:
         """Ports, PIDs and binary paths of the running test bed ({} when none)."""
@@ -82,14 +107,30 @@ class Testbed:
         return loaded
 
     def _save(self, state: dict[str, Any]) -> None:
-        self._state_file.write_text(json.dumps(state, indent=2))
+        """Write the state to the directory and its copy to the run directory (atomically).
+
+        A test bed known only by its record (`state_path`) writes the record while it exists.
+        """
+        state["directory"] = str(self.directory)
+        text = json.dumps(state, indent=2)
+        if self.state_path is None:
+            self._state_file.write_text(text)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.state_path.parent.is_dir():
+            return
+        partial = self.run_dir / f".{RECORD}.{os.getpid()}"
+        partial.write_text(text)
+        partial.rename(self.run_dir / RECORD)
 
     # ---------------------------------------------------------------- start
 
     def start(self, nodes: Sequence[dict[str, Any]] | None = None) -> float:
         """Build or find the binaries, start every component, register the nodes; returns seconds taken."""
         if self.running():
-            raise TestbedError(f"a test bed already runs from {self.directory}; stop it first")
+            raise TestbedError(
+                f"a test bed already runs from {self.directory}; stop it first with "
+                f"`python -m tests.testbed down --dir {self.directory}`"
+            )
         self.stop()  # forget components left over from a run that died
         started = time.monotonic()
         paths = binaries.ensure_all()
@@ -348,27 +389,39 @@ class Testbed:
     def stop(self, timeout: float = 15) -> None:
         """Stop every component by PID (newest first), then forget them; data and logs stay."""
         state = self.state()
-        if "node" in state:  # its pods' containers, mounts and links go before its processes
-            from tests.testbed.node import RealNode
+        # The real nodes' pods' containers, mounts and links go before their processes (the arm64 node first).
+        from tests.testbed.node import RealNode
+        from tests.testbed.node_arm64 import Arm64Node
 
-            RealNode(self).teardown()
-            state = self.state()
+        for node in (Arm64Node(self), RealNode(self)):
+            if node.spec.state_key in state:
+                node.teardown()
+                state = self.state()
         pids: dict[str, int] = state.get("pids", {})
         for name in reversed(list(pids)):
             if _ours(pids[name], state["binaries"][name]):
                 _terminate(pids[name], timeout)
-        if state:
+        if state and self.state_path is None:
             state["pids"] = {}
             self._save(state)
+        # Nothing runs any more: the record goes (so does the run directory, once empty).
+        (self.run_dir / RECORD).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()
 
 
 def _ours(pid: int, binary: str) -> bool:
-    """Whether `pid` is alive and still runs `binary` (PIDs are reused after a reboot)."""
+    """Whether `pid` is alive and still runs `binary` (PIDs are reused after a reboot).
+
+    A binary of another architecture runs under its binfmt_misc interpreter (qemu-user-static with the
+    P flag), whose command line is the interpreter, the binary's path, then the binary's own arguments.
+    """
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return _alive(pid) and command.decode(errors="replace") == binary
+    emulated = len(command) > 1 and Path(command[0]).name.startswith(("qemu-", "aarch64-binfmt"))
+    return _alive(pid) and (command[0] == binary or (emulated and command[1] == binary))
 
 
 def _alive(pid: int) -> bool:

@@ -13,6 +13,15 @@
 - The pause image: `tests/testbed/pause/pause.c`, static, in an image of its own made from scratch,
   named `registry.k8s.io/pause:3.10` as kubelet expects its sandbox image.
 
+For the arm64 node (`ensure_images(arch="arm64")`): the same base made with `debootstrap
+--arch=arm64` (its packages' scripts run under qemu-user-static through binfmt_misc), a manifest
+list naming both bases (`localhost/edgemodel/debian-bookworm-slim:<key>`) passed as the Dockerfiles'
+`BASE_IMAGE`, so that `buildah bud --platform linux/arm64` builds the same Dockerfiles unchanged (the
+`--platform=$BUILDPLATFORM` wheel stage on the amd64 base, reusing the amd64 build's layers; the rest
+on the arm64 base, emulated), and the pause image cross-compiled with `aarch64-linux-gnu-gcc`
+(Debian `gcc-aarch64-linux-gnu`, `libc6-dev-arm64-cross`). Their archives carry the names the amd64
+ones do, as a multi-arch tag does: each node imports the archives of its own architecture.
+
 Each image is keyed by everything it is built from (Dockerfile, ignore file, the files its COPY
 lines name, the base's recipe); its archive is `$EDGEMODEL_CACHE/images/<image>-<key>.tar`,
 written atomically, and a second run that finds every archive returns at once. buildah's storage
@@ -35,12 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgemodel_runtime.packaged import cache_root
+from tests.testbed.emulation import ARM64, emulation_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 PAUSE_SOURCE = Path(__file__).resolve().parent / "pause" / "pause.c"
@@ -113,11 +123,21 @@ BASE_CONFIG = ("--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """An image built here: the reference containerd knows it by, its OCI archive, its input key."""
+    """An image built here: the reference containerd knows it by, its OCI archive, its input key.
+
+    `local` is its name in buildah's storage where that differs from `name` (the arm64 images, whose
+    archives carry the amd64 images' names as a multi-arch tag does).
+    """
 
     name: str
     archive: Path
     key: str
+    arch: str = "amd64"
+    local: str = ""
+
+    @property
+    def stored(self) -> str:
+        return self.local or self.name
 
 
 class ImageBuildError(RuntimeError):
@@ -199,8 +219,12 @@ def _directory() -> Path:
     return cache_root() / "images"
 
 
-def planned_images() -> dict[str, BuiltImage]:
-    """The images ensure_images makes, with their names, keys and archive paths (nothing is built)."""
+def planned_images(arch: str = "amd64") -> dict[str, BuiltImage]:
+    """The images ensure_images makes for `arch`, with their names, keys and archive paths (nothing is built)."""
+    if arch == ARM64:
+        return _planned_arm64()
+    if arch != "amd64":
+        raise ImageBuildError(f"no images for {arch!r} here (amd64 or arm64)")
     directory = _directory()
     keys = {"pause": pause_key(), **{image: image_key(image) for image in DOCKERFILES}}
     names = {"pause": PAUSE_NAME, **{image: f"localhost/edgemodel/{image}:{keys[image]}" for image in DOCKERFILES}}
@@ -392,12 +416,13 @@ def _ensure_base(buildah: Buildah, log: Callable[[str], None]) -> float:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def _export(buildah: Buildah, name: str, archive: Path) -> None:
+def _export(buildah: Buildah, name: str, archive: Path, local: str = "") -> None:
     """`buildah push` to an OCI archive whose index names the image (`org.opencontainers.image.ref.name`,
-    which `ctr images import` takes as the image's name); written beside `archive`, then renamed."""
+    which `ctr images import` takes as the image's name); written beside `archive`, then renamed.
+    `local`: the image's name in buildah's storage, where it is not `name`."""
     with tempfile.TemporaryDirectory(prefix=".export-", dir=archive.parent) as scratch:
         partial = Path(scratch) / archive.name
-        buildah("push", "--quiet", name, f"oci-archive:{partial}:{name}")
+        buildah("push", "--quiet", local or name, f"oci-archive:{partial}:{name}")
         partial.rename(archive)
 
 
@@ -444,24 +469,132 @@ def _build_dockerfile(
     buildah: Buildah, image: str, built: BuiltImage, scratch: Path, log: Callable[[str], None]
 ) -> None:
     directory = DOCKERFILES[image]
+    platform_flags = [] if built.arch == "amd64" else [
+        "--platform", f"linux/{built.arch}", "--build-arg", f"BASE_IMAGE={MULTIARCH_BASE}:{arm64_base_key()}"
+    ]  # fmt: skip
     command = buildah.command(
-        "bud", *_bud_flags(scratch), "-f", str(directory / "Dockerfile"),
-        "--ignorefile", str(directory / "Dockerfile.dockerignore"), "-t", built.name, str(ROOT),
+        "bud", *_bud_flags(scratch), *platform_flags, "-f", str(directory / "Dockerfile"),
+        "--ignorefile", str(directory / "Dockerfile.dockerignore"), "-t", built.stored, str(ROOT),
     )  # fmt: skip
-    _run_logged(command, _directory() / "logs" / f"{image}-{built.key}.log", image, log)
+    label = _label(image, built)
+    _run_logged(command, _directory() / "logs" / f"{label}-{built.key}.log", label, log)
+
+
+def _label(image: str, built: BuiltImage) -> str:
+    """The image's name in file names and logs: `runtime-cpu`, `runtime-cpu-arm64`."""
+    return image if built.arch == "amd64" else f"{image}-{built.arch}"
 
 
 def _forget_older(buildah: Buildah, image: str, built: BuiltImage) -> None:
     """Older archives and logs of this image, and its older tags in buildah's storage (layers stay cached)."""
     directory = _directory()
+    image = _label(image, built)
     for stale in [*directory.glob(f"{image}-*.tar"), *(directory / "logs").glob(f"{image}-*.log")]:
         if built.key not in stale.name and re.fullmatch(rf"{re.escape(image)}-[0-9a-f]{{12}}\.(tar|log)", stale.name):
             stale.unlink()
-    repository = built.name.rsplit(":", 1)[0]
+    repository = built.stored.rsplit(":", 1)[0]
     listed = buildah("images", "--format", "{{.Name}}:{{.Tag}}", check=False).stdout.split()
     for name in listed:
-        if name.rsplit(":", 1)[0] == repository and name != built.name:
+        if name.rsplit(":", 1)[0] == repository and name != built.stored:
             buildah("rmi", name, check=False)
+
+
+# ----------------------------------------------------------------------------------------------- arm64
+
+MULTIARCH_BASE = "localhost/edgemodel/debian-bookworm-slim"  # a manifest list: the amd64 and arm64 bases
+ARM64_BASE = "localhost/edgemodel/base-arm64"
+CROSS_CC = "aarch64-linux-gnu-gcc"
+
+
+def arm64_base_key() -> str:
+    """The amd64 base's key (the same recipe) and the arm64 steps' code."""
+    code = [inspect.getsource(f) for f in (_debootstrap_arm64, _import_arm64_base)]
+    return _digest(base_key().encode(), json.dumps(code).encode())[:12]
+
+
+def _planned_arm64() -> dict[str, BuiltImage]:
+    directory, base = _directory(), arm64_base_key()
+    amd64 = planned_images("amd64")
+    pause = _digest(pause_key().encode(), CROSS_CC.encode(), inspect.getsource(_build_pause_arm64).encode())[:12]
+    keys = {"pause": pause, **{image: _digest(image_key(image).encode(), base.encode())[:12] for image in DOCKERFILES}}
+    return {
+        image: BuiltImage(
+            amd64[image].name,
+            directory / f"{image}-{ARM64}-{key}.tar",
+            key,
+            ARM64,
+            f"localhost/edgemodel/{image}-{ARM64}:{key}",
+        )
+        for image, key in keys.items()
+    }
+
+
+def _debootstrap_arm64(target: Path, logfile: Path, log: Callable[[str], None]) -> None:
+    # One stage: debootstrap runs the arm64 packages' scripts itself, through binfmt_misc.
+    command = ["debootstrap", f"--arch={ARM64}", f"--variant={VARIANT}", SUITE, str(target), MIRROR]
+    _run_logged(command, logfile, "debootstrap arm64", log)
+
+
+def _import_arm64_base(buildah: Buildah, rootfs_tar: Path, key: str) -> None:
+    container = buildah("from", "--quiet", "scratch").stdout.strip()
+    try:
+        buildah("add", "--quiet", container, str(rootfs_tar), "/")
+        buildah("config", *BASE_CONFIG, "--os", "linux", "--arch", ARM64, container)
+        buildah("commit", "--quiet", "--rm", container, f"{ARM64_BASE}:{key}")
+    except BaseException:
+        buildah("rm", container, check=False)
+        raise
+
+
+def _ensure_arm64_base(buildah: Buildah, log: Callable[[str], None]) -> float:
+    """The arm64 base (debootstrap --arch=arm64, slimmed as the amd64 one), and the manifest list naming
+    both bases that the Dockerfiles' BASE_IMAGE is set to; returns the seconds it took."""
+    key = arm64_base_key()
+    started = time.monotonic()
+    if buildah.image_id(f"{ARM64_BASE}:{key}") is None:
+        directory = _directory()
+        rootfs_tar = directory / f"debian-{ARM64}-{SUITE}-{VARIANT}-{key}.rootfs.tar"
+        if not rootfs_tar.exists():
+            log(f"building the arm64 base image (debootstrap --arch={ARM64} {SUITE}, under emulation) ...")
+            with tempfile.TemporaryDirectory(prefix=".base-arm64-", dir=directory) as scratch:
+                rootfs = Path(scratch) / "rootfs"
+                _debootstrap_arm64(rootfs, directory / "logs" / f"base-{ARM64}-{key}.log", log)
+                _slim(rootfs)
+                partial = Path(scratch) / "rootfs.tar"
+                _tar_rootfs(rootfs, partial)
+                partial.rename(rootfs_tar)
+            for stale in directory.glob(f"debian-{ARM64}-{SUITE}-{VARIANT}-*.rootfs.tar"):
+                if stale != rootfs_tar:
+                    stale.unlink()
+        _import_arm64_base(buildah, rootfs_tar, key)
+    # Made afresh each time: it names the amd64 base as it is now.
+    manifest = f"{MULTIARCH_BASE}:{key}"
+    buildah("manifest", "rm", manifest, check=False)
+    buildah("manifest", "create", manifest)
+    buildah("manifest", "add", manifest, f"containers-storage:{BASE_NAME}")
+    buildah("manifest", "add", manifest, f"containers-storage:{ARM64_BASE}:{key}")
+    seconds = time.monotonic() - started
+    log(f"arm64 base and manifest list {manifest} ready in {seconds:.0f}s")
+    return seconds
+
+
+def _build_pause_arm64(buildah: Buildah, image: BuiltImage, scratch: Path) -> None:
+    binary = scratch / "pause"
+    done = subprocess.run([CROSS_CC, *PAUSE_CFLAGS, "-o", str(binary), str(PAUSE_SOURCE)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise ImageBuildError(f"{CROSS_CC} {PAUSE_SOURCE.name} failed:\n{done.stderr[-2000:]}")
+    binary.chmod(0o755)
+    container = buildah("from", "--quiet", "scratch").stdout.strip()
+    try:
+        buildah("copy", "--quiet", container, str(binary), "/pause")
+        buildah("config", "--entrypoint", '["/pause"]', "--user", "65535:65535", "--workingdir", "/",
+                "--os", "linux", "--arch", ARM64, "--label", f"dev.edgemodel.testbed.key={image.key}",
+                container)  # fmt: skip
+        buildah("commit", "--quiet", "--rm", container, image.stored)
+    except BaseException:
+        buildah("rm", container, check=False)
+        raise
 
 
 @contextmanager
@@ -475,23 +608,43 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _missing_tools() -> list[str]:
-    return [tool for tool in ("buildah", "debootstrap", "gcc", "tar") if shutil.which(tool) is None]
+def _missing_tools(arch: str = "amd64") -> list[str]:
+    tools = ("buildah", "debootstrap", "gcc", "tar") + ((CROSS_CC,) if arch == ARM64 else ())
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+def _build_one(buildah: Buildah, name: str, image: BuiltImage, log: Callable[[str], None]) -> None:
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=_directory()) as scratch:
+        if name == "pause" and image.arch == ARM64:
+            _build_pause_arm64(buildah, image, Path(scratch))
+        elif name == "pause":
+            _build_pause(buildah, image, Path(scratch))
+        else:
+            _build_dockerfile(buildah, name, image, Path(scratch), log)
+        _export(buildah, image.name, image.archive, image.local)
 
 
 def ensure_images(
-    log: Callable[[str], None] = print, *, timings: dict[str, float] | None = None
+    log: Callable[[str], None] = print,
+    *,
+    timings: dict[str, float] | None = None,
+    arch: str = "amd64",
+    only: Collection[str] | None = None,
 ) -> dict[str, BuiltImage]:
-    """The pause, operator and runtime-cpu images as OCI archives, built if their archives are missing.
+    """The pause, operator and runtime-cpu images for `arch` (amd64, arm64) as OCI archives, built if
+    their archives are missing (`only`: just these of them).
 
     `timings`, if given, receives the seconds each built image took ("base" too when it was made).
     """
-    planned = planned_images()
+    planned = {name: image for name, image in planned_images(arch).items() if only is None or name in only}
     if all(image.archive.exists() for image in planned.values()):
         return planned
-    if missing := _missing_tools():
+    if arch == ARM64 and (problem := emulation_problem()):
+        raise ImageBuildError(f"arm64 images are built under emulation: {problem}")
+    if missing := _missing_tools(arch):
         raise ImageBuildError(f"building images needs {', '.join(missing)} (Debian: apt-get install buildah "
-                              "debootstrap gcc libc6-dev)")  # fmt: skip
+                              "debootstrap gcc libc6-dev; for arm64 also gcc-aarch64-linux-gnu "
+                              "libc6-dev-arm64-cross qemu-user-static binfmt-support)")  # fmt: skip
     directory = _directory()
     if ":" in str(directory):
         raise ImageBuildError(f"{directory}: an oci-archive path cannot hold ':'")
@@ -504,15 +657,14 @@ def ensure_images(
             seconds = _ensure_base(buildah, log)
             if timings is not None and seconds:
                 timings["base"] = seconds
+            if arch == ARM64:
+                seconds = _ensure_arm64_base(buildah, log)
+                if timings is not None and seconds:
+                    timings["base-arm64"] = seconds
         for name, image in todo.items():
             started = time.monotonic()
-            log(f"building {name} image {image.name} ...")
-            with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=directory) as scratch:
-                if name == "pause":
-                    _build_pause(buildah, image, Path(scratch))
-                else:
-                    _build_dockerfile(buildah, name, image, Path(scratch), log)
-                _export(buildah, image.name, image.archive)
+            log(f"building {name} image {image.name} for {arch} ...")
+            _build_one(buildah, name, image, log)
             _forget_older(buildah, name, image)
             seconds = time.monotonic() - started
             if timings is not None:
@@ -531,26 +683,35 @@ def run_in_image(image: BuiltImage, *command: str, timeout: float = 600) -> subp
     try:
         return subprocess.run(
             buildah.command("run", "--isolation", "chroot", container, "--", *command),
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     finally:
         buildah("rm", container, check=False)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    arch = (argv if argv is not None else sys.argv[1:]) or ["amd64"]
+    if arch[0] not in {"amd64", ARM64}:
+        print("usage: python -m tests.testbed.images [amd64|arm64]", file=sys.stderr)
+        return 2
     started = time.monotonic()
     timings: dict[str, float] = {}
     try:
-        built = ensure_images(lambda line: print(f"[images] {line}", file=sys.stderr, flush=True), timings=timings)
+        built = ensure_images(lambda line: print(f"[images] {line}", file=sys.stderr, flush=True), timings=timings,
+                              arch=arch[0])  # fmt: skip
     except ImageBuildError as error:
         print(f"[images] {error}", file=sys.stderr)
         return 1
-    if "base" in timings:
-        print(f"{'base':12} {BASE_NAME:48} {timings['base']:6.1f}s")
+    for base in ("base", "base-arm64"):
+        if base in timings:
+            print(f"{base:12} {BASE_NAME:48} {timings[base]:6.1f}s")
     for name, image in built.items():
         size = image.archive.stat().st_size / 1e6
         print(f"{name:12} {image.name:48} {timings.get(name, 0.0):6.1f}s  {image.archive} ({size:.1f} MB)")
-    print(f"images ready in {time.monotonic() - started:.1f}s ({platform.machine()}; 0.0s: cached)")
+    print(f"images ready in {time.monotonic() - started:.1f}s ({arch[0]}, built on {platform.machine()}; 0.0s: cached)")
     return 0
 
 

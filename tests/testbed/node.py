@@ -14,14 +14,14 @@ The hardware class this machine really has runs for real; the classes it lacks s
   runs only with `failCgroupV1: false`; on a cgroup v2 host the node's cgroup root is one directory.
 
 containerd's root (its images and snapshots) is kept under the cache directory, so a second start
-imports nothing and takes seconds; everything else lives in the test bed's directory and `/run`.
+imports nothing and takes seconds; everything else lives in the test bed's directory and its run
+directory (`Testbed.run_dir`). The node's lock (`node_lock()`) names the test bed that holds it, so a
+start that is refused says which command stops that test bed, even one whose directory is gone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,16 @@ from edgemodel_runtime.packaged import cache_root
 from tests.testbed import binaries
 from tests.testbed.cluster import Testbed, _free_port, _ours, _terminate
 from tests.testbed.cluster import _log as _testbed_log
+from tests.testbed.hostparts import (
+    kill_cgroup,
+    kill_shims,
+    make_cgroups,
+    mounts_under,
+    network_teardown,
+    read,
+    remove_cgroups,
+    write_kubeconfig,
+)
 from tests.testbed.pki import write_client_cert
 
 NODE_NAME = "edge-real-0"
@@ -49,9 +60,7 @@ TOLERATION = {"key": "edgeml.dev/real-node", "operator": "Equal", "value": "true
 LABEL = "edgeml.dev/real-node"
 CGROUP_ROOT = "/edgemodel-testbed"
 CNI_BIN = Path("/usr/lib/cni")
-CGROUP = Path("/sys/fs/cgroup")
 SYSCTLS = {"/proc/sys/net/ipv4/ip_forward": "1", "/proc/sys/net/bridge/bridge-nf-call-iptables": "1"}
-KUBELET_CHAINS = ("KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT", "KUBE-FIREWALL")
 COMMANDS = ("containerd", "runc", "ctr", "iptables")
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -78,8 +87,65 @@ CPUID_NAMES = {
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """What makes one real node of this machine distinct from another: its name, pod network, cgroup
+    root, and the suffix of its processes' names, of its state key, directories and lock."""
+
+    name: str
+    arch: str
+    bridge: str
+    pod_cidr: str
+    node_ip: str
+    cgroup_root: str
+    suffix: str = ""
+
+    @property
+    def state_key(self) -> str:
+        return f"node{self.suffix}"
+
+    def process(self, command: str) -> str:
+        """The name a command of this node has among the test bed's PIDs: `kubelet`, `kubelet-arm64`."""
+        return f"{command}{self.suffix}"
+
+
+AMD64 = NodeSpec(NODE_NAME, "amd64", BRIDGE, POD_CIDR, NODE_IP, CGROUP_ROOT)
+
+
 class NodeUnavailableError(RuntimeError):
     """The real node cannot run here; the message names the missing part or the failing command and its error."""
+
+
+def lock_directory() -> Path:
+    """Where the real nodes' locks live (one file per node of this machine)."""
+    return cache_root() / "node"
+
+
+def node_lock(spec: NodeSpec | None = None) -> Path:
+    """A real node's lock (the amd64 node's by default): held by its containerd for as long as it runs."""
+    return lock_directory() / f"containerd{(spec or AMD64).suffix}.lock"
+
+
+def lock_owner(text: str) -> Path | None:
+    """The state directory of the test bed a lock file's text names (None if it names none)."""
+    try:
+        owner = json.loads(text).get("testbed") if text.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        owner = None
+    if owner is None and text.startswith("the test bed in "):  # written by older versions
+        owner = text.removeprefix("the test bed in ").strip()
+    return Path(owner) if owner else None
+
+
+def refusal(what: str, owner: Path | None) -> str:
+    """The message that refuses to start a node another test bed runs, with the command that stops it (pure)."""
+    if owner is None:
+        return f"another test bed runs {what} on this machine; stop it with `make testbed-down`"
+    if not (owner / "state.json").exists():
+        return (f"the test bed in {owner} runs {what} on this machine and its directory is gone; "
+                "stop it with `make testbed-down` (python -m tests.testbed down)")  # fmt: skip
+    command = f"python -m tests.testbed down --dir {owner}"
+    return f"the test bed in {owner} runs {what} on this machine; stop it with `{command}`"
 
 
 def cpu_labels(cpuinfo: str, machine: str) -> dict[str, str]:
@@ -122,14 +188,48 @@ def preflight() -> None:
 
 
 class RealNode:
-    """The real node of one test bed: its files, processes and teardown."""
+    """The real node of one test bed: its files, processes and teardown (the amd64 node; see node_arm64.py)."""
+
+    spec = AMD64
+    sysctls: Mapping[str, str] = SYSCTLS
+    what = "the real node"
+    commands: tuple[str, ...] = ("containerd", "kubelet", "kube-proxy")
+    containerd_timeout: float = 60  # seconds until containerd answers
+    ready_timeout: float = 120  # seconds from the kubelet's start until the node is Ready
 
     def __init__(self, bed: Testbed) -> None:
         self.bed = bed
-        self.directory = bed.directory / "node"
-        digest = hashlib.sha256(str(bed.directory).encode()).hexdigest()[:10]
-        self.run_dir = Path("/run") / f"edgemodel-{digest}"  # sockets: unix paths must stay short
-        self.containerd_root = cache_root() / "node" / "containerd"
+        self.directory = bed.directory / self.spec.state_key
+        self.run_dir = bed.run_dir / self.spec.state_key  # its sockets and containerd's state
+        self.containerd_root = cache_root() / self.spec.state_key / "containerd"
+        self.lock_path = node_lock(self.spec)
+
+    def _binaries(self) -> dict[str, str]:
+        """containerd, kubelet and kube-proxy, built (kubelet, kube-proxy) where missing."""
+        paths = binaries.ensure(binaries.NODE)
+        containerd = shutil.which("containerd")
+        if containerd is None:
+            raise NodeUnavailableError("containerd is not installed (apt-get install containerd)")
+        return {"containerd": containerd, "kubelet": str(paths / "kubelet"), "kube-proxy": str(paths / "kube-proxy")}
+
+    def _images(self, log: Callable[[str], None]) -> Mapping[str, Any]:
+        from tests.testbed import images
+
+        return images.ensure_images(log)
+
+    def _runtime_options(self) -> str:
+        """Extra TOML lines for containerd's runc runtime section (none here)."""
+        return ""
+
+    def _import_flags(self) -> tuple[str, ...]:
+        """Extra flags of `ctr images import` (none here: containerd's own platform)."""
+        return ()
+
+    def _labels(self) -> dict[str, str]:
+        """The node's labels besides those the kubelet sets itself."""
+        labels = cpu_labels(Path("/proc/cpuinfo").read_text(), platform.machine()) | {LABEL: "true"}
+        labels.pop("kubernetes.io/arch")  # the kubelet sets it itself
+        return labels
 
     @property
     def socket(self) -> Path:
@@ -140,26 +240,52 @@ class RealNode:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, log: Callable[[str], None] = _log) -> dict[str, float]:
-        """Start containerd, kubelet and kube-proxy and wait for the node to be Ready; returns seconds per step."""
-        from tests.testbed import images
-
+    def check(self) -> None:
+        """Raise NodeUnavailableError if the node cannot start here: a missing part, or another test bed's
+        node holding the lock (the message names the command that stops it). Starts nothing."""
         preflight()
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock_path.open("a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                probe.seek(0)
+                owner = lock_owner(probe.read())
+                if owner != self.bed.directory:
+                    raise NodeUnavailableError(refusal(self.what, owner)) from None
+
+    def start(self, log: Callable[[str], None] = _log) -> dict[str, float]:
+        """Start containerd, kubelet and kube-proxy and wait for the node to be Ready; returns seconds per step.
+
+        A start that fails leaves nothing of the node running (the control plane is the caller's).
+        """
+        self.check()
         timings: dict[str, float] = {}
         started = time.monotonic()
-        paths = binaries.ensure(binaries.NODE)
+        paths = self._binaries()
         timings["binaries"] = time.monotonic() - started
         mark = time.monotonic()
-        built = images.ensure_images(log)
+        built = self._images(log)
         timings["images"] = time.monotonic() - mark
         self._lock()  # before anything host-wide is touched
+        try:
+            return self._start(paths, built, timings, started, log)
+        except BaseException:
+            self._lock_file.close()
+            self.teardown()
+            raise
+
+    def _start(
+        self, paths: dict[str, str], built: Mapping[str, Any], timings: dict[str, float], started: float,
+        log: Callable[[str], None],
+    ) -> dict[str, float]:  # fmt: skip
         self.teardown()  # whatever a run of this test bed that died left behind
         state = self.bed.state()
-        state["binaries"] |= {"containerd": shutil.which("containerd"), "kubelet": str(paths / "kubelet"),
-                              "kube-proxy": str(paths / "kube-proxy")}  # fmt: skip
-        state["node"] = {"name": NODE_NAME, "run_dir": str(self.run_dir),
-                         "sysctls": {path: _read(path) for path in SYSCTLS}}  # restored by teardown  # fmt: skip
-        state["images"] = {name: image.name for name, image in built.items()}
+        state["binaries"] |= {self.spec.process(command): path for command, path in paths.items()}
+        sysctls = {path: read(path) for path in self.sysctls}  # restored by teardown
+        state[self.spec.state_key] = {"name": self.spec.name, "arch": self.spec.arch, "run_dir": str(self.run_dir),
+                                      "sysctls": sysctls}  # fmt: skip
+        state["images"] = state.get("images", {}) | {name: image.name for name, image in built.items()}
         self.bed._save(state)
         for directory in (self.directory, self.run_dir, self.containerd_root):
             directory.mkdir(parents=True, exist_ok=True)
@@ -171,16 +297,17 @@ class RealNode:
         self._import(built, log)
         timings["import"] = time.monotonic() - mark
         mark = time.monotonic()
-        self._start_kubelet(state, paths / "kubelet")
-        self._start_kube_proxy(state, paths / "kube-proxy")
-        self.bed._wait("kubelet", self._ready, 120)
+        self._start_kubelet(state, Path(paths["kubelet"]))
+        if "kube-proxy" in paths:
+            self._start_kube_proxy(state, Path(paths["kube-proxy"]))
+        self.bed._wait(self.spec.process("kubelet"), self._ready, self.ready_timeout)
         timings["kubelet"] = time.monotonic() - mark
         timings["total"] = time.monotonic() - started
         log("Ready in " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return timings
 
     def _network(self) -> None:
-        for path, value in SYSCTLS.items():
+        for path, value in self.sysctls.items():
             try:
                 Path(path).write_text(value)
             except OSError as error:
@@ -188,10 +315,11 @@ class RealNode:
                 raise NodeUnavailableError(f"cannot write {value} to {path}{hint}: {error}") from error
         shutil.rmtree(self.directory / "cni" / "ipam", ignore_errors=True)  # no addresses held by pods long gone
         # The bridge exists before the first pod, so the node's address (its gateway) is there from the start.
-        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
-            _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        _run("ip", "addr", "replace", f"{NODE_IP}/24", "dev", BRIDGE)
-        _run("ip", "link", "set", BRIDGE, "up")
+        bridge = self.spec.bridge
+        if _run("ip", "link", "show", bridge, check=False).returncode != 0:
+            _run("ip", "link", "add", bridge, "type", "bridge")
+        _run("ip", "addr", "replace", f"{self.spec.node_ip}/24", "dev", bridge)
+        _run("ip", "link", "set", bridge, "up")
         net = self.directory / "cni" / "net.d"
         net.mkdir(parents=True, exist_ok=True)
         conflist = {
@@ -200,12 +328,12 @@ class RealNode:
             "plugins": [
                 {
                     "type": "bridge",
-                    "bridge": BRIDGE,
+                    "bridge": bridge,
                     "isGateway": True,
                     "hairpinMode": True,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                        "ranges": [[{"subnet": self.spec.pod_cidr, "gateway": self.spec.node_ip}]],
                         "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": str(self.directory / "cni" / "ipam"),
                     },
@@ -219,18 +347,18 @@ class RealNode:
 
         The lock is passed on to containerd, so it is held exactly as long as that containerd runs.
         """
-        path = cache_root() / "node" / "containerd.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = path.open("a+")
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self.lock_path.open("a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.seek(0)
-            owner = self._lock_file.read().strip() or "another test bed"
-            raise NodeUnavailableError(f"{owner} runs the real node on this machine; stop it first") from None
+            owner = lock_owner(self._lock_file.read())
+            self._lock_file.close()
+            raise NodeUnavailableError(refusal(self.what, owner)) from None
         self._lock_file.seek(0)
         self._lock_file.truncate()
-        self._lock_file.write(f"the test bed in {self.bed.directory}\n")
+        self._lock_file.write(json.dumps({"testbed": str(self.bed.directory), "run_dir": str(self.run_dir)}) + "\n")
         self._lock_file.flush()
 
     def _start_containerd(self, state: dict[str, Any]) -> None:
@@ -259,7 +387,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   discard_unpacked_layers = false
 [{cri}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.runc.options]
+{self._runtime_options()}[{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
 [{cri}.cni]
   bin_dir = "{CNI_BIN}"
@@ -268,10 +396,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
         path = self.directory / "containerd.toml"
         path.write_text(config)
-        command = [state["binaries"]["containerd"], "--config", str(path)]
-        self.bed._spawn(state, "containerd", command, pass_fds=[self._lock_file.fileno()])
+        name = self.spec.process("containerd")
+        command = [state["binaries"][name], "--config", str(path)]
+        self.bed._spawn(state, name, command, pass_fds=[self._lock_file.fileno()])
         self._lock_file.close()  # containerd holds the lock from here on
-        self.bed._wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, 60)
+        self.bed._wait(name, lambda: self.ctr("version", check=False).returncode == 0, self.containerd_timeout)
 
     def _import(self, built: Mapping[str, Any], log: Callable[[str], None]) -> None:
         # Containers of an earlier run (killed, never removed) and images no Dockerfile makes any more.
@@ -283,41 +412,49 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         stale = sorted(name for name in present - wanted if name.startswith("localhost/edgemodel/"))
         if stale:
             self.ctr("images", "rm", *stale, check=False)
+        # Which build each name was imported from, where the name does not say (the pause image keeps the
+        # name the kubelet expects; the arm64 images carry the amd64 images' names).
+        record = self.containerd_root / "imported.json"
+        imported: dict[str, str] = json.loads(record.read_text()) if record.exists() else {}
         for image in built.values():
-            keyed = image.key in image.name  # the pause image keeps the name the kubelet expects
-            if keyed and image.name in present:
+            current = image.key in image.name or imported.get(image.name) == image.key
+            if current and image.name in present:
                 continue
             log(f"importing {image.name} ({image.archive.stat().st_size / 1e6:.0f} MB) into containerd ...")
             mark = time.monotonic()
             # --no-unpack would leave the first pod to unpack; unpacking here keeps pod starts quick.
-            self.ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive))
+            self.ctr("images", "import", "--snapshotter", "overlayfs", *self._import_flags(), str(image.archive))
+            imported[image.name] = image.key
+            record.write_text(json.dumps(imported, indent=2))
             log(f"imported {image.name} in {time.monotonic() - mark:.1f}s")
         missing = {image.name for image in built.values()} - set(self.ctr("images", "ls", "--quiet").stdout.split())
         if missing:
             raise NodeUnavailableError(f"containerd does not list {sorted(missing)} after importing them")
 
     def _start_kubelet(self, state: dict[str, Any], kubelet: Path) -> None:
-        _make_cgroups(CGROUP_ROOT)
+        spec = self.spec
+        make_cgroups(spec.cgroup_root)
         pki = self.bed.pki
-        cert, key = write_client_cert(pki, "kubelet", f"system:node:{NODE_NAME}", "system:nodes")
+        cert, key = write_client_cert(pki, f"kubelet{spec.suffix}", f"system:node:{spec.name}", "system:nodes")
         kubeconfig = self.directory / "kubelet.kubeconfig"
-        _write_kubeconfig(kubeconfig, state["ports"]["apiserver"], pki.ca_cert, cert, key)
+        write_kubeconfig(kubeconfig, state["ports"]["apiserver"], pki.ca_cert, cert, key)
         resolv = self.directory / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\noptions ndots:1\n")  # pods resolve nothing: no cluster DNS here
         ports = state.setdefault("ports", {})
-        ports["kubelet"], ports["kubelet-healthz"] = _free_port(), _free_port()
+        port, healthz = spec.process("kubelet"), spec.process("kubelet-healthz")
+        ports[port], ports[healthz] = _free_port(), _free_port()
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             # On a cgroup v1 host (a hybrid layout, as on this build machine) kubelet 1.35+ runs only if told.
             "failCgroupV1": False,
             "cgroupDriver": "cgroupfs",
-            "cgroupRoot": CGROUP_ROOT,
-            "address": NODE_IP,
-            "port": ports["kubelet"],
+            "cgroupRoot": spec.cgroup_root,
+            "address": spec.node_ip,
+            "port": ports[port],
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
-            "healthzPort": ports["kubelet-healthz"],
+            "healthzPort": ports[healthz],
             "authentication": {
                 "anonymous": {"enabled": False},
                 "webhook": {"enabled": True},
@@ -328,7 +465,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "registerWithTaints": [TAINT],
             "failSwapOn": False,
             "resolvConf": str(resolv),
-            "podCIDR": POD_CIDR,
+            "podCIDR": spec.pod_cidr,
             "maxPods": 40,
             "serializeImagePulls": False,
             # A shared build machine's disk: evict only when it is really full.
@@ -342,13 +479,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
         path = self.directory / "kubelet.yaml"
         path.write_text(yaml.safe_dump(config))
-        labels = cpu_labels(Path("/proc/cpuinfo").read_text(), platform.machine()) | {LABEL: "true"}
-        labels.pop("kubernetes.io/arch")  # the kubelet sets it itself
-        args = [str(kubelet), f"--config={path}", f"--kubeconfig={kubeconfig}", f"--hostname-override={NODE_NAME}",
-                f"--node-ip={NODE_IP}", f"--root-dir={self.directory / 'kubelet'}",
+        labels = self._labels()
+        args = [str(kubelet), f"--config={path}", f"--kubeconfig={kubeconfig}", f"--hostname-override={spec.name}",
+                f"--node-ip={spec.node_ip}", f"--root-dir={self.directory / 'kubelet'}",
                 f"--cert-dir={self.directory / 'kubelet-pki'}",
                 "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())), "--v=2"]  # fmt: skip
-        self.bed._spawn(state, "kubelet", args)
+        self.bed._spawn(state, spec.process("kubelet"), args)
 
     def _start_kube_proxy(self, state: dict[str, Any], kube_proxy: Path) -> None:
         config = {
@@ -373,11 +509,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Whether this test bed's node runs: its containerd, kubelet and kube-proxy are alive."""
         state = self.bed.state()
         pids, binaries_ = state.get("pids", {}), state.get("binaries", {})
-        names = ("containerd", "kubelet", "kube-proxy")
-        return "node" in state and all(n in pids and _ours(pids[n], binaries_[n]) for n in names)
+        names = [self.spec.process(c) for c in self.commands]
+        return self.spec.state_key in state and all(n in pids and _ours(pids[n], binaries_[n]) for n in names)
 
     def _ready(self) -> bool:
-        result = self.bed.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+        result = self.bed.kubectl("get", "node", self.spec.name, "-o", "json", check=False)
         if result.returncode != 0:
             return False
         conditions = json.loads(result.stdout)["status"].get("conditions", [])
@@ -389,171 +525,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Stop the node's processes and remove every container, mount, network namespace and rule it made."""
         state = self.bed.state()
         pids: dict[str, int] = state.get("pids", {})
-        for name in ("kube-proxy", "kubelet"):  # nothing may restart a container while they go
+        spec = self.spec
+        for name in (spec.process("kube-proxy"), spec.process("kubelet")):  # nothing may restart a container
             if name in pids and _ours(pids[name], state["binaries"][name]):
                 _terminate(pids[name], 15)
-        _kill_cgroup(CGROUP_ROOT)
-        if "containerd" in pids and _ours(pids["containerd"], state["binaries"]["containerd"]):
-            _terminate(pids["containerd"], 15)
-        _kill_shims(str(self.socket))
-        for mount in _mounts_under((self.run_dir, self.directory, self.containerd_root)):
+        kill_cgroup(spec.cgroup_root)
+        containerd = spec.process("containerd")
+        if containerd in pids and _ours(pids[containerd], state["binaries"][containerd]):
+            _terminate(pids[containerd], 15)
+        kill_shims(str(self.socket))
+        for mount in mounts_under((self.run_dir, self.directory, self.containerd_root)):
             subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
-        _remove_cgroups(CGROUP_ROOT)
-        if "node" in state:
-            _network_teardown(state)
+        remove_cgroups(spec.cgroup_root)
+        if spec.state_key in state:
+            self._network_teardown(state)
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        for name in ("kube-proxy", "kubelet", "containerd"):
-            pids.pop(name, None)
-        state.pop("node", None)
+        for command in self.commands:
+            pids.pop(spec.process(command), None)
+        state.pop(spec.state_key, None)
         if state:
             self.bed._save(state)
 
-
-def _network_teardown(state: dict[str, Any]) -> None:
-    """The pods' network namespaces, kube-proxy's and the kubelet's iptables chains, the bridge, the sysctls."""
-    for name in _netns():  # the pods' sandboxes: containerd names them cni-<uuid>
-        if name.startswith("cni-") and not _netns_in_use(name):
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
-    kube_proxy = state.get("binaries", {}).get("kube-proxy")
-    if kube_proxy and Path(kube_proxy).exists():
-        subprocess.run([kube_proxy, "--cleanup"], capture_output=True, check=False)
-    for table in ("filter", "nat", "mangle"):  # chains the kubelet and kube-proxy leave behind, with their jumps
-        for chain in KUBELET_CHAINS:
-            for parent in ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"):
-                while _iptables("-t", table, "-D", parent, "-j", chain):
-                    pass
-            _iptables("-t", table, "-F", chain)
-            _iptables("-t", table, "-X", chain)
-    subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
-    for path, value in (state["node"].get("sysctls") or {}).items():
-        if value is not None:
-            Path(path).write_text(value)
-
-
-def _write_kubeconfig(path: Path, port: int, ca: Path, cert: Path, key: Path) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "testbed", "cluster": {"server": f"https://127.0.0.1:{port}", "certificate-authority": str(ca)}}
-        ],
-        "users": [{"name": "node", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
-        "contexts": [{"name": "node", "context": {"cluster": "testbed", "user": "node"}}],
-        "current-context": "node",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-
-
-def _iptables(*args: str) -> bool:
-    return subprocess.run(["iptables", *args], capture_output=True, check=False).returncode == 0
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def _netns_in_use(name: str) -> bool:
-    """Whether a process still lives in the network namespace /run/netns/<name>."""
-    try:
-        target = os.stat(f"/run/netns/{name}").st_ino
-    except OSError:
-        return False
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.stat(entry / "ns" / "net").st_ino == target:
-                    return True
-            except OSError:
-                continue
-    return False
-
-
-def _netns() -> set[str]:
-    directory = Path("/run/netns")
-    return {p.name for p in directory.iterdir()} if directory.exists() else set()
-
-
-def _cgroup_v2() -> bool:
-    return (CGROUP / "cgroup.controllers").exists()
-
-
-def _cgroup_dirs(root: str) -> list[Path]:
-    """The node's cgroup root: one directory on cgroup v2, one per hierarchy on v1."""
-    if _cgroup_v2():
-        found = [CGROUP / root.lstrip("/")]
-    else:
-        found = [p / root.lstrip("/") for p in CGROUP.iterdir() if p.is_dir()] if CGROUP.exists() else []
-    return [path for path in found if path.is_dir()]
-
-
-def _make_cgroups(root: str) -> None:
-    """The kubelet's cgroup root (it must exist): on v2 one directory with the controllers pods need
-    delegated to it; on v1 one per hierarchy, where cpuset needs its CPUs and memory nodes."""
-    base = CGROUP
-    if _cgroup_v2():
-        available = set((base / "cgroup.controllers").read_text().split())
-        wanted = [c for c in ("cpuset", "cpu", "io", "memory", "hugetlb", "pids") if c in available]
-        (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
-        (base / root.lstrip("/")).mkdir(exist_ok=True)
-        return
-    for subsystem in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "unified"):
-        path = subsystem / root.lstrip("/")
-        path.mkdir(exist_ok=True)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            if (path / name).exists() and not (path / name).read_text().strip():
-                (path / name).write_text((subsystem / name).read_text())
-
-
-def _kill_cgroup(root: str) -> None:
-    """SIGKILL every process in the node's cgroups (pods' containers and sandboxes), until none is left."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pids = {
-            int(pid)
-            for directory in _cgroup_dirs(root)
-            for procs in directory.rglob("cgroup.procs")
-            for pid in procs.read_text().split()
-        }
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        time.sleep(0.2)
-
-
-def _remove_cgroups(root: str) -> None:
-    for directory in _cgroup_dirs(root):
-        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            with contextlib.suppress(OSError):
-                child.rmdir()
-        with contextlib.suppress(OSError):
-            directory.rmdir()
-
-
-def _kill_shims(socket: str) -> None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if command and command[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in command:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), 9)
-
-
-def _mounts_under(directories: tuple[Path, ...]) -> list[str]:
-    """Mount points below any of `directories`, deepest first."""
-    prefixes = tuple(f"{d}/" for d in directories)
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point.startswith(prefixes):
-            points.append(point)
-    return sorted(points, key=lambda p: -p.count("/"))
+    def _network_teardown(self, state: dict[str, Any]) -> None:
+        network_teardown(state, self.spec)

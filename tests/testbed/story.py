@@ -12,6 +12,11 @@
 
 `kubectl get em` and the EdgeModel's Events are shown at each step. The test bed and its node keep
 running afterwards (the operator and the registry stop with the demo); `make testbed-down` stops them.
+
+With `--arm64-node` (`make demo ARM64_NODE=1`) an arm64 node runs beside the real node, under
+emulation (tests/testbed/node_arm64.py): the same EdgeModel then has two real classes, amd64 and
+arm64, each with its own build Job, engine validated on its own architecture, serving pods, shadow and
+decision; the figures of the arm64 class are those of emulation.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tests.helpers import LiveRequests
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
 from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode
+from tests.testbed.node_arm64 import Arm64Node
 from tests.testbed.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,30 +104,59 @@ def _status(bed: Testbed) -> dict[str, Any]:
     return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
 
 
-def _follow(bed: Testbed, done: Any, timeout: float = 600) -> dict[str, Any]:
-    """Print `kubectl get em` whenever it changes, until `done(class status)` holds."""
+def _follow(bed: Testbed, done: Any, classes: int = 1) -> list[dict[str, Any]]:
+    """Print `kubectl get em` whenever it changes, until `done(class status)` holds for each of `classes`.
+
+    Waits 600 s, 900 s with the arm64 class: its builds and its servers' start run under emulation.
+    """
+    timeout = 600 if classes == 1 else 900
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         line = bed.kubectl("get", "em", NAME, "-n", NAMESPACE, "--no-headers", check=False).stdout.strip()
-        entry = (_status(bed).get("classes") or [{}])[0]
-        state = f"{line}    [{entry.get('state', '-')}: {entry.get('message', '')}]"
+        entries = list(_status(bed).get("classes") or [])
+        state = line + "".join(f"\n      {e.get('key', '-')}: {e.get('state', '-')}: {e.get('message', '')}"
+                               for e in entries)  # fmt: skip
         if state != last:
             print(f"  {time.strftime('%H:%M:%S')}  {state}", flush=True)
             last = state
-        if done(entry):
-            return dict(entry)
+        if len(entries) >= classes and all(done(entry) for entry in entries):
+            return entries
         time.sleep(1)
     raise TimeoutError(f"{NAME} did not get there in {timeout:.0f}s; see `kubectl describe em {NAME} -n {NAMESPACE}`")
 
 
-def _cluster(directory: Path) -> Testbed:
+def _figures(entries: list[dict[str, Any]]) -> None:
+    """Per class: build seconds, validation and latency (the arm64 class's are measured under emulation)."""
+    for entry in entries:
+        emulated = " (arm64 under emulation: qemu-user-static)" if entry.get("key", "").startswith("arm64") else ""
+        print(f"  {entry.get('key')}{emulated}: build {entry.get('buildSeconds')} s, "
+              f"metrics {json.dumps(entry.get('metrics'))}")  # fmt: skip
+
+
+def _cluster(directory: Path, arm64: bool) -> Testbed:
     bed = Testbed(directory)
-    _say("1. the test bed: a real control plane, simulated edge classes, and this machine as a real node")
-    if not bed.running():
+    _say("1. the test bed: a real control plane, simulated edge classes, and this machine as a real node"
+         + (" beside an arm64 node under emulation" if arm64 else ""))  # fmt: skip
+    nodes = [RealNode(bed), *([Arm64Node(bed)] if arm64 else [])]
+    for node in nodes:
+        if not node.running():
+            node.check()  # a refused start starts nothing
+    started_here = not bed.running()
+    if started_here:
         print(f"control plane and KWOK nodes up in {bed.start():.1f}s")
-    if not RealNode(bed).running():
-        timings = RealNode(bed).start(lambda m: print(f"  {m}", flush=True))
-        print(f"real node up in {timings['total']:.1f}s")
+    started: list[RealNode] = []
+    try:
+        for node in nodes:
+            if not node.running():
+                timings = node.start(lambda m: print(f"  {m}", flush=True))
+                started.append(node)
+                print(f"{node.what} {node.spec.name} up in {timings['total']:.1f}s")
+    except BaseException:
+        for node in reversed(started):
+            node.teardown()
+        if started_here:
+            bed.stop()
+        raise
     _show(bed, "get", "nodes", "-L", f"kubernetes.io/arch,nvidia.com/gpu.product,{LABEL}")
     _show(bed, "apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
     bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
@@ -143,13 +178,15 @@ def _operator(bed: Testbed, work: Path, registry: Registry) -> OperatorProcess:
     return operator
 
 
-def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traffic: list[LiveRequests]) -> None:
-    _say("3. revision 1: a build Job builds and validates the engine on the real node, a pod serves it")
+def _revisions(
+    bed: Testbed, uris: dict[str, str], models: dict[str, Path], traffic: list[LiveRequests], classes: int
+) -> None:
+    _say("3. revision 1: a build Job per class builds and validates the engine on its node, pods serve it")
     bed.apply_objects([_edgemodel(uris["v1"], sha256_file(models["v1"]))])
-    _follow(bed, lambda e: e.get("state") == "Serving")
+    _figures(_follow(bed, lambda e: e.get("state") == "Serving", classes))
     _show(bed, "get", "jobs,pods", "-n", NAMESPACE, "-o", "wide")
     _show(bed, "logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=build", "--tail=12")
-    _show(bed, "get", "em", NAME, "-n", NAMESPACE, "-o", "jsonpath={.status.classes[0]}{'\\n'}")
+    _show(bed, "get", "em", NAME, "-n", NAMESPACE, "-o", "jsonpath={range .status.classes[*]}{@}{'\\n'}{end}")
     service = json.loads(bed.kubectl("get", "service", NAME, "-n", NAMESPACE, "-o", "json").stdout)
     url = f"http://{service['spec']['clusterIP']}:{PORT}"
     traffic.append(LiveRequests(f"{url}/v2/models/{NAME}/infer", _image, pause=0.05))
@@ -158,14 +195,15 @@ def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traf
 
     _say("4. revision 2, the same model re-exported: shadowed on real pods, then promoted")
     bed.apply_objects([_edgemodel(uris["v2"], sha256_file(models["v2"]))])
-    _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"})
-    _follow(bed, lambda e: e.get("state") == "Serving" and not _status(bed).get("revisions", {}).get("candidate"))
+    _follow(bed, lambda e: (e.get("shadow") or {}).get("decision") in {"Promote", "Rollback"}, classes)
+    _follow(bed, lambda e: e.get("state") == "Serving" and not _status(bed).get("revisions", {}).get("candidate"),
+            classes)  # fmt: skip
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
 
     _say("5. revision 3, a retrain gone wrong: shadowed, measured, rolled back; revision 2 keeps serving")
     bed.apply_objects([_edgemodel(uris["v3"], sha256_file(models["v3"]))])
-    entry = _follow(bed, lambda e: e.get("state") == "RolledBack")
-    print(f"  shadow evidence: {json.dumps(entry.get('shadow'))}")
+    for entry in _follow(bed, lambda e: e.get("state") == "RolledBack", classes):
+        print(f"  {entry.get('key')} shadow evidence: {json.dumps(entry.get('shadow'))}")
     _show(bed, "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={NAME}")
     _show(bed, "get", "pods", "-n", NAMESPACE, "-o", "wide")
     _show(bed, "get", "em", "-n", NAMESPACE)
@@ -173,9 +211,9 @@ def _revisions(bed: Testbed, uris: dict[str, str], models: dict[str, Path], traf
     print("  revision 2 keeps serving; kstatus and Argo CD read it as Failed until the spec changes.")
 
 
-def main(directory: Path) -> int:
+def main(directory: Path, arm64: bool = False) -> int:
     started = time.monotonic()
-    bed = _cluster(directory)
+    bed = _cluster(directory, arm64)
     _say("2. a registry on the node's address with three revisions of a real model, and the operator")
     work = directory / "demo"
     work.mkdir(exist_ok=True)
@@ -191,7 +229,7 @@ def main(directory: Path) -> int:
             uris[revision] = f"oci://{registry.address}/models/ppocr-cls@{digest}"
             print(f"  {revision}: {uris[revision]}  sha256 {sha256_file(path)[:16]}…")
         operator = _operator(bed, work, registry)
-        _revisions(bed, uris, models, traffic)
+        _revisions(bed, uris, models, traffic, 2 if arm64 else 1)
     finally:
         for running in traffic:
             running.stop.set()

@@ -5,19 +5,25 @@
 #   iptables, conntrack
 #   buildah, debootstrap             the images, built from images/*/Dockerfile without a registry
 #   gcc, libc6-dev                   the pause image's static binary (tests/testbed/pause/pause.c)
+#   qemu-user-static, binfmt-support the arm64 node and arm64 images, run under emulation through binfmt_misc
+#   gcc-aarch64-linux-gnu,           the arm64 pause image, cross-compiled
+#   libc6-dev-arm64-cross
 set -euo pipefail
 
 declare -A wanted=(
   [make]=make [docker-registry]=docker-registry [prometheus]=prometheus
   [containerd]=containerd [runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins
   [iptables]=iptables [conntrack]=conntrack [buildah]=buildah [debootstrap]=debootstrap [gcc]=gcc
+  [qemu-aarch64-static]=qemu-user-static [update-binfmts]=binfmt-support [aarch64-linux-gnu-gcc]=gcc-aarch64-linux-gnu
 )
 missing=()
 for command in "${!wanted[@]}"; do
   if [[ $command == /* ]]; then [[ -e $command ]] || missing+=("${wanted[$command]}")
   else command -v "$command" >/dev/null || missing+=("${wanted[$command]}"); fi
 done
-dpkg-query -W -f='${Status}' libc6-dev 2>/dev/null | grep -q "ok installed" || missing+=(libc6-dev)
+for package in libc6-dev libc6-dev-arm64-cross; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
 if ((${#missing[@]})); then
   if ((EUID != 0)); then
     echo "missing Debian packages: ${missing[*]}; as root: apt-get install ${missing[*]}" >&2
@@ -33,3 +39,8 @@ for service in docker-registry prometheus; do
     systemctl disable --now "$service"
   fi
 done
+# arm64 binaries run through binfmt_misc: mounted, and Debian's qemu-aarch64 entry (flags PF) enabled.
+if ((EUID == 0)); then
+  [[ -e /proc/sys/fs/binfmt_misc/status ]] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || update-binfmts --enable qemu-aarch64
+fi
