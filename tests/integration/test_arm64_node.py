@@ -151,7 +151,7 @@ def test_an_edgemodel_for_the_arm64_class_is_built_validated_and_served_on_arm64
     digest = oci.push(oci.parse_reference(f"{scene.registry.address}/models/{NAME}"), [scene.model], "a", {})
     operator = OperatorProcess(scene.bed, scene.model.parent / "operator.log", settings={
         "image_cpu": scene.images["runtime-cpu"], "registry": f"{scene.registry.address}/engines",
-        "registry_insecure": "true", "analysis_seconds": "1", "status_hold_seconds": "0",
+        "registry_insecure": "true", "analysis_seconds": "1",
         "namespaces": json.dumps([scene.namespace]),
     })  # fmt: skip
     operator.start()
