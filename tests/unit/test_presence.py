@@ -282,3 +282,14 @@ def test_a_class_new_during_a_rollout_serves_the_stable_revision_first_then_shad
     entry = next(e for e in cluster.body["status"]["classes"] if e["key"] == new)
     assert (entry["state"], entry["revision"], entry["shadow"]["revision"]) == ("Shadowing", first, second)
     assert cluster.body["status"]["revisions"] == {"stable": first, "candidate": second}
+
+
+def test_a_new_class_gets_the_stable_revision_from_its_record_when_no_workload_carries_its_spec() -> None:
+    cluster, first = _serving_first_revision()
+    _shadowing(cluster)
+    for (kind, _), obj in cluster.objects.items():
+        if kind == "Deployment":
+            obj["metadata"].pop("annotations", None)  # the spec annotation gone: only the record has it
+    cluster.nodes = [*cluster.nodes, ready(build_node("rpi5-1", ARM64_CPU))]
+    result = cluster.step("2026-11-26T12:01:30Z")
+    assert [o["metadata"]["labels"]["edgeml.dev/revision"] for o in result.create if o["kind"] == "Job"] == [first]

@@ -259,3 +259,28 @@ def test_a_record_edited_by_hand_reads_as_far_as_it_can_and_is_rewritten() -> No
     assert record.application == Application(0)
     assert list(record.attempts) == ["c1"]
     assert parse({"metadata": {"name": "x", "labels": {}}, "data": {}}) is None
+
+
+def test_the_build_outcome_is_kept_in_the_attempt_so_losing_pod_and_job_annotation_changes_nothing() -> None:
+    """The record is the copy decisions read: with the build pod gone and the Job's annotation removed
+    (edited by hand), the class keeps serving its build and nothing is read, patched or rebuilt."""
+    cluster, first = _serving_first_revision()
+    (attempt,) = _attempts(cluster, first).values()
+    assert (attempt.state, attempt.build and attempt.build["artifactDigest"]) == (
+        "Promoted",
+        "oci://r/e@sha256:" + "a" * 64,
+    )
+    for kind, name in [k for k in cluster.objects if k[0] == "Pod"]:
+        del cluster.objects[kind, name]
+    for (kind, _), job in cluster.objects.items():
+        if kind == "Job":
+            job["metadata"].pop("annotations", None)
+    cluster.body["spec"]["model"]["sha256"] = DIGEST  # back to the first revision: no spec change
+    cluster.body["metadata"]["generation"] = 1
+    result = cluster.step("2026-11-26T12:05:00Z")
+    (entry,) = result.status["classes"]
+    assert (entry["state"], entry["artifactDigest"]) == ("Serving", "oci://r/e@sha256:" + "a" * 64)
+    assert not result.patch
+    assert not result.delete
+    assert not result.records
+    assert not [o for o in result.create if o["kind"] in {"Job", "Deployment"}]
