@@ -204,6 +204,24 @@ def test_empty_tensors_are_equal_and_decide_nothing() -> None:
     _json_safe(comparison)
 
 
+NUMERIC = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+           np.float16, np.float32, np.float64]  # fmt: skip
+
+
+@pytest.mark.parametrize("theirs", NUMERIC, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("ours", NUMERIC, ids=lambda t: np.dtype(t).name)
+def test_a_candidate_answering_another_datatype_disagrees_even_with_equal_values(ours: type, theirs: type) -> None:
+    values = np.array([[0, 1, 1]])
+    _, missed = compare.agreement({"y": values.astype(ours)}, {"y": values.astype(theirs)}, compare.Tolerances())
+    assert [m.label for m in missed] == ([] if ours is theirs else ["datatype"])
+
+
+def test_strings_agree_as_str_or_bytes_the_engine_and_the_wire_both_being_bytes_tensors() -> None:
+    engine = np.array(["a", "", "b\x00c"], dtype=object)
+    wire = np.array([b"a", b"", b"b\x00c"], dtype=object)
+    assert compare.agreement({"y": engine}, {"y": wire}, compare.Tolerances())[1] == []
+
+
 @pytest.mark.parametrize(
     ("candidate", "reason"),
     [(np.zeros((2, 3), np.float32), "shape"), (np.zeros((1, 3), np.int64), "datatype")],

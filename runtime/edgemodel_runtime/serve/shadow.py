@@ -204,10 +204,13 @@ def inference_seconds(header: str | None, round_trip: float) -> float:
 
 
 def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-    """The same request asking for every output as binary data (unchanged if it cannot be read).
+    """The same request asking for every output as binary data, without the model it names (unchanged
+    if it cannot be read).
 
     Binary outputs carry every value exactly, where JSON cannot carry NaN or infinities; asking for
-    all outputs lets an output the candidate lacks show as missing instead of a refused request.
+    all outputs lets an output the candidate lacks show as missing instead of a refused request. The
+    body's model_name and model_version name stable's model and version, which the candidate would
+    refuse as another version; the copy's URL names the model.
     """
     length = headers.get(protocol.BINARY_HEADER)
     try:
@@ -218,6 +221,10 @@ def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes,
         parameters = document.get("parameters") or {}
         document["parameters"] = {**parameters, "binary_data_output": True}
         document.pop("outputs", None)
+        # The body may name stable's version (KServe's clients send model_name and model_version); the
+        # candidate serves another, and the copy's URL already names the model.
+        document.pop("model_name", None)
+        document.pop("model_version", None)
         header = orjson.dumps(document)
     except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
         return body, headers
