@@ -230,8 +230,13 @@ def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_
         (["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": NaN}'], "NaN is not JSON"),
         (["--shadow-url", "http://127.0.0.1:9", "--agreement", "0.05"], "must be a JSON object"),
         (["--shadow-config", "/nonexistent", "--agreement", "{}"], "--agreement goes with --shadow-url"),
+        (
+            ["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"outputs": {"logit": {"maxAbsError": 1}}}'],
+            "--agreement: agreement.outputs ['logit'] are not outputs of the model "
+            "(['label', 'logits', 'positive', 'probs'])",
+        ),
     ],
-    ids=["zero limit", "nan limit", "not an object", "with a config file"],
+    ids=["zero limit", "nan limit", "not an object", "with a config file", "an output the model lacks"],
 )
 def test_an_agreement_the_server_cannot_apply_is_refused_at_start(
     models: dict[str, Path], arguments: list[str], message: str

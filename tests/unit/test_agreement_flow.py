@@ -35,6 +35,29 @@ def test_the_documented_defaults_are_the_runtime_defaults() -> None:
     assert parse_agreement(agreement.runtime_config()) == Tolerances(DEFAULT_AGREEMENT) == parse_agreement(None)
 
 
+@pytest.mark.parametrize(
+    ("given", "default"),
+    [
+        ({}, DEFAULT_AGREEMENT),
+        ({"outputs": {"boxes": {"maxAbsError": 2}}}, DEFAULT_AGREEMENT),
+        ({"minCosine": 0.99}, replace(DEFAULT_AGREEMENT, min_cosine=0.99)),
+        ({"maxAbsError": 1e-3}, replace(DEFAULT_AGREEMENT, max_abs_error=1e-3)),
+        ({"minTop1Agreement": 0}, replace(DEFAULT_AGREEMENT, min_top1_agreement=0.0)),
+        ({"maxRelativeError": 1e6, "minTop1Agreement": 1}, replace(DEFAULT_AGREEMENT, max_relative_error=1e6)),
+    ],
+)
+def test_a_limit_the_server_is_not_given_keeps_its_default_as_in_the_spec(given: Obj, default: Tolerance) -> None:
+    """--agreement and the shadow file read absent limits as spec.rollout.analysis.agreement defaults them:
+    setting one limit (or only per-output ones) must not drop the others to "no limits"."""
+    parsed = parse_agreement(given)
+    assert parsed.default == default
+    if "outputs" not in given:  # the spec lists per-output limits; the server's file keys them by name
+        assert (
+            parse_agreement(Analysis.model_validate({"agreement": given}).agreement.runtime_config()).default == default
+        )
+    assert all(tolerance == default.merged(tolerance) for _, tolerance in parsed.outputs)
+
+
 def test_the_default_agreement_reaches_the_stable_servers_and_the_shadow_started_event() -> None:
     cluster, _ = _serving_first_revision()
     _, started = _shadowing(cluster)

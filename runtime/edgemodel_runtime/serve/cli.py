@@ -31,6 +31,7 @@ from edgemodel_runtime.serve.shadow_config import (
     ShadowConfigFile,
     check_candidate_url,
     parse_agreement,
+    unknown_outputs,
 )
 
 # What may appear as one segment of a URL path without encoding, in every client: the model name
@@ -218,6 +219,11 @@ def serve_command(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return INFRASTRUCTURE
+    if args.agreement is not None:
+        problem = unknown_outputs(_agreement(args.agreement), [output.name for output in model.outputs])
+        if problem:
+            print(f"edgemodel serve: --agreement: {problem}", file=sys.stderr)
+            return 2
     shadow = None
     if args.shadow_url:
         shadow = ShadowConfig(
