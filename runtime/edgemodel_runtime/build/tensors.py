@@ -95,7 +95,9 @@ def resolve_inputs(
 ) -> list[TensorInfo]:
     """Concrete input specs from the model's declared inputs (name, dims, ORT type) and overrides.
 
-    Dynamic dimensions without an override become 1.
+    A dynamic dimension the model names (a dim_param such as "batch") is one dimension wherever it appears:
+    fixed by --input in one input, it takes that value in every input that names it (two different values
+    are refused). Dynamic dimensions fixed neither way become 1.
     """
     names = {name for name, _, _ in declared}
     unknown = sorted(set(overrides) - names)
@@ -103,6 +105,7 @@ def resolve_inputs(
         raise BadInputError(
             f"--input names {unknown} are not inputs of the model (it has {sorted(names)})", reason="InvalidOption"
         )
+    named = _named_dims(declared, overrides)
     infos = []
     for name, dims, ort_type in declared:
         dtype = _input_dtype(name, ort_type)
@@ -116,8 +119,9 @@ def resolve_inputs(
                     reason="InvalidOption",
                 )
         else:
-            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
-        info = TensorInfo(name, shape, dtype, tuple(dims), name in overrides)
+            shape = tuple(d if isinstance(d, int) and d > 0 else named.get(d, (1, ""))[0] for d in dims)
+        fixed_by_flag = name in overrides or any(d in named for d in dims)
+        info = TensorInfo(name, shape, dtype, tuple(dims), fixed_by_flag)
         size = math.prod(shape) * info.dtype.itemsize
         if size > MAX_INPUT_BYTES:
             raise BadInputError(
@@ -128,6 +132,29 @@ def resolve_inputs(
             )
         infos.append(info)
     return infos
+
+
+def _named_dims(
+    declared: Sequence[tuple[str, Sequence[int | str | None], str]], overrides: Mapping[str, tuple[int, ...]]
+) -> dict[int | str | None, tuple[int, str]]:
+    """Named dynamic dimensions fixed by --input: name -> (value, the flag that fixed it)."""
+    named: dict[int | str | None, tuple[int, str]] = {}
+    for name, dims, _ in declared:
+        shape = overrides.get(name)
+        if shape is None or len(shape) != len(dims):
+            continue  # not fixed here, or refused by resolve_inputs for its rank
+        flag = f"--input {name}={'x'.join(map(str, shape))}"
+        for dim, value in zip(dims, shape, strict=True):
+            if not isinstance(dim, str) or not dim:
+                continue
+            if dim in named and named[dim][0] != value:
+                raise BadInputError(
+                    f"dimension {dim!r} is {named[dim][0]} in {named[dim][1]} but {value} in {flag}: the model "
+                    "names it in both inputs, so they must agree",
+                    reason="InvalidOption",
+                )
+            named.setdefault(dim, (value, flag))
+    return named
 
 
 def fixed_dims_hint(inputs: Sequence[TensorInfo]) -> str:
