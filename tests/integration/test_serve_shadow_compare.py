@@ -213,6 +213,23 @@ def test_a_request_naming_the_model_and_stable_version_in_its_body_is_compared_n
     assert counts == {"mirrored": 3, "compared": 3, "agreed": 3, "errors": 0}
 
 
+@pytest.mark.parametrize("pair", [("stable", "fewer")], indirect=True)
+def test_a_request_with_nan_tokens_in_its_json_is_copied_as_any_other(pair: Pair) -> None:
+    """JSON input data may hold NaN and Infinity (Triton's tokens, which stable reads); the copy must still ask
+    for every output as binary data and leave out stable's version, or the candidate refuses it."""
+    data = b"[NaN, Infinity, -Infinity, 1e-45, 0.1, -0.0, 3.4028234663852886e38, 2]"
+    for fields, requested in ((b'"model_version": "r1", ', b'"probs"'), (b"", b'"positive"')):
+        body = b'{%s"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": %s}], ' % (fields, data)
+        body += b'"outputs": [{"name": %s}]}' % requested
+        status, answer = pair.stable.request("POST", "/v2/models/clf/infer", body)
+        assert status == 200, answer
+        pair.sent += 1
+    counts = pair.settled()
+    # probs is NaN on both sides (agrees); positive is missing from the candidate (disagrees, not an error).
+    assert counts == {"mirrored": 2, "compared": 2, "agreed": 1, "errors": 0}
+    assert pair.disagreed("missing_output") == 1
+
+
 @pytest.mark.parametrize("pair", [("stable", "nan")], indirect=True)
 def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_alike(pair: Pair) -> None:
     for requested, binary in REQUESTS:

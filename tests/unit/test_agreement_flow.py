@@ -227,6 +227,19 @@ def test_the_mirrored_copy_asks_for_every_output_in_binary_and_keeps_the_binary_
     assert body[length:] == b"\0\0\0\0"
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(width=32) | st.floats() | st.integers(-(2**64), 2**64), min_size=1, max_size=8))
+def test_the_copy_carries_every_json_number_as_stable_read_it_nan_and_infinity_included(values: list[Any]) -> None:
+    from edgemodel_runtime.serve import codec
+
+    document = {"model_version": "r1", "inputs": [{"name": "x", "data": values}], "outputs": [{"name": "y"}]}
+    body, headers = every_output_in_binary(json.dumps(document, allow_nan=True).encode(), {})
+    copy = codec.loads(body[: int(headers["inference-header-content-length"])], "copy")
+    assert set(copy) == {"inputs", "parameters"}
+    read = copy["inputs"][0]["data"]
+    assert [repr(v) for v in read] == [repr(v) for v in codec.loads(json.dumps(values).encode(), "original")]
+
+
 def test_a_copy_that_cannot_be_read_is_sent_unchanged() -> None:
     assert every_output_in_binary(b"\x1f\x8b gzip", {}) == (b"\x1f\x8b gzip", {})
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy.typing as npt
 import orjson
 
 from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerances, agreement
-from edgemodel_runtime.serve import protocol
+from edgemodel_runtime.serve import codec, protocol
 from edgemodel_runtime.serve.metrics import ServerMetrics
 
 INFERENCE_TIME_HEADER = "x-edgemodel-inference-seconds"
@@ -215,7 +216,11 @@ def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes,
     length = headers.get(protocol.BINARY_HEADER)
     try:
         cut = int(length) if length is not None else len(body)
-        document = orjson.loads(body[:cut])
+        encode: Callable[[Any], bytes] = orjson.dumps
+        try:
+            document = orjson.loads(body[:cut])
+        except orjson.JSONDecodeError:  # NaN or Infinity tokens, which orjson would also write back as null
+            document, encode = codec.loads(body[:cut], "request"), _dumps_with_tokens
         if not isinstance(document, dict) or not 0 <= cut <= len(body):
             return body, headers
         parameters = document.get("parameters") or {}
@@ -225,7 +230,13 @@ def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes,
         # candidate serves another, and the copy's URL already names the model.
         document.pop("model_name", None)
         document.pop("model_version", None)
-        header = orjson.dumps(document)
-    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
+        header = encode(document)
+    except (ValueError, TypeError, AttributeError, protocol.ProtocolError):
         return body, headers
     return header + body[cut:], {**headers, protocol.BINARY_HEADER: str(len(header))}
+
+
+def _dumps_with_tokens(document: Any) -> bytes:
+    """JSON with NaN, Infinity and -Infinity as those tokens; floats as their shortest round-trip decimal, which
+    the candidate reads back to the same double that stable read (codec.loads reads numbers as doubles)."""
+    return json.dumps(document, allow_nan=True, separators=(",", ":")).encode()
