@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgemodel_runtime.build import tensors
 from edgemodel_runtime.build.errors import ExitCode
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
@@ -109,3 +111,14 @@ def test_a_dynamic_dimension_named_in_several_inputs_is_fixed_once_for_all(tmp_p
     )  # fmt: skip
     _expect_failure(conflicting, ExitCode.BAD_INPUT, "InvalidOption")
     assert "dimension 'N' is 3 in --input a=3x4 but 2 in --input b=2x2" in conflicting.stderr
+
+
+@pytest.mark.parametrize("placeholder", ["?", "-1", "", None])
+def test_a_placeholder_for_an_unknown_dimension_names_no_dimension(placeholder: str | None) -> None:
+    """Converters write "?" (paddle2onnx: the PP-OCR models) or "-1" for unknown dimensions; each is its own."""
+    declared: list[tuple[str, list[int | str | None], str]] = [
+        ("x", [placeholder, 3, placeholder, placeholder], "tensor(float)"),
+        ("y", [placeholder], "tensor(float)"),
+    ]
+    x, y = tensors.resolve_inputs(declared, {"x": (1, 3, 48, 192)})
+    assert (x.shape, y.shape) == ((1, 3, 48, 192), (1,))

@@ -95,7 +95,8 @@ def resolve_inputs(
 ) -> list[TensorInfo]:
     """Concrete input specs from the model's declared inputs (name, dims, ORT type) and overrides.
 
-    A dynamic dimension the model names (a dim_param such as "batch") is one dimension wherever it appears:
+    A dynamic dimension the model names (a dim_param such as "batch"; not a placeholder such as "?") is one
+    dimension wherever it appears:
     fixed by --input in one input, it takes that value in every input that names it (two different values
     are refused). Dynamic dimensions fixed neither way become 1.
     """
@@ -134,6 +135,9 @@ def resolve_inputs(
     return infos
 
 
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")  # a dim_param that names a dimension
+
+
 def _named_dims(
     declared: Sequence[tuple[str, Sequence[int | str | None], str]], overrides: Mapping[str, tuple[int, ...]]
 ) -> dict[int | str | None, tuple[int, str]]:
@@ -145,12 +149,12 @@ def _named_dims(
             continue  # not fixed here, or refused by resolve_inputs for its rank
         flag = f"--input {name}={'x'.join(map(str, shape))}"
         for dim, value in zip(dims, shape, strict=True):
-            if not isinstance(dim, str) or not dim:
-                continue
+            if not isinstance(dim, str) or not IDENTIFIER.fullmatch(dim):
+                continue  # unnamed, or a converter's placeholder for "unknown" ("?", "-1"): not one dimension
             if dim in named and named[dim][0] != value:
                 raise BadInputError(
                     f"dimension {dim!r} is {named[dim][0]} in {named[dim][1]} but {value} in {flag}: the model "
-                    "names it in both inputs, so they must agree",
+                    "names it in more than one place, so they must agree",
                     reason="InvalidOption",
                 )
             named.setdefault(dim, (value, flag))
