@@ -134,3 +134,18 @@ def test_a_tolerance_applies_to_every_sample_not_the_average(tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == int(ExitCode.VALIDATION_FAILED), result.stderr
     assert "output y: max abs error 0.01 > maxAbsError 0.001 (worst: sample 3)" in result.stderr
+
+
+def test_expected_outputs_under_a_name_the_model_has_no_output_of_are_refused_naming_both(tmp_path: Path) -> None:
+    """A misspelt `expected.<output>` key, or outputs of another model: not a mismatch of the engine's outputs."""
+    model = square_root(tmp_path / "sqrt.onnx")
+    reference = tmp_path / "reference.npz"
+    inputs = [{"x": np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 64)}]
+    save_samples(reference, inputs, expected=[{"Y": np.sqrt(i["x"]), "z": i["x"]} for i in inputs])
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--reference", str(reference),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == int(ExitCode.BAD_INPUT), result.stderr
+    assert "edgemodel build: InvalidSampleSet: " in result.stderr
+    assert "expected outputs ['Y', 'z'] name no output of the model (its outputs: ['y'])" in result.stderr

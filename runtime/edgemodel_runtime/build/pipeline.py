@@ -77,6 +77,7 @@ class _Build:
         inputs = tensors.resolve_inputs(ortx.declared_inputs(reference_session), request.inputs)
         self.report["inputs"] = [{"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype)} for i in inputs]
         samples, expected = self._reference_samples(inputs)
+        tensors.check_expected_names(expected, [name for name, _, _ in ortx.declared_outputs(reference_session)])
         if expected is None:
             expected = [self._run_reference(reference_session, sample, inputs) for sample in samples]
 

@@ -357,3 +357,14 @@ def save_samples(path: Path, samples: Sequence[Sample], expected: Sequence[Sampl
         arrays |= {EXPECTED_PREFIX + name: np.stack([e[name] for e in expected]) for name in expected[0]}
     with path.open("wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+
+def check_expected_names(expected: Sequence[Sample] | None, outputs: Sequence[str]) -> None:
+    """Refuse expected outputs stored under a name the model has no output of (InvalidSampleSet)."""
+    unknown = sorted({name for sample in expected or [] for name in sample} - set(outputs))
+    if unknown:
+        raise BadInputError(
+            f"--reference: expected outputs {unknown} name no output of the model (its outputs: {sorted(outputs)}); "
+            f"store them as {EXPECTED_PREFIX}<output name>",
+            reason="InvalidSampleSet",
+        )
