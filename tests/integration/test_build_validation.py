@@ -149,3 +149,26 @@ def test_expected_outputs_under_a_name_the_model_has_no_output_of_are_refused_na
     assert result.returncode == int(ExitCode.BAD_INPUT), result.stderr
     assert "edgemodel build: InvalidSampleSet: " in result.stderr
     assert "expected outputs ['Y', 'z'] name no output of the model (its outputs: ['y'])" in result.stderr
+
+
+def test_outputs_the_expected_set_leaves_out_are_validated_against_the_fp32_reference(tmp_path: Path) -> None:
+    """Expected values for one output (say, labels from training) must not leave the model's other outputs
+    unvalidated."""
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 64]) for n in ("y", "z")],
+    )
+    model = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    reference = tmp_path / "reference.npz"
+    inputs = [{"x": np.linspace(0.5, 1, 64, dtype=np.float32).reshape(1, 64)}, {"x": np.ones((1, 64), np.float32)}]
+    save_samples(reference, inputs, expected=[{"y": np.sqrt(i["x"])} for i in inputs])
+    out = tmp_path / "out"
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--reference", str(reference), "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    compared = report_of(out)["candidate"]["comparison"]["outputs"]
+    assert sorted(output["name"] for output in compared) == ["y", "z"]
