@@ -444,3 +444,21 @@ def test_a_range_wider_than_float64_still_gives_relative_errors() -> None:
     missed = compare.agreement({"y": reference}, {"y": candidate}, compare.Tolerances(compare.DEFAULT_AGREEMENT))[1]
     assert [m.label for m in missed] == ["relative_error"]
     _json_safe(comparison)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    array=hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=64),
+        elements={"allow_nan": True, "allow_infinity": True},
+    )
+)
+def test_identical_answers_agree_at_the_strictest_limits_whatever_the_rounding(array: np.ndarray) -> None:
+    """minCosine 1 and minTop1Agreement 1 are valid limits: an answer equal to stable's must meet them, though a
+    cosine summed in floating point can land a rounding below 1."""
+    strictest = compare.Tolerances(compare.Tolerance(min_cosine=1.0, min_top1_agreement=1.0, max_abs_error=1e-30))
+    comparison, missed = compare.agreement({"y": array}, {"y": array.copy()}, strictest)
+    assert missed == []
+    assert comparison is not None
+    assert comparison.cosine in (None, 1.0)
