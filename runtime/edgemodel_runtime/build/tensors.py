@@ -64,10 +64,10 @@ class TensorInfo:
     overridden: bool = False  # whether --input fixed the shape
 
     def dynamic_axes(self) -> list[int]:
-        """Axes the model leaves dynamic (a symbolic name, None, or a non-positive number)."""
+        """Axes the model leaves dynamic (a symbolic name, None, or a negative number; 0 is a static size)."""
         if self.declared is None:
             return []
-        return [axis for axis, dim in enumerate(self.declared) if not (isinstance(dim, int) and dim > 0)]
+        return [axis for axis, dim in enumerate(self.declared) if not (isinstance(dim, int) and dim >= 0)]
 
     def batch_splittable(self) -> bool:
         """Whether samples may be stacked along the first axis: it is dynamic or 1, and fixed to 1."""
@@ -113,14 +113,14 @@ def resolve_inputs(
         if name in overrides:
             shape = overrides[name]
             if len(shape) != len(dims) or any(
-                isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape, strict=True)
+                isinstance(d, int) and d >= 0 and d != s for d, s in zip(dims, shape, strict=True)
             ):
                 raise BadInputError(
                     f"--input {name}={'x'.join(map(str, shape))} does not fit the model's shape {list(dims)}",
                     reason="InvalidOption",
                 )
         else:
-            shape = tuple(d if isinstance(d, int) and d > 0 else named.get(d, (1, ""))[0] for d in dims)
+            shape = tuple(d if isinstance(d, int) and d >= 0 else named.get(d, (1, ""))[0] for d in dims)
         fixed_by_flag = name in overrides or any(d in named for d in dims)
         info = TensorInfo(name, shape, dtype, tuple(dims), fixed_by_flag)
         size = math.prod(shape) * info.dtype.itemsize
