@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemodel_runtime.build.errors import ExitCode
@@ -172,3 +173,26 @@ def test_outputs_the_expected_set_leaves_out_are_validated_against_the_fp32_refe
     assert result.returncode == 0, result.stderr
     compared = report_of(out)["candidate"]["comparison"]["outputs"]
     assert sorted(output["name"] for output in compared) == ["y", "z"]
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "message"),
+    [
+        ("maxRelativeError=1e-3,maxRelativeError=2", "--tolerance gives maxRelativeError twice (1e-3, then 2)"),
+        ("maxRelativeError=1e-3 maxRelativeError=1e-3", "--tolerance gives maxRelativeError twice"),
+        ("maxRelativeError=0", "'maxRelativeError=0': out of range; maxRelativeError must be a number > 0"),
+        ("minCosine=1.5", "'minCosine=1.5': out of range; minCosine must be a number in (0, 1]"),
+        ("maxAbsError=nan", "'maxAbsError=nan': out of range; maxAbsError must be a number > 0"),
+    ],
+)
+def test_a_tolerance_given_twice_or_out_of_range_is_refused_saying_which_and_why(
+    tmp_path: Path, tolerance: str, message: str
+) -> None:
+    model = square_root(tmp_path / "sqrt.onnx")
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--output", str(tmp_path / "out"),
+        *[argument for item in tolerance.split(" ") for argument in ("--tolerance", item)],
+    )  # fmt: skip
+    assert result.returncode == int(ExitCode.BAD_INPUT), result.stderr
+    assert "edgemodel build: InvalidOption: " in result.stderr
+    assert message in result.stderr
