@@ -252,8 +252,12 @@ def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_
             "--agreement: agreement.outputs ['logit'] are not outputs of the model "
             "(['label', 'logits', 'positive', 'probs'])",
         ),
+        (
+            ["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": 0.01, "maxRelativeError": 2}'],
+            "--agreement: not valid JSON: key 'maxRelativeError' appears twice",
+        ),
     ],
-    ids=["zero limit", "nan limit", "not an object", "with a config file", "an output the model lacks"],
+    ids=["zero limit", "nan limit", "not an object", "with a config file", "an output the model lacks", "twice"],
 )
 def test_an_agreement_the_server_cannot_apply_is_refused_at_start(
     models: dict[str, Path], arguments: list[str], message: str

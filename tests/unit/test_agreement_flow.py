@@ -58,6 +58,20 @@ def test_a_limit_the_server_is_not_given_keeps_its_default_as_in_the_spec(given:
     assert all(tolerance == default.merged(tolerance) for _, tolerance in parsed.outputs)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"url": "http://c:8080", "url": "http://d:8080"}',
+        b'{"url": "http://c:8080", "agreement": {"minCosine": 0.9, "minCosine": 0.99}}',
+        b'{"url": "http://c:8080", "agreement": {"outputs": {"y": {"maxAbsError": 1}, "y": {"maxAbsError": 2}}}}',
+    ],
+    ids=["url", "limit", "output"],
+)
+def test_a_shadow_file_giving_a_key_twice_is_refused_not_read_as_its_last_value(content: bytes) -> None:
+    with pytest.raises(ShadowConfigError, match="appears twice"):
+        parse_shadow_config(content)
+
+
 def test_the_default_agreement_reaches_the_stable_servers_and_the_shadow_started_event() -> None:
     cluster, _ = _serving_first_revision()
     _, started = _shadowing(cluster)

@@ -31,6 +31,7 @@ from edgemodel_runtime.serve.shadow_config import (
     ShadowConfigFile,
     check_candidate_url,
     parse_agreement,
+    unique_keys,
     unknown_outputs,
 )
 
@@ -172,7 +173,7 @@ def _agreement(text: str | None) -> Tolerances:
     if text is None:
         return parse_agreement(None)
     try:
-        value = json.loads(text, parse_constant=_refuse)
+        value = json.loads(text, parse_constant=_refuse, object_pairs_hook=unique_keys)
     except ValueError as error:
         raise ShadowConfigError(f"not valid JSON: {error}") from error
     return parse_agreement(value)

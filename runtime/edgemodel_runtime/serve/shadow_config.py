@@ -71,7 +71,7 @@ def parse_shadow_config(content: bytes, queue_size: int = 64) -> ShadowConfig | 
     if not content.strip():
         return None
     try:
-        document = json.loads(content, parse_constant=_refuse_constant)
+        document = json.loads(content, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except (ValueError, UnicodeDecodeError) as error:
         raise ShadowConfigError(f"not valid JSON: {error}") from error
     if not isinstance(document, dict):
@@ -148,6 +148,16 @@ def unknown_outputs(tolerances: Tolerances, outputs: Collection[str]) -> str | N
     if not unknown:
         return None
     return f"agreement.outputs {unknown} are not outputs of the model ({sorted(outputs)})"
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; ValueError for a key given twice (JSON parsers keep either one)."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"key {key!r} appears twice")
+        document[key] = value
+    return document
 
 
 def _refuse_constant(name: str) -> Any:
