@@ -35,6 +35,43 @@ def test_the_documented_defaults_are_the_runtime_defaults() -> None:
     assert parse_agreement(agreement.runtime_config()) == Tolerances(DEFAULT_AGREEMENT) == parse_agreement(None)
 
 
+@pytest.mark.parametrize(
+    ("given", "default"),
+    [
+        ({}, DEFAULT_AGREEMENT),
+        ({"outputs": {"boxes": {"maxAbsError": 2}}}, DEFAULT_AGREEMENT),
+        ({"minCosine": 0.99}, replace(DEFAULT_AGREEMENT, min_cosine=0.99)),
+        ({"maxAbsError": 1e-3}, replace(DEFAULT_AGREEMENT, max_abs_error=1e-3)),
+        ({"minTop1Agreement": 0}, replace(DEFAULT_AGREEMENT, min_top1_agreement=0.0)),
+        ({"maxRelativeError": 1e6, "minTop1Agreement": 1}, replace(DEFAULT_AGREEMENT, max_relative_error=1e6)),
+    ],
+)
+def test_a_limit_the_server_is_not_given_keeps_its_default_as_in_the_spec(given: Obj, default: Tolerance) -> None:
+    """--agreement and the shadow file read absent limits as spec.rollout.analysis.agreement defaults them:
+    setting one limit (or only per-output ones) must not drop the others to "no limits"."""
+    parsed = parse_agreement(given)
+    assert parsed.default == default
+    if "outputs" not in given:  # the spec lists per-output limits; the server's file keys them by name
+        assert (
+            parse_agreement(Analysis.model_validate({"agreement": given}).agreement.runtime_config()).default == default
+        )
+    assert all(tolerance == default.merged(tolerance) for _, tolerance in parsed.outputs)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"url": "http://c:8080", "url": "http://d:8080"}',
+        b'{"url": "http://c:8080", "agreement": {"minCosine": 0.9, "minCosine": 0.99}}',
+        b'{"url": "http://c:8080", "agreement": {"outputs": {"y": {"maxAbsError": 1}, "y": {"maxAbsError": 2}}}}',
+    ],
+    ids=["url", "limit", "output"],
+)
+def test_a_shadow_file_giving_a_key_twice_is_refused_not_read_as_its_last_value(content: bytes) -> None:
+    with pytest.raises(ShadowConfigError, match="appears twice"):
+        parse_shadow_config(content)
+
+
 def test_the_default_agreement_reaches_the_stable_servers_and_the_shadow_started_event() -> None:
     cluster, _ = _serving_first_revision()
     _, started = _shadowing(cluster)
@@ -202,6 +239,19 @@ def test_the_mirrored_copy_asks_for_every_output_in_binary_and_keeps_the_binary_
     assert "outputs" not in document
     assert document["parameters"] == {"binary_data_output": True}
     assert body[length:] == b"\0\0\0\0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(width=32) | st.floats() | st.integers(-(2**64), 2**64), min_size=1, max_size=8))
+def test_the_copy_carries_every_json_number_as_stable_read_it_nan_and_infinity_included(values: list[Any]) -> None:
+    from edgemodel_runtime.serve import codec
+
+    document = {"model_version": "r1", "inputs": [{"name": "x", "data": values}], "outputs": [{"name": "y"}]}
+    body, headers = every_output_in_binary(json.dumps(document, allow_nan=True).encode(), {})
+    copy = codec.loads(body[: int(headers["inference-header-content-length"])], "copy")
+    assert set(copy) == {"inputs", "parameters"}
+    read = copy["inputs"][0]["data"]
+    assert [repr(v) for v in read] == [repr(v) for v in codec.loads(json.dumps(values).encode(), "original")]
 
 
 def test_a_copy_that_cannot_be_read_is_sent_unchanged() -> None:
