@@ -144,9 +144,10 @@ def _table(results: list[dict[str, Any]]) -> str:
     for result in results:
         for variant, f in result["variants"].items():
             mask = f.get("mask_agreement")
+            error = "uninformative" if f["max_relative_error"] is None else f"{f['max_relative_error']:.2g}"
             lines.append(
                 f"| {result['model']} | {variant} | {f['p50_ms']:.2f} | {f['speedup_vs_onnxruntime_fp32']:.2f}x | "
-                f"{f['max_relative_error']:.2g} | {f['cosine']} | {'' if mask is None else f'{100 * mask:.3f}%'} | "
+                f"{error} | {f['cosine']} | {'' if mask is None else f'{100 * mask:.3f}%'} | "
                 f"{'passes' if f['within_default_tolerance'] else 'misses'} |"
             )
     return "\n".join(lines)

@@ -139,3 +139,53 @@ def analyse(evidence: Evidence, rollout: Rollout, elapsed: float, *, approved: b
     if "wait" in outcomes.values():
         return Verdict("Pending", checks)
     return Verdict("Promote" if rollout.auto_promote or approved else "AwaitingApproval", checks)
+
+
+Counters = dict[str, float]
+"""One source's (stable pod's) shadow counters for one candidate: mirrored, compared, agreed, errors,
+ratio_sum, ratio_count, `disagreed:<reason>` (compared requests that disagreed, by first reason), and
+`created` (when the source's counters were created, in Unix seconds: a new value means the source
+restarted and its counters began again at zero)."""
+COUNTED = ("mirrored", "compared", "agreed", "errors", "ratio_sum", "ratio_count")
+DISAGREED = "disagreed:"
+
+
+def _reset(baseline: Counters, now: Counters) -> bool:
+    """Whether the source's counters began again since `baseline` (a restart): another creation time,
+    or any counter lower than it was."""
+    if baseline.get("created") != now.get("created"):
+        return True
+    return any(now.get(name, 0.0) < baseline.get(name, 0.0) for name in COUNTED)
+
+
+def since(baseline: dict[str, Counters], now: dict[str, Counters], started: float | None = None) -> Evidence:
+    """Evidence gathered since `baseline` was taken (at `started`, Unix seconds), summed over sources.
+
+    A source whose counters were reset since (a restarted pod) counts from zero: what it counted
+    since it started belongs to this attempt. So does a source absent from the baseline whose
+    counters were created after `started` (a pod started later, or one that first mirrored to this
+    candidate then). One absent from the baseline whose counters are older (a pod that could not be
+    read when the baseline was taken) counts nothing: its older counts cannot be told apart. A
+    source that disappeared contributes nothing (its figures are lost, never double counted).
+    """
+    sums = dict.fromkeys(COUNTED, 0.0)
+    counted = 0
+    for source, counters in now.items():
+        base = baseline.get(source)
+        if base is None and started is not None and counters.get("created", started) < started:
+            continue
+        start = {} if base is None or _reset(base, counters) else base
+        counted += 1
+        for name in (*COUNTED, *(n for n in counters if n.startswith(DISAGREED))):
+            sums[name] = sums.get(name, 0.0) + counters.get(name, 0.0) - start.get(name, 0.0)
+    count = sums["ratio_count"]
+    disagreed = sorted((n.removeprefix(DISAGREED), v) for n, v in sums.items() if n.startswith(DISAGREED) and v > 0)
+    return Evidence(
+        mirrored=sums["mirrored"],
+        compared=sums["compared"],
+        agreed=sums["agreed"],
+        errors=sums["errors"],
+        latency_ratio=sums["ratio_sum"] / count if count else None,
+        pods=counted,
+        disagreed=tuple(disagreed),
+    )

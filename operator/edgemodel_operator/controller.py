@@ -1,8 +1,13 @@
 """The reconciler: workers take EdgeModel keys from a queue, plan from the watched objects, write.
 
-Reads come from in-memory indexes that the watch streams keep current, so a reconcile makes no API
-reads; writes (children, Events, status) go through `Cluster`. Nothing is stored on the EdgeModel
-but its status: no annotations, no finalizers, so deleting one never waits for the operator.
+Children, nodes and the EdgeModel come from in-memory indexes that the watch streams keep current;
+the decision records (see `records`) are read from the API server at each reconcile, so a decision
+is never planned from a view older than the last one recorded. Writes go through `Cluster`: records
+first, guarded by the resourceVersion they were read at (a conflict drops the plan and plans again),
+then children, Events and the status (guarded by the EdgeModel's resourceVersion). Nothing private
+overrides what the cluster shows: there is no copy of written statuses or decisions here. Nothing
+is stored on the EdgeModel but its status: no annotations, no finalizers, so deleting one never
+waits for the operator.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ from typing import Any
 from edgemodel_operator import metrics, pacing
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
-from edgemodel_operator.cluster import Cluster
-from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
-from edgemodel_operator.reconcile import Observed, plan, shadowing
+from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
+from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
+from edgemodel_operator.reconcile import Observed, evidence_wanted, plan
 from edgemodel_operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, EdgeModel name)
 
 LOG = logging.getLogger("edgemodel.controller")
-_META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp")
+_META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp", "resourceVersion")
+CONFLICT_RETRY_SECONDS = 0.5  # a write met newer state: plan again once the watches have caught up
+WATCH_LAG_SECONDS = 2.0  # look again if the watch event of our own status write has not come by then
 
 
 def _meta(obj: Obj) -> Obj:
@@ -76,8 +83,9 @@ def slim_configmap(obj: Obj) -> Obj:
 
 def slim_node(obj: Obj) -> Obj:
     status = obj.get("status") or {}
+    meta = obj["metadata"]
     return {
-        "metadata": {"name": obj["metadata"]["name"], "labels": dict(obj["metadata"].get("labels") or {})},
+        "metadata": {"name": meta["name"], "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {})},
         "spec": {k: v for k, v in (obj.get("spec") or {}).items() if k in {"unschedulable", "taints"}},
         "status": {
             "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
@@ -120,6 +128,14 @@ def slim_pod(obj: Obj) -> Obj:
     return {"kind": "Pod", "metadata": _meta(obj) | created, "status": kept}
 
 
+def phantoms(indexed: Iterable[Obj], live: set[str], seen: set[str]) -> set[str]:
+    """UIDs of indexed objects that no longer exist: absent from a fresh list (`live`) and from every watch
+    event since that list began (`seen`: what the watches added meanwhile is no phantom). A replica's
+    indexes keep such objects when they were deleted while its watches were paused (standing by)."""
+    uids = {str(o["metadata"].get("uid")) for o in indexed if o["metadata"].get("uid")}
+    return uids - live - seen
+
+
 def owned_by(uid: str, objects: Iterable[Obj]) -> list[Obj]:
     return [o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences", []) or [])]
 
@@ -149,8 +165,10 @@ class Controller:
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
         self._absent_grace = absent_grace
-        self._written: dict[Key, tuple[str, Obj]] = {}  # (uid, status) this process wrote last: it is the only writer
         self._held: dict[Key, float] = {}
+        # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
+        # newer one, another write would only conflict. It delays a write, it never decides one.
+        self._wrote_at: dict[Key, str] = {}
         self._failures: dict[Key, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.read: Callable[[Key], Observed | None] = lambda _key: None
@@ -191,42 +209,47 @@ class Controller:
     async def reconcile(self, key: Key) -> None:
         observed = self.read(key)
         if observed is None or observed.body["metadata"].get("deletionTimestamp"):
-            self._written.pop(key, None)
             self._held.pop(key, None)
+            self._wrote_at.pop(key, None)
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
-        uid = body["metadata"]["uid"]
-        written = self._written.get(key)
-        current: Obj = written[1] if written and written[0] == uid else dict(body.get("status") or {})
-        observed = dataclasses.replace(observed, body={**body, "status": current})
-        candidates = shadowing(current)
         cluster = self._cluster()
+        observed = dataclasses.replace(observed, records=await asyncio.to_thread(cluster.records, body))
+        candidates = evidence_wanted(observed)
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
-        done = await asyncio.to_thread(cluster.apply, result)
-        metrics.API_WRITES.labels(verb="create").inc(len(done.created))
+        try:
+            done = await asyncio.to_thread(cluster.apply, result, self._active)
+        except ConflictError as error:
+            LOG.info("%s/%s: %s; planning again", *key, error)
+            self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
+            return
+        except NotActiveError:
+            return
+        metrics.API_WRITES.labels(verb="create").inc(len(done.created) + len(done.recorded))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
-        applied = done.created | done.deleted
-        for event in result.events:
-            if event.reason in {"Promoted", "RolledBack"}:
-                metrics.DECISIONS.labels(decision=event.reason).inc()
+        applied = done.created | done.deleted | done.recorded
         steps: dict[str, list[str]] = {}  # one Event per kind of step, naming every class it concerns
         for event in result.events:
             if event.subject is None or event.subject in applied:
                 steps.setdefault(event.reason, []).append(event.message)
+                if event.reason in {"Promoted", "RolledBack"}:
+                    metrics.DECISIONS.labels(decision=event.reason).inc()
         for reason, messages in steps.items():
             await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
-        await self._write_status(key, body, current, result.status)
-        if result.analysing:
+        await self._write_status(key, body, dict(body.get("status") or {}), pacing.with_defaults(result.status))
+        if done.conflicts:
+            self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
+        elif result.analysing:
             self.queue.add_after(key, self._analysis_seconds)
         if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
             self.queue.add_after(key, result.wake_after + 1.0)
 
-    async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> dict[str, Any]:
-        """Shadow evidence for the classes being shadowed; none (so: keep waiting) if it cannot be read."""
+    async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
+        """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""
         namespace, name = key
         try:
             pods = [] if isinstance(self._evidence, PrometheusSource) else await asyncio.to_thread(
@@ -248,7 +271,19 @@ class Controller:
             self._held.setdefault(key, now)
             self.queue.add_after(key, delay)
             return
-        await asyncio.to_thread(self._cluster().patch_status, body, pacing.merge_patch(current, status))
+        version = body["metadata"].get("resourceVersion")
+        if not self._active():
+            return
+        if version is not None and self._wrote_at.get(key) == version:
+            self.queue.add_after(key, WATCH_LAG_SECONDS)  # our last write is not in the watch yet
+            return
+        try:
+            await asyncio.to_thread(self._cluster().patch_status, body, pacing.merge_patch(current, status))
+        except ConflictError as error:  # the watch has not shown our last write yet, or someone else wrote
+            LOG.debug("%s/%s: %s; writing the status again later", *key, error)
+            self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
+            return
         metrics.API_WRITES.labels(verb="patch_status").inc()
-        self._written[key] = (body["metadata"]["uid"], status)
         self._held.pop(key, None)
+        if version is not None:
+            self._wrote_at[key] = version

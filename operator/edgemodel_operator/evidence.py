@@ -1,9 +1,12 @@
 """Where shadow evidence comes from: Prometheus's HTTP API, or the stable pods' /metrics directly.
 
 Both read the runtime's counters (edgemodel_shadow_*_total and the latency-ratio histogram) as the
-stable pods of one class export them, labelled with the candidate revision, and sum them over the
-pods. Prometheus must label each serving pod's series with `namespace`, `edgemodel` and `class`
-(the chart's PodMonitor does, from the pod labels edgeml.dev/edgemodel and edgeml.dev/class).
+stable pods of one class export them, labelled with the candidate revision, and keep them per source
+(pod), with the time each source's counters were created: an attempt subtracts the baseline it
+recorded when its shadowing began (`analysis.since`), so counts from an earlier attempt of the same
+revision, or a pod that restarted, never enter its figures. Prometheus must label each serving pod's
+series with `namespace`, `edgemodel` and `class` (the chart's PodMonitor does, from the pod labels
+edgeml.dev/edgemodel and edgeml.dev/class), and with `pod` or `instance`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgemodel_operator.analysis import Evidence
+from edgemodel_operator.analysis import Counters, Evidence, since
 
 LOG = logging.getLogger("edgemodel.evidence")
 Obj = dict[str, Any]
@@ -27,39 +30,36 @@ FIELDS = {
     "edgemodel_shadow_candidate_errors_total": "errors",
     "edgemodel_shadow_latency_ratio_sum": "ratio_sum",
     "edgemodel_shadow_latency_ratio_count": "ratio_count",
-    "edgemodel_shadow_disagreed_total": "disagreed",  # by label `reason`
+    "edgemodel_shadow_disagreed_total": "disagreed",  # by label `reason`: kept as `disagreed:<reason>`
+    # When a pod's counter for this candidate was created: a new value tells a restarted pod.
+    "edgemodel_shadow_mirrored_created": "created",
 }
+Samples = dict[str, dict[str, Counters]]
+"""Class key -> source (pod or scrape target) -> counters of the candidate that class shadows."""
 
 
-def _evidence(sums: Mapping[str, float], pods: int) -> Evidence:
-    count = sums.get("ratio_count", 0.0)
-    return Evidence(
-        mirrored=sums.get("mirrored", 0.0),
-        compared=sums.get("compared", 0.0),
-        agreed=sums.get("agreed", 0.0),
-        errors=sums.get("errors", 0.0),
-        latency_ratio=sums.get("ratio_sum", 0.0) / count if count else None,
-        pods=pods,
-        disagreed=tuple(sorted((k.split(":", 1)[1], v) for k, v in sums.items() if k.startswith("disagreed:"))),
-    )
+def by_source(samples: Iterable[tuple[str, Mapping[str, str], float]], candidates: Mapping[str, str]) -> Samples:
+    """Counters per class and source from (metric name, labels, value) samples; only the candidate each
+    class shadows counts. Every class of `candidates` is in the result, without sources if none counted."""
+    found: Samples = {key: {} for key in candidates}
+    for name, labels, value in samples:
+        field = FIELDS.get(name)
+        key = labels.get("class", "")
+        if field is None or key not in candidates or candidates[key] != labels.get("candidate_revision"):
+            continue
+        if field == "disagreed":
+            field = f"disagreed:{labels.get('reason', 'unknown')}"
+        source = labels.get("pod") or labels.get("instance") or ""
+        counters = found[key].setdefault(source, {})
+        counters[field] = counters.get(field, 0.0) + value
+    return found
 
 
 def summed(
     samples: Iterable[tuple[str, Mapping[str, str], float]], candidates: Mapping[str, str]
 ) -> dict[str, Evidence]:
-    """Evidence per class from (metric name, labels, value) samples; only the candidate each class shadows counts."""
-    sums: dict[str, dict[str, float]] = {}
-    sources: dict[str, set[str]] = {}
-    for name, labels, value in samples:
-        field = FIELDS.get(name)
-        key = labels.get("class", "")
-        if field is None or candidates.get(key) != labels.get("candidate_revision"):
-            continue
-        if field == "disagreed":
-            field = f"disagreed:{labels.get('reason', 'unknown')}"
-        sums.setdefault(key, {})[field] = sums.get(key, {}).get(field, 0.0) + value
-        sources.setdefault(key, set()).add(labels.get("pod") or labels.get("instance") or "")
-    return {key: _evidence(values, len(sources[key])) for key, values in sums.items()}
+    """Evidence per class over everything its sources counted (no baseline)."""
+    return {key: since({}, sources) for key, sources in by_source(samples, candidates).items() if sources}
 
 
 class PrometheusSource:
@@ -68,9 +68,7 @@ class PrometheusSource:
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url, self.timeout = url.rstrip("/"), timeout
 
-    def gather(
-        self, namespace: str, edgemodel: str, candidates: Mapping[str, str], _pods: list[Obj]
-    ) -> dict[str, Evidence]:
+    def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], _pods: list[Obj]) -> Samples:
         names = "|".join(FIELDS)
         query = f'{{__name__=~"{names}",namespace="{namespace}",edgemodel="{edgemodel}"}}'
         reply = httpx.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=self.timeout)
@@ -82,18 +80,17 @@ class PrometheusSource:
             (item["metric"].get("__name__", ""), item["metric"], float(item["value"][1]))
             for item in body["data"]["result"]
         ]
-        return summed(samples, candidates)
+        return by_source(samples, candidates)
 
 
 class ScrapeSource:
-    """Reads /metrics of every ready stable serving pod of the shadowing classes."""
+    """Reads /metrics of every ready stable serving pod of the shadowing classes; a pod that cannot be
+    read is left out this time (`analysis.since` never counts a pod's older counts in a later read)."""
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.timeout = timeout
 
-    def gather(
-        self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]
-    ) -> dict[str, Evidence]:
+    def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]) -> Samples:
         samples: list[tuple[str, Mapping[str, str], float]] = []
         for pod in pods:
             labels = pod["metadata"].get("labels") or {}
@@ -112,7 +109,7 @@ class ScrapeSource:
                 for sample in family.samples:
                     samples.append((sample.name, {**sample.labels, "class": key, "pod": pod["metadata"]["name"]},
                                     float(sample.value)))  # fmt: skip
-        return summed(samples, candidates)
+        return by_source(samples, candidates)
 
 
 def _port(pod: Obj) -> int:

@@ -26,6 +26,7 @@ from edgemodel_operator.controller import (
     Obj,
     node_fingerprint,
     owned_by,
+    phantoms,
     slim_configmap,
     slim_edgemodel,
     slim_job,
@@ -90,6 +91,12 @@ class Peering:
             except ApiException as error:
                 LOG.warning("cannot read peering %s: %s", self.settings.peering, error.reason)
                 active = False
+            if active and not self.active:
+                try:  # before it acts, a replica that stood by forgets what its paused watches missed
+                    await _relist()
+                except Exception as error:
+                    LOG.warning("cannot re-list before taking over: %s", error)
+                    active = False
             if active != self.active:
                 LOG.info("peering: this replica is %s", "active" if active else "standing by")
                 self.active = active
@@ -111,11 +118,34 @@ CONTROLLER = Controller(
 )
 _indexes: dict[str, Any] = {}
 _nodes: dict[str, tuple[Any, ...]] = {}
+_phantoms: set[str] = set()  # UIDs of indexed objects known to be deleted (see `_relist`)
+_seen: list[set[str]] = []  # while a re-list runs: UIDs the watches reported meanwhile
 
 
 def _values(index: str, key: object) -> list[Obj]:
     store: Iterable[Obj] = _indexes[index].get(key, ())
-    return list(store)
+    return [o for o in store if o["metadata"].get("uid") not in _phantoms]
+
+
+def _note(uid: str | None) -> None:
+    for seen in _seen:
+        seen.add(str(uid))
+
+
+async def _relist() -> None:
+    """Compare the indexes with a fresh list: objects deleted while the watches were paused are phantoms
+    that kopf's indexes keep; they are left out of every read from now on (a UID never comes back)."""
+    seen: set[str] = set()
+    _seen.append(seen)
+    try:
+        live = await asyncio.to_thread(_api().uids, SETTINGS.namespaces)
+        indexed = [o for name in INDEXES for store in _indexes[name].values() for o in store]
+        found = phantoms(indexed, live, seen)
+    finally:
+        _seen.remove(seen)
+    if found:
+        LOG.info("re-listed before acting: %d objects deleted while this replica stood by", len(found))
+    _phantoms.update(found)
 
 
 def _read(key: Key) -> Observed | None:
@@ -236,7 +266,8 @@ def services(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: A
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def edgemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
+def edgemodel_changed(namespace: str | None, name: str, uid: str | None, **_: Any) -> None:
+    _note(uid)
     CONTROLLER.queue.add((str(namespace), name))
 
 
@@ -246,12 +277,14 @@ def edgemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("v1", "services", labels=OWNED)
 @kopf.on.event("v1", "configmaps", labels=OWNED)
-def owned_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+def owned_changed(namespace: str | None, labels: kopf.Labels, uid: str | None, **_: Any) -> None:
+    _note(uid)
     CONTROLLER.queue.add((str(namespace), labels[LABEL_EDGEMODEL]))
 
 
 @kopf.on.event("v1", "nodes")
-def node_changed(body: kopf.Body, name: str, type: str | None, **_: Any) -> None:
+def node_changed(body: kopf.Body, name: str, type: str | None, uid: str | None, **_: Any) -> None:
+    _note(uid)
     fingerprint = None if type == "DELETED" else node_fingerprint(slim_node(dict(body)))
     if _nodes.get(name) != fingerprint:
         if fingerprint is None:

@@ -1,50 +1,68 @@
-"""The reconcile decision for one EdgeModel: observed objects in, a plan of writes out.
+"""The reconcile decision for one EdgeModel: observed objects and decision records in, a plan of writes out.
 
 Pure: the controller gathers (nodes, owned Jobs, their pods, serving workloads, Services, the
-shadow ConfigMap, shadow evidence), calls `plan`, and applies the result. The same observations
-always give the same plan, whatever order the events that led to them arrived in.
+shadow ConfigMap, the decision records read from the API server, shadow counters), calls `plan`,
+and applies the result: record writes first (guarded by resourceVersion), then the children, the
+Events of the steps the records took, and the status. The same observations always give the same
+plan, whatever order the events that led to them arrived in.
 
-Per hardware class, a new revision goes: build Job -> candidate workload (track=candidate) and its
-own Service -> once Ready, the class's stable pods mirror live requests to it (their key in the
-shadow ConfigMap) -> analysis of the evidence -> promote (the candidate's track becomes stable; the
-old stable goes once the new one has rolled out) or roll back (the candidate goes; the class keeps
-its stable revision). The first revision of a class has nothing to shadow and serves at once.
+Per hardware class, the current revision's attempt (see `rollout` for its states and transitions,
+`records` for where it is kept) decides what should exist: its build Job; once built, a candidate
+workload (track=candidate) and its own Service, mirrored to by the class's stable pods (their key in
+the shadow ConfigMap) while it shadows; once promoted, its workload on track stable (the old stable
+goes once the new one has rolled out); once rolled back, nothing but its Job (see `serving`). The
+build's outcome is read from the pod that decided its Job (`buildreport`) and kept in the attempt.
+
+Classes come from `classes.discover` and `classes.presence`: a known class stays while any node with
+its labels exists; without one it is absent (kept, not advanced) until the grace is over (see
+`arrivals`). The status is the bounded projection (`projection`) of the attempts and the cluster.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgemodel_operator.analysis import Evidence, Verdict, analyse
-from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
+from edgemodel_operator.analysis import Counters
+from edgemodel_operator.api.spec import EdgeModelSpec
+from edgemodel_operator.arrivals import ArrivalSteps
 from edgemodel_operator.builders import (
-    ANNOTATION_SPEC,
     LABEL_CLASS,
     LABEL_REVISION,
-    LABEL_TRACK,
     Images,
-    build_deployment_for_class,
     build_job_for_class,
-    build_revision_service,
     build_service,
     build_shadow_configmap,
-    build_shadow_entry,
     child_name,
     revision_of,
     shadow_configmap_name,
-    shadow_key,
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
 from edgemodel_operator.pacing import merge_patch
-from edgemodel_operator.projection import absent_entry, class_entry, project
+from edgemodel_operator.projection import class_entry, project
+from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
+from edgemodel_operator.rollout import (
+    APPROVALS,
+    APPROVE,
+    REJECT,
+    ClassView,
+    Context,
+    Step,
+    advance,
+    evidence_of,
+    new_attempt,
+    shadow_figures,
+)
+from edgemodel_operator.serving import ServingSteps, Slot, shadow_of
+from edgemodel_operator.workloads import Event, subject
+from edgemodel_operator.workloads import labels_of as _labels
+from edgemodel_operator.workloads import ready_of as _ready
+from edgemodel_operator.workloads import ref_of as _ref
+from edgemodel_operator.workloads import track_of as _track
 
 Obj = dict[str, Any]
-APPROVE = "edgeml.dev/promote"  # annotation: the candidate revision a person approves for promotion
-REJECT = "edgeml.dev/rollback"  # annotation: the candidate revision a person rolls back
+__all__ = ["APPROVE", "REJECT", "Event", "Observed", "Plan", "evidence_wanted", "plan", "subject"]
 
 
 @dataclass(frozen=True)
@@ -56,20 +74,15 @@ class Observed:
     deployments: list[Obj]  # serving workloads: Deployments, or DaemonSets in that mode
     services: list[Obj]
     configmaps: list[Obj] = field(default_factory=list)
-    evidence: dict[str, Evidence] = field(default_factory=dict)  # by class key, for its current candidate
-
-
-@dataclass(frozen=True)
-class Event:
-    """A step worth an Event on the EdgeModel; `subject` ("Kind/name") ties it to one create or delete."""
-
-    reason: str
-    message: str
-    subject: str | None = None
+    records: list[Obj] = field(default_factory=list)  # record ConfigMaps, as read from the API server
+    # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
+    # missing could not be read this time.
+    evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
+    records: list[Obj] = field(default_factory=list)  # record writes (see `records.record_write`), applied first
     create: list[Obj] = field(default_factory=list)
     delete: list[Obj] = field(default_factory=list)  # objects to delete (kind, name, namespace)
     patch: list[Obj] = field(default_factory=list)  # merge patches (kind, name, namespace, patch)
@@ -79,61 +92,24 @@ class Plan:
     wake_after: float | None = None  # seconds until an absent class is due to retire: plan again then
 
 
-def shadowing(status: Obj) -> dict[str, str]:
-    """Class key -> candidate revision, for the classes a status says are shadowing."""
+def _records(observed: Observed) -> dict[str, Record]:
+    found = (parse(c) for c in observed.records)
+    return {r.revision: r for r in found if r is not None}
+
+
+def evidence_wanted(observed: Observed) -> dict[str, str]:
+    """Class key -> candidate revision, for the classes whose counters the next plan needs: those whose
+    current attempt is built (the baseline is taken as shadowing begins) or shadowing."""
+    spec = EdgeModelSpec.model_validate(observed.body["spec"])
+    revision = revision_of(spec)
+    record = _records(observed).get(revision)
+    if record is None:
+        return {}
     return {
-        entry["key"]: entry["shadow"]["revision"]
-        for entry in status.get("classes") or []
-        if entry.get("state") == "Shadowing" and (entry.get("shadow") or {}).get("revision")
+        key: revision
+        for key, attempt in record.attempts.items()
+        if attempt.state in {"Built", "Shadowing"} and attempt.application == record.application.generation
     }
-
-
-def _labels(obj: Obj) -> dict[str, str]:
-    labels: dict[str, str] = obj["metadata"].get("labels") or {}
-    return labels
-
-
-def _track(workload: Obj) -> str:
-    return _labels(workload).get(LABEL_TRACK, "stable")
-
-
-def _ready(workload: Obj) -> int:
-    status = workload.get("status") or {}
-    return int(status.get("readyReplicas") or status.get("numberReady") or 0)
-
-
-def _rolled_out(workload: Obj) -> bool:
-    """Every pod runs the current template and is ready (after promotion changed the track)."""
-    status = workload.get("status") or {}
-    if int(status.get("observedGeneration") or 0) < int(workload["metadata"].get("generation") or 1):
-        return False
-    if workload["kind"] == "DaemonSet":
-        desired = int(status.get("desiredNumberScheduled") or 0)
-        return (
-            int(status.get("updatedNumberScheduled") or 0) >= desired and int(status.get("numberReady") or 0) >= desired
-        )
-    wanted = int((workload.get("spec") or {}).get("replicas") or 1)
-    # During the rolling update the old template's pods still count as ready: done only once they are gone.
-    no_old_pods = int(status.get("replicas") or 0) <= wanted
-    return (
-        no_old_pods
-        and int(status.get("updatedReplicas") or 0) >= wanted
-        and int(status.get("readyReplicas") or 0) >= wanted
-    )
-
-
-def _seconds_between(start: str, end: str) -> float:
-    parse = datetime.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
-
-
-def _ref(obj: Obj) -> Obj:
-    return {"kind": obj["kind"], "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]}
-
-
-def subject(obj: Obj) -> str:
-    """How an Event names the object a create or delete is about."""
-    return f"{obj['kind']}/{obj['metadata']['name'] if 'metadata' in obj else obj['name']}"
 
 
 def _unschedulable(job: Obj, pods: list[Obj]) -> str | None:
@@ -155,7 +131,7 @@ def _job_state(job: Obj) -> str:
     return "Active"
 
 
-class _Planner:
+class _Planner(ServingSteps, ArrivalSteps):
     def __init__(self, observed: Observed, images: Images, now: str, absent_grace: float) -> None:
         self.observed, self.images, self.now, self.absent_grace = observed, images, now, absent_grace
         self.body = observed.body
@@ -166,6 +142,11 @@ class _Planner:
         self.jobs = {j["metadata"]["name"]: j for j in observed.jobs}
         self.previous = {e["key"]: e for e in (self.body.get("status") or {}).get("classes") or []}
         self.annotations: dict[str, str] = self.body["metadata"].get("annotations") or {}
+        self.records = _records(observed)
+        generation = int(self.body["metadata"].get("generation", 1))
+        self.application = current_application(self.records, self.revision, generation, self.annotations, APPROVALS)
+        self.attempts: dict[str, Attempt] = {}  # this revision's attempts after this plan, by class key
+        self.steps: list[Step] = []
         self.shadow_data: dict[str, str] = {}  # the shadow ConfigMap's desired content
         # Names still wanted, by kind. A (revision, class) names its Job, workload and Service alike.
         self.keep: dict[str, set[str]] = {"Job": set(), "Workload": set(), "Service": set()}
@@ -178,6 +159,7 @@ class _Planner:
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
         entries = [self._stable_first(hardware) or self._class(hardware) for hardware in seen.classes]
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
+        self._record()
         self._retire({c.key for c in seen.classes} | set(seen.absent))
         self.plan.wake_after = seen.wake_after
         self._shadow_configmap()
@@ -189,29 +171,32 @@ class _Planner:
                                    revision=self.revision, serving=serving, now=self.now)  # fmt: skip
         return self.plan
 
-    # ------------------------------------------------------------------ presence
+    # ------------------------------------------------------------------ decision records
 
-    def _known(self) -> dict[str, str | None]:
-        """Classes this EdgeModel already has (a status entry, or objects labelled with the class),
-        each with since when it has been absent (None: it had a node when last seen)."""
-        known: dict[str, str | None] = {key: entry.get("absentSince") for key, entry in self.previous.items()}
-        for obj in (*self.observed.jobs, *self.observed.deployments, *self.observed.services):
-            key = _labels(obj).get(LABEL_CLASS)
-            if key and key not in known:
-                known[key] = None
-        return known
+    def _attempt(self, hardware: HardwareClass) -> Attempt:
+        """This revision's attempt on the class in the current application; a new one if there is none."""
+        record = self.records.get(self.revision)
+        previous = record.attempts.get(hardware.key) if record else None
+        if previous is not None and previous.application == self.application.generation:
+            return previous
+        return new_attempt(self.revision, hardware.key, self.application, self.now, previous)
 
-    def _absent(self, key: str, since: str, retire_at: str) -> Obj:
-        """A class without nodes, within its grace period: everything it has is kept, nothing is started."""
-        stable = []
-        for kind, objects in (("Workload", self.observed.deployments), ("Job", self.observed.jobs),
-                              ("Service", self.observed.services)):  # fmt: skip
-            for obj in objects:
-                if _labels(obj).get(LABEL_CLASS) == key:
-                    self._want(obj["metadata"]["name"], kind)
-                    stable += [obj] if kind == "Workload" and _track(obj) == "stable" else []
-        ready = sum(_ready(w) for w in stable)
-        return absent_entry(self.previous.get(key), key, since=since, retire_at=retire_at, ready=ready)
+    def _record(self) -> None:
+        """Write this revision's record if an attempt changed; the steps' Events go with that write."""
+        before = self.records.get(self.revision)
+        attempts = dict(before.attempts) if before else {}
+        attempts |= self.attempts
+        spec = before.spec if before else self.body["spec"]
+        after = Record(record_name(self.name, self.revision), self.revision,
+                       before.resource_version if before else None, spec, self.application, attempts)  # fmt: skip
+        write = record_write(self.body, before, after)
+        if write is not None:
+            self.plan.records.append(write)
+            for step in self.steps:
+                self.plan.events.append(Event(step.reason, step.message, f"ConfigMap/{after.name}"))
+        serving = {_labels(w).get(LABEL_REVISION, "") for w in self.observed.deployments}
+        for old in retired(self.records, serving | {self.revision}):
+            self.plan.delete.append({"kind": "ConfigMap", "name": old.name, "namespace": self.namespace})
 
     # ------------------------------------------------------------------ one class
 
@@ -229,188 +214,57 @@ class _Planner:
         name = child_name(self.name, self.revision, hardware)
         self._want(name, "Job")
         job = self.jobs.get(name)
-        if job is None:
-            job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
-            self.plan.create.append(job)
-            self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
-            return self._with_stable(class_entry(hardware, target.engine, target.precision, "Building", None), stable)
-        state = _job_state(job)
-        if state == "Active":
-            waiting = _unschedulable(job, self.observed.pods)
-            entry = class_entry(hardware, target.engine, target.precision, "Building", None)
-            if waiting:
+        mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
+        before = self._attempt(hardware)
+        outcome = self._outcome(job, workloads) if job is not None and before.state == "Building" else None
+        view = ClassView(
+            job=_job_state(job) if job else None,
+            outcome=outcome,
+            has_stable=bool(stable),
+            mine=_track(mine) if mine else None,
+            mine_ready=_ready(mine) if mine else 0,
+            samples=self.observed.evidence.get(hardware.key),
+        )
+        context = Context(self.spec.rollout, self.annotations, self.application, self.now)
+        attempt, steps, verdict = advance(before, view, context)
+        self.attempts[hardware.key] = attempt
+        self.steps += steps
+        entry = class_entry(hardware, target.engine, target.precision, attempt.state, attempt.message)
+        evidence = evidence_of(attempt, view) if attempt.state == "Shadowing" else None
+        live = shadow_figures(evidence) if evidence is not None else {}
+        if attempt.build:
+            entry |= {k: v for k, v in attempt.build.items() if k != "engine"}
+        if attempt.state in {"Building", "Failed"}:
+            if job is None and attempt.state == "Building":
+                job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
+                self.plan.create.append(job)
+                self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
+            elif outcome is not None and outcome.get("reason") == LOST:  # shown, not recorded: the pod may come
+                entry |= {"state": "Failed", "message": f"{LOST}: {outcome.get('message')}"}
+            elif job is not None and (waiting := _unschedulable(job, self.observed.pods)):
                 entry |= {"state": "Pending", "message": f"no node can take the build yet: {waiting}"}
             return self._with_stable(entry, stable)
+        if attempt.state == "RolledBack":
+            return self._with_stable(entry | {"message": attempt.reason, "shadow": shadow_of(attempt)}, stable)
+        slot = Slot(hardware, target, attempt, mine, stable)
+        if attempt.state == "Promoted":
+            return self._promoted(slot, entry)
+        return self._candidate(slot, entry, verdict, live)
+
+    def _outcome(self, job: Obj, workloads: list[Obj]) -> Obj | None:
+        """The outcome of a finished build Job (None while it runs), read from the pod that decided it,
+        else recovered from a workload that serves its build. A newly read outcome is also kept on the
+        Job (annotation `buildreport.OUTCOME`): the attempt's record is the copy decisions read; the
+        Job's is the one a build without an attempt (a new class's stable-first build) reads again."""
+        state = _job_state(job)
+        if state == "Active":
+            return None
         outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
         found = recovered(job, workloads) if outcome.get("reason") == LOST and state == "Complete" else None
         outcome, newly_read = (found, True) if found else (outcome, newly_read)
-        if newly_read:  # kept on the Job: losing the pod later changes nothing
-            self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
-        if outcome["status"] not in {"built", "cached"}:
-            message = f"{outcome.get('reason')}: {outcome.get('message')}"
-            return self._with_stable(class_entry(hardware, target.engine, target.precision, "Failed", message), stable)
-        entry = class_entry(hardware, target.engine, outcome.get("precision", target.precision), "Built", None)
-        artifact = outcome.get("artifact")
-        entry |= {
-            "cacheKey": outcome.get("cacheKey"),
-            "artifactDigest": artifact,
-            "buildSeconds": outcome.get("buildSeconds"),
-        }
-        if outcome.get("metrics"):
-            entry["metrics"] = outcome["metrics"]
-        if not artifact:
-            return self._with_stable(
-                entry | {"state": "Failed", "message": "the build report names no artifact"}, stable
-            )
-        return self._serve(hardware, target, artifact, entry, workloads=workloads, stable=stable)
-
-    def _stable_first(self, hardware: HardwareClass) -> Obj | None:
-        """A class with nothing serving it while the EdgeModel's stable revision is not the spec's (a
-        rollout, or a rolled-back candidate): build and serve that stable revision first, from the spec
-        kept on its workloads; the spec's revision then comes as a candidate, through shadow.
-        None where there is no such revision (or it has no engine for this class)."""
-        found = self._stable_source()
-        if found is None or any(_track(w) == "stable" for w in self._workloads(hardware)):
-            return None
-        revision, body = found
-        spec = EdgeModelSpec.model_validate(body["spec"])
-        target = engine_for(spec, hardware)
-        if target is None:
-            return None
-        name = child_name(self.name, revision, hardware)
-        self._want(name, "Job", "Workload")
-        first = f"serving the stable revision {revision} first; {self.revision} follows through shadow"
-        entry = class_entry(hardware, target.engine, target.precision, "Building", first)
-        job = self.jobs.get(name)
-        if job is None:
-            job = build_job_for_class(body, hardware, target, revision, self.images)
-            self.plan.create.append(job)
-            self._event("BuildStarted", f"building stable revision {revision} for new class {hardware.key}", job)
-            return entry
-        state = _job_state(job)
-        if state == "Active":
-            return entry
-        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
         if newly_read:
             self.plan.patch.append(_ref(job) | {"patch": keep_patch(outcome)})
-        artifact = outcome.get("artifact")
-        if outcome["status"] not in {"built", "cached"} or not artifact:
-            why = f"{outcome.get('reason')}: {outcome.get('message')}"
-            return entry | {"state": "Failed", "message": f"stable revision {revision}: {why}"}
-        workload = build_deployment_for_class(body, hardware, target, revision=revision, artifact=artifact,
-                                              images=self.images, track="stable")  # fmt: skip
-        self.plan.create.append(workload)
-        self._event("ServingStarted", f"serving {hardware.key} from {artifact} (stable revision {revision})", workload)
-        return entry | {"state": "Built", "artifactDigest": artifact, "cacheKey": outcome.get("cacheKey")}
-
-    def _stable_source(self) -> tuple[str, Obj] | None:
-        """The EdgeModel's stable revision, when it is not the spec's, and an EdgeModel body with its spec."""
-        stable = ((self.body.get("status") or {}).get("revisions") or {}).get("stable")
-        if not stable or stable == self.revision:
-            return None
-        for workload in self.observed.deployments:
-            text = (workload["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC)
-            if _labels(workload).get(LABEL_REVISION) == stable and _track(workload) == "stable" and text:
-                try:
-                    spec = json.loads(text)
-                    if revision_of(EdgeModelSpec.model_validate(spec)) == stable:
-                        return stable, {**self.body, "spec": spec}
-                except ValueError:  # a spec that no longer reads (e.g. edited by hand): no stable-first
-                    continue
-        return None
-
-    def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
-        """Name the revision that keeps serving this class while the current one is not there yet."""
-        if stable:
-            entry["revision"] = _labels(stable[0])[LABEL_REVISION]
-            entry["readyReplicas"] = sum(_ready(w) for w in stable)
-        return entry
-
-    def _serve(  # noqa: PLR0911 - one return per rollout state, in order
-        self, hardware: HardwareClass, target: EngineTarget, artifact: str, entry: Obj, *, workloads: list[Obj],
-        stable: list[Obj],
-    ) -> Obj:  # fmt: skip
-        mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
-        previous = self.previous.get(hardware.key) or {}
-        # Absent (no node) a while: what the class was in when its last node went.
-        was = previous.get("lastState") if previous.get("state") == "Absent" else previous.get("state")
-        rolled_back = was == "RolledBack" and (previous.get("shadow") or {}).get("revision") == self.revision
-        if mine is None:
-            if rolled_back:  # decided: this revision does not replace the stable one on this class
-                why = previous.get("message") if previous.get("state") == "RolledBack" else None
-                return self._with_stable(entry | {"state": "RolledBack", "shadow": previous.get("shadow"),
-                                                  "message": why or f"{self.revision} was rolled back on this class"},
-                                         stable)  # fmt: skip
-            track = "candidate" if stable else "stable"
-            workload = build_deployment_for_class(self.body, hardware, target, revision=self.revision,
-                                                  artifact=artifact, images=self.images, track=track)  # fmt: skip
-            self.plan.create.append(workload)
-            if track == "candidate":
-                self.plan.create.append(build_revision_service(self.body, self.revision, hardware))
-                self._event("CandidateStarted", f"{hardware.key}: candidate {self.revision} from {artifact}", workload)
-            else:
-                self._event("ServingStarted", f"serving {hardware.key} from {artifact}", workload)
-            return self._with_stable(entry, stable)
-        self._want(mine["metadata"]["name"], "Workload")
-        ready = _ready(mine)
-        if _track(mine) == "stable":
-            others = [w for w in stable if w is not mine]
-            if others and not _rolled_out(mine):
-                return entry | {"revision": self.revision, "readyReplicas": ready, "state": "Shadowing",
-                                "message": "promoted: waiting for every pod of the new stable revision",
-                                "shadow": previous.get("shadow")}  # fmt: skip
-            for old in others:  # the new stable revision has rolled out: the old one goes
-                self._drop(old["metadata"]["name"], "Workload", "Job", "Service")
-            shadow = previous.get("shadow") or {}
-            evidence = {"shadow": shadow} if shadow.get("revision") == self.revision else {}  # what promoted it
-            return entry | {"revision": self.revision, "readyReplicas": ready,
-                            "state": "Serving" if ready else "Built"} | evidence  # fmt: skip
-        if rolled_back or not stable:  # a leftover candidate
-            self._drop(mine["metadata"]["name"], "Workload", "Service")
-            return self._with_stable(entry, stable)
-        self._want(mine["metadata"]["name"], "Service")
-        if not ready:
-            return self._with_stable(entry | {"message": "candidate starting"}, stable)
-        return self._shadow(hardware, entry, mine, stable[0], previous)
-
-    def _shadow(self, hardware: HardwareClass, entry: Obj, candidate: Obj, stable: Obj, previous: Obj) -> Obj:
-        rollout = self.spec.rollout
-        stable_revision = _labels(stable)[LABEL_REVISION]
-        before = previous.get("shadow") or {}
-        started = before.get("started") if before.get("revision") == self.revision else None
-        if started is None:
-            started = self.now
-            self._event("ShadowStarted", f"{hardware.key}: mirroring {rollout.shadow.mirror_percent:g}% of "
-                        f"{stable_revision}'s requests to {self.revision}; a request agrees within "
-                        f"{self.spec.rollout.analysis.agreement.describe()}")  # fmt: skip
-        evidence = self.observed.evidence.get(hardware.key) or Evidence()
-        approved = self.annotations.get(APPROVE) == self.revision
-        verdict = analyse(evidence, rollout, _seconds_between(started, self.now), approved=approved)
-        shadow = _shadow_status(self.revision, started, evidence, verdict)
-        entry = self._with_stable(entry, [stable]) | {"state": "Shadowing", "shadow": shadow}
-        rejected = self.annotations.get(REJECT) == self.revision
-        if verdict.decision == "Promote":
-            patch = {"metadata": {"labels": {LABEL_TRACK: "stable"}},
-                     "spec": {"template": {"metadata": {"labels": {LABEL_TRACK: "stable"}}}}}  # fmt: skip
-            self.plan.patch.append(_ref(candidate) | {"patch": patch})
-            self._event("Promoted", f"{hardware.key}: {self.revision} replaces {stable_revision}: {verdict.reason}")
-            return entry | {"message": f"promoting: {verdict.reason}"}
-        if (verdict.decision == "Rollback" and rollout.auto_rollback) or rejected:
-            self._drop(candidate["metadata"]["name"], "Workload", "Service")  # the Job stays: no rebuild
-            why = verdict.reason if verdict.decision == "Rollback" else f"rolled back by {REJECT}"
-            self._event("RolledBack", f"{hardware.key}: {self.revision} rolled back, {stable_revision} keeps "
-                        f"serving: {why}")  # fmt: skip
-            return entry | {"state": "RolledBack", "message": why, "shadow": shadow | {"decision": "Rollback"}}
-        key = shadow_key(stable_revision, hardware)
-        service = next(
-            (s for s in self.observed.services if s["metadata"]["name"] == candidate["metadata"]["name"]), {}
-        )
-        cluster_ip = (service.get("spec") or {}).get("clusterIP")
-        self.shadow_data[key] = build_shadow_entry(self.body, self.revision, hardware, cluster_ip)
-        self.plan.analysing = True
-        waiting = {"AwaitingApproval": f"passed; waiting for annotation {APPROVE}={self.revision}",
-                   "Rollback": f"failed; waiting for annotation {REJECT}={self.revision}"}  # fmt: skip
-        return entry | {"message": waiting.get(verdict.decision, verdict.reason)}
+        return outcome
 
     # ------------------------------------------------------------------ the EdgeModel's other objects
 
@@ -436,38 +290,18 @@ class _Planner:
             if self.shadow_data:
                 self.plan.create.append(build_shadow_configmap(self.body, self.shadow_data))
             return
-        patch = merge_patch(found.get("data") or {}, self.shadow_data)
-        if patch:
-            self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": {"data": patch}})
-
-    def _want(self, name: str, *kinds: str) -> None:
-        for kind in kinds:
-            self.keep[kind].add(name)
-
-    def _drop(self, name: str, *kinds: str) -> None:
-        for kind in kinds:
-            self.keep[kind].discard(name)
+        patch: Obj = {"data": merge_patch(found.get("data") or {}, self.shadow_data)}
+        if patch["data"]:  # computed from the watched copy: only if that is still the ConfigMap's version
+            if found["metadata"].get("resourceVersion"):
+                patch["metadata"] = {"resourceVersion": found["metadata"]["resourceVersion"]}
+            self.plan.patch.append(_ref(found | {"kind": "ConfigMap"}) | {"patch": patch})
 
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
         self.plan.events.append(Event(reason, message, subject(obj) if obj is not None else None))
 
 
-def _shadow_status(revision: str, started: str, evidence: Evidence, verdict: Verdict) -> Obj:
-    figures = {
-        "revision": revision,
-        "started": started,
-        "requests": int(evidence.compared + evidence.errors),
-        "agreement": None if evidence.agreement is None else round(evidence.agreement, 4),
-        "latencyRatio": None if evidence.latency_ratio is None else round(evidence.latency_ratio, 3),
-        "errorRate": None if evidence.error_rate is None else round(evidence.error_rate, 4),
-        "decision": verdict.decision,
-        "reason": verdict.reason,
-    }
-    return {k: v for k, v in figures.items() if v is not None}
-
-
 def plan(observed: Observed, images: Images, now: str, *, absent_grace: float = 600.0) -> Plan:
-    """What to create, delete and report for one EdgeModel at `now` (RFC 3339).
+    """What to record, create, delete and report for one EdgeModel at `now` (RFC 3339).
 
     `absent_grace`: seconds a class may have no node at all before what serves it is deleted.
     """

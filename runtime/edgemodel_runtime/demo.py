@@ -217,6 +217,9 @@ def _table(builds: dict[str, dict[str, Any]], evidence: Evidence, decision: tupl
             f"{latency['p99_ms']:7.2f} {versus:>8} {_figure(figures.get('max_relative_error'), '.3g'):>15} "
             f"{_figure(figures.get('cosine'), '.4f'):>7} {_figure(figures.get('worst_sample'), 'd'):>13}"
         )
+        if fell_back:  # the build served fp32 instead of what was asked, and says why
+            reason = (report.get("decision") or {}).get("reason") or "the build kept fp32"
+            rows.append(f"{'':17} asked for {report.get('requestedPrecision')}, built {report['precision']}: {reason}")
         uninformative = (report.get("validation") or {}).get("uninformative")
         if uninformative:
             rows.append(f"{'':17} uninformative reference outputs, not judged: {uninformative}")

@@ -213,7 +213,7 @@ MALFORMED: dict[str, tuple[Any, str | None]] = {
     ),
     "a huge declared dimension": (lambda: _relu([2**40, 16]), "InputTooLarge"),
     "non-UTF-8 names": (_non_utf8_name, "InvalidModel"),
-    "an input with no shape": (lambda: _relu(None), None),  # ONNX Runtime takes it as a scalar: built
+    "an input with no shape": (lambda: _relu(None), "UnsupportedModel"),  # as serve refuses it
 }
 
 
@@ -342,3 +342,28 @@ def test_a_bug_in_the_build_still_ends_in_exit_4_with_a_report_and_no_traceback(
     assert "edgemodel build: InternalError: internal error (ZeroDivisionError: injected)" in capsys.readouterr().err
     assert report_of(tmp_path / "out")["reason"] == "InternalError"
     assert json.loads(termination.read_text())["reason"] == "InternalError"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [None, [], [0, 3], [2, 0], ["n", 0], [1, 3], ["n", 3]],
+    ids=["unknown rank", "scalar", "static zero", "trailing zero", "dynamic and zero", "static", "dynamic"],
+)
+def test_the_build_refuses_exactly_the_input_shapes_that_serve_refuses(shape: list[Any] | None, tmp_path: Path) -> None:
+    """A build that succeeds for a model serve then refuses is a Job that succeeds and pods that crash-loop; a
+    static zero-size dimension is a shape like any other (serve keeps it), not a dynamic one fixed to 1."""
+    from edgemodel_runtime.serve.model import ArtifactError, load, resolve
+
+    outcome = build_in_process(_relu(shape), tmp_path)
+    refusal = None
+    try:
+        load(resolve(str(tmp_path / "model.onnx"), tmp_path / "cache"), threads=1)
+    except ArtifactError as error:
+        refusal = error.reason
+    if refusal is not None:
+        assert refusal == "UnsupportedModel"
+        _refused(outcome, "UnsupportedModel")
+        return
+    assert isinstance(outcome, dict), f"serve takes this model, the build refused it: {outcome}"
+    (built,) = outcome["inputs"]
+    assert built["shape"] == [1 if isinstance(d, str) else d for d in shape or []]

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgemodel_runtime.build import tensors
 from edgemodel_runtime.build.errors import ExitCode
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
@@ -76,3 +78,47 @@ def test_a_model_failing_at_its_fixed_shape_names_the_dynamic_dims_and_the_flag(
         "--model", str(model), "--sha256", sha256(model), "--input", "x=1x8", "--output", str(tmp_path / "out")
     )
     assert fixed.returncode == 0, fixed.stderr
+
+
+def _concatenated(path: Path) -> Path:
+    """a: [N, 4] and b: [N, 2] -> Concat on axis 1 -> y: [N, 6]: one dimension N, named in both inputs."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+        "concatenated",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_dynamic_dimension_named_in_several_inputs_is_fixed_once_for_all(tmp_path: Path) -> None:
+    model = _concatenated(tmp_path / "concat.onnx")
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--input", "a=3x4", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert report_of(tmp_path / "out")["inputs"] == [
+        {"name": "a", "shape": [3, 4], "dtype": "float32"},
+        {"name": "b", "shape": [3, 2], "dtype": "float32"},
+    ]
+    conflicting = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--input", "a=3x4", "--input", "b=2x2",
+        "--output", str(tmp_path / "conflict"),
+    )  # fmt: skip
+    _expect_failure(conflicting, ExitCode.BAD_INPUT, "InvalidOption")
+    assert "dimension 'N' is 3 in --input a=3x4 but 2 in --input b=2x2" in conflicting.stderr
+
+
+@pytest.mark.parametrize("placeholder", ["?", "-1", "", None])
+def test_a_placeholder_for_an_unknown_dimension_names_no_dimension(placeholder: str | None) -> None:
+    """Converters write "?" (paddle2onnx: the PP-OCR models) or "-1" for unknown dimensions; each is its own."""
+    declared: list[tuple[str, list[int | str | None], str]] = [
+        ("x", [placeholder, 3, placeholder, placeholder], "tensor(float)"),
+        ("y", [placeholder], "tensor(float)"),
+    ]
+    x, y = tensors.resolve_inputs(declared, {"x": (1, 3, 48, 192)})
+    assert (x.shape, y.shape) == ((1, 3, 48, 192), (1,))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemodel_runtime.build.errors import ExitCode
@@ -134,3 +135,64 @@ def test_a_tolerance_applies_to_every_sample_not_the_average(tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == int(ExitCode.VALIDATION_FAILED), result.stderr
     assert "output y: max abs error 0.01 > maxAbsError 0.001 (worst: sample 3)" in result.stderr
+
+
+def test_expected_outputs_under_a_name_the_model_has_no_output_of_are_refused_naming_both(tmp_path: Path) -> None:
+    """A misspelt `expected.<output>` key, or outputs of another model: not a mismatch of the engine's outputs."""
+    model = square_root(tmp_path / "sqrt.onnx")
+    reference = tmp_path / "reference.npz"
+    inputs = [{"x": np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 64)}]
+    save_samples(reference, inputs, expected=[{"Y": np.sqrt(i["x"]), "z": i["x"]} for i in inputs])
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--reference", str(reference),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == int(ExitCode.BAD_INPUT), result.stderr
+    assert "edgemodel build: InvalidSampleSet: " in result.stderr
+    assert "expected outputs ['Y', 'z'] name no output of the model (its outputs: ['y'])" in result.stderr
+
+
+def test_outputs_the_expected_set_leaves_out_are_validated_against_the_fp32_reference(tmp_path: Path) -> None:
+    """Expected values for one output (say, labels from training) must not leave the model's other outputs
+    unvalidated."""
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 64]) for n in ("y", "z")],
+    )
+    model = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    reference = tmp_path / "reference.npz"
+    inputs = [{"x": np.linspace(0.5, 1, 64, dtype=np.float32).reshape(1, 64)}, {"x": np.ones((1, 64), np.float32)}]
+    save_samples(reference, inputs, expected=[{"y": np.sqrt(i["x"])} for i in inputs])
+    out = tmp_path / "out"
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--reference", str(reference), "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    compared = report_of(out)["candidate"]["comparison"]["outputs"]
+    assert sorted(output["name"] for output in compared) == ["y", "z"]
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "message"),
+    [
+        ("maxRelativeError=1e-3,maxRelativeError=2", "--tolerance gives maxRelativeError twice (1e-3, then 2)"),
+        ("maxRelativeError=1e-3 maxRelativeError=1e-3", "--tolerance gives maxRelativeError twice"),
+        ("maxRelativeError=0", "'maxRelativeError=0': out of range; maxRelativeError must be a number > 0"),
+        ("minCosine=1.5", "'minCosine=1.5': out of range; minCosine must be a number in (0, 1]"),
+        ("maxAbsError=nan", "'maxAbsError=nan': out of range; maxAbsError must be a number > 0"),
+    ],
+)
+def test_a_tolerance_given_twice_or_out_of_range_is_refused_saying_which_and_why(
+    tmp_path: Path, tolerance: str, message: str
+) -> None:
+    model = square_root(tmp_path / "sqrt.onnx")
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", sha256(model), "--output", str(tmp_path / "out"),
+        *[argument for item in tolerance.split(" ") for argument in ("--tolerance", item)],
+    )  # fmt: skip
+    assert result.returncode == int(ExitCode.BAD_INPUT), result.stderr
+    assert "edgemodel build: InvalidOption: " in result.stderr
+    assert message in result.stderr

@@ -148,8 +148,8 @@ def test_rbac_names_every_verb_and_resource_and_no_wildcard(helm_home: Path, nam
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
         assert not {"secrets", "pods/exec", "serviceaccounts"} & set(rule["resources"]), rule
-        if "configmaps" in rule["resources"]:  # the shadow ConfigMap: written, never read back or deleted
-            assert set(rule["verbs"]) == {"list", "watch", "create", "patch"}, rule
+        if "configmaps" in rule["resources"]:  # the shadow ConfigMap and the decision records: never `get` or `update`
+            assert set(rule["verbs"]) == {"list", "watch", "create", "patch", "delete"}, rule
         assert not {"escalate", "bind", "impersonate", "update", "deletecollection"} & set(rule["verbs"]), rule
 
 
@@ -258,7 +258,7 @@ NEEDED = [
         for resource in ("deployments.apps", "daemonsets.apps")
     ),
     *((verb, "services", "M") for verb in ("list", "watch", "create", "delete")),
-    *((verb, "configmaps", "M") for verb in ("list", "watch", "create", "patch")),
+    *((verb, "configmaps", "M") for verb in ("list", "watch", "create", "patch", "delete")),
     ("create", "events", "M"),
 ]
 FORBIDDEN = [
@@ -271,7 +271,7 @@ FORBIDDEN = [
     ("update", "deployments.apps", "M"),
     ("patch", "edgemodels.edgeml.dev", "M"),
     ("delete", "edgemodels.edgeml.dev", "M"),
-    ("delete", "configmaps", "M"),
+    ("update", "configmaps", "M"),
     ("get", "configmaps", "kube-system"),
     ("create", "rolebindings.rbac.authorization.k8s.io", "M"),
     ("*", "*", "M"),

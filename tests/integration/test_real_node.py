@@ -108,7 +108,7 @@ def scene(
             scene.uris[case] = f"oci://{registry.address}/models/{NAME}@{digest}"
         operator = OperatorProcess(crd, directory / "operator.log", settings={
             "image_cpu": scene.images["runtime-cpu"], "registry": f"{registry.address}/engines",
-            "registry_insecure": "true", "analysis_seconds": "1", "status_hold_seconds": "0",
+            "registry_insecure": "true", "analysis_seconds": "1",
             "namespaces": json.dumps([namespace]),
         })  # fmt: skip
         operator.start()

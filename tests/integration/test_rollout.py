@@ -240,7 +240,7 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
     models = {digests[case]: path for case, path in files.items()}
     prometheus = Prometheus(directory / "prometheus").start()
     operator = OperatorProcess(crd, directory / "operator.log", settings={
-        "prometheus_url": prometheus.url, "analysis_seconds": "1", "status_hold_seconds": "0",
+        "prometheus_url": prometheus.url, "analysis_seconds": "1",  # the status hold at its default
         "namespaces": json.dumps([namespace]),
     })  # fmt: skip
     operator.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import orjson
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -21,10 +22,11 @@ from tests.integration.test_serve import Server, _serve_refusal
 CLASSES = 6
 
 
-def _model(path: Path, *, outputs: tuple[str, ...], nan_class: bool = False) -> Path:
+def _model(path: Path, *, outputs: tuple[str, ...], nan_class: bool = False, narrow: bool = False) -> Path:
     """x[1, 8] -> logits (FP32), probs (FP32), label (INT64), positive (BOOL), features (FP32), as `outputs` names.
 
-    With `nan_class`, the last logit is NaN (and so every probability).
+    With `nan_class`, the last logit is NaN (and so every probability). With `narrow`, the same values in
+    narrower datatypes: logits FP16, label INT32 (what a re-export with other output types answers).
     """
     rng = np.random.default_rng(0)
     scale = np.ones(CLASSES, np.float32)
@@ -32,16 +34,20 @@ def _model(path: Path, *, outputs: tuple[str, ...], nan_class: bool = False) -> 
         scale[-1] = np.nan
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["raw"]),
-        helper.make_node("Mul", ["raw", "scale"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-        helper.make_node("ArgMax", ["raw"], ["label"], axis=-1, keepdims=0),
+        helper.make_node("Mul", ["raw", "scale"], ["logits32"]),
+        helper.make_node("Cast", ["logits32"], ["logits"], to=TensorProto.FLOAT16 if narrow else TensorProto.FLOAT),
+        helper.make_node("Softmax", ["logits32"], ["probs"], axis=-1),
+        helper.make_node("ArgMax", ["raw"], ["label64"], axis=-1, keepdims=0),
+        helper.make_node("Cast", ["label64"], ["label"], to=TensorProto.INT32 if narrow else TensorProto.INT64),
         helper.make_node("Greater", ["raw", "zero"], ["positive"]),
         helper.make_node("Relu", ["raw"], ["features"]),
     ]
     declared = {
-        "logits": helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, CLASSES]),
+        "logits": helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT16 if narrow else TensorProto.FLOAT, [1, CLASSES]
+        ),
         "probs": helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES]),
-        "label": helper.make_tensor_value_info("label", TensorProto.INT64, [1]),
+        "label": helper.make_tensor_value_info("label", TensorProto.INT32 if narrow else TensorProto.INT64, [1]),
         "positive": helper.make_tensor_value_info("positive", TensorProto.BOOL, [1, CLASSES]),
         "features": helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, CLASSES]),
     }
@@ -76,6 +82,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "fewer": _model(directory / "fewer.onnx", outputs=("logits", "probs", "label")),
         "more": _model(directory / "more.onnx", outputs=(*BASE, "features")),
         "nan": _model(directory / "nan.onnx", outputs=BASE, nan_class=True),
+        "narrow": _model(directory / "narrow.onnx", outputs=BASE, narrow=True),
     }
 
 
@@ -182,6 +189,47 @@ def test_an_extra_output_is_a_disagreement_when_the_client_asked_for_all(pair: P
     assert pair.disagreed("extra_output") == 1
 
 
+@pytest.mark.parametrize("pair", [("stable", "narrow")], indirect=True)
+def test_an_output_of_another_datatype_is_a_disagreement_even_where_its_values_are_equal(pair: Pair) -> None:
+    pair.infer(["logits"], True)  # FP16 where stable answers FP32: its values fit the tolerance
+    pair.infer(["label"], False)  # INT32 where stable answers INT64: the same class
+    pair.infer(["probs", "positive"], True)  # the same datatypes: agrees
+    counts = pair.settled()
+    assert counts == {"mirrored": 3, "compared": 3, "agreed": 1, "errors": 0}
+    assert pair.disagreed("datatype") == 2
+
+
+@pytest.mark.parametrize("pair", [("stable", "same")], indirect=True)
+def test_a_request_naming_the_model_and_stable_version_in_its_body_is_compared_not_refused(pair: Pair) -> None:
+    """KServe's clients may put model_name and model_version in the body; stable accepts its own version,
+    and the copy must reach the candidate (which serves another version) without them."""
+    data = np.random.default_rng(0).normal(size=8).tolist()
+    for fields in ({"model_name": "clf", "model_version": "r1"}, {"model_version": "r1"}, {"model_name": "clf"}):
+        body = {**fields, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": data}]}
+        status, _ = pair.stable.request("POST", "/v2/models/clf/infer", orjson.dumps(body))
+        assert status == 200
+        pair.sent += 1
+    counts = pair.settled()
+    assert counts == {"mirrored": 3, "compared": 3, "agreed": 3, "errors": 0}
+
+
+@pytest.mark.parametrize("pair", [("stable", "fewer")], indirect=True)
+def test_a_request_with_nan_tokens_in_its_json_is_copied_as_any_other(pair: Pair) -> None:
+    """JSON input data may hold NaN and Infinity (Triton's tokens, which stable reads); the copy must still ask
+    for every output as binary data and leave out stable's version, or the candidate refuses it."""
+    data = b"[NaN, Infinity, -Infinity, 1e-45, 0.1, -0.0, 3.4028234663852886e38, 2]"
+    for fields, requested in ((b'"model_version": "r1", ', b'"probs"'), (b"", b'"positive"')):
+        body = b'{%s"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": %s}], ' % (fields, data)
+        body += b'"outputs": [{"name": %s}]}' % requested
+        status, answer = pair.stable.request("POST", "/v2/models/clf/infer", body)
+        assert status == 200, answer
+        pair.sent += 1
+    counts = pair.settled()
+    # probs is NaN on both sides (agrees); positive is missing from the candidate (disagrees, not an error).
+    assert counts == {"mirrored": 2, "compared": 2, "agreed": 1, "errors": 0}
+    assert pair.disagreed("missing_output") == 1
+
+
 @pytest.mark.parametrize("pair", [("stable", "nan")], indirect=True)
 def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_alike(pair: Pair) -> None:
     for requested, binary in REQUESTS:
@@ -199,8 +247,17 @@ def test_nan_where_stable_answers_a_number_is_a_disagreement_in_binary_and_json_
         (["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": NaN}'], "NaN is not JSON"),
         (["--shadow-url", "http://127.0.0.1:9", "--agreement", "0.05"], "must be a JSON object"),
         (["--shadow-config", "/nonexistent", "--agreement", "{}"], "--agreement goes with --shadow-url"),
+        (
+            ["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"outputs": {"logit": {"maxAbsError": 1}}}'],
+            "--agreement: agreement.outputs ['logit'] are not outputs of the model "
+            "(['label', 'logits', 'positive', 'probs'])",
+        ),
+        (
+            ["--shadow-url", "http://127.0.0.1:9", "--agreement", '{"maxRelativeError": 0.01, "maxRelativeError": 2}'],
+            "--agreement: not valid JSON: key 'maxRelativeError' appears twice",
+        ),
     ],
-    ids=["zero limit", "nan limit", "not an object", "with a config file"],
+    ids=["zero limit", "nan limit", "not an object", "with a config file", "an output the model lacks", "twice"],
 )
 def test_an_agreement_the_server_cannot_apply_is_refused_at_start(
     models: dict[str, Path], arguments: list[str], message: str

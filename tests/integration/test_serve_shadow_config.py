@@ -250,6 +250,25 @@ def test_a_file_invalid_at_start_is_reported_and_the_server_serves(models: dict[
         assert stable.stop() == 0
 
 
+def test_agreement_limits_for_an_output_the_model_lacks_are_reported_not_silently_dropped(
+    models: dict[str, Path], candidates: dict[str, Server], tmp_path: Path
+) -> None:
+    volume = ConfigMapVolume(tmp_path / "shadow", "clf.json")
+    agreement = {"outputs": {"logit": {"maxAbsError": 1e-3}, "logits": {"maxAbsError": 1e-3}}}
+    volume.publish_json({"url": candidates["a1"].url, "candidateRevision": "a1", "agreement": agreement})
+    stable = _stable(models, volume, tmp_path)
+    try:
+        assert stable.request("POST", "/v2/models/clf/infer", _classifier_body(0))[0] == 200
+        log = stable.log.read_text()
+        assert (
+            "agreement.outputs ['logit'] are not outputs of the model (['logits']): their limits apply to nothing"
+            in log
+        )
+        assert stable.metric("edgemodel_shadow_mirrored_total", candidate_revision="a1") == 1  # the rest applies
+    finally:
+        assert stable.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

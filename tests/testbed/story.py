@@ -206,7 +206,6 @@ def _operator(bed: Testbed, work: Path, registry: Registry) -> OperatorProcess:
     operator = OperatorProcess(bed, work / "operator.log", settings={
         "image_cpu": bed.state()["images"]["runtime-cpu"], "registry": f"{registry.address}/engines",
         "registry_insecure": "true", "namespaces": json.dumps([NAMESPACE]), "analysis_seconds": "1",
-        "status_hold_seconds": "0",
     })  # fmt: skip
     operator.start()
     print(f"  operator running (log: {work / 'operator.log'})")

@@ -18,7 +18,7 @@ from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerance, Tolera
 from edgemodel_runtime.serve.shadow import every_output_in_binary, inference_seconds
 from edgemodel_runtime.serve.shadow_config import ShadowConfigError, parse_agreement, parse_shadow_config
 from tests.unit.test_operator_pure import DIGEST
-from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
+from tests.unit.test_rollout import Cluster, _counters, _serving_first_revision, _shadowing
 
 Obj = dict[str, Any]
 
@@ -33,6 +33,43 @@ def test_the_documented_defaults_are_the_runtime_defaults() -> None:
     agreement = Analysis().agreement
     assert agreement.runtime_config() == {"maxRelativeError": 0.05, "minTop1Agreement": 1.0}
     assert parse_agreement(agreement.runtime_config()) == Tolerances(DEFAULT_AGREEMENT) == parse_agreement(None)
+
+
+@pytest.mark.parametrize(
+    ("given", "default"),
+    [
+        ({}, DEFAULT_AGREEMENT),
+        ({"outputs": {"boxes": {"maxAbsError": 2}}}, DEFAULT_AGREEMENT),
+        ({"minCosine": 0.99}, replace(DEFAULT_AGREEMENT, min_cosine=0.99)),
+        ({"maxAbsError": 1e-3}, replace(DEFAULT_AGREEMENT, max_abs_error=1e-3)),
+        ({"minTop1Agreement": 0}, replace(DEFAULT_AGREEMENT, min_top1_agreement=0.0)),
+        ({"maxRelativeError": 1e6, "minTop1Agreement": 1}, replace(DEFAULT_AGREEMENT, max_relative_error=1e6)),
+    ],
+)
+def test_a_limit_the_server_is_not_given_keeps_its_default_as_in_the_spec(given: Obj, default: Tolerance) -> None:
+    """--agreement and the shadow file read absent limits as spec.rollout.analysis.agreement defaults them:
+    setting one limit (or only per-output ones) must not drop the others to "no limits"."""
+    parsed = parse_agreement(given)
+    assert parsed.default == default
+    if "outputs" not in given:  # the spec lists per-output limits; the server's file keys them by name
+        assert (
+            parse_agreement(Analysis.model_validate({"agreement": given}).agreement.runtime_config()).default == default
+        )
+    assert all(tolerance == default.merged(tolerance) for _, tolerance in parsed.outputs)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"url": "http://c:8080", "url": "http://d:8080"}',
+        b'{"url": "http://c:8080", "agreement": {"minCosine": 0.9, "minCosine": 0.99}}',
+        b'{"url": "http://c:8080", "agreement": {"outputs": {"y": {"maxAbsError": 1}, "y": {"maxAbsError": 2}}}}',
+    ],
+    ids=["url", "limit", "output"],
+)
+def test_a_shadow_file_giving_a_key_twice_is_refused_not_read_as_its_last_value(content: bytes) -> None:
+    with pytest.raises(ShadowConfigError, match="appears twice"):
+        parse_shadow_config(content)
 
 
 def test_the_default_agreement_reaches_the_stable_servers_and_the_shadow_started_event() -> None:
@@ -71,7 +108,7 @@ def test_the_agreement_appears_in_the_evidence_and_the_rollback_event() -> None:
     cluster, _ = _serving_first_revision(analysis={"agreement": {"maxRelativeError": 0.2}})
     _shadowing(cluster)
     key = cluster.body["status"]["classes"][0]["key"]
-    cluster.evidence = {key: Evidence(200, 200, 20, 0, 1.0, 1)}
+    cluster.evidence = {key: {"stable-pod": _counters(200, 200, 20)}}
     rolled = cluster.step("2026-11-26T12:02:30Z")
     within = "agreeing within maxRelativeError 0.2, minTop1Agreement 1"
     assert within in rolled.status["classes"][0]["shadow"]["reason"]
@@ -202,6 +239,19 @@ def test_the_mirrored_copy_asks_for_every_output_in_binary_and_keeps_the_binary_
     assert "outputs" not in document
     assert document["parameters"] == {"binary_data_output": True}
     assert body[length:] == b"\0\0\0\0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(width=32) | st.floats() | st.integers(-(2**64), 2**64), min_size=1, max_size=8))
+def test_the_copy_carries_every_json_number_as_stable_read_it_nan_and_infinity_included(values: list[Any]) -> None:
+    from edgemodel_runtime.serve import codec
+
+    document = {"model_version": "r1", "inputs": [{"name": "x", "data": values}], "outputs": [{"name": "y"}]}
+    body, headers = every_output_in_binary(json.dumps(document, allow_nan=True).encode(), {})
+    copy = codec.loads(body[: int(headers["inference-header-content-length"])], "copy")
+    assert set(copy) == {"inputs", "parameters"}
+    read = copy["inputs"][0]["data"]
+    assert [repr(v) for v in read] == [repr(v) for v in codec.loads(json.dumps(values).encode(), "original")]
 
 
 def test_a_copy_that_cannot_be_read_is_sent_unchanged() -> None:

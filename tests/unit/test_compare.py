@@ -204,6 +204,24 @@ def test_empty_tensors_are_equal_and_decide_nothing() -> None:
     _json_safe(comparison)
 
 
+NUMERIC = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+           np.float16, np.float32, np.float64]  # fmt: skip
+
+
+@pytest.mark.parametrize("theirs", NUMERIC, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("ours", NUMERIC, ids=lambda t: np.dtype(t).name)
+def test_a_candidate_answering_another_datatype_disagrees_even_with_equal_values(ours: type, theirs: type) -> None:
+    values = np.array([[0, 1, 1]])
+    _, missed = compare.agreement({"y": values.astype(ours)}, {"y": values.astype(theirs)}, compare.Tolerances())
+    assert [m.label for m in missed] == ([] if ours is theirs else ["datatype"])
+
+
+def test_strings_agree_as_str_or_bytes_the_engine_and_the_wire_both_being_bytes_tensors() -> None:
+    engine = np.array(["a", "", "b\x00c"], dtype=object)
+    wire = np.array([b"a", b"", b"b\x00c"], dtype=object)
+    assert compare.agreement({"y": engine}, {"y": wire}, compare.Tolerances())[1] == []
+
+
 @pytest.mark.parametrize(
     ("candidate", "reason"),
     [(np.zeros((2, 3), np.float32), "shape"), (np.zeros((1, 3), np.int64), "datatype")],
@@ -426,3 +444,21 @@ def test_a_range_wider_than_float64_still_gives_relative_errors() -> None:
     missed = compare.agreement({"y": reference}, {"y": candidate}, compare.Tolerances(compare.DEFAULT_AGREEMENT))[1]
     assert [m.label for m in missed] == ["relative_error"]
     _json_safe(comparison)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    array=hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=64),
+        elements={"allow_nan": True, "allow_infinity": True},
+    )
+)
+def test_identical_answers_agree_at_the_strictest_limits_whatever_the_rounding(array: np.ndarray) -> None:
+    """minCosine 1 and minTop1Agreement 1 are valid limits: an answer equal to stable's must meet them, though a
+    cosine summed in floating point can land a rounding below 1."""
+    strictest = compare.Tolerances(compare.Tolerance(min_cosine=1.0, min_top1_agreement=1.0, max_abs_error=1e-30))
+    comparison, missed = compare.agreement({"y": array}, {"y": array.copy()}, strictest)
+    assert missed == []
+    assert comparison is not None
+    assert comparison.cosine in (None, 1.0)

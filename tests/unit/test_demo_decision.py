@@ -32,3 +32,16 @@ def test_a_candidate_within_every_criterion_is_promoted() -> None:
 )
 def test_missing_or_non_finite_evidence_rolls_back_with_its_reason(changes: dict[str, float], reason: str) -> None:
     assert decide(_evidence(**changes), Criteria()) == ("roll back", reason)
+
+
+def test_the_table_says_when_the_int8_build_fell_back_to_fp32() -> None:
+    from edgemodel_runtime.demo import _table
+
+    figures = {"comparison": {"max_relative_error": 0.0, "cosine": 1.0, "worst_sample": 0}}
+    report = {"precision": "fp32", "requestedPrecision": "int8", "buildSeconds": 1.0, "int8Speedup": 1.06,
+              "latency": {"p50_ms": 1.0, "p99_ms": 2.0}, "fp32": figures, "candidate": figures,
+              "decision": {"reason": "int8 was 1.06x fp32 on this class, below the 1.1x threshold"}}  # fmt: skip
+    kept = report | {"precision": "int8", "decision": {"reason": "int8 is 1.5x faster"}}
+    text = _table({"candidate (INT8)": report, "other": kept}, _evidence(), ("promote", "ok"))
+    assert "asked for int8, built fp32: int8 was 1.06x fp32 on this class, below the 1.1x threshold" in text
+    assert text.count("asked for") == 1

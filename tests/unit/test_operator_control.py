@@ -19,11 +19,15 @@ from tests.unit.test_operator_pure import NOW, _finished, _observed, edgemodel
 Obj = dict[str, Any]
 
 
-def _status(generation: int, progressing: bool, classes: str = "0/4") -> Obj:
+def _status(generation: int, progressing: bool, classes: str = "0/4", state: str = "Shadowing",
+            requests: int = 0) -> Obj:  # fmt: skip
+    shadow = {"revision": "b", "started": "2026-11-26T12:00:00Z", "requests": requests, "decision": "Pending",
+              "reason": f"{requests}/100 mirrored requests"}  # fmt: skip
     return {
         "observedGeneration": generation,
         "classesReady": classes,
-        "conditions": [{"type": "Progressing", "status": "True" if progressing else "False"}],
+        "conditions": [{"type": "Progressing", "status": "True" if progressing else "False", "message": "m"}],
+        "classes": [{"key": "c", "state": state, "message": shadow["reason"], "shadow": shadow}],
     }
 
 
@@ -33,13 +37,17 @@ def _status(generation: int, progressing: bool, classes: str = "0/4") -> Obj:
         (_status(1, True), _status(1, True), None, None),  # nothing changed
         (_status(2, True), _status(1, False), None, 0.0),  # a new generation is written at once
         (_status(1, False, "4/4"), _status(1, True), None, 0.0),  # settled: at once
-        (_status(1, True, "2/4"), _status(1, True), None, 5.0),  # intermediate: held
-        (_status(1, True, "2/4"), _status(1, True), 98.0, 3.0),  # held 2 s ago: 3 s to go
-        (_status(1, True, "2/4"), _status(1, True), 90.0, 0.0),  # held long enough: written
+        (_status(1, True, "2/4"), _status(1, True), None, 0.0),  # a class more ready: a state change, at once
+        (_status(1, True, state="RolledBack"), _status(1, True), None, 0.0),  # a decision: at once, never held
+        (_status(1, True, requests=7), _status(1, True), None, 5.0),  # only figures changed: held
+        (_status(1, True, requests=7), _status(1, True), 98.0, 3.0),  # held 2 s ago: 3 s to go
+        (_status(1, True, requests=7), _status(1, True), 90.0, 0.0),  # held long enough: written
     ],
-    ids=["unchanged", "new generation", "settled", "intermediate", "held", "hold over"],
+    ids=["unchanged", "new generation", "settled", "class ready", "decision", "figures", "held", "hold over"],
 )
-def test_status_writes_are_paced(new: Obj, current: Obj, held_since: float | None, expected: float | None) -> None:
+def test_status_writes_hold_back_only_figures(
+    new: Obj, current: Obj, held_since: float | None, expected: float | None
+) -> None:
     assert pacing.write_delay(new, current, held_since=held_since, now=100.0, hold=5.0) == expected
 
 
@@ -182,3 +190,46 @@ def test_the_readme_documents_every_operator_setting() -> None:
     missing = [f"EDGEMODEL_{name.upper()}" for name in OperatorSettings.model_fields
                if f"`EDGEMODEL_{name.upper()}`" not in readme]  # fmt: skip
     assert not missing, f"README.md's settings table lacks {missing}"
+
+
+def test_a_replica_taking_over_forgets_objects_deleted_while_it_stood_by() -> None:
+    from edgemodel_operator.controller import phantoms
+
+    indexed = [{"metadata": {"uid": uid}} for uid in ("kept", "deleted-meanwhile", "added-during-the-list")]
+    assert phantoms(indexed, live={"kept", "new"}, seen={"added-during-the-list"}) == {"deleted-meanwhile"}
+    assert phantoms([{"metadata": {}}], live=set(), seen=set()) == set()  # nothing without a UID is dropped
+
+
+def test_a_replica_that_stops_being_active_writes_nothing_more() -> None:
+    """`Cluster.apply` checks before every write; the client points at a closed port, so any write that
+    was still attempted would fail with a connection error instead of NotActiveError."""
+    from kubernetes import client
+
+    from edgemodel_operator.cluster import Cluster, NotActiveError
+    from edgemodel_operator.reconcile import Plan
+
+    configuration = client.Configuration()
+    configuration.host = "http://127.0.0.1:9"  # discard: nothing answers
+    configuration.retries = 0
+    cluster = Cluster(client.ApiClient(configuration))
+    result = Plan(create=[{"kind": "Job", "metadata": {"name": "j", "namespace": "n"}}])
+    with pytest.raises(NotActiveError):
+        cluster.apply(result, active=lambda: False)
+    answers = iter([True, False])  # active when the plan starts, not any more before its first create
+    with pytest.raises(NotActiveError):
+        cluster.apply(result, active=lambda: next(answers))
+
+
+def test_a_status_stored_with_the_schemas_defaults_is_not_written_again() -> None:
+    """The API server fills the CRD's defaults in (readyReplicas 0, state Pending, shadow requests 0, condition
+    message ""): compared with them filled in, the planned status equals the stored one and nothing is written."""
+    result = plan(_observed(edgemodel()), Images(), NOW)
+    planned = result.status
+    stored = pacing.with_defaults(copy.deepcopy(planned))
+    assert any("readyReplicas" not in entry for entry in planned["classes"])  # the case that rewrote forever
+    assert pacing.write_delay(planned, stored, held_since=None, now=0.0, hold=30.0) == 0.0
+    assert pacing.write_delay(pacing.with_defaults(planned), stored, held_since=None, now=0.0, hold=30.0) is None
+    assert pacing.with_defaults({"classes": [{"shadow": {}}], "conditions": [{}]}) == {
+        "classes": [{"shadow": {"requests": 0}, "nodeCount": 0, "readyReplicas": 0, "state": "Pending"}],
+        "conditions": [{"message": ""}],
+    }

@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 
-from edgemodel_operator.analysis import Evidence
 from edgemodel_operator.builders import Images
 from edgemodel_operator.classes import discover, presence
 from edgemodel_operator.controller import node_fingerprint, slim_node
 from edgemodel_operator.reconcile import Plan, plan
 from tests.testbed.nodes import ARM64_CPU, X86_VNNI, build_node
 from tests.unit.test_operator_pure import DIGEST, NOW, ready
-from tests.unit.test_rollout import Cluster, _serving_first_revision, _shadowing
+from tests.unit.test_rollout import Cluster, _counters, _serving_first_revision, _shadowing
 
 Obj = dict[str, Any]
 GRACE = 600.0  # the default
@@ -186,7 +185,7 @@ def test_a_class_rolled_back_then_absent_never_serves_that_revision_when_it_retu
     cluster, first = _serving_first_revision()
     second, _ = _shadowing(cluster)
     key = cluster.body["status"]["classes"][0]["key"]
-    cluster.evidence = {key: Evidence(200, 200, 20, 0, 1.0, 1)}
+    cluster.evidence = {key: {"stable-pod": _counters(200, 200, 20)}}
     assert cluster.step("2026-11-26T12:02:30Z").status["classes"][0]["state"] == "RolledBack"
     cluster.evidence = {}
     saved = cluster.nodes
@@ -265,13 +264,14 @@ def test_a_class_new_during_a_rollout_serves_the_stable_revision_first_then_shad
     second, _ = _shadowing(cluster)
     cluster.nodes = [*cluster.nodes, ready(build_node("rpi5-1", ARM64_CPU))]
     (new,) = [c.key for c in discover(cluster.nodes) if c.arch == "arm64"]
+    cluster.evidence[new] = {}  # its stable pods' counters are readable: shadowing can begin from a baseline
     seen: list[dict[str, str]] = []
     for moment in ("2026-11-26T12:01:30Z", "2026-11-26T12:01:40Z", "2026-11-26T12:01:50Z", "2026-11-26T12:02:00Z",
                    "2026-11-26T12:02:10Z"):  # fmt: skip
         result = cluster.step(moment)
         jobs = [o["metadata"]["labels"]["edgeml.dev/revision"] for o in result.create if o["kind"] == "Job"]
         if moment == "2026-11-26T12:01:30Z":
-            assert jobs == [first]  # the EdgeModel's stable revision, from the spec kept on its workloads
+            assert jobs == [first]  # the EdgeModel's stable revision, from the spec kept in its record
             entry = next(e for e in result.status["classes"] if e["key"] == new)
             assert "stable revision" in entry["message"]
         cluster.finish_builds()
@@ -282,3 +282,14 @@ def test_a_class_new_during_a_rollout_serves_the_stable_revision_first_then_shad
     entry = next(e for e in cluster.body["status"]["classes"] if e["key"] == new)
     assert (entry["state"], entry["revision"], entry["shadow"]["revision"]) == ("Shadowing", first, second)
     assert cluster.body["status"]["revisions"] == {"stable": first, "candidate": second}
+
+
+def test_a_new_class_gets_the_stable_revision_from_its_record_when_no_workload_carries_its_spec() -> None:
+    cluster, first = _serving_first_revision()
+    _shadowing(cluster)
+    for (kind, _), obj in cluster.objects.items():
+        if kind == "Deployment":
+            obj["metadata"].pop("annotations", None)  # the spec annotation gone: only the record has it
+    cluster.nodes = [*cluster.nodes, ready(build_node("rpi5-1", ARM64_CPU))]
+    result = cluster.step("2026-11-26T12:01:30Z")
+    assert [o["metadata"]["labels"]["edgeml.dev/revision"] for o in result.create if o["kind"] == "Job"] == [first]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edgemodel_operator.analysis import Evidence, analyse
+from edgemodel_operator.analysis import Counters, Evidence, analyse
 from edgemodel_operator.api.spec import EdgeModelSpec, Rollout
 from edgemodel_operator.builders import Images, revision_of
 from edgemodel_operator.reconcile import APPROVE, Observed, Plan, plan
@@ -18,6 +18,7 @@ from tests.unit.test_operator_pure import DIGEST, NODES
 Obj = dict[str, Any]
 CPU_ONLY = [n for n in NODES if n["metadata"]["name"].startswith("edge-x86")]  # one class keeps the story short
 T0 = "2026-11-26T12:00:00Z"
+CREATED = 1_795_696_200.0  # 2026-11-26T12:30:00Z in Unix seconds: after every shadow start here
 
 
 def _rollout(**changes: Any) -> Rollout:
@@ -63,7 +64,9 @@ class Cluster:
 
     body: Obj
     objects: dict[tuple[str, str], Obj] = field(default_factory=dict)
-    evidence: dict[str, Evidence] = field(default_factory=dict)
+    evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
+    records: dict[str, Obj] = field(default_factory=dict)  # record ConfigMaps by name
+    versions: int = 0
     nodes: list[Obj] = field(default_factory=lambda: list(CPU_ONLY))
 
     def observed(self) -> Observed:
@@ -74,19 +77,39 @@ class Cluster:
             body=self.body, nodes=self.nodes, jobs=kinds.get("Job", []), pods=kinds.get("Pod", []),
             deployments=kinds.get("Deployment", []) + kinds.get("DaemonSet", []),
             services=kinds.get("Service", []), configmaps=kinds.get("ConfigMap", []), evidence=self.evidence,
+            records=copy.deepcopy(list(self.records.values())),
         )  # fmt: skip
 
-    def step(self, now: str) -> Plan:
+    def record(self, result: Plan) -> None:
+        """Apply the record writes as the apiserver would: a patch at another resourceVersion conflicts."""
+        for write in result.records:
+            self.versions += 1
+            if "create" in write:
+                obj = copy.deepcopy(write["create"])
+                assert obj["metadata"]["name"] not in self.records, "conflict: the record exists"
+                obj["metadata"]["resourceVersion"] = str(self.versions)
+                self.records[obj["metadata"]["name"]] = obj
+                continue
+            target = self.records[write["name"]]
+            assert write["patch"]["metadata"]["resourceVersion"] == target["metadata"]["resourceVersion"], "conflict"
+            target["data"] |= write["patch"]["data"]
+            target["metadata"]["resourceVersion"] = str(self.versions)
+
+    def step(self, now: str, *, write_status: bool = True) -> Plan:
+        """Plan and apply; `write_status=False` plays a status write held back (or lost)."""
         result = plan(self.observed(), Images(), now)
+        self.record(result)
         for obj in result.create:
             self.objects[obj["kind"], obj["metadata"]["name"]] = copy.deepcopy(obj)
         for ref in result.delete:
             self.objects.pop((ref["kind"], ref["name"]), None)
+            self.records.pop(ref["name"], None) if ref["kind"] == "ConfigMap" else None
         for ref in result.patch:
             target = self.objects[ref["kind"], ref["name"]]
             _merge(target, ref["patch"])
             target["metadata"]["generation"] = target["metadata"].get("generation", 1) + 1
-        self.body["status"] = result.status
+        if write_status:
+            self.body["status"] = result.status
         return result
 
     def finish_builds(self) -> None:
@@ -136,7 +159,15 @@ def _merge(target: Obj, patch: Obj) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def _serving_first_revision(**rollout: Any) -> tuple[Cluster, str]:
+def _counters(mirrored: float, compared: float, agreed: float, *, errors: float = 0, ratio: float = 1.0,
+              created: float = CREATED) -> Counters:  # fmt: skip
+    """One stable pod's shadow counters, as the runtime exports them; `created`: when the pod's counters
+    for this candidate were created (by default after every shadow start of these tests)."""
+    return {"mirrored": mirrored, "compared": compared, "agreed": agreed, "errors": errors,
+            "ratio_sum": ratio * compared, "ratio_count": compared, "created": created}  # fmt: skip
+
+
+def _serving_first_revision(nodes: list[Obj] = CPU_ONLY, **rollout: Any) -> tuple[Cluster, str]:
     body: Obj = {
         "apiVersion": "edgeml.dev/v1alpha1",
         "kind": "EdgeModel",
@@ -144,7 +175,7 @@ def _serving_first_revision(**rollout: Any) -> tuple[Cluster, str]:
         "spec": {"model": {"uri": "oci://registry.local/m:v1", "sha256": DIGEST},
                  "rollout": {"shadow": {"minRequests": 100, "duration": "60s"}} | rollout},
     }  # fmt: skip
-    cluster = Cluster(body)
+    cluster = Cluster(body, nodes=nodes)
     cluster.step(T0)
     cluster.finish_builds()
     cluster.step(T0)
@@ -165,6 +196,7 @@ def _shadowing(cluster: Cluster) -> tuple[str, Plan]:
     assert set(cluster.workloads().values()) == {"stable", "candidate"}
     assert ("Service", next(n for k, n in cluster.objects if k == "Service" and second[:8] in n)) in cluster.objects
     cluster.pods_ready()
+    cluster.evidence = {cluster.body["status"]["classes"][0]["key"]: {}}  # readable, nothing counted yet
     started = cluster.step("2026-11-26T12:01:20Z")
     entry = started.status["classes"][0]
     assert entry["state"] == "Shadowing"
@@ -183,7 +215,7 @@ def test_a_new_revision_is_shadowed_then_promoted_and_the_old_stable_retired_aft
     assert json.loads(value)["candidateRevision"] == second  # ... to the candidate
     assert json.loads(value)["url"].startswith(f"http://ocr-{second[:8]}-")
 
-    cluster.evidence = {cluster.body["status"]["classes"][0]["key"]: Evidence(200, 200, 200, 0, 1.05, 1)}
+    cluster.evidence = {cluster.body["status"]["classes"][0]["key"]: {"pod-1": _counters(200, 200, 200, ratio=1.05)}}
     promoted = cluster.step("2026-11-26T12:02:30Z")
     assert [p["patch"]["metadata"]["labels"] for p in promoted.patch if p["kind"] == "Deployment"] == [
         {"edgeml.dev/track": "stable"}
@@ -222,7 +254,7 @@ def test_a_disagreeing_candidate_is_rolled_back_and_stays_rolled_back() -> None:
     cluster, first = _serving_first_revision()
     second, _ = _shadowing(cluster)
     key = cluster.body["status"]["classes"][0]["key"]
-    cluster.evidence = {key: Evidence(200, 200, 20, 0, 1.0, 1)}
+    cluster.evidence = {key: {"pod-1": _counters(200, 200, 20)}}
     rolled = cluster.step("2026-11-26T12:02:30Z")
     entry = rolled.status["classes"][0]
     assert entry["state"] == "RolledBack"
@@ -245,7 +277,7 @@ def test_without_auto_promote_the_candidate_waits_for_the_annotation() -> None:
     cluster, _first = _serving_first_revision(autoPromote=False)
     second, _ = _shadowing(cluster)
     key = cluster.body["status"]["classes"][0]["key"]
-    cluster.evidence = {key: Evidence(200, 200, 200, 0, 1.0, 1)}
+    cluster.evidence = {key: {"pod-1": _counters(200, 200, 200)}}
     waiting = cluster.step("2026-11-26T12:02:30Z")
     assert waiting.status["classes"][0]["shadow"]["decision"] == "AwaitingApproval"
     assert APPROVE in waiting.status["classes"][0]["message"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -248,3 +249,37 @@ def test_fuzz_the_shadow_decoder_only_ever_decodes_or_refuses(body: bytes, heade
     except ProtocolError as error:
         status = error.status
         assert 400 <= status < 500
+
+
+def _answer(outputs: list[dict[str, Any]], binary: bytes = b"") -> tuple[bytes, str | None]:
+    header = orjson.dumps({"model_name": "m", "outputs": outputs})
+    return header + binary, (str(len(header)) if binary else None)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "binary", "message"),
+    [
+        (
+            [{"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]},
+             {"name": "y", "datatype": "FP32", "shape": [1], "data": [2.0]}],
+            b"", "output 'y' appears twice",
+        ),
+        (
+            [{"name": "y", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}},
+             {"name": "y", "datatype": "FP32", "shape": [1], "data": [2.0]}],
+            np.float32(1).tobytes(), "output 'y' appears twice",
+        ),
+        (
+            [{"name": "y", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}],
+            np.array([1, 2], np.float32).tobytes(), "4 bytes of binary data are not claimed by any output",
+        ),
+    ],
+    ids=["twice in JSON", "twice, binary then JSON", "unclaimed binary bytes"],
+)  # fmt: skip
+def test_an_answer_the_shadow_decoder_cannot_read_one_way_is_refused_not_half_read(
+    outputs: list[dict[str, Any]], binary: bytes, message: str
+) -> None:
+    """Which of two values for one output would be compared, or whether the sizes are right, is a guess."""
+    body, header = _answer(outputs, binary)
+    with pytest.raises(ProtocolError, match=message):
+        protocol.decode_response(body, header)

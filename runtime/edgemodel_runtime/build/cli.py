@@ -63,6 +63,7 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
     if not items:
         return None
     values: dict[str, float] = {}
+    given: dict[str, str] = {}
     for item in ",".join(items).split(","):
         key, _, raw = item.partition("=")
         if key not in _TOLERANCE_KEYS:
@@ -74,7 +75,13 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
         except ValueError as error:
             raise BadInputError(f"--tolerance {item!r}: {raw!r} is not a number", reason="InvalidOption") from error
         if not math.isfinite(value) or value <= 0 or (key.startswith("min") and value > 1):
-            raise BadInputError(f"--tolerance {item!r}: out of range", reason="InvalidOption")
+            bounds = "in (0, 1]" if key.startswith("min") else "> 0"
+            raise BadInputError(
+                f"--tolerance {item!r}: out of range; {key} must be a number {bounds}", reason="InvalidOption"
+            )
+        if key in given:
+            raise BadInputError(f"--tolerance gives {key} twice ({given[key]}, then {raw})", reason="InvalidOption")
+        given[key] = raw
         values[_TOLERANCE_KEYS[key]] = value
     return compare.Tolerance(**values)
 

@@ -324,7 +324,8 @@ def agreement(stable: Outputs, candidate: Outputs, tolerances: Tolerances) -> tu
     """Whether a candidate's answer to one request agrees with stable's: the figures and every reason it does not.
 
     Outputs are matched by name; one missing from the candidate's answer or added to it is a disagreement,
-    as is any output that cannot be compared value by value.
+    as is any output that cannot be compared value by value, and one of another datatype (FP16 for FP32,
+    INT32 for INT64) even where its values are equal: a client reads the datatype the server answers.
     """
     missed = [Miss(n, "missing_output", f"output {n}: missing from the candidate's answer")
               for n in sorted(set(stable) - set(candidate))]  # fmt: skip
@@ -334,7 +335,13 @@ def agreement(stable: Outputs, candidate: Outputs, tolerances: Tolerances) -> tu
     common = [name for name in stable if name in candidate]
     try:
         for name in common:
-            check_comparable(name, np.asarray(stable[name]), np.asarray(candidate[name]))
+            ours, theirs = np.asarray(stable[name]), np.asarray(candidate[name])
+            check_comparable(name, ours, theirs)
+            if ours.dtype != theirs.dtype and kind_of(ours) != "string":  # str or bytes: both BYTES on the wire
+                # Equal values in another datatype are still another answer: clients read the wire's type.
+                raise IncomparableError(
+                    f"output {name}: datatype {theirs.dtype} differs from stable's {ours.dtype}", "datatype"
+                )
     except IncomparableError as error:
         return None, [*missed, Miss(name, error.reason, str(error))]
     if not common:

@@ -144,6 +144,26 @@ def _declared_interface(model: Any) -> tuple[list[tuple[str, list[Any], str]], l
     return entries(model.graph.input, initializers), entries(model.graph.output, set())
 
 
+def _refuse_shapeless_inputs(model: Any) -> None:
+    """Refuse (UnsupportedModel) a tensor input that declares no shape at all, as `edgemodel serve` does:
+    ONNX Runtime reports it as a scalar, and requests for it could be neither described nor checked."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    shapeless = [
+        value.name
+        for value in model.graph.input
+        if value.name not in initializers
+        and value.type.HasField("tensor_type")
+        and not value.type.tensor_type.HasField("shape")
+    ]
+    if shapeless:
+        raise BadInputError(
+            f"the model cannot be served: inputs {shapeless} declare no shape (any rank), which the inference "
+            "server cannot describe or check; give each one (with onnx.shape_inference, or by setting its "
+            "dimensions) and build again",
+            reason="UnsupportedModel",
+        )
+
+
 def _first_non_text(message: Any) -> bytes | None:
     """The first string field that is not UTF-8 (protobuf hands such proto2 strings over as bytes)."""
     for field, value in message.ListFields():
@@ -231,4 +251,5 @@ def inspect(path: Path) -> ModelFacts:
         )
     _check_text(model, path.name)
     check_servable(*_declared_interface(model))
+    _refuse_shapeless_inputs(model)
     return ModelFacts(external_data=tuple(_external_locations(model)))

@@ -64,10 +64,10 @@ class TensorInfo:
     overridden: bool = False  # whether --input fixed the shape
 
     def dynamic_axes(self) -> list[int]:
-        """Axes the model leaves dynamic (a symbolic name, None, or a non-positive number)."""
+        """Axes the model leaves dynamic (a symbolic name, None, or a negative number; 0 is a static size)."""
         if self.declared is None:
             return []
-        return [axis for axis, dim in enumerate(self.declared) if not (isinstance(dim, int) and dim > 0)]
+        return [axis for axis, dim in enumerate(self.declared) if not (isinstance(dim, int) and dim >= 0)]
 
     def batch_splittable(self) -> bool:
         """Whether samples may be stacked along the first axis: it is dynamic or 1, and fixed to 1."""
@@ -95,7 +95,10 @@ def resolve_inputs(
 ) -> list[TensorInfo]:
     """Concrete input specs from the model's declared inputs (name, dims, ORT type) and overrides.
 
-    Dynamic dimensions without an override become 1.
+    A dynamic dimension the model names (a dim_param such as "batch"; not a placeholder such as "?") is one
+    dimension wherever it appears:
+    fixed by --input in one input, it takes that value in every input that names it (two different values
+    are refused). Dynamic dimensions fixed neither way become 1.
     """
     names = {name for name, _, _ in declared}
     unknown = sorted(set(overrides) - names)
@@ -103,21 +106,23 @@ def resolve_inputs(
         raise BadInputError(
             f"--input names {unknown} are not inputs of the model (it has {sorted(names)})", reason="InvalidOption"
         )
+    named = _named_dims(declared, overrides)
     infos = []
     for name, dims, ort_type in declared:
         dtype = _input_dtype(name, ort_type)
         if name in overrides:
             shape = overrides[name]
             if len(shape) != len(dims) or any(
-                isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, shape, strict=True)
+                isinstance(d, int) and d >= 0 and d != s for d, s in zip(dims, shape, strict=True)
             ):
                 raise BadInputError(
                     f"--input {name}={'x'.join(map(str, shape))} does not fit the model's shape {list(dims)}",
                     reason="InvalidOption",
                 )
         else:
-            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
-        info = TensorInfo(name, shape, dtype, tuple(dims), name in overrides)
+            shape = tuple(d if isinstance(d, int) and d >= 0 else named.get(d, (1, ""))[0] for d in dims)
+        fixed_by_flag = name in overrides or any(d in named for d in dims)
+        info = TensorInfo(name, shape, dtype, tuple(dims), fixed_by_flag)
         size = math.prod(shape) * info.dtype.itemsize
         if size > MAX_INPUT_BYTES:
             raise BadInputError(
@@ -128,6 +133,32 @@ def resolve_inputs(
             )
         infos.append(info)
     return infos
+
+
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")  # a dim_param that names a dimension
+
+
+def _named_dims(
+    declared: Sequence[tuple[str, Sequence[int | str | None], str]], overrides: Mapping[str, tuple[int, ...]]
+) -> dict[int | str | None, tuple[int, str]]:
+    """Named dynamic dimensions fixed by --input: name -> (value, the flag that fixed it)."""
+    named: dict[int | str | None, tuple[int, str]] = {}
+    for name, dims, _ in declared:
+        shape = overrides.get(name)
+        if shape is None or len(shape) != len(dims):
+            continue  # not fixed here, or refused by resolve_inputs for its rank
+        flag = f"--input {name}={'x'.join(map(str, shape))}"
+        for dim, value in zip(dims, shape, strict=True):
+            if not isinstance(dim, str) or not IDENTIFIER.fullmatch(dim):
+                continue  # unnamed, or a converter's placeholder for "unknown" ("?", "-1"): not one dimension
+            if dim in named and named[dim][0] != value:
+                raise BadInputError(
+                    f"dimension {dim!r} is {named[dim][0]} in {named[dim][1]} but {value} in {flag}: the model "
+                    "names it in more than one place, so they must agree",
+                    reason="InvalidOption",
+                )
+            named.setdefault(dim, (value, flag))
+    return named
 
 
 def fixed_dims_hint(inputs: Sequence[TensorInfo]) -> str:
@@ -326,3 +357,14 @@ def save_samples(path: Path, samples: Sequence[Sample], expected: Sequence[Sampl
         arrays |= {EXPECTED_PREFIX + name: np.stack([e[name] for e in expected]) for name in expected[0]}
     with path.open("wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+
+def check_expected_names(expected: Sequence[Sample] | None, outputs: Sequence[str]) -> None:
+    """Refuse expected outputs stored under a name the model has no output of (InvalidSampleSet)."""
+    unknown = sorted({name for sample in expected or [] for name in sample} - set(outputs))
+    if unknown:
+        raise BadInputError(
+            f"--reference: expected outputs {unknown} name no output of the model (its outputs: {sorted(outputs)}); "
+            f"store them as {EXPECTED_PREFIX}<output name>",
+            reason="InvalidSampleSet",
+        )

@@ -141,7 +141,9 @@ def difference(reference: npt.NDArray[Any], candidate: npt.NDArray[Any], scale: 
     with np.errstate(over="ignore"):  # an overflowed range is still wider than flat
         span, magnitude = float(r.max() - r.min()), float(np.abs(r).max())
     cosine = None
-    if span > max(FLAT, NEAR_CONSTANT * magnitude):
+    if span > max(FLAT, NEAR_CONSTANT * magnitude) and max_abs == 0.0:
+        cosine = 1.0  # equal values: exactly 1, where a sum in floating point can round below it (minCosine 1)
+    elif span > max(FLAT, NEAR_CONSTANT * magnitude):
         unit = max(magnitude, float(np.abs(c).max()))  # scaled first, so that huge values cannot overflow
         r, c = r / unit, c / unit
         norms = float(np.linalg.norm(r) * np.linalg.norm(c))

@@ -94,8 +94,9 @@ class InferenceServer:
             await self.set_shadow(self.config.shadow)
         if self.config.shadow_file is not None:
             self._watcher = ShadowConfigWatcher(
-                self.config.shadow_file, self.set_shadow, self.metrics, self.config.name
-            )
+                self.config.shadow_file, self.set_shadow, self.metrics, self.config.name,
+                [output.name for output in self.model.outputs],
+            )  # fmt: skip
             await self._watcher.start()
         self.ready = True
 

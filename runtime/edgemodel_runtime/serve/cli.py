@@ -31,6 +31,8 @@ from edgemodel_runtime.serve.shadow_config import (
     ShadowConfigFile,
     check_candidate_url,
     parse_agreement,
+    unique_keys,
+    unknown_outputs,
 )
 
 # What may appear as one segment of a URL path without encoding, in every client: the model name
@@ -171,7 +173,7 @@ def _agreement(text: str | None) -> Tolerances:
     if text is None:
         return parse_agreement(None)
     try:
-        value = json.loads(text, parse_constant=_refuse)
+        value = json.loads(text, parse_constant=_refuse, object_pairs_hook=unique_keys)
     except ValueError as error:
         raise ShadowConfigError(f"not valid JSON: {error}") from error
     return parse_agreement(value)
@@ -218,6 +220,11 @@ def serve_command(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return INFRASTRUCTURE
+    if args.agreement is not None:
+        problem = unknown_outputs(_agreement(args.agreement), [output.name for output in model.outputs])
+        if problem:
+            print(f"edgemodel serve: --agreement: {problem}", file=sys.stderr)
+            return 2
     shadow = None
     if args.shadow_url:
         shadow = ShadowConfig(

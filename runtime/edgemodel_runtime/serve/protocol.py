@@ -323,7 +323,8 @@ def encode_response(
 def decode_response(body: bytes, header_length: str | None) -> dict[str, npt.NDArray[Any]]:
     """Output arrays of an infer response (JSON or binary), as another OIP server sent it.
 
-    Values arrive exactly as `encode_response` wrote them; BYTES elements as `bytes`.
+    Values arrive exactly as `encode_response` wrote them; BYTES elements as `bytes`. An output named
+    twice, or binary data no output claims, is refused (ProtocolError) rather than read one way.
     """
     header, binary = _split(body, header_length)
     document = _object(codec.loads(header, "response"), "response")
@@ -337,6 +338,8 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, npt.NDA
         name, datatype = entry.get("name"), entry.get("datatype")
         if not isinstance(name, str) or datatype not in DATATYPES:
             raise ProtocolError(f"outputs[{index}] lacks a name or a supported datatype")
+        if name in arrays:
+            raise ProtocolError(f"output {name!r} appears twice")
         shape = _shape(entry.get("shape"), f"output {name!r}")
         size = _parameters(entry.get("parameters"), f"output {name!r}.parameters").get("binary_data_size")
         if size is None:
@@ -347,4 +350,6 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, npt.NDA
         data = memoryview(binary)[offset : offset + size]
         arrays[name] = codec.from_binary(data, datatype, shape, f"output {name!r}")
         offset += size
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any output")
     return arrays

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy.typing as npt
 import orjson
 
 from edgemodel_runtime.build.compare import DEFAULT_AGREEMENT, Tolerances, agreement
-from edgemodel_runtime.serve import protocol
+from edgemodel_runtime.serve import codec, protocol
 from edgemodel_runtime.serve.metrics import ServerMetrics
 
 INFERENCE_TIME_HEADER = "x-edgemodel-inference-seconds"
@@ -204,21 +205,38 @@ def inference_seconds(header: str | None, round_trip: float) -> float:
 
 
 def every_output_in_binary(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-    """The same request asking for every output as binary data (unchanged if it cannot be read).
+    """The same request asking for every output as binary data, without the model it names (unchanged
+    if it cannot be read).
 
     Binary outputs carry every value exactly, where JSON cannot carry NaN or infinities; asking for
-    all outputs lets an output the candidate lacks show as missing instead of a refused request.
+    all outputs lets an output the candidate lacks show as missing instead of a refused request. The
+    body's model_name and model_version name stable's model and version, which the candidate would
+    refuse as another version; the copy's URL names the model.
     """
     length = headers.get(protocol.BINARY_HEADER)
     try:
         cut = int(length) if length is not None else len(body)
-        document = orjson.loads(body[:cut])
+        encode: Callable[[Any], bytes] = orjson.dumps
+        try:
+            document = orjson.loads(body[:cut])
+        except orjson.JSONDecodeError:  # NaN or Infinity tokens, which orjson would also write back as null
+            document, encode = codec.loads(body[:cut], "request"), _dumps_with_tokens
         if not isinstance(document, dict) or not 0 <= cut <= len(body):
             return body, headers
         parameters = document.get("parameters") or {}
         document["parameters"] = {**parameters, "binary_data_output": True}
         document.pop("outputs", None)
-        header = orjson.dumps(document)
-    except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
+        # The body may name stable's version (KServe's clients send model_name and model_version); the
+        # candidate serves another, and the copy's URL already names the model.
+        document.pop("model_name", None)
+        document.pop("model_version", None)
+        header = encode(document)
+    except (ValueError, TypeError, AttributeError, protocol.ProtocolError):
         return body, headers
     return header + body[cut:], {**headers, protocol.BINARY_HEADER: str(len(header))}
+
+
+def _dumps_with_tokens(document: Any) -> bytes:
+    """JSON with NaN, Infinity and -Infinity as those tokens; floats as their shortest round-trip decimal, which
+    the candidate reads back to the same double that stable read (codec.loads reads numbers as doubles)."""
+    return json.dumps(document, allow_nan=True, separators=(",", ":")).encode()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def parse_shadow_config(content: bytes, queue_size: int = 64) -> ShadowConfig | 
     if not content.strip():
         return None
     try:
-        document = json.loads(content, parse_constant=_refuse_constant)
+        document = json.loads(content, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except (ValueError, UnicodeDecodeError) as error:
         raise ShadowConfigError(f"not valid JSON: {error}") from error
     if not isinstance(document, dict):
@@ -123,10 +123,14 @@ def _limits(value: Any, where: str, extra: tuple[str, ...] = ()) -> Tolerance:
 
 
 def parse_agreement(value: Any) -> Tolerances:
-    """The agreement tolerances an `agreement` object describes (None: the defaults); ShadowConfigError if invalid."""
+    """The agreement tolerances an `agreement` object describes; ShadowConfigError if invalid.
+
+    A limit it does not set keeps its default (DEFAULT_AGREEMENT: maxRelativeError 0.05, minTop1Agreement 1),
+    as spec.rollout.analysis.agreement defaults each field; minTop1Agreement 0 leaves top-1 unchecked.
+    """
     if value is None:
         return Tolerances(DEFAULT_AGREEMENT)
-    default = _limits(value, "agreement", extra=("outputs",))
+    default = DEFAULT_AGREEMENT.merged(_limits(value, "agreement", extra=("outputs",)))
     outputs = value.get("outputs") or {}
     if not isinstance(outputs, dict):
         raise ShadowConfigError("agreement.outputs must be a JSON object of output name -> limits")
@@ -135,6 +139,25 @@ def parse_agreement(value: Any) -> Tolerances:
         for name, limits in sorted(outputs.items())
     )
     return Tolerances(default, per_output)
+
+
+def unknown_outputs(tolerances: Tolerances, outputs: Collection[str]) -> str | None:
+    """What is wrong with per-output limits naming outputs the model lacks (their limits would apply to
+    nothing), or None when every name is one of `outputs`."""
+    unknown = sorted(name for name, _ in tolerances.outputs if name not in outputs)
+    if not unknown:
+        return None
+    return f"agreement.outputs {unknown} are not outputs of the model ({sorted(outputs)})"
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; ValueError for a key given twice (JSON parsers keep either one)."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"key {key!r} appears twice")
+        document[key] = value
+    return document
 
 
 def _refuse_constant(name: str) -> Any:
@@ -174,8 +197,11 @@ class ShadowConfigWatcher:
         apply: Callable[[ShadowConfig | None], Awaitable[None]],
         metrics: ServerMetrics,
         model_name: str,
+        outputs: Collection[str] = (),
     ) -> None:
+        """`outputs`: the model's output names, against which per-output agreement limits are checked."""
         self.source = source
+        self.outputs = frozenset(outputs)
         self.applied: ShadowConfig | None = None
         self._apply = apply
         self._seen: object = _UNREAD  # the last content read (bytes, None for absent) or the last read error
@@ -224,6 +250,9 @@ class ShadowConfigWatcher:
         except ShadowConfigError as error:
             self._invalid(str(error))
             return
+        unknown = unknown_outputs(config.agreement, self.outputs) if config is not None and self.outputs else None
+        if unknown:  # applied all the same: the rest of the configuration is valid, and stops nothing
+            _log(f"shadow config {path}: {unknown}: their limits apply to nothing")
         if config != self.applied:
             await self._apply(config)
             self.applied = config
