@@ -51,6 +51,7 @@ ROLLOUT = {
 NODES: dict[str, NodeSpec] = {"amd64": AMD64, "arm64": ARM64_NODE}
 # The test bed's setting for emulation: an arm64 build and an arm64 server's start take tens of seconds.
 TIMEOUT = 600
+CLEANUP = 240  # old pods and Jobs going: no emulated program has to start for it (and pytest's limit is 600 s a test)
 
 
 def _input(seed: int) -> np.ndarray:
@@ -297,11 +298,12 @@ def test_an_agreeing_candidate_is_shadowed_on_real_pods_and_promoted_in_each_cla
         assert entry["shadow"]["agreement"] == 1.0  # same architecture on both sides of each class's shadow
         assert entry["shadow"]["requests"] >= MIN_REQUESTS  # mirrored by the class's stable pod, in its /metrics
     scene.bed.kubectl("wait", "-n", scene.namespace, "--for=condition=Ready", f"em/{NAME}", "--timeout=300s")
-    stable = _wait(scene, lambda: _one_stable_pod_per_class(scene), "the old stable pods gone")
+    stable = _wait(scene, lambda: _one_stable_pod_per_class(scene), "the old stable pods gone", CLEANUP)
     for arch, pod in stable.items():
         assert pod["metadata"]["labels"]["edgeml.dev/track"] == "stable"
         assert pod["metadata"]["labels"]["edgeml.dev/revision"] != before[arch]
-    _wait(scene, lambda: len(_pods(scene, "build")) == len(NODES), "the old revision's build pods gone with their Jobs")
+    _wait(scene, lambda: len(_pods(scene, "build")) == len(NODES), "the old revision's build pods gone with their Jobs",
+          CLEANUP)  # fmt: skip
     assert {NODES[arch].name for arch in NODES} == {p["spec"]["nodeName"] for p in _pods(scene, "build")}
     events = _events(scene)
     for entry in decided.values():
@@ -317,7 +319,7 @@ def test_a_disagreeing_candidate_is_rolled_back_on_real_pods_in_each_class(scene
         assert entry["state"] == "RolledBack", entry
         assert entry["shadow"]["agreement"] < MIN_AGREEMENT
         assert entry["revision"] == stable[arch]
-    serving = _wait(scene, lambda: _one_stable_pod_per_class(scene), "the candidates' pods gone")
+    serving = _wait(scene, lambda: _one_stable_pod_per_class(scene), "the candidates' pods gone", CLEANUP)
     for arch, pod in serving.items():
         assert pod["metadata"]["labels"]["edgeml.dev/revision"] == stable[arch]
     events = _events(scene)
