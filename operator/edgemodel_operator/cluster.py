@@ -178,11 +178,14 @@ class Cluster:
                 applied.created.add(subject(obj))
         for ref in plan.delete:
             _check(active)
-            options = {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else None
+            # With a body, the API server reads every delete option from it and none from the query: the
+            # propagation policy goes in the body too, or Jobs fall back to orphaning their pods.
+            options = {"propagationPolicy": "Background"} | (
+                {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else {}
+            )
             try:
                 remove = delete[ref["kind"]]
-                _drain(remove(ref["name"], ref["namespace"], body=options, propagation_policy="Background",
-                              _preload_content=False))  # fmt: skip
+                _drain(remove(ref["name"], ref["namespace"], body=options, _preload_content=False))
             except ApiException as error:
                 if error.status not in {404, 409}:  # gone already, or replaced since it was observed
                     raise

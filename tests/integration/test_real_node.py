@@ -326,3 +326,63 @@ def test_a_disagreeing_candidate_is_rolled_back_on_real_pods_in_each_class(scene
     for entry in decided.values():
         assert any(r == "RolledBack" and m.startswith(f"{entry['key']}:") for r, m in events), events
     _no_failed_requests(scene)
+
+
+def _uids(scene: Scene, kind: str, revisions: set[str] | None = None) -> dict[str, str]:
+    """Names and UIDs of `kind` in the scene's namespace (only those of `revisions`, if given)."""
+    items = get(scene.bed, kind, "-n", scene.namespace)["items"]
+    return {
+        item["metadata"]["name"]: item["metadata"]["uid"]
+        for item in items
+        if revisions is None or item["metadata"].get("labels", {}).get("edgeml.dev/revision") in revisions
+    }
+
+
+def _schedulable(scene: Scene, arch: str, value: bool) -> Callable[[], Any]:
+    def check() -> Any:
+        entry = _classes(scene).get(arch) or {}
+        return entry.get("schedulable") is value and entry.get("state") not in {None, "Absent"} and entry
+
+    return check
+
+
+def test_a_class_whose_only_node_is_cordoned_or_deleted_and_added_again_keeps_serving_and_builds_nothing(
+    scene: Scene,
+) -> None:
+    """Presence is not schedulability: cordon, uncordon, and the Node deleted and added again (as a node that is
+    re-provisioned under its name) leave every Job, Deployment and Service of the class in place, start no
+    build, and fail no live request. The Node comes back within the pod garbage collector's 40 s quarantine,
+    so the kubelet's pods are not deleted by the cluster either."""
+    name = NODES["amd64"].name
+    _wait(scene, lambda: _one_stable_pod_per_class(scene), "one stable pod per class", timeout=120)
+    stable = {entry["revision"] for entry in _classes(scene).values()}
+    kept = {kind: _uids(scene, kind) for kind in ("deployments", "services")}
+    kept["jobs"] = _uids(scene, "jobs", stable)
+    builds = sum(1 for reason, _ in _events(scene) if reason == "BuildStarted")
+    scene.bed.kubectl("cordon", name)
+    _wait(scene, _schedulable(scene, "amd64", False), "the cordoned class reported unschedulable", timeout=60)
+    scene.bed.kubectl("uncordon", name)
+    _wait(scene, _schedulable(scene, "amd64", True), "the class schedulable again", timeout=60)
+
+    node = get(scene.bed, "node", name)
+    node["metadata"] = {k: node["metadata"][k] for k in ("name", "labels", "annotations") if k in node["metadata"]}
+    node.pop("status", None)
+    scene.bed.kubectl("delete", "node", name, "--wait=true")
+    scene.bed.apply_objects([node])  # the kubelet reports on it again at its next status update
+    _wait(scene, lambda: _node_ready(scene, name), "the node Ready again", timeout=120)
+    _wait(scene, _schedulable(scene, "amd64", True), "the class serving on its node again", timeout=120)
+    _wait(scene, lambda: _one_stable_pod_per_class(scene), "one stable pod per class", timeout=120)
+
+    after = {kind: _uids(scene, kind) for kind in ("deployments", "services")}
+    after["jobs"] = _uids(scene, "jobs", stable)
+    assert after == kept  # nothing deleted, nothing recreated
+    assert sum(1 for reason, _ in _events(scene) if reason == "BuildStarted") == builds  # no rebuild
+    _no_failed_requests(scene)
+
+
+def _node_ready(scene: Scene, name: str) -> bool:
+    found = scene.bed.kubectl("get", "node", name, "-o", "json", check=False)
+    if found.returncode != 0:
+        return False
+    conditions = json.loads(found.stdout).get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
