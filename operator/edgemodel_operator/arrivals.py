@@ -15,6 +15,7 @@ A mixin of the planner (`reconcile`), beside `serving.ServingSteps`. Presence it
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from edgemodel_operator.api.spec import EdgeModelSpec
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 Obj = dict[str, Any]
 
 
-class ArrivalSteps:
+class ArrivalSteps(ABC):
     """The planner's steps for absent and newly arrived classes; the planner provides what is declared here."""
 
     body: Obj
@@ -54,17 +55,21 @@ class ArrivalSteps:
     previous: dict[str, Obj]  # the status's class entries, by key, as the API server holds them
     jobs: dict[str, Obj]
 
+    @abstractmethod
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
-        raise NotImplementedError  # the planner's
+        """Provided by the planner."""
 
+    @abstractmethod
     def _want(self, name: str, *kinds: str) -> None:
-        raise NotImplementedError  # the planner's (see serving.ServingSteps)
+        """Provided by the planner."""
 
+    @abstractmethod
     def _workloads(self, hardware: HardwareClass) -> list[Obj]:
-        raise NotImplementedError  # the planner's
+        """Provided by the planner."""
 
+    @abstractmethod
     def _outcome(self, job: Obj, workloads: list[Obj]) -> Obj | None:
-        raise NotImplementedError  # the planner's
+        """Provided by the planner."""
 
     def _known(self) -> dict[str, str | None]:
         """Classes this EdgeModel already has (a status entry, or objects labelled with the class),

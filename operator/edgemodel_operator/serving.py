@@ -7,6 +7,7 @@ shadow ConfigMap's entry of a class that shadows. Each method returns the class'
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,7 @@ class Slot:
         return str((self.attempt.build or {}).get("artifactDigest"))
 
 
-class ServingSteps:
+class ServingSteps(ABC):
     """The planner's steps for serving workloads; the planner provides the attributes declared here."""
 
     body: Obj
@@ -65,8 +66,9 @@ class ServingSteps:
     shadow_data: dict[str, str]  # the shadow ConfigMap's desired content
     keep: dict[str, set[str]]  # names still wanted, by kind ("Job", "Workload", "Service")
 
+    @abstractmethod
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
-        raise NotImplementedError  # the planner's
+        """Provided by the planner."""
 
     def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
         """Name the revision that keeps serving this class while the current one is not there yet."""
