@@ -130,8 +130,15 @@ def project(
     )
     progressing = building > 0 or (built > serving_count + len(rolled_back))
     shadowing = states.count("Shadowing")
-    put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable",
-        f"{building - shadowing} building, {shadowing} shadowing")  # fmt: skip
+    unshadowable = [
+        e for e in present if e["state"] != "Serving" and (e.get("handoff") or {}).get("canShadow") is False
+    ]
+    if progressing and unshadowable:  # see `handoff`: said at once, with the arithmetic
+        put(cond.PROGRESSING, True, "CannotShadow", summary({"key": e["key"], "message": e["handoff"].get("capacity")}
+                                                           for e in unshadowable))  # fmt: skip
+    else:
+        put(cond.PROGRESSING, progressing, "Reconciling" if progressing else "Stable",
+            f"{building - shadowing} building, {shadowing} shadowing")  # fmt: skip
     bad = failed + rolled_back
     reason = "RolledBack" if rolled_back else "ClassFailed"
     put(cond.DEGRADED, bool(bad), reason if bad else "AsExpected", summary(bad) if bad else "every class as expected")

@@ -39,6 +39,7 @@ from edgemodel_operator.builders import (
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
+from edgemodel_operator.handoff import Fit, HandoffSteps
 from edgemodel_operator.pacing import merge_patch
 from edgemodel_operator.projection import class_entry, project
 from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
@@ -131,7 +132,7 @@ def _job_state(job: Obj) -> str:
     return "Active"
 
 
-class _Planner(ServingSteps, ArrivalSteps):
+class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
     def __init__(self, observed: Observed, images: Images, now: str, absent_grace: float) -> None:
         self.observed, self.images, self.now, self.absent_grace = observed, images, now, absent_grace
         self.body = observed.body
@@ -147,6 +148,7 @@ class _Planner(ServingSteps, ArrivalSteps):
         self.application = current_application(self.records, self.revision, generation, self.annotations, APPROVALS)
         self.attempts: dict[str, Attempt] = {}  # this revision's attempts after this plan, by class key
         self.steps: list[Step] = []
+        self.fits: dict[str, Fit] = {}  # what each class's GPUs hold at once (see `handoff`)
         self.shadow_data: dict[str, str] = {}  # the shadow ConfigMap's desired content
         # Names still wanted, by kind. A (revision, class) names its Job, workload and Service alike.
         self.keep: dict[str, set[str]] = {"Job": set(), "Workload": set(), "Service": set()}
@@ -157,7 +159,7 @@ class _Planner(ServingSteps, ArrivalSteps):
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
         found = discover(self.observed.nodes, selector, tolerations)
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
-        entries = [self._stable_first(hardware) or self._class(hardware) for hardware in seen.classes]
+        entries = [self._handoff(h, self._stable_first(h) or self._class(h)) for h in seen.classes]
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._record()
         self._retire({c.key for c in seen.classes} | set(seen.absent))
@@ -227,8 +229,9 @@ class _Planner(ServingSteps, ArrivalSteps):
         )
         context = Context(self.spec.rollout, self.annotations, self.application, self.now)
         attempt, steps, verdict = advance(before, view, context)
-        self.attempts[hardware.key] = attempt
         self.steps += steps
+        attempt = self._handoff_decide((hardware, target), attempt, view, context)
+        self.attempts[hardware.key] = attempt
         entry = class_entry(hardware, target.engine, target.precision, attempt.state, attempt.message)
         evidence = evidence_of(attempt, view) if attempt.state == "Shadowing" else None
         live = shadow_figures(evidence) if evidence is not None else {}
@@ -249,6 +252,8 @@ class _Planner(ServingSteps, ArrivalSteps):
         slot = Slot(hardware, target, attempt, mine, stable)
         if attempt.state == "Promoted":
             return self._promoted(slot, entry)
+        if (held := self._cannot_shadow(hardware, attempt, entry)) is not None:  # no candidate: no room for one
+            return self._with_stable(held, stable)
         return self._candidate(slot, entry, verdict, live)
 
     def _outcome(self, job: Obj, workloads: list[Obj]) -> Obj | None:

@@ -38,7 +38,8 @@ class Attempt:
 
     `started`, `shadowStarted` and `decided` are RFC 3339 times; `baseline` maps each source (pod) to
     its shadow counters when shadowing began (see `analysis.since`); `figures` are the shadow figures
-    the decision was made on; `approval` is the annotation (name=value) that decided, if one did.
+    the decision was made on; `approval` is the annotation (name=value) that decided, if one did;
+    `handoff` is what a single-accelerator class's handoff measured (see `handoff.windows`).
     """
 
     revision: str
@@ -55,6 +56,7 @@ class Attempt:
     decided: str | None = None
     figures: Obj = field(default_factory=dict)
     approval: str | None = None
+    handoff: Obj | None = None  # cannotShadow, yielded, count, unservedSeconds, restored
 
     @property
     def identity(self) -> str:

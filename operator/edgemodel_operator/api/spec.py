@@ -292,6 +292,16 @@ class Serving(ApiModel):
     port: int = Field(
         default=8080, ge=1024, le=65535, description="Port the inference server listens on (unprivileged: 1024-65535)."
     )
+    accelerator_handoff: Literal["Auto", "Always", "Never"] = Field(
+        default="Auto",
+        description="What a GPU class does when its allocatable nvidia.com/gpu cannot hold the build beside the "
+        "stable pods, or a candidate beside them (e.g. one Jetson GPU without time-slicing). Auto: decide from "
+        "the nodes' allocatable GPUs; the stable pods yield (scaled to 0) while the build runs and come back after "
+        "it, and a class that cannot shadow is promoted on its build's validation when rollout.autoPromote is "
+        "true, else waits for an approval (the stable pods yield again while the new revision starts). Always: "
+        "the same, treating every GPU class as unable (time-sliced GPUs too small for two engines). Never: the "
+        "stable pods are never stopped; the class waits for a free GPU. CPU classes are never affected.",
+    )
 
 
 class Shadow(ApiModel):

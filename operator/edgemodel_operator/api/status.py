@@ -89,6 +89,40 @@ class ShadowStatus(ApiModel):
     )
 
 
+class HandoffStatus(ApiModel):
+    """How a GPU class's allocatable GPUs fit a rollout, and what its same-node handoffs cost."""
+
+    mode: Literal["Auto", "Always", "Never"] = Field(default="Auto", description="spec.serving.acceleratorHandoff.")
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        description="nvidia.com/gpu allocatable on the class's schedulable nodes (time-slicing replicas count).",
+    )
+    capacity: str | None = Field(
+        default=None,
+        max_length=MESSAGE_MAX,
+        description="The arithmetic: GPUs found, GPUs the build and a candidate beside the stable pods need.",
+    )
+    build_beside_stable: bool | None = Field(
+        default=None, description="Whether the build can run while the stable pods serve; if not, they yield."
+    )
+    can_shadow: bool | None = Field(
+        default=None,
+        description="Whether a candidate can run beside the stable pods; if not, the class is not shadowed "
+        "(reason CannotShadow) and follows spec.serving.acceleratorHandoff.",
+    )
+    yielded_since: str | None = Field(
+        default=None, description="When the stable pods were stopped for the handoff under way (RFC 3339)."
+    )
+    handoffs: int | None = Field(default=None, ge=0, description="Times this rollout stopped the stable pods.")
+    unserved_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds this rollout's finished handoffs left the class without a ready serving pod: from the "
+        "scale-down to the first reconcile that saw a serving pod ready again, summed.",
+    )
+
+
 class ClassStatus(ApiModel):
     """State of one hardware class."""
 
@@ -127,6 +161,9 @@ class ClassStatus(ApiModel):
         default=None, description="Absent classes: the state the class was in when its last node went."
     )
     shadow: ShadowStatus | None = Field(default=None, description="Shadow evidence for this class's candidate.")
+    handoff: HandoffStatus | None = Field(
+        default=None, description="GPU classes: whether build, candidate and stable fit at once, and handoff figures."
+    )
 
 
 class EdgeModelStatus(ApiModel):
