@@ -83,6 +83,27 @@ JETSON_ORIN = NodeClass(
     node_info={"osImage": "Ubuntu 22.04.5 LTS (L4T R36.4.3)"},
 )
 
+# A Jetson as it ships: one integrated GPU, no time-slicing, so one pod at a time may hold it. Not among
+# the default nodes (other tests count those classes): tests add it to a pool of their own.
+JETSON_XAVIER_NX = NodeClass(
+    name="jetson-xavier-nx",
+    arch="arm64",
+    labels={
+        "feature.node.kubernetes.io/cpu-cpuid.ASIMD": "true",
+        "feature.node.kubernetes.io/cpu-cpuid.ASIMDDP": "true",
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.product": "Xavier-nvgpu",
+        "nvidia.com/gpu.family": "volta",
+        "nvidia.com/gpu.compute.major": "7",
+        "nvidia.com/gpu.compute.minor": "2",
+        "nvidia.com/gpu.count": "1",
+        "nvidia.com/jetson.module": "jetson-xavier-nx",
+        "node.kubernetes.io/instance-type": "jetson-xavier-nx",
+    },
+    capacity={**_CPU, "cpu": "6", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    node_info={"osImage": "Ubuntu 20.04.6 LTS (L4T R35.6.0)"},
+)
+
 ARM64_CPU = NodeClass(
     name="arm64-cpu",
     arch="arm64",
