@@ -317,4 +317,7 @@ class HandoffSteps(ABC):
         self.attempts[hardware.key] = attempt
         self.steps += steps
         status = handoff_status(found, attempt)
+        decided = attempt.decision is not None and CANNOT_SHADOW in (attempt.reason or "")
+        if decided and not entry.get("message"):  # no shadow evidence to show: say why it was decided
+            entry = entry | {"message": attempt.reason}
         return entry | ({"handoff": status} if status else {})

@@ -212,6 +212,10 @@ def test_on_a_single_gpu_jetson_the_stable_pod_yields_for_the_build_and_the_new_
     assert "yieldedSince" not in handoff
     assert handoff["handoffs"] == 1
     assert _entry(cluster.step(T4))["state"] == "Serving"
+    assert (
+        _entry(cluster.step(T4))["message"]
+        == f"promoted on its build's validation (CannotShadow: {CAPACITY}; autoPromote)"
+    )
     assert cluster.step(T4).status["phase"] == "Ready"
 
 
