@@ -26,6 +26,7 @@ from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
 from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
+from edgemodel_operator.handoff import GPU
 from edgemodel_operator.reconcile import Observed, evidence_wanted, plan
 from edgemodel_operator.workqueue import WorkQueue
 
@@ -96,12 +97,14 @@ def slim_node(obj: Obj) -> Obj:
 
 def node_fingerprint(node: Obj) -> tuple[Any, ...]:
     """What about a node can change the hardware classes or their schedulability: labels, cordon,
-    taints, readiness. Heartbeats change none of them, so they queue nothing."""
+    taints, readiness, and the GPUs it allocates (see `handoff`). Heartbeats change none of them,
+    so they queue nothing."""
     ready = [c.get("status") for c in node["status"]["conditions"]]
     taints = sorted(
         (t.get("key") or "", t.get("value") or "", t.get("effect") or "") for t in node["spec"].get("taints") or []
     )
-    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready)
+    gpus = (node["status"].get("allocatable") or {}).get(GPU)
+    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready, gpus)
 
 
 def slim_job(obj: Obj) -> Obj:

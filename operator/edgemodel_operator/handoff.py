@@ -317,6 +317,8 @@ class HandoffSteps(ABC):
         self.attempts[hardware.key] = attempt
         self.steps += steps
         status = handoff_status(found, attempt)
+        if entry.get("state") == "Pending" and wanted:  # the build waits for the GPU the stable pods are giving up
+            entry = entry | {"state": "Building", "message": "the stable pods are stopping to give the build the GPU"}
         decided = attempt.decision is not None and CANNOT_SHADOW in (attempt.reason or "")
         if decided and not entry.get("message"):  # no shadow evidence to show: say why it was decided
             entry = entry | {"message": attempt.reason}

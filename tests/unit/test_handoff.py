@@ -192,6 +192,14 @@ def test_on_a_single_gpu_jetson_the_stable_pod_yields_for_the_build_and_the_new_
         "handoffs": 1, "unservedSeconds": 0.0,
         "capacity": CAPACITY,
     }  # fmt: skip
+    (job,) = [name for (kind, name), o in cluster.objects.items() if kind == "Job" and not o.get("status")]
+    unschedulable = {"type": "PodScheduled", "status": "False", "message": "0/1 nodes: Insufficient nvidia.com/gpu"}
+    cluster.objects["Pod", job] = {"metadata": {"name": f"{job}-x", "labels": {"job-name": job}},
+                                   "status": {"phase": "Pending", "conditions": [unschedulable]}}  # fmt: skip
+    waiting = _entry(cluster.step(T1))  # the stable pod is still stopping: not reported as Unschedulable
+    assert waiting["state"] == "Building"
+    assert waiting["message"] == "the stable pods are stopping to give the build the GPU"
+    del cluster.objects["Pod", job]
     progressing = next(c for c in result.status["conditions"] if c["type"] == "Progressing")
     assert progressing["reason"] == "CannotShadow"
     assert "needs 2" in progressing["message"]

@@ -224,8 +224,9 @@ def test_a_class_absent_while_shadowing_resumes_its_shadow_when_it_returns() -> 
         lambda n: n["spec"].update(unschedulable=True),
         lambda n: n["spec"].update(taints=[{"key": "node.kubernetes.io/disk-pressure", "effect": "NoSchedule"}]),
         lambda n: n["status"].update(conditions=[{"type": "Ready", "status": "False"}]),
+        lambda n: n["status"].update(allocatable={"cpu": "8", "nvidia.com/gpu": "1"}),  # the device plugin registered
     ],
-    ids=["label", "cordon", "taint", "NotReady"],
+    ids=["label", "cordon", "taint", "NotReady", "GPUs allocatable"],
 )
 def test_the_node_fingerprint_sees_every_change_that_matters_at_once(change: Callable[[Obj], None]) -> None:
     node = _node()
