@@ -183,13 +183,16 @@ def _seconds(start: str, end: str) -> float:
     return max(0.0, (parse(end) - parse(start)).total_seconds())
 
 
-def windows(attempt: Attempt, fit: Fit, wanted: bool, serving_again: bool, now: str) -> tuple[Attempt, list[Step]]:
-    """The attempt's handoff record after this plan: `CannotShadow` noted once; a time without
+def windows(
+    attempt: Attempt, fit: Fit, wanted: bool, serving_again: bool, now: str, *, rollout: bool = True
+) -> tuple[Attempt, list[Step]]:
+    """The attempt's handoff record after this plan: `CannotShadow` noted once in a `rollout` (another
+    revision serves the class: there is something to shadow); a time without
     service opened when a yield is first wanted, closed (its seconds added) once no yield is wanted
     and a serving pod of the class is ready again (`serving_again`)."""
     record: Obj = dict(attempt.handoff or {})
     steps: list[Step] = []
-    if fit.applies and not fit.side_by_side and "cannotShadow" not in record:
+    if rollout and fit.applies and not fit.side_by_side and "cannotShadow" not in record:
         record["cannotShadow"] = fit.arithmetic
         what = "the stable pods yield for the build and the new revision"
         what = "acceleratorHandoff Never: the class waits for room" if fit.mode == "Never" else what
@@ -313,7 +316,7 @@ class HandoffSteps(ABC):
             if (patch := yield_patch(workload, wanted, replicas)) is not None:
                 self.plan.patch.append(patch)
         ready = serving_ready([w for w in workloads if w is not mine or done])
-        attempt, steps = windows(attempt, found, wanted, ready, self.now)
+        attempt, steps = windows(attempt, found, wanted, ready, self.now, rollout=bool(old))
         self.attempts[hardware.key] = attempt
         self.steps += steps
         status = handoff_status(found, attempt)

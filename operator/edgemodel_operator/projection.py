@@ -130,8 +130,12 @@ def project(
     )
     progressing = building > 0 or (built > serving_count + len(rolled_back))
     shadowing = states.count("Shadowing")
-    unshadowable = [
-        e for e in present if e["state"] != "Serving" and (e.get("handoff") or {}).get("canShadow") is False
+    unshadowable = [  # a rollout (another revision serves the class) on GPUs that cannot hold a candidate beside it
+        e
+        for e in present
+        if e["state"] != "Serving"
+        and e.get("revision") not in {None, revision}
+        and e.get("handoff", {}).get("canShadow") is False
     ]
     if progressing and unshadowable:  # see `handoff`: said at once, with the arithmetic
         put(cond.PROGRESSING, True, "CannotShadow", summary({"key": e["key"], "message": e["handoff"].get("capacity")}

@@ -141,11 +141,16 @@ def _cluster(nodes: list[Obj], **spec: Any) -> tuple[Cluster, str]:
         "spec": {"model": {"uri": "oci://registry.local/m:v1", "sha256": DIGEST}, **spec},
     }
     cluster = Cluster(body, nodes=nodes)
-    cluster.step(T0)
+    steps = [cluster.step(T0)]
     cluster.finish_builds()
-    cluster.step(T0)
+    steps += [cluster.step(T0), cluster.step(T0)]  # the workload made, then seen before its pod is ready
     _pods_ready(cluster)
-    assert cluster.step(T0).status["phase"] == "Ready"
+    steps.append(cluster.step(T0))
+    assert steps[-1].status["phase"] == "Ready"
+    for result in steps:  # the first revision has nothing to shadow: nothing to say about shadowing
+        assert not {"CannotShadow", "StableYielded"} & set(_reasons(result))
+        progressing = next(c for c in result.status["conditions"] if c["type"] == "Progressing")
+        assert progressing["reason"] != "CannotShadow"
     first = revision_of(EdgeModelSpec.model_validate(body["spec"]))
     body["spec"]["model"]["sha256"] = "0" * 64
     body["metadata"]["generation"] = 2
