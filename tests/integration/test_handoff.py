@@ -139,3 +139,68 @@ def _shadows_as_before(operator: Testbed, namespace: str, first: str, second: st
               if _on(w, "workstation")]  # fmt: skip
     tracks = {(found["edgeml.dev/revision"], found["edgeml.dev/track"], ready) for found, ready in labels}
     assert tracks == {(first, "stable", 1), (second, "candidate", 1)}
+
+
+@pytest.fixture
+def jetson(operator: Testbed, namespace: str) -> Iterator[Pool]:
+    nodes = Pool(operator, namespace)
+    nodes.add(JETSON_XAVIER_NX)
+    yield nodes
+    nodes.remove()
+
+
+def _stable_back_awaiting_approval(bed: Testbed, namespace: str) -> tuple[str, str]:
+    """Serve a first revision on the Jetson, apply a second with autoPromote false, play its build:
+    the stable pod comes back and the class waits for a person. The two revisions."""
+    targets, rollout = pool_targets(namespace), {"autoPromote": False}
+    apply_edgemodel(bed, namespace, NAME, targets=targets, rollout=rollout)
+    finish_builds(bed, namespace, count=1)
+    bed.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"em/{NAME}", "--timeout=90s")
+    first = get(bed, "em", NAME, "-n", namespace)["status"]["revisions"]["stable"]
+    apply_edgemodel(bed, namespace, NAME, targets=targets, rollout=rollout, digest="0" * 64)
+    finish_builds(bed, namespace, count=1)  # runs only once the stable pod has yielded its GPU
+
+    def back() -> Any:
+        jetson = _classes(bed, namespace).get("jetson", {})
+        handoff = jetson.get("handoff", {})
+        waiting = jetson.get("state") == "Built" and "yieldedSince" not in handoff and handoff.get("handoffs") == 1
+        return waiting and jetson.get("readyReplicas") == 1 and jetson
+
+    jetson = eventually(back, what="the stable pod back and the class waiting for approval")
+    second = get(bed, "em", NAME, "-n", namespace)["status"]["revisions"]["candidate"]
+    assert jetson["revision"] == first
+    assert jetson["message"].startswith("CannotShadow: 1 nvidia.com/gpu on 1 node")
+    assert f"edgeml.dev/promote={second}" in jetson["message"]
+    assert jetson["handoff"]["unservedSeconds"] > 0
+    assert [w["metadata"]["labels"]["edgeml.dev/revision"] for w in _workloads(bed, namespace)] == [first]
+    return first, second
+
+
+def test_without_auto_promote_the_stable_pod_comes_back_and_a_rollback_keeps_it(
+    operator: Testbed, namespace: str, jetson: Pool
+) -> None:
+    first, second = _stable_back_awaiting_approval(operator, namespace)
+    operator.kubectl("annotate", "em", NAME, "-n", namespace, f"edgeml.dev/rollback={second}")
+    rolled_back = eventually(lambda: (c := _classes(operator, namespace)["jetson"])["state"] == "RolledBack" and c,
+                             what="the class rolled back")  # fmt: skip
+    assert rolled_back["revision"] == first
+    assert rolled_back["readyReplicas"] == 1
+    assert rolled_back["handoff"]["handoffs"] == 1
+
+
+def test_without_auto_promote_an_approval_hands_the_gpu_over_again(
+    operator: Testbed, namespace: str, jetson: Pool
+) -> None:
+    _, second = _stable_back_awaiting_approval(operator, namespace)
+    before = _classes(operator, namespace)["jetson"]["handoff"]["unservedSeconds"]
+    operator.kubectl("annotate", "em", NAME, "-n", namespace, f"edgeml.dev/promote={second}")
+
+    def serving() -> Any:
+        found = _classes(operator, namespace)["jetson"]
+        return found["state"] == "Serving" and found.get("handoff", {}).get("handoffs") == 2 and found
+
+    found = eventually(serving, what="the approved revision serving after a second handoff")
+    assert found["revision"] == second
+    assert found["handoff"]["unservedSeconds"] >= before  # to the second: KWOK starts the new pod within one
+    assert f"edgeml.dev/promote={second}" in found["message"]
+    assert [w["metadata"]["labels"]["edgeml.dev/revision"] for w in _workloads(operator, namespace)] == [second]
