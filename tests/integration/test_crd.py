@@ -214,6 +214,12 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "does not apply to mode DaemonSet",
     ),
     ("unknown serving mode", _set("spec.serving", {"mode": "StatefulSet"}), "spec.serving.mode", "Unsupported"),
+    (
+        "unknown accelerator handoff",
+        _set("spec.serving", {"acceleratorHandoff": "Sometimes"}),
+        "spec.serving.acceleratorHandoff",
+        "Unsupported",
+    ),
     ("bad resource quantity", _set("spec.serving", {"resources": {"limits": {"cpu": "lots"}}}), "cpu", "should match"),
     (
         "compute capability not x.y",
@@ -242,7 +248,7 @@ def test_invalid_edgemodel_is_refused_at_apply_with_a_message_naming_the_field(
 def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbed, namespace: str) -> None:
     crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(valid_manifest()))
     stored = json.loads(crd.kubectl("get", "em", "valid", "-n", namespace, "-o", "json").stdout)
-    assert stored["spec"]["serving"] == {"mode": "Deployment", "port": 8080}
+    assert stored["spec"]["serving"] == {"mode": "Deployment", "port": 8080, "acceleratorHandoff": "Auto"}
     assert stored["spec"]["rollout"]["analysis"] == {
         "minAgreement": 0.99,
         "maxLatencyRatio": 1.5,
