@@ -13,19 +13,22 @@ Discovery's `nvidia.com/gpu.count` x `nvidia.com/gpu.replicas`). From that count
 `spec.serving.acceleratorHandoff` chooses what a class that cannot do so does:
 
 - `Auto` (default) and `Always` (`Always` treats every GPU class as unable, e.g. a time-sliced GPU
-  whose memory holds one engine only): the stable pods *yield* (Deployment scaled to 0; a DaemonSet's
-  pods moved off by a node selector no node has) while the build runs and come back once it has
-  finished. A class that cannot shadow says so at once (Event and class message `CannotShadow`, with
-  the arithmetic) and, once built: with `rollout.autoPromote` it is promoted on its build's
-  validation, the old stable pods yielding until the new ones are ready (one time without service:
-  build plus start); without it the stable pods come back and the class waits for
-  `edgeml.dev/promote` (then yields as for autoPromote) or `edgeml.dev/rollback`.
+  whose memory holds one engine only): the stable pods *yield* while the build runs and come back once
+  it has finished: a Deployment is scaled to 0; a DaemonSet gives up the pod on one node only (the
+  build's, `Fit.build_node`, by a node affinity), so its other nodes serve on. A class that cannot
+  shadow says so at once (Event and class message `CannotShadow`, with the arithmetic) and, once
+  built: with `rollout.autoPromote` it is promoted on its build's validation, the old stable pods
+  yielding until the new ones are ready (one time without service: build plus start; a DaemonSet's
+  pods leave every node then, by a node selector no node carries); without it the stable pods come
+  back and the class waits for `edgeml.dev/promote` (then yields as for autoPromote) or
+  `edgeml.dev/rollback`.
 - `Never`: the stable pods are never stopped; the build waits for a free GPU and the class stays
   Built (no candidate) until it has room, both reported at once.
 
-Each time without service is measured: from the operator's scale-down to the first reconcile that
-sees a ready serving pod of the class again (`status.classes[].handoff.unservedSeconds`, summed over
-the attempt's handoffs, kept in its decision record). Pure: no clock, no client.
+Each time without service is measured, to the second: from the operator's scale-down to the first
+reconcile that sees the stopped pods' workload serving again (a DaemonSet: ready on every node it
+wants). `status.classes[].handoff.unservedSeconds` sums them over the attempt's handoffs, kept in its
+decision record. Pure: no clock, no client.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ Obj = dict[str, Any]
 GPU = "nvidia.com/gpu"
 GPU_COUNT = "nvidia.com/gpu.count"  # GPU Feature Discovery: physical GPUs on the node
 GPU_REPLICAS = "nvidia.com/gpu.replicas"  # GPU Feature Discovery: pods one GPU takes (time-slicing, MPS)
-LABEL_YIELDED = "edgeml.dev/yielded"  # on a stable workload scaled to 0 (or moved off) for a handoff
+LABEL_YIELDED = "edgeml.dev/yielded"  # on a stable workload stopped for a handoff: how (CLASS or NODE)
+CLASS = "class"  # every pod of the workload stopped: a Deployment at 0, a DaemonSet moved off every node
+NODE = "node"  # a DaemonSet's pod on the build's node (`Fit.build_node`) moved off: the other nodes serve on
 CANNOT_SHADOW = "CannotShadow"
 
 
@@ -64,7 +69,8 @@ class Fit:
 
     `applies`: the class's pods ask for GPUs; `gpus`: GPUs allocatable on its schedulable nodes (None:
     unknown, no node says); `build_beside`, `side_by_side`: the two questions; `room`: the build (or
-    the new stable pods) can run at all once the stable pods yield; `arithmetic`: the figures, for messages.
+    the new stable pods) can run at all once the stable pods yield; `arithmetic`: the figures, for messages;
+    `build_node`: in DaemonSet mode, the node whose stable pod alone gives the build its GPU.
     """
 
     applies: bool
@@ -74,6 +80,7 @@ class Fit:
     room: bool = True
     arithmetic: str = ""
     mode: str = "Auto"
+    build_node: str | None = None
 
     @property
     def yields(self) -> bool:
@@ -117,9 +124,12 @@ def fit(hardware: HardwareClass, nodes: Iterable[Mapping[str, Any]], target: Eng
     if target.engine != "tensorrt":  # only TensorRT pods ask for a GPU (see builders)
         return NO_GPU
     names = set(hardware.schedulable)
-    per_node = [node_gpus(n) for n in nodes if (n.get("metadata") or {}).get("name") in names]
+    by_name = {
+        str(n["metadata"]["name"]): node_gpus(n) for n in nodes if (n.get("metadata") or {}).get("name") in names
+    }
     mode = serving.accelerator_handoff
-    known = [g for g in per_node if g is not None]
+    known = [g for g in by_name.values() if g is not None]
+    build_node = None
     if not known:
         unknown = "no node of the class reports its GPUs"
         return Fit(True, None, mode != "Always", mode != "Always", True, unknown, mode)
@@ -129,6 +139,7 @@ def fit(hardware: HardwareClass, nodes: Iterable[Mapping[str, Any]], target: Eng
         build_beside = any(g >= 2 for g in known)
         side_by_side = bool(serving_nodes) and all(g >= 2 for g in serving_nodes)
         room = bool(serving_nodes)
+        build_node = min((name for name, g in by_name.items() if g), default=None)
         least = min(known)
         arithmetic = (f"{least} {GPU} on the smallest of {nodes_text}; a node needs 2 to build or run a "
                       f"candidate beside its stable pod")  # fmt: skip
@@ -141,7 +152,7 @@ def fit(hardware: HardwareClass, nodes: Iterable[Mapping[str, Any]], target: Eng
     if mode == "Always":
         build_beside = side_by_side = False
         arithmetic += "; acceleratorHandoff Always"
-    return Fit(True, gpus, build_beside, side_by_side, room, arithmetic, mode)
+    return Fit(True, gpus, build_beside, side_by_side, room, arithmetic, mode, build_node)
 
 
 def yield_wanted(attempt: Attempt, fit: Fit, old_stable: bool, mine_rolled_out: bool) -> bool:
@@ -184,7 +195,14 @@ def _seconds(start: str, end: str) -> float:
 
 
 def windows(
-    attempt: Attempt, fit: Fit, wanted: bool, serving_again: bool, now: str, *, rollout: bool = True
+    attempt: Attempt,
+    fit: Fit,
+    wanted: bool,
+    serving_again: bool,
+    now: str,
+    *,
+    rollout: bool = True,
+    stopping: str = "the stable pods",
 ) -> tuple[Attempt, list[Step]]:
     """The attempt's handoff record after this plan: `CannotShadow` noted once in a `rollout` (another
     revision serves the class: there is something to shadow); a time without
@@ -201,7 +219,7 @@ def windows(
     if wanted and "yielded" not in record:
         record |= {"yielded": now, "count": int(record.get("count") or 0) + 1}
         for_what = "the build" if attempt.state == "Building" else f"revision {attempt.revision}"
-        steps.append(Step("StableYielded", f"{attempt.key}: the stable pods stop so that {for_what} can have the "
+        steps.append(Step("StableYielded", f"{attempt.key}: {stopping} stop so that {for_what} can have the "
                                            f"GPU ({fit.arithmetic})"))  # fmt: skip
     elif not wanted and "yielded" in record and serving_again:
         unserved = _seconds(str(record.pop("yielded")), now)
@@ -214,21 +232,25 @@ def windows(
     return attempt.moved(attempt.state, handoff=record or None), steps
 
 
-def yield_patch(workload: Obj, wanted: bool, replicas: int) -> Obj | None:
-    """The merge patch that stops (`wanted`) or brings back an old stable workload; None when it is as
-    wanted. A Deployment is scaled to 0 and back to `replicas`; a DaemonSet's pods are moved off by a
-    node selector no node carries, and back by removing it. Only a workload the handoff stopped
-    (label `LABEL_YIELDED`) is ever brought back."""
-    yielded = _labels(workload).get(LABEL_YIELDED) == "true"
-    if wanted == yielded and (not wanted or workload.get("kind") == "DaemonSet" or _replicas(workload) == 0):
+def yield_patch(workload: Obj, want: str | None, replicas: int, node: str | None = None) -> Obj | None:
+    """The merge patch that stops an old stable workload as `want` says (CLASS, NODE; None: serve) or
+    brings it back; None when it is as wanted. A Deployment is scaled to 0 and back to `replicas`. A
+    DaemonSet's pods are moved off every node by a node selector no node carries (CLASS), or off `node`
+    only by a node affinity (NODE), and back by removing them. Only a workload the handoff stopped (label
+    `LABEL_YIELDED`) is ever brought back."""
+    current = _labels(workload).get(LABEL_YIELDED)
+    daemonset = workload.get("kind") == "DaemonSet"
+    want = CLASS if want == NODE and not (daemonset and node) else want
+    if current == want and (want is None or daemonset or _replicas(workload) == 0):
         return None
-    if not wanted and not yielded:
-        return None
-    label: Obj = {"metadata": {"labels": {LABEL_YIELDED: "true" if wanted else None}}}
-    if workload.get("kind") == "DaemonSet":
-        selector = {LABEL_YIELDED: "true" if wanted else None}
-        return _ref(workload) | {"patch": label | {"spec": {"template": {"spec": {"nodeSelector": selector}}}}}
-    return _ref(workload) | {"patch": label | {"spec": {"replicas": 0 if wanted else replicas}}}
+    label: Obj = {"metadata": {"labels": {LABEL_YIELDED: want}}}
+    if daemonset:
+        away = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": [node]}]}]}}}  # fmt: skip
+        template = {"nodeSelector": {LABEL_YIELDED: "true" if want == CLASS else None},
+                    "affinity": away if want == NODE else None}  # fmt: skip
+        return _ref(workload) | {"patch": label | {"spec": {"template": {"spec": template}}}}
+    return _ref(workload) | {"patch": label | {"spec": {"replicas": 0 if want else replicas}}}
 
 
 def _replicas(workload: Obj) -> int:
@@ -236,12 +258,14 @@ def _replicas(workload: Obj) -> int:
 
 
 def serving_ready(workloads: Iterable[Obj]) -> bool:
-    """A stable workload of the class, not stopped, whose controller has seen its current spec, has a ready pod."""
+    """A stable workload of the class, not stopped, whose controller has seen its current spec, serves
+    again: a Deployment with a ready pod, a DaemonSet with a ready pod on every node it wants."""
     for workload in workloads:
         status = workload.get("status") or {}
         current = int(status.get("observedGeneration") or 0) >= int(workload["metadata"].get("generation") or 1)
-        stopped = _labels(workload).get(LABEL_YIELDED) == "true"
-        if _track(workload) == "stable" and not stopped and current and _ready(workload) > 0:
+        wanted = int(status.get("desiredNumberScheduled") or 0) if workload.get("kind") == "DaemonSet" else 1
+        stopped = LABEL_YIELDED in _labels(workload)
+        if _track(workload) == "stable" and not stopped and current and _ready(workload) >= max(wanted, 1):
             return True
     return False
 
@@ -311,12 +335,15 @@ class HandoffSteps(ABC):
         mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == attempt.revision), None)
         done = mine is not None and _track(mine) == "stable" and _rolled_out(mine)
         wanted = yield_wanted(attempt, found, bool(old), done)
+        want = (NODE if attempt.state == "Building" and found.build_node else CLASS) if wanted else None
         replicas = self.spec.serving.replicas_per_class or 1
         for workload in old if not (attempt.state == "Promoted" and done) else []:  # those are being retired
-            if (patch := yield_patch(workload, wanted, replicas)) is not None:
+            if (patch := yield_patch(workload, want, replicas, found.build_node)) is not None:
                 self.plan.patch.append(patch)
         ready = serving_ready([w for w in workloads if w is not mine or done])
-        attempt, steps = windows(attempt, found, wanted, ready, self.now, rollout=bool(old))
+        stopping = f"the stable pod on {found.build_node}" if want == NODE and old[0].get("kind") == "DaemonSet" else ""
+        attempt, steps = windows(attempt, found, wanted, ready, self.now, rollout=bool(old),
+                                 stopping=stopping or "the stable pods")  # fmt: skip
         self.attempts[hardware.key] = attempt
         self.steps += steps
         status = handoff_status(found, attempt)

@@ -81,7 +81,7 @@ def test_a_single_gpu_jetson_hands_its_gpu_over_and_a_two_gpu_class_shadows(
     def stable_yielded() -> Any:  # said at once, not after a deadline
         jetson = _classes(operator, namespace).get("jetson", {})
         old = [w for w in _workloads(operator, namespace) if _on(w, "jetson")]
-        stopped = [w for w in old if w["metadata"]["labels"].get("edgeml.dev/yielded") == "true"]
+        stopped = [w for w in old if w["metadata"]["labels"].get("edgeml.dev/yielded") == "class"]
         return "yieldedSince" in jetson.get("handoff", {}) and stopped and stopped[0]["spec"]["replicas"] == 0
 
     eventually(stable_yielded, timeout=30, what="the Jetson's stable pod yielding for the build")

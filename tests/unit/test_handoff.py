@@ -160,6 +160,12 @@ def _cluster(nodes: list[Obj], **spec: Any) -> tuple[Cluster, str]:
 def _pods_ready(cluster: Cluster) -> None:
     """The Deployment controller caught up: as many ready pods as replicas (none while scaled to 0)."""
     for (kind, _), workload in cluster.objects.items():
+        if kind == "DaemonSet":
+            stopped = {"class": len(cluster.nodes), "node": 1}.get(workload["metadata"]["labels"].get(LABEL_YIELDED), 0)
+            count = len(cluster.nodes) - stopped
+            workload["status"] = {"desiredNumberScheduled": count, "numberReady": count,
+                                  "updatedNumberScheduled": count,
+                                  "observedGeneration": workload["metadata"].get("generation", 1)}  # fmt: skip
         if kind == "Deployment":
             replicas = int(workload["spec"].get("replicas", 1))
             workload["status"] = {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
@@ -190,7 +196,7 @@ def test_on_a_single_gpu_jetson_the_stable_pod_yields_for_the_build_and_the_new_
     assert {"CannotShadow", "StableYielded", "BuildStarted"} <= set(_reasons(result))
     old = _deployment(cluster, first)
     assert old["spec"]["replicas"] == 0
-    assert old["metadata"]["labels"][LABEL_YIELDED] == "true"
+    assert old["metadata"]["labels"][LABEL_YIELDED] == "class"
     entry = _entry(result)
     assert entry["handoff"] == {
         "mode": "Auto", "gpus": 1, "buildBesideStable": False, "canShadow": False, "yieldedSince": T1,
@@ -339,33 +345,52 @@ def test_a_cpu_class_has_no_handoff() -> None:
     assert not result.patch
 
 
-def test_in_daemonset_mode_the_stable_pods_are_moved_off_and_back_by_a_node_selector() -> None:
-    cluster = Cluster(
-        {"apiVersion": "edgeml.dev/v1alpha1", "kind": "EdgeModel",
-         "metadata": {"name": "ocr", "namespace": "apps", "uid": "u-1", "generation": 1},
-         "spec": {"model": {"uri": "oci://registry.local/m:v1", "sha256": DIGEST},
-                  "serving": {"mode": "DaemonSet"}, "rollout": {"autoPromote": False}}},
-        nodes=JETSON,
-    )  # fmt: skip
-    cluster.step(T0)
-    cluster.finish_builds()
-    cluster.step(T0)
-    (daemonset,) = [o for (k, _), o in cluster.objects.items() if k == "DaemonSet"]
+def _daemonsets(cluster: Cluster) -> dict[str, Obj]:
+    return {
+        o["metadata"]["labels"]["edgeml.dev/revision"]: o for (k, _), o in cluster.objects.items() if k == "DaemonSet"
+    }
 
-    def ready_pods(count: int) -> None:
+
+def _daemonsets_ready(cluster: Cluster, **ready: int) -> None:
+    """Each DaemonSet (by revision) with `ready` pods ready of as many wanted (2 when not named)."""
+    for revision, daemonset in _daemonsets(cluster).items():
+        count = ready.get(revision, 2)
         daemonset["status"] = {"desiredNumberScheduled": count, "numberReady": count, "updatedNumberScheduled": count,
                                "observedGeneration": daemonset["metadata"].get("generation", 1)}  # fmt: skip
 
-    ready_pods(1)
-    cluster.step(T0)
-    cluster.body["spec"]["model"]["sha256"] = "0" * 64
-    cluster.body["metadata"]["generation"] = 2
-    result = cluster.step(T1)
-    assert "StableYielded" in _reasons(result)
-    assert daemonset["spec"]["template"]["spec"]["nodeSelector"][LABEL_YIELDED] == "true"
-    ready_pods(0)
+
+TWO_JETSONS = [node("nx-2", JETSON_XAVIER_NX), node("nx-1", JETSON_XAVIER_NX)]
+AWAY_FROM_NX1 = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["nx-1"]}]}]}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("auto_promote", [True, False])
+def test_in_daemonset_mode_one_node_gives_the_build_its_gpu_and_promotion_moves_every_pod(auto_promote: bool) -> None:
+    cluster, first = _cluster(TWO_JETSONS, serving={"mode": "DaemonSet"}, rollout={"autoPromote": auto_promote})
+    _daemonsets_ready(cluster)
+    result = cluster.step(T1)  # only nx-1's stable pod stops: nx-2 serves on
+    assert any(e.reason == "StableYielded" and "the stable pod on nx-1 stop" in e.message for e in result.events)
+    old = _daemonsets(cluster)[first]
+    assert old["metadata"]["labels"][LABEL_YIELDED] == "node"
+    assert old["spec"]["template"]["spec"]["affinity"] == AWAY_FROM_NX1
+    assert LABEL_YIELDED not in old["spec"]["template"]["spec"]["nodeSelector"]
+    _daemonsets_ready(cluster, **{first: 1})
     cluster.finish_builds()
-    cluster.step(T2)
-    assert LABEL_YIELDED not in daemonset["spec"]["template"]["spec"]["nodeSelector"]
-    ready_pods(1)
-    assert _entry(cluster.step(T3))["handoff"]["unservedSeconds"] == 120.0
+    result = cluster.step(T2)
+    template = old["spec"]["template"]["spec"]
+    if not auto_promote:  # back on both nodes; the class waits for a person
+        assert "affinity" not in template
+        assert LABEL_YIELDED not in template["nodeSelector"]
+        assert LABEL_YIELDED not in old["metadata"]["labels"]
+        _daemonsets_ready(cluster)
+        assert _entry(cluster.step(T3))["handoff"]["unservedSeconds"] == 120.0
+        return
+    # Promoted: the new revision needs the GPU on every node, so every old pod stops until it is ready.
+    assert old["metadata"]["labels"][LABEL_YIELDED] == "class"
+    assert template["nodeSelector"][LABEL_YIELDED] == "true"
+    assert "affinity" not in template
+    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    _daemonsets_ready(cluster, **{first: 0})
+    result = cluster.step(T3)
+    assert set(_daemonsets(cluster)) == {second}
+    assert _entry(result)["handoff"]["unservedSeconds"] == 120.0

@@ -118,8 +118,9 @@ class HandoffStatus(ApiModel):
     unserved_seconds: float | None = Field(
         default=None,
         ge=0,
-        description="Seconds this rollout's finished handoffs left the class without a ready serving pod: from the "
-        "scale-down to the first reconcile that saw a serving pod ready again, summed.",
+        description="Seconds this rollout's finished handoffs left the class without a ready serving pod (a "
+        "DaemonSet that gave up one node: that node without its pod): from the scale-down to the first reconcile "
+        "that saw the stopped pods' place served again, to the second, summed.",
     )
 
 
