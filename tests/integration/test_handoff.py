@@ -204,3 +204,49 @@ def test_without_auto_promote_an_approval_hands_the_gpu_over_again(
     assert found["handoff"]["unservedSeconds"] >= before  # to the second: KWOK starts the new pod within one
     assert f"edgeml.dev/promote={second}" in found["message"]
     assert [w["metadata"]["labels"]["edgeml.dev/revision"] for w in _workloads(operator, namespace)] == [second]
+
+
+def test_a_daemonset_on_two_single_gpu_jetsons_gives_one_node_to_the_build_and_serves_on_the_other(
+    operator: Testbed, namespace: str
+) -> None:
+    nodes = Pool(operator, namespace)
+    try:
+        first_node = nodes.add(JETSON_XAVIER_NX)["metadata"]["name"]
+        other_node = nodes.add(JETSON_XAVIER_NX)["metadata"]["name"]
+        spec: dict[str, Any] = {"targets": pool_targets(namespace), "serving": {"mode": "DaemonSet"}}
+        apply_edgemodel(operator, namespace, NAME, **spec)
+        finish_builds(operator, namespace, count=1)
+        operator.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"em/{NAME}", "--timeout=90s")
+        apply_edgemodel(operator, namespace, NAME, digest="0" * 64, **spec)
+
+        def serving_pods() -> dict[str, str]:
+            pods = get(operator, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=serve")["items"]
+            running = [p for p in pods if p["status"].get("phase") == "Running"]
+            return {p["spec"].get("nodeName", ""): p["metadata"]["labels"]["edgeml.dev/revision"] for p in running
+                    if not p["metadata"].get("deletionTimestamp")}  # fmt: skip
+
+        first = get(operator, "em", NAME, "-n", namespace)["status"]["revisions"]["stable"]
+
+        def build_beside_the_other_node_serving() -> bool:
+            pods = get(operator, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=build")["items"]
+            building = {p["spec"].get("nodeName") for p in pods if p["status"].get("phase") == "Running"}
+            return building == {first_node} and serving_pods() == {other_node: first}
+
+        eventually(build_beside_the_other_node_serving, what="the build on the first node, the other one serving")
+        builds = finish_builds(operator, namespace, count=1)
+        assert builds[0]["spec"]["nodeName"] == first_node
+        events = _events(operator, namespace)
+        assert any(f"the stable pod on {first_node} stop" in m for m in events.get("StableYielded", []))
+
+        def handed_over() -> Any:
+            jetson = _classes(operator, namespace).get("jetson", {})
+            handoff = jetson.get("handoff", {})
+            return jetson.get("state") == "Serving" and "yieldedSince" not in handoff and jetson
+
+        jetson = eventually(handed_over, what="the new revision serving both Jetsons")
+        assert jetson["revision"] != first
+        assert serving_pods() == {first_node: jetson["revision"], other_node: jetson["revision"]}
+        assert jetson["handoff"]["handoffs"] == 1
+        assert jetson["handoff"]["unservedSeconds"] > 0
+    finally:
+        nodes.remove()
