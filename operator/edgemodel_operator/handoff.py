@@ -155,6 +155,11 @@ def fit(hardware: HardwareClass, nodes: Iterable[Mapping[str, Any]], target: Eng
     return Fit(True, gpus, build_beside, side_by_side, room, arithmetic, mode, build_node)
 
 
+def _why_not(fit: Fit) -> str:
+    """Why a class that cannot hold two engines does not hand over."""
+    return "acceleratorHandoff Never" if fit.mode == "Never" else "no GPU to hand over"
+
+
 def yield_wanted(attempt: Attempt, fit: Fit, old_stable: bool, mine_rolled_out: bool) -> bool:
     """Whether the old stable pods of the class must be stopped now: for the build (Building, and it
     cannot run beside them), or for the new stable pods (Promoted, not yet rolled out, and they cannot
@@ -213,7 +218,7 @@ def windows(
     if rollout and fit.applies and not fit.side_by_side and "cannotShadow" not in record:
         record["cannotShadow"] = fit.arithmetic
         what = "the stable pods yield for the build and the new revision"
-        what = "acceleratorHandoff Never: the class waits for room" if fit.mode == "Never" else what
+        what = what if fit.yields else f"{_why_not(fit)}: the class waits until it has room"
         steps.append(Step(CANNOT_SHADOW, f"{attempt.key}: cannot run a candidate beside the stable pods "
                                          f"({fit.arithmetic}); {what}"))  # fmt: skip
     if wanted and "yielded" not in record:
@@ -322,7 +327,7 @@ class HandoffSteps(ABC):
         waiting = (
             f"waiting for annotation {APPROVE}={rev} (the stable pods then yield while it starts) or {REJECT}={rev}"
         )
-        waiting = waiting if found.yields else "acceleratorHandoff Never: waiting until the class has room"
+        waiting = waiting if found.yields else f"{_why_not(found)}: waiting until the class has room"
         return entry | {"message": f"{CANNOT_SHADOW}: {found.arithmetic}; {waiting}"}
 
     def _handoff(self, hardware: HardwareClass, entry: Obj) -> Obj:

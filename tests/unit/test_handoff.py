@@ -394,3 +394,42 @@ def test_in_daemonset_mode_one_node_gives_the_build_its_gpu_and_promotion_moves_
     result = cluster.step(T3)
     assert set(_daemonsets(cluster)) == {second}
     assert _entry(result)["handoff"]["unservedSeconds"] == 120.0
+
+
+@given(
+    st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    st.integers(1, 3),
+    st.sampled_from(["Auto", "Always", "Never"]),
+)
+def test_a_rollout_on_any_gpu_class_either_shadows_or_hands_over_and_never_both(
+    gpus: list[int], replicas: int, mode: str
+) -> None:
+    nodes = [node(f"nx-{i}", JETSON_XAVIER_NX, gpus=str(g)) for i, g in enumerate(gpus)]
+    expected = fit_of(nodes, replicasPerClass=replicas, acceleratorHandoff=mode)
+    cluster, first = _cluster(nodes, serving={"replicasPerClass": replicas, "acceleratorHandoff": mode})
+    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    result = cluster.step(T1)
+    stopped = _deployment(cluster, first)["spec"]["replicas"] == 0
+    assert stopped == (expected.yields and not expected.build_beside)
+    assert ("StableYielded" in _reasons(result)) == stopped
+    assert ("CannotShadow" in _reasons(result)) == (not expected.side_by_side)
+    _pods_ready(cluster)
+    cluster.finish_builds()
+    for moment in (T2, T3, T4):
+        result = cluster.step(moment)
+        _pods_ready(cluster)
+        if not expected.side_by_side:
+            assert "candidate" not in cluster.workloads().values()  # never a candidate that has no GPU to run on
+    handoff = _entry(result).get("handoff", {})
+    if expected.side_by_side:  # the normal shadow rollout: a candidate beside the stable pods, nothing stopped
+        assert cluster.workloads() == {first: "stable", second: "candidate"}
+        assert "handoffs" not in handoff
+    elif expected.yields:  # handed over: the new revision serves alone, the time without service stated
+        assert cluster.workloads() == {second: "stable"}
+        assert handoff["handoffs"] == 1
+        assert handoff["unservedSeconds"] == (120.0 if stopped else 60.0)  # from T1 (build) or T2 (swap) to T3
+    else:  # Never, or no GPU to hand over: the stable pods keep serving, the class waits
+        assert cluster.workloads() == {first: "stable"}
+        assert "handoffs" not in handoff
+        why = "acceleratorHandoff Never" if mode == "Never" else "no GPU to hand over"
+        assert _entry(result)["message"].endswith(f"{why}: waiting until the class has room")
