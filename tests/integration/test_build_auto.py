@@ -121,7 +121,7 @@ def _labelled(path: Path, model: Path, inputs: list[np.ndarray], wrong: int) -> 
     for i in range(wrong):
         labels[i] = (labels[i] + 1) % 10
     with path.open("wb") as handle:
-        np.savez(handle, x=np.stack(inputs), **{"label.logits": np.array(labels, np.int64)})
+        np.savez(handle, x=np.stack(inputs), **{"label.logits": np.array(labels, np.int64)})  # type: ignore[arg-type]
     return path, labels
 
 

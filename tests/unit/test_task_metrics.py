@@ -54,7 +54,8 @@ def test_masks_give_iou_at_the_threshold_stored_beside_them(tmp_path: Path) -> N
     labels = tasks.load_labels(path, 2, {"map": (1, 1, 4, 4)}, "r.npz")
     assert labels is not None
     (label,) = labels.outputs
-    assert (label.kind, label.threshold) == ("mask", pytest.approx(0.3))
+    assert label.kind == "mask"
+    assert label.threshold == pytest.approx(0.3)
     exact = [{"map": np.where(m, 0.9, 0.1).astype(np.float32)} for m in mask]
     assert tasks.metric(label, exact) == 100.0
     bigger = [{"map": np.full((1, 1, 4, 4), 0.1, np.float32)} for _ in range(2)]
