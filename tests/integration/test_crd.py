@@ -121,6 +121,39 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (
+        "engine auto on a GPU accelerator",
+        _set("spec.targets.engines.1", {"match": {"accelerator": "nvidia"}, "engine": "auto", "precision": "auto"}),
+        "spec.targets.engines[1].engine",
+        "engine auto chooses among the CPU engines",
+    ),
+    (
+        "engine auto on a compute capability",
+        _set("spec.targets.engines.1", {"match": {"computeCapability": "8.7"}, "engine": "auto", "precision": "auto"}),
+        "spec.targets.engines[1].engine",
+        "engine auto chooses among the CPU engines",
+    ),
+    (
+        "engine auto with a fixed precision",
+        _engine(engine="auto"),
+        "spec.targets.engines[0].precision",
+        "precision auto",
+    ),
+    (
+        "maxAccuracyDrop without a reference",
+        _set("spec.validation.tolerance", {"maxAccuracyDrop": 1}),
+        "spec.validation.tolerance.maxAccuracyDrop",
+        "needs a reference with labels",
+    ),
+    (
+        "maxAccuracyDrop above 100 points",
+        _set(
+            "spec.validation",
+            {"reference": {"uri": "https://h/r.npz", "sha256": DIGEST}, "tolerance": {"maxAccuracyDrop": 101}},
+        ),
+        "spec.validation.tolerance.maxAccuracyDrop",
+        "less than or equal to 100",
+    ),
+    (
         "static int8 without calibration",
         _engine(precision="int8"),
         "spec.targets.engines[0].calibration",
@@ -268,6 +301,28 @@ def test_openvino_on_cpu_classes_is_accepted(crd: Testbed, namespace: str, entry
     stored = json.loads(crd.kubectl("get", "em", "openvino", "-n", namespace, "-o", "json").stdout)
     assert stored["spec"]["targets"]["engines"][0]["engine"] == "openvino"
     crd.kubectl("delete", "em", "openvino", "-n", namespace)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"match": {"accelerator": "none"}, "engine": "auto", "precision": "auto"},
+        {"match": {"arch": "amd64"}, "engine": "onnxruntime", "precision": "auto", "quantization": "dynamic"},
+        {"match": {"accelerator": "nvidia"}, "engine": "tensorrt", "precision": "auto"},
+    ],
+    ids=["engine auto on CPU-only classes", "onnxruntime precision auto", "tensorrt precision auto"],
+)
+def test_auto_entries_and_max_accuracy_drop_are_accepted(crd: Testbed, namespace: str, entry: dict[str, Any]) -> None:
+    manifest = valid_manifest("auto")
+    manifest["spec"]["targets"]["engines"][0] = entry
+    manifest["spec"]["targets"]["engines"][1]["match"] = {"accelerator": "nvidia-orin"}
+    manifest["spec"]["validation"]["reference"] = {"uri": "https://h/r.npz", "sha256": DIGEST}
+    manifest["spec"]["validation"]["tolerance"]["maxAccuracyDrop"] = 0.5
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    stored = json.loads(crd.kubectl("get", "em", "auto", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["targets"]["engines"][0]["precision"] == "auto"
+    assert stored["spec"]["validation"]["tolerance"]["maxAccuracyDrop"] == 0.5
+    crd.kubectl("delete", "em", "auto", "-n", namespace)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
