@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgemodel_runtime.build import tasks
+from edgemodel_runtime.build import report, tasks
 from edgemodel_runtime.build.errors import BadInputError
 
 
@@ -95,3 +95,36 @@ def test_labels_that_fit_no_output_are_refused_by_name(arrays: dict[str, Any], f
     with pytest.raises(BadInputError, match=fragment) as raised:
         tasks.load_labels(path, 3, {"y": (1, 4)}, "r.npz")
     assert raised.value.reason == "InvalidSampleSet"
+
+
+def test_an_almost_empty_mask_or_a_single_class_is_reported_as_a_reference_that_cannot_discriminate(
+    tmp_path: Path,
+) -> None:
+    sparse = np.zeros((2, 1, 1, 40, 40), bool)
+    sparse[0, 0, 0, 0, 0] = True  # 1 pixel in 3,200: what a detector finds on noise
+    path = _npz(tmp_path / "r.npz", **{"label.map": sparse, "label.y": np.array([1, 1], np.int64)})
+    labels = tasks.load_labels(path, 2, {"map": (1, 1, 40, 40), "y": (1, 4)}, "r.npz")
+    assert labels is not None
+    outputs = [{"map": np.where(m, 0.9, 0.0).astype(np.float32), "y": np.eye(4, dtype=np.float32)[[1]]} for m in sparse]
+    notes = tasks.uninformative(labels, outputs)
+    assert len(notes) == 2
+    assert "cannot discriminate" in notes[0]
+    assert "same class" in notes[1]
+    warnings = report.reference_warnings({"verdict": "passed", "uninformative": {}}, notes)
+    assert [w["reason"] for w in warnings] == ["ReferenceUninformative"] * 2
+    dense = np.zeros((2, 1, 1, 40, 40), bool)
+    dense[:, 0, 0, :10] = True
+    path = _npz(tmp_path / "d.npz", **{"label.map": dense, "label.y": np.array([1, 2], np.int64)})
+    labels = tasks.load_labels(path, 2, {"map": (1, 1, 40, 40), "y": (1, 4)}, "d.npz")
+    assert labels is not None
+    dense_outputs = [{"map": np.where(m, 0.9, 0.0).astype(np.float32), "y": np.eye(4, dtype=np.float32)[[1]]}
+                     for m in dense]  # fmt: skip
+    assert tasks.uninformative(labels, dense_outputs) == []
+
+
+def test_an_uninformative_verdict_becomes_a_warning_naming_each_output() -> None:
+    verdict = {"verdict": "uninformative", "uninformative": {"map": "near zero everywhere (|x| <= 0.001)"}}
+    (warning,) = report.reference_warnings(verdict)
+    assert warning["reason"] == "ReferenceUninformative"
+    assert "no output (map: near zero everywhere" in warning["message"]
+    assert report.reference_warnings({"verdict": "passed", "uninformative": {}}) == []

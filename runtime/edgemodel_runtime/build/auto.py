@@ -151,6 +151,7 @@ def choose_engine(
     comparison = comparisons[winner.name]
     state.report["candidate"] = {"comparison": comparison.as_dict(), "latency": state.timings[winner.name].as_dict()}
     state.report["validation"] = report.validation_verdict(comparison, [])
+    state._warn(state.report["validation"], expected)
     state.report["decision"] = {"action": "auto", "reason": decision}
     state.report["latency"] = state.timings[winner.name].as_dict()
     if labels is not None:

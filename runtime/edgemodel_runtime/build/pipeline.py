@@ -271,6 +271,7 @@ class _Build:
         if self.labels is not None:
             task = tasks.evaluate(self.labels, expected, outputs, self.request.max_accuracy_drop)
             self.report["task"] = task.as_dict()
+            self._warn(self.report["validation"], expected)
             if task.failures:
                 raise ValidationFailedError(
                     f"{what} failed the task-level check: " + "; ".join(task.failures), reason=task.reason
@@ -311,11 +312,7 @@ class _Build:
         missed = compare.failures(comparison, tolerance)
         verdict = report.validation_verdict(comparison, [m.text for m in missed])
         self.report["validation"] = verdict
-        if verdict["uninformative"]:
-            _log(
-                "the reference cannot discriminate: "
-                + "; ".join(f"{k} {v}" for k, v in verdict["uninformative"].items())
-            )
+        self._warn(verdict)
         if missed:
             nonfinite = any(m.label == "nonfinite" for m in missed)
             raise ValidationFailedError(
@@ -323,6 +320,14 @@ class _Build:
                 reason="NonFiniteOutputs" if nonfinite else "ToleranceMissed",
                 details={"comparison": comparison.as_dict()},
             )
+
+    def _warn(self, verdict: dict[str, Any], expected: list[tensors.Sample] | None = None) -> None:
+        """Record (and log) a warning when the reference cannot discriminate; replaces earlier ones."""
+        notes = tasks.uninformative(self.labels, expected) if self.labels is not None and expected else []
+        warnings = report.reference_warnings(verdict, notes)
+        self.report["warnings"] = warnings
+        for warning in warnings:
+            _log(f"warning: {warning['reason']}: {warning['message']}")
 
     def _runner(self, artifact: Path, sample: tensors.Sample, engine: str | None = None) -> measure.Runner:
         engine = engine or self.request.engine

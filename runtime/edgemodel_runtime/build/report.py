@@ -49,6 +49,23 @@ def validation_verdict(comparison: Comparison, failures: Sequence[str]) -> dict[
     }
 
 
+UNINFORMATIVE = "ReferenceUninformative"
+
+
+def reference_warnings(validation: dict[str, Any], task_notes: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Warnings (`reason`, `message`) for a reference that cannot discriminate: outputs the validation could not
+    judge (the verdict's `uninformative`), and labelled outputs whose task metric says little (`task_notes`)."""
+    warnings = []
+    reasons = validation.get("uninformative") or {}
+    if reasons:
+        which = "no output" if validation.get("verdict") == "uninformative" else "some outputs"
+        details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        warnings.append({"reason": UNINFORMATIVE, "message": f"the reference cannot discriminate on {which} "
+                         f"({details}); their figures decide nothing: validate on realistic inputs"})  # fmt: skip
+    warnings += [{"reason": UNINFORMATIVE, "message": note} for note in task_notes]
+    return warnings
+
+
 def describe_validation(figures: dict[str, Any], validation: dict[str, Any]) -> str:
     """One clause for the build's summary line: the headline figures, or why there are none."""
     if validation.get("verdict") == "uninformative":

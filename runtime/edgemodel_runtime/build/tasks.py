@@ -167,6 +167,30 @@ def metric(label: Label, outputs: Sequence[Mapping[str, npt.NDArray[Any]]]) -> f
     return 100.0 * inter / union if union else 100.0
 
 
+SPARSE_SHARE = 0.001
+"""A mask label (or the reference's binarised map) with fewer positives than this share of its values can
+hardly tell a good engine from a bad one: the detector on noise marks 0.07% of pixels."""
+
+
+def uninformative(labels: Labels, reference: Sequence[Mapping[str, npt.NDArray[Any]]]) -> list[str]:
+    """Why labelled outputs cannot discriminate: masks (labels or the reference's map at the threshold) almost
+    all empty, or class ids all the same class. Empty when each can."""
+    notes = []
+    for label in labels.outputs:
+        if label.kind == "classes":
+            if len({int(v) for values in label.values for v in values.ravel()}) < 2:
+                notes.append(f"output {label.output}: every label is the same class; top-1 accuracy says little")
+            continue
+        truth = float(np.mean([values.mean() for values in label.values]))
+        found = float(np.mean([np.asarray(s[label.output]) > label.threshold for s in reference]))
+        if min(truth, found) < SPARSE_SHARE:
+            notes.append(
+                f"output {label.output}: {100 * truth:.3f}% of the mask and {100 * found:.3f}% of the reference's "
+                f"map above {label.threshold:g} are positive; a mask this empty cannot discriminate"
+            )
+    return notes
+
+
 def evaluate(
     labels: Labels,
     reference: Sequence[Mapping[str, npt.NDArray[Any]]],
