@@ -19,11 +19,13 @@ from edgemodel_runtime.build.tensors import save_samples
 from edgemodel_runtime.engines import openvino_engine
 from edgemodel_runtime.packaged import OCR_CLS
 from tests import onnx_models
-from tests.integration.test_build import edgemodel_build, report_of, sha256
+from tests.integration.test_build import edgemodel_build, registry, report_of, sha256
+from tests.testbed.registry import Registry
 
 SHAPE = (1, 3, 48, 192)
 CLS = ("--model", str(OCR_CLS.path()), "--sha256", OCR_CLS.sha256, "--input", "x=" + "x".join(map(str, SHAPE)))
 HAS_BF16 = "BF16" in openvino_engine.capabilities()
+__all__ = ["registry"]  # the registry fixture, shared with test_build
 
 
 def _lines(path: Path, count: int, expected: list[dict[str, Any]] | None = None) -> Path:
@@ -178,3 +180,25 @@ def test_under_auto_a_candidate_that_loses_accuracy_on_labels_is_not_chosen(tmp_
     assert rows["onnxruntime-int8"]["p50_ms"] is None  # only candidates that pass are timed
     assert built["auto"]["chosen"] == "onnxruntime-fp32"
     assert built["task"]["metrics"][0]["engine"] == 100.0
+
+
+def test_a_registry_cache_hit_of_an_auto_build_still_says_what_was_chosen(registry: Registry, tmp_path: Path) -> None:
+    reference = _lines(tmp_path / "lines.npz", 3)
+    args = (*CLS, "--engine", "auto", "--precision", "auto", "--reference", str(reference),
+            "--push", f"oci://{registry.address}/engines/cls-auto")  # fmt: skip
+    first = edgemodel_build(*args, "--output", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr
+    built = report_of(tmp_path / "first")
+    # A fresh node of the same class, with an empty output directory: nothing is built or measured again.
+    log = tmp_path / "termination-log"
+    second = edgemodel_build(*args, "--output", str(tmp_path / "second"), "--report", str(tmp_path / "second.json"),
+                             "--termination-log", str(log))  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "cache hit" in second.stderr
+    cached = json.loads((tmp_path / "second.json").read_text())
+    assert cached["status"] == "cached"
+    assert (cached["engine"], cached["precision"]) == (built["engine"], built["precision"])
+    assert cached["auto"]["chosen"] == built["auto"]["chosen"]
+    compact = json.loads(log.read_text())
+    assert compact["chosen"] == built["auto"]["chosen"]
+    assert [c["engine"] for c in compact["candidates"]] == [r["engine"] for r in built["auto"]["candidates"]]

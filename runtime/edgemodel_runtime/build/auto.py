@@ -16,12 +16,13 @@ The report gets the whole table (`auto`), and the chosen engine's figures where 
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgemodel_runtime.build import candidates, compare, measure, report, tasks, tensors
+from edgemodel_runtime.build import candidates, compare, measure, oci, report, tasks, tensors
 from edgemodel_runtime.build.errors import BuildError, ValidationFailedError
 
 if TYPE_CHECKING:
@@ -33,6 +34,31 @@ BASELINE = "onnxruntime-fp32"
 
 def is_auto(request: BuildRequest) -> bool:
     return candidates.AUTO in (request.engine, request.precision)
+
+
+def annotation(built: dict[str, Any]) -> dict[str, Any]:
+    """What an auto build's artifact carries (as the OCI annotation `oci.AUTO_ANNOTATION`): the chosen engine,
+    precision and candidate, and the compact table, so that a registry cache hit reports them too."""
+    compact = report.compact_auto(built.get("auto"))
+    return {"engine": built["engine"], "precision": built["precision"], **compact}
+
+
+def from_annotations(annotations: dict[str, str]) -> dict[str, Any]:
+    """The fields of a cached report from an auto build's annotation: engine, precision and `auto`
+    (chosen and candidates); empty when the artifact carries none (or an unreadable one)."""
+    try:
+        found = json.loads(annotations.get(oci.AUTO_ANNOTATION, "") or "null")
+    except ValueError:
+        return {}
+    if not isinstance(found, dict) or not isinstance(found.get("engine"), str):
+        return {}
+    listed = found.get("candidates")
+    rows: list[Any] = listed if isinstance(listed, list) else []
+    return {
+        "engine": found["engine"],
+        "precision": found.get("precision"),
+        "auto": {"chosen": found.get("chosen"), "candidates": [r for r in rows if isinstance(r, dict)]},
+    }
 
 
 def facts() -> candidates.Facts:

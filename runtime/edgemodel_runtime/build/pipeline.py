@@ -411,6 +411,8 @@ class _Build:
 
             reference = oci.parse_reference(request.push)
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
+            if self.report.get("auto"):  # so that a later cache hit can say what was chosen without pulling
+                annotations[oci.AUTO_ANNOTATION] = json.dumps(auto.annotation(self.report), separators=(",", ":"))
             digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
@@ -456,6 +458,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
         digest = oci.find_by_tag(reference, key)
         if digest is not None:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
+            chosen = auto.from_annotations(oci.manifest_annotations(reference, digest)) if auto.is_auto(request) else {}
             return {
                 "version": report.REPORT_VERSION,
                 "status": "cached",
@@ -466,6 +469,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
                 "classKey": class_key,
                 "artifact": {"reference": f"oci://{reference.with_digest(digest)}"},
                 "message": f"cache hit for {key}; nothing rebuilt",
+                **chosen,
             }
     state = _Build(request, class_key, key, machine, identity)
     try:

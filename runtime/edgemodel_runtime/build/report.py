@@ -118,7 +118,7 @@ def _compact_validation(validation: dict[str, Any] | None) -> dict[str, Any] | N
     return {"verdict": validation.get("verdict"), "uninformative": names[:8]}
 
 
-def _compact_auto(auto: dict[str, Any] | None) -> dict[str, Any]:
+def compact_auto(auto: dict[str, Any] | None) -> dict[str, Any]:
     """Under auto: the chosen candidate and every candidate's engine, precision, speedup, cosine and verdict."""
     if not auto:
         return {}
@@ -154,7 +154,7 @@ def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         "validation": _compact_validation(report.get("validation")),
         "latency": {k: candidate.get("latency", {}).get(k) for k in ("p50_ms", "p99_ms")} if candidate else None,
         "decision": report.get("decision"),
-        **_compact_auto(report.get("auto")),
+        **compact_auto(report.get("auto")),
     }
     text = json.dumps(essentials, separators=(",", ":"))
     while len(text.encode()) > limit:
