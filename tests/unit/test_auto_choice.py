@@ -3,6 +3,7 @@ from the build report to the class status and an Event. Pure, no build, no clust
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -284,3 +285,33 @@ def test_the_auto_registry_names_are_unique_and_each_builder_is_callable() -> No
     assert len(names) == len(set(names))
     assert all(callable(c.build) and callable(c.applies) for c in candidates.REGISTRY)
     assert all(c.name == f"{c.engine}-{c.precision}" for c in candidates.REGISTRY)
+
+
+def test_the_choice_travels_in_an_annotation_and_a_bad_annotation_is_no_choice() -> None:
+    from edgemodel_runtime.build import auto, oci
+
+    built = _auto_report()
+    text = json.dumps(auto.annotation(built))
+    restored = auto.from_annotations({oci.AUTO_ANNOTATION: text})
+    assert (restored["engine"], restored["precision"], restored["auto"]["chosen"]) == ("openvino", "bf16",
+                                                                                      "openvino-bf16")  # fmt: skip
+    assert (
+        json.loads(report.compact({**built, **restored}))["candidates"]
+        == json.loads(report.compact(built))["candidates"]
+    )
+    for bad in ("", "not json", "[]", '{"engine": 3}', "null"):
+        assert auto.from_annotations({oci.AUTO_ANNOTATION: bad}) == {}
+    assert auto.from_annotations({}) == {}
+
+
+def test_timing_gives_each_engine_blocks_and_alternates_the_order_every_round() -> None:
+    from edgemodel_runtime.build import measure
+
+    calls: list[str] = []
+    runners: dict[str, measure.Runner] = {name: functools.partial(calls.append, name) for name in ("a", "b")}
+    measure.measure_interleaved(runners, warmup=0, min_runs=10, budget_s=0.0, block=5)
+    rounds = [calls[i : i + 6] for i in range(0, len(calls), 6)]
+    assert rounds[0] == ["a"] * 6
+    assert rounds[1] == ["b"] * 6
+    assert rounds[2] == ["b"] * 6  # the order reversed: b ran last, so it runs first
+    assert rounds[3] == ["a"] * 6
