@@ -29,10 +29,11 @@ AUTO = "auto"
 TIE_FRACTION = 0.03
 """Candidates whose median latencies differ by less than this share count as equally fast."""
 
-AUTO_TOLERANCE = compare.Tolerance(max_relative_error=0.1, min_cosine=0.999, min_top1_agreement=0.99)
-"""What every candidate of `precision: auto` must meet without spec.validation.tolerance: outputs as close
-to fp32 as a bf16 engine's (cosine 0.999), the same top-1 class on 99% of rows. A lower precision is chosen
-only if it is that faithful; set a tolerance to allow more."""
+AUTO_TOLERANCE = compare.Tolerance(min_cosine=0.999, min_top1_agreement=0.99)
+"""What every candidate of `precision: auto` must meet without spec.validation.tolerance, whatever its
+precision: cosine 0.999 to fp32 on every sample, the same top-1 class on 99% of rows. No bound on single
+values: a probability map's few pixels at text edges move by half their range in bf16 while the map (and
+the mask it gives) stays the same; bound them with a tolerance, or the task metric with labels."""
 
 
 @dataclass(frozen=True)
