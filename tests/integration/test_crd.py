@@ -386,3 +386,22 @@ def test_the_api_server_accepts_the_status_of_a_1000_node_class_and_50_failing_c
     assert len(stored["classes"]) == 51
     assert max(c["nodeCount"] for c in stored["classes"]) == 1000
     assert {c["type"] for c in stored["conditions"]} == {c["type"] for c in status["conditions"]}
+
+
+def test_the_api_server_keeps_the_chosen_engine_and_the_table_of_an_auto_class(
+    crd: Testbed, namespace: str, tmp_path: Path
+) -> None:
+    """The status of a class whose engine auto chose (tests/unit/test_auto_choice.py) is stored whole: a field
+    missing from the CRD's schema would be pruned silently."""
+    from tests.unit.test_auto_choice import auto_status
+
+    status, _ = auto_status()
+    crd.apply_objects([{**valid_manifest("chosen"), "metadata": {"name": "chosen", "namespace": namespace}}])
+    path = tmp_path / "patch.json"
+    path.write_text(json.dumps({"status": status}))
+    crd.kubectl("patch", "em", "chosen", "-n", namespace, "--subresource=status", "--type=merge",
+                "--patch-file", str(path))  # fmt: skip
+    stored = json.loads(crd.kubectl("get", "em", "chosen", "-n", namespace, "-o", "json").stdout)["status"]
+    (entry,) = stored["classes"]
+    assert entry["chosen"] == "openvino-bf16"
+    assert entry["candidates"] == status["classes"][0]["candidates"]

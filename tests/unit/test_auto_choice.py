@@ -228,6 +228,19 @@ def test_the_outcome_of_an_auto_build_names_the_engine_chosen_and_the_table() ->
     assert [c["passed"] for c in outcome["candidates"]] == [True, True, True]
 
 
+def auto_status() -> tuple[dict[str, Any], list[Any]]:
+    """The status and Events the plan writes once an auto build of a CPU class reported its choice."""
+    body = edgemodel(targets={"engines": [{"match": {"accelerator": "none"}, "engine": "auto", "precision": "auto"}]})
+    cpu = [n for n in NODES if n["metadata"]["name"].startswith("edge-x86")]
+    job = next(o for o in plan(_observed(body, nodes=cpu), Images(), NOW).create if o["kind"] == "Job")
+    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    pod = {"metadata": {"name": "p", "labels": {"job-name": job["metadata"]["name"]}},
+           "status": {"phase": "Succeeded", "containerStatuses": [
+               {"state": {"terminated": {"exitCode": 0, "message": report.compact(_auto_report())}}}]}}  # fmt: skip
+    result = plan(_observed(body, nodes=cpu, jobs=[job], pods=[pod]), Images(), LATER)
+    return result.status, result.events
+
+
 def test_an_auto_class_shows_the_chosen_engine_and_its_table_and_an_event_says_why() -> None:
     body = edgemodel(targets={"engines": [{"match": {"accelerator": "none"}, "engine": "auto", "precision": "auto"}]})
     cpu = [n for n in NODES if n["metadata"]["name"].startswith("edge-x86")]
@@ -235,18 +248,13 @@ def test_an_auto_class_shows_the_chosen_engine_and_its_table_and_an_event_says_w
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--engine") + 1] == "auto"
     assert args[args.index("--precision") + 1] == "auto"
-    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
-    message = report.compact(_auto_report())
-    pod = {"metadata": {"name": "p", "labels": {"job-name": job["metadata"]["name"]}},
-           "status": {"phase": "Succeeded", "containerStatuses": [
-               {"state": {"terminated": {"exitCode": 0, "message": message}}}]}}  # fmt: skip
-    result = plan(_observed(body, nodes=cpu, jobs=[job], pods=[pod]), Images(), LATER)
-    (entry,) = result.status["classes"]
+    status, events = auto_status()
+    (entry,) = status["classes"]
     assert (entry["engine"], entry["precision"], entry["chosen"]) == ("openvino", "bf16", "openvino-bf16")
     assert [(c["engine"], c["precision"]) for c in entry["candidates"]] == [
         ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]  # fmt: skip
     ClassStatus.model_validate(entry)  # what the CRD's status schema accepts
-    chosen = [e for e in result.events if e.reason == "EngineChosen"]
+    chosen = [e for e in events if e.reason == "EngineChosen"]
     assert len(chosen) == 1
     assert "chose openvino-bf16 of 3 candidates" in chosen[0].message
     assert "2.50x" in chosen[0].message
