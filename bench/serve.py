@@ -61,7 +61,12 @@ def _free_port() -> int:
 def _request_body() -> bytes:
     sample = samples.vad_inputs(1, seed=5)[0]
     inputs = [
-        {"name": "input", "shape": [1, 512], "datatype": "FP32", "data": sample["input"].ravel().tolist()},
+        {
+            "name": "input",
+            "shape": list(sample["input"].shape),
+            "datatype": "FP32",
+            "data": sample["input"].ravel().tolist(),
+        },
         {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": sample["state"].ravel().tolist()},
         {"name": "sr", "shape": [], "datatype": "INT64", "data": [16000]},
     ]

@@ -68,12 +68,20 @@ def revision_of(spec: EdgeModelSpec) -> str:
 
 def cache_key(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareClass, images: Images) -> str:
     """sha256(model digest, engine, precision, class key, builder version, build options)."""
-    options = {
+    options: dict[str, Any] = {
         "inputs": [i.model_dump(by_alias=True) for i in spec.inputs or []],
         "quantization": target.quantization,
         "calibration": target.calibration.sha256 if target.calibration else None,
         "calibrationMethod": target.calibration_method,
     }
+    if "auto" in (target.engine, target.precision):  # what the choice is judged on decides the engine too
+        validation = spec.validation
+        options["auto"] = {
+            "tolerance": validation.tolerance.model_dump(by_alias=True, exclude_none=True)
+            if validation and validation.tolerance
+            else None,
+            "reference": validation.reference.sha256 if validation and validation.reference else None,
+        }
     material = [spec.model.sha256, target.engine, target.precision, hardware.key, images.builder_version, options]
     return _hash(material, 64)
 

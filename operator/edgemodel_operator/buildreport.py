@@ -71,6 +71,16 @@ class Latency(_Report):
     p99_ms: Figure = None
 
 
+class Candidate(_Report):
+    """One row of the table `precision: auto` writes: a candidate engine, its speedup, cosine and verdict."""
+
+    engine: str | None = Field(default=None, max_length=32)
+    precision: str | None = Field(default=None, max_length=16)
+    speedup: Figure = None
+    cosine: Figure = None
+    passed: bool = False
+
+
 class BuildReport(_Report):
     """The compact build report (version 1) a build pod writes to its termination message.
 
@@ -91,6 +101,8 @@ class BuildReport(_Report):
     metrics: Comparison | None = None
     validation: Validation | None = None
     latency: Latency | None = None
+    chosen: str | None = Field(default=None, max_length=64)  # precision/engine auto: the candidate kept
+    candidates: list[Candidate] = Field(default_factory=list, max_length=16)
 
 
 def parse_report(text: str) -> BuildReport | str:
@@ -136,8 +148,33 @@ def outcome_of(report: BuildReport | str, *, job_succeeded: bool) -> Obj:
         "artifact": (report.artifact.reference or None) if report.artifact else None,
         "buildSeconds": report.build_seconds,
         "metrics": _metrics(report),
+        **_auto(report),
     }
     return outcome | {k: v for k, v in figures.items() if v not in (None, {})}
+
+
+def _auto(report: BuildReport) -> Obj:
+    """Under precision/engine auto: the engine chosen, its name, and the compact table of candidates."""
+    if not report.chosen:
+        return {}
+    return {
+        "engine": report.engine,
+        "chosen": report.chosen,
+        "candidates": [c.model_dump(exclude_none=True) for c in report.candidates],
+    }
+
+
+def chosen_message(outcome: Obj) -> str | None:
+    """One line for the EngineChosen Event: what auto kept and how each candidate did; None without a choice."""
+    if not outcome.get("chosen"):
+        return None
+    rows = []
+    for row in outcome.get("candidates") or []:
+        speed = f" {row['speedup']:.2f}x" if isinstance(row.get("speedup"), float) else ""
+        cosine = f" cosine {row['cosine']:.6f}" if isinstance(row.get("cosine"), float) else ""
+        verdict = "passed" if row.get("passed") else "failed"
+        rows.append(f"{row.get('engine')} {row.get('precision')}{speed}{cosine} {verdict}")
+    return f"chose {outcome['chosen']} of {len(rows)} candidates: " + "; ".join(rows)
 
 
 def _metrics(report: BuildReport) -> Obj:

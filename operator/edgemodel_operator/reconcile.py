@@ -236,7 +236,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         evidence = evidence_of(attempt, view) if attempt.state == "Shadowing" else None
         live = shadow_figures(evidence) if evidence is not None else {}
         if attempt.build:
-            entry |= {k: v for k, v in attempt.build.items() if k != "engine"}
+            # The engine the target names, unless auto chose one (then the build says which).
+            entry |= {k: v for k, v in attempt.build.items() if k != "engine" or attempt.build.get("chosen")}
         if attempt.state in {"Building", "Failed"}:
             if job is None and attempt.state == "Building":
                 job = build_job_for_class(self.body, hardware, target, self.revision, self.images)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from edgemodel_operator.analysis import Counters, Evidence, Verdict, analyse, since
 from edgemodel_operator.api.spec import Rollout
-from edgemodel_operator.buildreport import LOST
+from edgemodel_operator.buildreport import LOST, chosen_message
 from edgemodel_operator.records import Application, Attempt
 
 APPROVE = "edgeml.dev/promote"  # annotation: the candidate revision a person approves for promotion
@@ -94,13 +94,18 @@ def build_finished(attempt: Attempt, view: ClassView) -> tuple[Attempt, Step | N
         message = "the build report names no artifact"
         return attempt.moved("Failed", message=message), Step("BuildFailed", f"{attempt.key}: {message}")
     build = {
+        "engine": outcome.get("engine") if outcome.get("chosen") else None,  # auto: the engine it chose
+        "chosen": outcome.get("chosen"),
+        "candidates": outcome.get("candidates"),
         "precision": outcome.get("precision"),
         "cacheKey": outcome.get("cacheKey"),
         "artifactDigest": artifact,
         "buildSeconds": outcome.get("buildSeconds"),
         "metrics": outcome.get("metrics"),  # see buildreport.outcome_of: figures, worstSample, validation
     }
-    return attempt.moved("Built", build={k: v for k, v in build.items() if v not in (None, {})}), None
+    built = attempt.moved("Built", build={k: v for k, v in build.items() if v not in (None, {}, [])})
+    chose = chosen_message(outcome)
+    return built, Step("EngineChosen", f"{attempt.key}: {chose}") if chose else None
 
 
 def build_again(attempt: Attempt, view: ClassView) -> tuple[Attempt, Step | None]:

@@ -72,7 +72,7 @@ def _reference_npz(model: PackagedModel, directory: Path) -> tuple[Path, list[st
         return path, ["--input", "x=1x3x320x320"]
     if model is SILERO_VAD:
         save_samples(path, samples.vad_inputs(4))
-        return path, ["--input", "input=1x512"]
+        return path, ["--input", "input=1x576"]
     width = 192 if model is OCR_CLS else 320
     save_samples(path, samples.line_inputs(4, 48, width))
     return path, ["--input", f"x=1x3x48x{width}"]

@@ -121,6 +121,39 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (
+        "engine auto on a GPU accelerator",
+        _set("spec.targets.engines.1", {"match": {"accelerator": "nvidia"}, "engine": "auto", "precision": "auto"}),
+        "spec.targets.engines[1].engine",
+        "engine auto chooses among the CPU engines",
+    ),
+    (
+        "engine auto on a compute capability",
+        _set("spec.targets.engines.1", {"match": {"computeCapability": "8.7"}, "engine": "auto", "precision": "auto"}),
+        "spec.targets.engines[1].engine",
+        "engine auto chooses among the CPU engines",
+    ),
+    (
+        "engine auto with a fixed precision",
+        _engine(engine="auto"),
+        "spec.targets.engines[0].precision",
+        "precision auto",
+    ),
+    (
+        "maxAccuracyDrop without a reference",
+        _set("spec.validation.tolerance", {"maxAccuracyDrop": 1}),
+        "spec.validation.tolerance.maxAccuracyDrop",
+        "needs a reference with labels",
+    ),
+    (
+        "maxAccuracyDrop above 100 points",
+        _set(
+            "spec.validation",
+            {"reference": {"uri": "https://h/r.npz", "sha256": DIGEST}, "tolerance": {"maxAccuracyDrop": 101}},
+        ),
+        "spec.validation.tolerance.maxAccuracyDrop",
+        "less than or equal to 100",
+    ),
+    (
         "static int8 without calibration",
         _engine(precision="int8"),
         "spec.targets.engines[0].calibration",
@@ -276,6 +309,28 @@ def test_openvino_on_cpu_classes_is_accepted(crd: Testbed, namespace: str, entry
     crd.kubectl("delete", "em", "openvino", "-n", namespace)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"match": {"accelerator": "none"}, "engine": "auto", "precision": "auto"},
+        {"match": {"arch": "amd64"}, "engine": "onnxruntime", "precision": "auto", "quantization": "dynamic"},
+        {"match": {"accelerator": "nvidia"}, "engine": "tensorrt", "precision": "auto"},
+    ],
+    ids=["engine auto on CPU-only classes", "onnxruntime precision auto", "tensorrt precision auto"],
+)
+def test_auto_entries_and_max_accuracy_drop_are_accepted(crd: Testbed, namespace: str, entry: dict[str, Any]) -> None:
+    manifest = valid_manifest("auto")
+    manifest["spec"]["targets"]["engines"][0] = entry
+    manifest["spec"]["targets"]["engines"][1]["match"] = {"accelerator": "nvidia-orin"}
+    manifest["spec"]["validation"]["reference"] = {"uri": "https://h/r.npz", "sha256": DIGEST}
+    manifest["spec"]["validation"]["tolerance"]["maxAccuracyDrop"] = 0.5
+    crd.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    stored = json.loads(crd.kubectl("get", "em", "auto", "-n", namespace, "-o", "json").stdout)
+    assert stored["spec"]["targets"]["engines"][0]["precision"] == "auto"
+    assert stored["spec"]["validation"]["tolerance"]["maxAccuracyDrop"] == 0.5
+    crd.kubectl("delete", "em", "auto", "-n", namespace)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_every_example_applies_cleanly(crd: Testbed, namespace: str, example: Path) -> None:
     result = crd.kubectl("apply", "-n", namespace, "-f", str(example))
@@ -337,3 +392,22 @@ def test_the_api_server_accepts_the_status_of_a_1000_node_class_and_50_failing_c
     assert len(stored["classes"]) == 51
     assert max(c["nodeCount"] for c in stored["classes"]) == 1000
     assert {c["type"] for c in stored["conditions"]} == {c["type"] for c in status["conditions"]}
+
+
+def test_the_api_server_keeps_the_chosen_engine_and_the_table_of_an_auto_class(
+    crd: Testbed, namespace: str, tmp_path: Path
+) -> None:
+    """The status of a class whose engine auto chose (tests/unit/test_auto_choice.py) is stored whole: a field
+    missing from the CRD's schema would be pruned silently."""
+    from tests.unit.test_auto_choice import auto_status
+
+    status, _ = auto_status()
+    crd.apply_objects([{**valid_manifest("chosen"), "metadata": {"name": "chosen", "namespace": namespace}}])
+    path = tmp_path / "patch.json"
+    path.write_text(json.dumps({"status": status}))
+    crd.kubectl("patch", "em", "chosen", "-n", namespace, "--subresource=status", "--type=merge",
+                "--patch-file", str(path))  # fmt: skip
+    stored = json.loads(crd.kubectl("get", "em", "chosen", "-n", namespace, "-o", "json").stdout)["status"]
+    (entry,) = stored["classes"]
+    assert entry["chosen"] == "openvino-bf16"
+    assert entry["candidates"] == status["classes"][0]["candidates"]

@@ -24,8 +24,8 @@ from edgemodel_operator.api.fields import (
     validations,
 )
 
-Engine = Literal["onnxruntime", "tensorrt", "openvino"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Engine = Literal["onnxruntime", "tensorrt", "openvino", "auto"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "auto"]
 DType = Literal[
     "float32",
     "float16",
@@ -107,8 +107,8 @@ class EngineTarget(ApiModel):
     model_config = ApiModel.model_config | {
         "json_schema_extra": validations(
             cel(
-                "self.precision == 'int8' || !has(self.quantization)",
-                "quantization applies only to precision int8",
+                "self.precision in ['int8', 'auto'] || !has(self.quantization)",
+                "quantization applies only to precision int8 (or auto, for its int8 candidates)",
                 ".quantization",
             ),
             cel(
@@ -146,6 +146,18 @@ class EngineTarget(ApiModel):
                 ".precision",
             ),
             cel(
+                "self.engine != 'auto' || ((!has(self.match.accelerator) || self.match.accelerator == 'none') "
+                "&& !has(self.match.gpuProduct) && !has(self.match.computeCapability))",
+                "engine auto chooses among the CPU engines: not for GPU matches (an accelerator other than none, "
+                "gpuProduct or computeCapability); on NVIDIA classes use engine tensorrt with precision auto",
+                ".engine",
+            ),
+            cel(
+                "self.engine != 'auto' || self.precision == 'auto'",
+                "engine auto chooses the precision too: set precision auto",
+                ".precision",
+            ),
+            cel(
                 "self.engine != 'openvino' || self.precision != 'int8'",
                 "engine openvino builds fp32 and bf16 (fp16 on CPUs that have it); for int8 use engine onnxruntime",
                 ".precision",
@@ -157,12 +169,17 @@ class EngineTarget(ApiModel):
         description="The hardware classes this entry applies to; the first matching entry wins."
     )
     engine: Engine = Field(
-        description="Engine to build: onnxruntime (any class), tensorrt (NVIDIA GPUs only) or openvino (CPUs)."
+        description="Engine to build: onnxruntime (any class), tensorrt (NVIDIA GPUs only), openvino (CPUs), or "
+        "auto (CPU classes, with precision auto): every CPU engine that applies is tried and the fastest that "
+        "passes validation is kept."
     )
     precision: Precision = Field(
         default="fp32",
         description="Numeric precision of the engine. bf16 needs engine openvino and a CPU with BF16 "
-        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason.",
+        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason. auto: the build tries "
+        "every precision the engine offers on the class (int8 only with calibration or quantization dynamic), "
+        "validates each against the fp32 reference and the tolerance, times them side by side on the class's "
+        "node and keeps the fastest that passes; status.classes[].chosen and .candidates show the table.",
     )
     quantization: Literal["static", "dynamic"] | None = Field(
         default=None,
@@ -240,6 +257,14 @@ class Tolerance(ApiModel):
         description="Smallest allowed share of samples whose arg-max class matches the reference, in (0, 1]; "
         "for classifier-like outputs.",
     )
+    max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Largest allowed drop, in percentage points, of the task metric against the fp32 reference's "
+        "(top-1 accuracy for class-id labels, mask IoU for mask labels), in [0, 100]. Needs a reference whose "
+        "samples carry labels (label.<output> arrays in the .npz).",
+    )
 
 
 class LatencyBudget(ApiModel):
@@ -250,6 +275,16 @@ class LatencyBudget(ApiModel):
 
 class Validation(ApiModel):
     """How each built engine is checked before it may serve."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.tolerance) || !has(self.tolerance.maxAccuracyDrop) || has(self.reference)",
+                "tolerance.maxAccuracyDrop needs a reference with labels",
+                ".tolerance.maxAccuracyDrop",
+            )
+        )
+    }
 
     reference: ArtifactRef | None = Field(
         default=None,

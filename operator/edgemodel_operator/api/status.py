@@ -124,6 +124,18 @@ class HandoffStatus(ApiModel):
     )
 
 
+class CandidateSummary(ApiModel):
+    """One engine that `precision: auto` tried on the class: how fast and how close to fp32 it was."""
+
+    engine: str | None = Field(default=None, max_length=32, description="Engine of the candidate.")
+    precision: str | None = Field(default=None, max_length=16, description="Precision of the candidate.")
+    speedup: float | None = Field(
+        default=None, description="ONNX Runtime fp32's median latency over this one's, timed in the same run."
+    )
+    cosine: float | None = Field(default=None, description="Smallest cosine similarity to the fp32 reference.")
+    passed: bool = Field(default=False, description="Whether it met the tolerance (and the task metric bound).")
+
+
 class ClassStatus(ApiModel):
     """State of one hardware class."""
 
@@ -145,6 +157,14 @@ class ClassStatus(ApiModel):
     artifact_digest: str | None = Field(default=None, description="Digest of the published engine artifact.")
     build_seconds: float | None = Field(default=None, description="How long the build took.")
     metrics: EngineMetrics | None = Field(default=None, description="Validation and latency figures.")
+    chosen: str | None = Field(
+        default=None,
+        max_length=64,
+        description="With precision or engine auto: the candidate the build kept (e.g. openvino-bf16).",
+    )
+    candidates: list[CandidateSummary] | None = Field(
+        default=None, max_length=16, description="With precision or engine auto: every candidate tried, in order."
+    )
     revision: str | None = Field(
         default=None, description="The revision serving this class's live traffic (its stable revision)."
     )

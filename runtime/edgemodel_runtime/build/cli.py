@@ -18,6 +18,7 @@ _TOLERANCE_KEYS = {
     "maxRelativeError": "max_relative_error",
     "minCosine": "min_cosine",
     "minTop1Agreement": "min_top1_agreement",
+    "maxAccuracyDrop": "max_accuracy_drop",  # percentage points of the task metric; not a closeness limit
 }
 
 
@@ -31,8 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="https:// or oci:// URI, or a local path")
     parser.add_argument("--sha256", required=True, help="SHA-256 of the model file (64 hex characters)")
-    parser.add_argument("--engine", choices=["onnxruntime", "tensorrt", "openvino"], default="onnxruntime")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32")
+    parser.add_argument(
+        "--engine",
+        choices=["onnxruntime", "tensorrt", "openvino", "auto"],
+        default="onnxruntime",
+        help="auto (with --precision auto): try every CPU engine that applies, keep the fastest that passes",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16", "int8", "auto"],
+        default="fp32",
+        help="auto: try every precision the engine offers here, keep the fastest that passes",
+    )
     parser.add_argument("--quantization", choices=["static", "dynamic"], help="int8 mode (default static)")
     parser.add_argument("--calibration", metavar="NPZ", help="calibration samples for static int8 (path or URI)")
     parser.add_argument("--calibration-sha256", metavar="HEX", help="digest of --calibration (required for URIs)")
@@ -59,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
+def _tolerance(items: Sequence[str]) -> tuple[compare.Tolerance | None, float | None]:
+    """The closeness limits, and maxAccuracyDrop (percentage points) when given."""
     if not items:
-        return None
+        return None, None
     values: dict[str, float] = {}
     given: dict[str, str] = {}
     for item in ",".join(items).split(","):
@@ -74,8 +86,10 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
             value = float(raw)
         except ValueError as error:
             raise BadInputError(f"--tolerance {item!r}: {raw!r} is not a number", reason="InvalidOption") from error
-        if not math.isfinite(value) or value <= 0 or (key.startswith("min") and value > 1):
-            bounds = "in (0, 1]" if key.startswith("min") else "> 0"
+        drop = key == "maxAccuracyDrop"
+        low, high = (0.0, 100.0) if drop else (0.0, 1.0 if key.startswith("min") else math.inf)
+        if not math.isfinite(value) or value < low or (value == low and not drop) or value > high:
+            bounds = "in [0, 100] (percentage points)" if drop else "in (0, 1]" if key.startswith("min") else "> 0"
             raise BadInputError(
                 f"--tolerance {item!r}: out of range; {key} must be a number {bounds}", reason="InvalidOption"
             )
@@ -83,11 +97,13 @@ def _tolerance(items: Sequence[str]) -> compare.Tolerance | None:
             raise BadInputError(f"--tolerance gives {key} twice ({given[key]}, then {raw})", reason="InvalidOption")
         given[key] = raw
         values[_TOLERANCE_KEYS[key]] = value
-    return compare.Tolerance(**values)
+    max_drop = values.pop("max_accuracy_drop", None)
+    return (compare.Tolerance(**values) if values else None), max_drop
 
 
 def _request(args: argparse.Namespace) -> BuildRequest:
     overrides = dict(tensors.parse_shape_override(text) for text in args.input)
+    tolerance, max_accuracy_drop = _tolerance(args.tolerance)
     return BuildRequest(
         model=args.model,
         sha256=args.sha256,
@@ -98,7 +114,8 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         calibration=DataFile(args.calibration, args.calibration_sha256) if args.calibration else None,
         calibration_method=args.calibration_method,
         reference=DataFile(args.reference, args.reference_sha256) if args.reference else None,
-        tolerance=_tolerance(args.tolerance),
+        tolerance=tolerance,
+        max_accuracy_drop=max_accuracy_drop,
         latency_budget_ms=args.latency_budget_ms,
         inputs=overrides,
         push=args.push,

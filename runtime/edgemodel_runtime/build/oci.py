@@ -26,6 +26,7 @@ from edgemodel_runtime.digests import sha256_file
 ARTIFACT_TYPE = "application/vnd.edgemodel.engine.v1"
 CACHE_KEY_ANNOTATION = "dev.edgemodel.cache-key"
 MODEL_ANNOTATION = "dev.edgemodel.model"  # which file of a multi-file artifact is the ONNX model
+AUTO_ANNOTATION = "dev.edgemodel.auto"  # precision/engine auto: the choice and the compact table, as JSON
 TITLE_ANNOTATION = "org.opencontainers.image.title"
 
 
@@ -263,6 +264,14 @@ def find_by_tag(reference: Reference, tag: str) -> str | None:
         raise InfrastructureError(f"look up {target}: HTTP {response.status_code}", reason="RegistryError")
     digest: str = response.headers["Docker-Content-Digest"]
     return digest
+
+
+def manifest_annotations(reference: Reference, digest: str) -> dict[str, str]:
+    """The annotations of the manifest with `digest` in the repository (checked against the digest)."""
+    parsed = Reference(reference.registry, reference.repository, digest=digest)
+    with _registry_errors("read", str(parsed)):
+        manifest = _manifest(_client(reference.registry), parsed)
+    return {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}
 
 
 def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:

@@ -14,7 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemodel_runtime.build import compare, fetch, hardware, measure, modelcheck, modelfiles, report, tensors
+import numpy as np
+
+from edgemodel_runtime.build import (
+    auto,
+    compare,
+    fetch,
+    hardware,
+    measure,
+    modelcheck,
+    modelfiles,
+    report,
+    tasks,
+    tensors,
+)
 from edgemodel_runtime.build.errors import BadInputError, BuildError, InfrastructureError, ValidationFailedError
 from edgemodel_runtime.build.request import (
     ARTIFACT_NAME,
@@ -27,7 +40,6 @@ from edgemodel_runtime.build.request import (
     check_request,
     fetch_data,
     options,
-    quantization,
 )
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
@@ -49,12 +61,16 @@ class _Build:
         self.identity = identity
         self.external = False  # whether the model keeps weights in external-data files
         self.work = request.output / ".work"
+        self.reference_path: Path | None = None  # the fetched reference .npz, if one was given
+        self.labels: tasks.Labels | None = None  # its labels, for task-level checks
+        self.timings: dict[str, measure.Latency] = {}  # auto: each timed candidate's latency
         self.report: dict[str, Any] = {
             "version": report.REPORT_VERSION,
             "status": "failed",
             "exitCode": 0,
             "cacheKey": key,
             "engine": request.engine,
+            "requestedEngine": request.engine,
             "requestedPrecision": request.precision,
             "precision": request.precision,
             "classKey": class_key,
@@ -86,15 +102,20 @@ class _Build:
                 {**self._run_reference(reference_session, sample, inputs), **known}
                 for sample, known in zip(samples, given, strict=True)
             ]
+        self._load_labels(samples, expected)
 
-        _log(f"step 3/6: optimise for {request.engine} {request.precision}")
-        candidate = self._optimise(model, inputs)
+        if auto.is_auto(request):
+            _log(f"steps 3-5/6: try every candidate engine for {request.engine} {request.precision}, keep the fastest")
+            final = auto.choose_engine(self, model, inputs, samples, expected)
+        else:
+            _log(f"step 3/6: optimise for {request.engine} {request.precision}")
+            candidate = self._optimise(model, inputs)
 
-        _log(f"step 4/6: validate against the fp32 reference on {len(samples)} samples")
-        comparison = self._validate(candidate, samples, expected)
+            _log(f"step 4/6: validate against the fp32 reference on {len(samples)} samples")
+            comparison = self._validate(candidate, samples, expected)
 
-        _log("step 5/6: measure latency on this machine")
-        final = self._measure_and_decide(candidate, model, samples, expected, comparison)
+            _log("step 5/6: measure latency on this machine")
+            final = self._measure_and_decide(candidate, model, samples, expected, comparison)
 
         _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
         # The report travels with the artifact, so it must say "built" before it is written and pushed;
@@ -135,6 +156,7 @@ class _Build:
             self.report["reference"] = {"kind": "seeded", "samples": request.samples, "seed": request.seed}
             return tensors.seeded_samples(inputs, request.samples, request.seed), None
         path = fetch_data(request.reference, self.work, "reference", request.allow_local)
+        self.reference_path = path
         samples, expected = tensors.load_samples(path, inputs, request.reference.location)
         self.report["reference"] = {
             "kind": "npz",
@@ -145,33 +167,60 @@ class _Build:
         }
         return samples, expected
 
-    def _optimise(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
+    def _load_labels(self, samples: list[tensors.Sample], expected: list[tensors.Sample]) -> None:
+        """The reference set's labels (`label.<output>`), checked against the outputs the fp32 reference gives."""
+        if self.reference_path is None or self.request.reference is None:
+            return
+        shapes = {name: tuple(np.asarray(value).shape) for name, value in expected[0].items()}
+        where = self.request.reference.location
+        self.labels = tasks.load_labels(self.reference_path, len(samples), shapes, where)
+        if self.labels is None and self.request.max_accuracy_drop is not None:
+            raise BadInputError(
+                f"maxAccuracyDrop is set but the reference {where} has no labels (label.<output> arrays): "
+                "there is no task metric to bound",
+                reason="InvalidSampleSet",
+            )
+        if self.labels is not None:
+            self.report["reference"]["labels"] = {label.output: label.kind for label in self.labels.outputs}
+
+    def _optimise(
+        self,
+        model: Path,
+        inputs: list[tensors.TensorInfo],
+        engine: str | None = None,
+        precision: str | None = None,
+        work: Path | None = None,
+    ) -> Path:
+        """The engine (default: the request's) at the precision (default: the request's), built in `work`."""
         request = self.request
-        if request.engine == "tensorrt":
+        engine, precision, work = engine or request.engine, precision or request.precision, work or self.work
+        work.mkdir(parents=True, exist_ok=True)
+        if engine == "tensorrt":
             from edgemodel_runtime.engines import tensorrt_engine
 
             source = model
-            if request.precision == "int8":  # explicit quantisation: a QDQ model that TensorRT honours
-                source = self._quantize_static(model, inputs)
-            return tensorrt_engine.build_engine(source, self.work / "candidate.plan", request.precision, inputs)
-        if request.engine == "openvino":
+            if precision == "int8":  # explicit quantisation: a QDQ model that TensorRT honours
+                source = self._quantize_static(model, inputs, work)
+            return tensorrt_engine.build_engine(source, work / "candidate.plan", precision, inputs)
+        if engine == "openvino":
             from edgemodel_runtime.engines import openvino_engine
 
             # Every input fixed at the shape validated here: faster, and dynamic shapes in OpenVINO 2026.4 gave
             # stale outputs (one thread) or a crash on inputs the model cannot compute with.
             shapes = {info.name: info.shape for info in inputs}
-            target = self.work / ARTIFACT_NAME["openvino"]
-            return openvino_engine.compile_to_artifact(model, target, request.precision, shapes)
-        optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization, self.external)
-        if request.precision == "fp32":
+            target = work / ARTIFACT_NAME["openvino"]
+            return openvino_engine.compile_to_artifact(model, target, precision, shapes)
+        optimised = ortx.optimize_graph(model, work / "fp32.onnx", request.graph_optimization, self.external)
+        if precision == "fp32":
             return optimised
-        if request.precision == "fp16":
-            return ortx.convert_fp16(optimised, self.work / "fp16.onnx", self.external)
-        if quantization(request) == "dynamic":
-            return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx", self.external)
-        return self._quantize_static(model, inputs)
+        if precision == "fp16":
+            return ortx.convert_fp16(optimised, work / "fp16.onnx", self.external)
+        if request.quantization == "dynamic" or request.calibration is None:
+            return ortx.quantize_dynamic_int8(model, work / "int8.onnx", self.external)
+        return self._quantize_static(model, inputs, work)
 
-    def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
+    def _calibration(self, inputs: list[tensors.TensorInfo]) -> list[tensors.Sample]:
+        """The calibration samples, fetched and verified (recorded in the report)."""
         request = self.request
         assert request.calibration is not None  # checked by check_request
         path = fetch_data(request.calibration, self.work, "calibration", request.allow_local)
@@ -182,19 +231,27 @@ class _Build:
             "samples": len(calibration),
             "method": request.calibration_method,
         }
+        return calibration
+
+    def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo], work: Path | None = None) -> Path:
+        request = self.request
+        calibration = self._calibration(inputs)
         try:
             return ortx.quantize_static_int8(
-                model, self.work / "int8.onnx", calibration, request.calibration_method, self.external
+                model, (work or self.work) / "int8.onnx", calibration, request.calibration_method, self.external
             )
         except BadInputError as error:
             raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
 
-    def _outputs(self, artifact: Path, samples: list[tensors.Sample]) -> list[dict[str, Any]]:
-        if self.request.engine == "tensorrt":
+    def _outputs(
+        self, artifact: Path, samples: list[tensors.Sample], engine: str | None = None
+    ) -> list[dict[str, Any]]:
+        engine = engine or self.request.engine
+        if engine == "tensorrt":
             from edgemodel_runtime.engines import tensorrt_engine
 
             return tensorrt_engine.run_all(artifact, samples)
-        if self.request.engine == "openvino":
+        if engine == "openvino":
             from edgemodel_runtime.engines import openvino_engine
 
             return openvino_engine.run_all(artifact, samples)
@@ -206,16 +263,45 @@ class _Build:
     ) -> compare.Comparison:
         tolerance = self.request.tolerance or compare.DEFAULT_TOLERANCES[self.request.precision]
         self.report["tolerance"] = vars(tolerance)
-        comparison = self._compare(artifact, samples, expected)
+        outputs = self._engine_outputs(artifact, samples)
+        comparison = self._compare_outputs(expected, outputs)
         self.report["candidate"] = {"comparison": comparison.as_dict()}
-        self._judge(comparison, tolerance, f"{self.request.engine} {self.request.precision} engine")
+        what = f"{self.request.engine} {self.request.precision} engine"
+        self._judge(comparison, tolerance, what)
+        if self.labels is not None:
+            task = tasks.evaluate(self.labels, expected, outputs, self.request.max_accuracy_drop)
+            self.report["task"] = task.as_dict()
+            self._warn(self.report["validation"], expected)
+            if task.failures:
+                raise ValidationFailedError(
+                    f"{what} failed the task-level check: " + "; ".join(task.failures), reason=task.reason
+                )
         return comparison
 
+    def _engine_outputs(
+        self, artifact: Path, samples: list[tensors.Sample], engine: str | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            return self._outputs(artifact, samples, engine)
+        except (ValueError, KeyError) as error:
+            raise BadInputError(
+                f"engine outputs do not match the reference's: {error}", reason="OutputMismatch"
+            ) from error
+
+    @staticmethod
+    def _compare_outputs(expected: list[tensors.Sample], outputs: list[dict[str, Any]]) -> compare.Comparison:
+        try:
+            return compare.compare(expected, outputs)
+        except (ValueError, KeyError) as error:
+            raise BadInputError(
+                f"engine outputs do not match the reference's: {error}", reason="OutputMismatch"
+            ) from error
+
     def _compare(
-        self, artifact: Path, samples: list[tensors.Sample], expected: list[tensors.Sample]
+        self, artifact: Path, samples: list[tensors.Sample], expected: list[tensors.Sample], engine: str | None = None
     ) -> compare.Comparison:
         try:
-            return compare.compare(expected, self._outputs(artifact, samples))
+            return compare.compare(expected, self._outputs(artifact, samples, engine))
         except (ValueError, KeyError) as error:
             raise BadInputError(
                 f"engine outputs do not match the reference's: {error}", reason="OutputMismatch"
@@ -226,11 +312,7 @@ class _Build:
         missed = compare.failures(comparison, tolerance)
         verdict = report.validation_verdict(comparison, [m.text for m in missed])
         self.report["validation"] = verdict
-        if verdict["uninformative"]:
-            _log(
-                "the reference cannot discriminate: "
-                + "; ".join(f"{k} {v}" for k, v in verdict["uninformative"].items())
-            )
+        self._warn(verdict)
         if missed:
             nonfinite = any(m.label == "nonfinite" for m in missed)
             raise ValidationFailedError(
@@ -239,12 +321,21 @@ class _Build:
                 details={"comparison": comparison.as_dict()},
             )
 
-    def _runner(self, artifact: Path, sample: tensors.Sample) -> measure.Runner:
-        if self.request.engine == "tensorrt":
+    def _warn(self, verdict: dict[str, Any], expected: list[tensors.Sample] | None = None) -> None:
+        """Record (and log) a warning when the reference cannot discriminate; replaces earlier ones."""
+        notes = tasks.uninformative(self.labels, expected) if self.labels is not None and expected else []
+        warnings = report.reference_warnings(verdict, notes)
+        self.report["warnings"] = warnings
+        for warning in warnings:
+            _log(f"warning: {warning['reason']}: {warning['message']}")
+
+    def _runner(self, artifact: Path, sample: tensors.Sample, engine: str | None = None) -> measure.Runner:
+        engine = engine or self.request.engine
+        if engine == "tensorrt":
             from edgemodel_runtime.engines import tensorrt_engine
 
             return tensorrt_engine.runner(artifact, sample)
-        if self.request.engine == "openvino":
+        if engine == "openvino":
             from edgemodel_runtime.engines import openvino_engine
 
             return openvino_engine.runner(artifact, sample)
@@ -304,9 +395,10 @@ class _Build:
 
     def _publish(self, artifact: Path) -> None:
         request = self.request
-        name = ARTIFACT_NAME[request.engine]
+        engine = self.report["engine"]  # the chosen one under engine auto
+        name = ARTIFACT_NAME[engine]
         target = request.output / name
-        if request.engine == "onnxruntime":
+        if engine == "onnxruntime":
             files = ortx.save_artifact(artifact, target)
         else:
             shutil.copyfile(artifact, target)
@@ -319,6 +411,8 @@ class _Build:
 
             reference = oci.parse_reference(request.push)
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
+            if self.report.get("auto"):  # so that a later cache hit can say what was chosen without pulling
+                annotations[oci.AUTO_ANNOTATION] = json.dumps(auto.annotation(self.report), separators=(",", ":"))
             digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
@@ -364,6 +458,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
         digest = oci.find_by_tag(reference, key)
         if digest is not None:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
+            chosen = auto.from_annotations(oci.manifest_annotations(reference, digest)) if auto.is_auto(request) else {}
             return {
                 "version": report.REPORT_VERSION,
                 "status": "cached",
@@ -374,6 +469,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
                 "classKey": class_key,
                 "artifact": {"reference": f"oci://{reference.with_digest(digest)}"},
                 "message": f"cache hit for {key}; nothing rebuilt",
+                **chosen,
             }
     state = _Build(request, class_key, key, machine, identity)
     try:

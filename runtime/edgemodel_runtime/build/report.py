@@ -49,6 +49,23 @@ def validation_verdict(comparison: Comparison, failures: Sequence[str]) -> dict[
     }
 
 
+UNINFORMATIVE = "ReferenceUninformative"
+
+
+def reference_warnings(validation: dict[str, Any], task_notes: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Warnings (`reason`, `message`) for a reference that cannot discriminate: outputs the validation could not
+    judge (the verdict's `uninformative`), and labelled outputs whose task metric says little (`task_notes`)."""
+    warnings = []
+    reasons = validation.get("uninformative") or {}
+    if reasons:
+        which = "no output" if validation.get("verdict") == "uninformative" else "some outputs"
+        details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        warnings.append({"reason": UNINFORMATIVE, "message": f"the reference cannot discriminate on {which} "
+                         f"({details}); their figures decide nothing: validate on realistic inputs"})  # fmt: skip
+    warnings += [{"reason": UNINFORMATIVE, "message": note} for note in task_notes]
+    return warnings
+
+
 def describe_validation(figures: dict[str, Any], validation: dict[str, Any]) -> str:
     """One clause for the build's summary line: the headline figures, or why there are none."""
     if validation.get("verdict") == "uninformative":
@@ -69,18 +86,24 @@ def describe_validation(figures: dict[str, Any], validation: dict[str, Any]) -> 
 def summary(built: dict[str, Any]) -> str:
     """The one-line message of a built report: engine, precision, class, latency and validation figures
     (those of the fp32 fallback when the build served fp32 instead of the requested precision)."""
-    served = built["fp32"] if built.get("precision") != built.get("requestedPrecision") else built
+    served = built["fp32"] if _fell_back(built) else built
     figures = served.get("comparison") or built.get("candidate", {}).get("comparison", {})
     latency = built.get("latency", {})
+    chosen = f" (chosen by auto from {len(built['auto']['candidates'])} candidates)" if built.get("auto") else ""
     return (
-        f"built {built['engine']} {built['precision']} for {built['classKey']}: "
+        f"built {built['engine']} {built['precision']}{chosen} for {built['classKey']}: "
         f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
         + describe_validation(figures, built.get("validation") or {})
     )
 
 
+def _fell_back(report: dict[str, Any]) -> bool:
+    """Whether an int8 build served its fp32 fallback (`auto` chooses among candidates and never falls back)."""
+    return bool(report.get("fp32")) and report.get("precision") != report.get("requestedPrecision")
+
+
 def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
-    served = report.get("fp32") if report.get("precision") != report.get("requestedPrecision") else None
+    served = report.get("fp32") if _fell_back(report) else None
     comparison = (served or {}).get("comparison") or (report.get("candidate") or {}).get("comparison")
     if not comparison:
         return None
@@ -93,6 +116,23 @@ def _compact_validation(validation: dict[str, Any] | None) -> dict[str, Any] | N
         return None
     names = list(validation.get("uninformative") or {})
     return {"verdict": validation.get("verdict"), "uninformative": names[:8]}
+
+
+def compact_auto(auto: dict[str, Any] | None) -> dict[str, Any]:
+    """Under auto: the chosen candidate and every candidate's engine, precision, speedup, cosine and verdict."""
+    if not auto:
+        return {}
+    rows = [
+        {
+            "engine": row.get("engine"),
+            "precision": row.get("precision"),
+            "speedup": None if row.get("speedup") is None else round(row["speedup"], 3),
+            "cosine": None if row.get("cosine") is None else round(row["cosine"], 6),
+            "passed": bool(row.get("passed")),
+        }
+        for row in (auto.get("candidates") or [])[:16]
+    ]
+    return {"chosen": auto.get("chosen"), "candidates": rows}
 
 
 def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
@@ -114,6 +154,7 @@ def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         "validation": _compact_validation(report.get("validation")),
         "latency": {k: candidate.get("latency", {}).get(k) for k in ("p50_ms", "p99_ms")} if candidate else None,
         "decision": report.get("decision"),
+        **compact_auto(report.get("auto")),
     }
     text = json.dumps(essentials, separators=(",", ":"))
     while len(text.encode()) > limit:

@@ -18,8 +18,8 @@ from edgemodel_runtime.build.errors import BadInputError
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 
-Engine = Literal["onnxruntime", "tensorrt", "openvino"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Engine = Literal["onnxruntime", "tensorrt", "openvino", "auto"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "auto"]
 ARTIFACT_NAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "openvino": "model.openvino"}
 
 
@@ -53,15 +53,16 @@ class BuildRequest:
     graph_optimization: Literal["basic", "extended", "all"] = "extended"
     allow_local: bool = True
     benchmark_seconds: float = 2.0
+    max_accuracy_drop: float | None = None  # percentage points of the task metric (reference sets with labels)
 
 
 def builder_version(engine: Engine) -> str:
     parts = [f"edgemodel-{package_version('edgemodel')}", f"onnxruntime-{ortx.version()}"]
-    if engine == "tensorrt":
+    if engine == "tensorrt":  # (auto never picks tensorrt: see candidates)
         from edgemodel_runtime.engines import tensorrt_engine
 
         parts.append(f"tensorrt-{tensorrt_engine.version()}")
-    if engine == "openvino":
+    if engine in ("openvino", "auto"):
         from edgemodel_runtime.engines import openvino_engine
 
         parts.append(f"openvino-{openvino_engine.version()}")
@@ -78,6 +79,30 @@ def options(request: BuildRequest, model_identity: dict[str, Any] | None = None)
         "calibrationMethod": request.calibration_method if request.precision == "int8" else None,
         "graphOptimization": request.graph_optimization,
         "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
+        **_auto_options(request),
+    }
+
+
+def _auto_options(request: BuildRequest) -> dict[str, Any]:
+    """Under auto, what decides the choice: the candidates' names, the tolerance and the reference it is judged on.
+
+    Timing decides too, but it is measured, not asked for: the same request on the same class reuses the choice.
+    """
+    if "auto" not in (request.engine, request.precision):
+        return {}
+    from edgemodel_runtime.build import candidates
+
+    reference = request.reference
+    return {
+        "auto": {
+            "candidates": [c.name for c in candidates.REGISTRY],
+            "tolerance": {k: v for k, v in vars(request.tolerance).items() if v is not None}
+            if request.tolerance
+            else None,
+            "reference": (reference.sha256 or reference.location) if reference else None,
+            "calibrationMethod": request.calibration_method if request.calibration else None,
+            "maxAccuracyDrop": request.max_accuracy_drop,
+        }
     }
 
 
@@ -91,14 +116,15 @@ def check_request(request: BuildRequest) -> None:
     """Refuse inconsistent options before any work; raise BadInputError naming the option."""
     fetch.check_digest(request.sha256)
     fetch.parse_source(request.model, allow_local=request.allow_local)
+    _check_auto(request)
     if request.precision == "bf16" and request.engine != "openvino":
         raise BadInputError("--precision bf16 is only available with --engine openvino", reason="InvalidOption")
-    if request.engine == "openvino":
+    if request.engine == "openvino" and request.precision != "auto":
         from edgemodel_runtime.engines import openvino_engine
 
         openvino_engine.check_precision(request.precision)
-    if request.quantization and request.precision != "int8":
-        raise BadInputError("--quantization applies only to --precision int8", reason="InvalidOption")
+    if request.quantization and request.precision not in ("int8", "auto"):
+        raise BadInputError("--quantization applies only to --precision int8 (or auto)", reason="InvalidOption")
     if request.precision == "int8" and quantization(request) is None:
         raise BadInputError(
             "--precision int8 needs --calibration NPZ (static quantisation) or --quantization dynamic",
@@ -122,6 +148,22 @@ def check_request(request: BuildRequest) -> None:
         from edgemodel_runtime.engines import tensorrt_engine
 
         tensorrt_engine.require()
+
+
+def _check_auto(request: BuildRequest) -> None:
+    """engine auto goes with precision auto; maxAccuracyDrop needs a reference (with labels, checked on load)."""
+    if request.engine == "auto" and request.precision != "auto":
+        raise BadInputError(
+            "--engine auto chooses the precision too: use it with --precision auto", reason="InvalidOption"
+        )
+    if request.max_accuracy_drop is not None and request.reference is None:
+        raise BadInputError(
+            "maxAccuracyDrop needs a --reference whose samples carry labels (label.<output>)", reason="InvalidOption"
+        )
+    if request.engine == "openvino" and request.precision == "auto":
+        from edgemodel_runtime.engines import openvino_engine
+
+        openvino_engine.check_precision("fp32")  # OpenVINO itself must be installed
 
 
 def cached_report(request: BuildRequest, key: str) -> dict[str, Any] | None:
