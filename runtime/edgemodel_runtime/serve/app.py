@@ -20,6 +20,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgemodel_runtime.serve import protocol, transport
+from edgemodel_runtime.serve.fallback import FallbackState
 from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
 from edgemodel_runtime.serve.openapi import openapi_document
@@ -45,6 +46,7 @@ class ServerConfig:
     max_concurrency: int = 1
     shadow: ShadowConfig | None = None  # fixed for the server's life (--shadow-url)
     shadow_file: ShadowConfigFile | None = None  # re-read while serving (--shadow-config)
+    fallback: FallbackState | None = None  # set when the engine could not load and the fallback serves
 
 
 class _HttpError(Exception):
@@ -67,6 +69,9 @@ class InferenceServer:
         self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: ShadowConfigWatcher | None = None
         self._openapi = orjson.dumps(openapi_document(config.name))
+        # While the fallback serves, the model's metadata and readiness bodies carry one extra field,
+        # `edgemodel` (see fallback.FallbackState.detail); OIP clients ignore fields they do not know.
+        self._detail = {"edgemodel": config.fallback.detail()} if config.fallback else {}
         self._metadata = orjson.dumps(
             {
                 "name": config.name,
@@ -75,8 +80,11 @@ class InferenceServer:
                 "inputs": [spec.as_dict() for spec in model.inputs],
                 "outputs": [spec.as_dict() for spec in model.outputs],
             }
+            | self._detail
         )
         self._labels = {"model": config.name, "revision": config.revision}
+        reason = config.fallback.reason if config.fallback else ""
+        self.metrics.engine_fallback.labels(**self._labels, reason=reason).set(1 if config.fallback else 0)
         self._static_routes = self._build_static_routes()
         # Labelled children resolved once: a label lookup per request costs more than the observation.
         metrics = self.metrics
@@ -194,7 +202,7 @@ class InferenceServer:
             _allow(method, "POST")
             return await self._infer(scope, receive, match["version"])
         _allow(method, "GET")
-        return self._readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
+        return self._model_readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
 
     def _build_static_routes(self) -> dict[str, Callable[[], tuple[int, bytes, dict[str, str]]]]:
         return {
@@ -207,6 +215,11 @@ class InferenceServer:
 
     def _readiness(self) -> tuple[int, bytes, dict[str, str]]:
         return _json(200 if self.ready else 400, b'{"ready":%s}' % (b"true" if self.ready else b"false"))
+
+    def _model_readiness(self) -> tuple[int, bytes, dict[str, str]]:
+        """OIP model readiness: {"name", "ready"}, and the fallback detail while the fallback serves."""
+        body = {"name": self.config.name, "ready": self.ready} | self._detail
+        return _json(200 if self.ready else 400, orjson.dumps(body))
 
     def _server_metadata(self) -> bytes:
         return orjson.dumps(

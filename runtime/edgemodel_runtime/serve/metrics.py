@@ -35,6 +35,7 @@ class ServerMetrics:
     shadow_cosine: Histogram
     shadow_config_reloads: Counter
     shadow_config_successful: Gauge
+    engine_fallback: Gauge
 
 
 def create() -> ServerMetrics:
@@ -123,6 +124,14 @@ def create() -> ServerMetrics:
             "edgemodel_shadow_config_last_reload_successful",
             "1 if the --shadow-config file's current content is in effect, 0 if it was refused.",
             ("model",),
+            registry=registry,
+        ),
+        engine_fallback=Gauge(
+            "edgemodel_engine_fallback",
+            "1 while the server serves the fallback (the original model on ONNX Runtime FP32, CPU) because its "
+            "engine could not be loaded, with the load failure's reason (e.g. InvalidModel, DigestMismatch); "
+            '0 with reason="" while it serves its engine.',
+            ("model", "revision", "reason"),
             registry=registry,
         ),
     )
