@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from edgemodel_operator import metrics, pacing
+from edgemodel_operator import fallbacks, metrics, pacing
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
@@ -219,6 +219,9 @@ class Controller:
         candidates = evidence_wanted(observed)
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
+        if any(w.get("status", {}).get("readyReplicas") or w.get("status", {}).get("numberReady")
+               for w in observed.deployments):  # fmt: skip
+            observed = dataclasses.replace(observed, fallbacks=await self._fallbacks(cluster, key))
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
             done = await asyncio.to_thread(cluster.apply, result, self._active)
@@ -258,6 +261,20 @@ class Controller:
             return await asyncio.to_thread(self._evidence.gather, namespace, name, candidates, pods)
         except Exception as error:  # a monitoring outage delays decisions, it never makes them
             LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
+            metrics.EVIDENCE_ERRORS.inc()
+            return {}
+
+    async def _fallbacks(self, cluster: Cluster, key: Key) -> dict[str, fallbacks.Fallback]:
+        """Classes whose stable serving pods serve their fallback; none if that cannot be read now."""
+        namespace, name = key
+        try:
+            if isinstance(self._evidence, PrometheusSource):
+                url, timeout = self._evidence.url, self._evidence.timeout
+                return await asyncio.to_thread(fallbacks.from_prometheus, url, namespace, name, timeout)
+            pods = await asyncio.to_thread(cluster.stable_pods, namespace, name)
+            return await asyncio.to_thread(fallbacks.from_pods, pods, self._evidence.timeout)
+        except Exception as error:  # a monitoring outage hides a fallback for a while; it changes no decision
+            LOG.warning("cannot read the engine fallbacks of %s/%s: %s", namespace, name, error)
             metrics.EVIDENCE_ERRORS.inc()
             return {}
 

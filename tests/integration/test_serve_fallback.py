@@ -214,3 +214,47 @@ def test_fallback_options_go_together(built: tuple[Path, Path], tmp_path: Path) 
     result = _serve(engine, tmp_path, "--fallback-model", str(model))
     assert result.returncode == 2
     assert "--fallback-model and --fallback-sha256 go together" in result.stderr
+
+
+def _pod(server: Server, key: str) -> dict[str, object]:
+    """A serving pod as the operator lists it, whose IP and port are those of `server`."""
+    return {
+        "metadata": {"name": f"pod-{server.port}", "labels": {"edgeml.dev/class": key}},
+        "status": {"podIP": "127.0.0.1"},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": server.port}]}]},
+    }
+
+
+def test_the_operator_reads_which_classes_fall_back_from_the_serving_pods_metrics(
+    built: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgemodel_operator.fallbacks import Fallback, from_pods
+
+    model, engine = built
+    copy = _copy(engine, tmp_path)
+    _truncate(copy)
+    monkeypatch.setenv("EDGEMODEL_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    pin = ("--fallback-model", str(model), "--fallback-sha256", sha256(model), "--revision", "r1")
+    falling, healthy = Server(copy, "m", *pin, log_dir=tmp_path), Server(engine, "m", *pin, log_dir=tmp_path)
+    try:
+        pods = [_pod(falling, "cpu-a"), _pod(healthy, "cpu-b")]
+        assert from_pods(pods) == {"cpu-a": Fallback("r1", "DigestMismatch", (f"pod-{falling.port}",))}
+    finally:
+        assert falling.stop() == 0
+        assert healthy.stop() == 0
+    assert from_pods(pods) == {}  # pods that cannot be read are left out this time
+
+
+@pytest.mark.parametrize("no_cache", [False, True])
+def test_a_build_with_no_cache_builds_again_where_the_engine_is(
+    no_cache: bool, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, engine = built
+    copy = _copy(engine, tmp_path)
+    report = tmp_path / "out.json"
+    command = [EDGEMODEL, "build", "--model", str(model), "--sha256", sha256(model), "--output", str(copy),
+               "--samples", "2", "--benchmark-seconds", "0.2", "--report", str(report)]  # fmt: skip
+    result = subprocess.run([*command, *(["--no-cache"] if no_cache else [])], capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["status"] == ("built" if no_cache else "cached")

@@ -353,11 +353,11 @@ def build(request: BuildRequest) -> dict[str, Any]:
         builder_version=builder_version(request.engine),
         options=options(request, identity),
     )
-    earlier = cached_report(request, key)
+    earlier = cached_report(request, key) if request.reuse else None
     if earlier is not None:
         _log(f"cache hit: {request.output} already holds the engine for cache key {key[:16]}…; nothing to do")
         return {**earlier, "status": "cached", "message": f"cache hit for {key}; nothing rebuilt"}
-    if request.push:
+    if request.push and request.reuse:
         from edgemodel_runtime.build import oci
 
         reference = oci.parse_reference(request.push)

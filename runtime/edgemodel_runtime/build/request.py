@@ -53,6 +53,7 @@ class BuildRequest:
     graph_optimization: Literal["basic", "extended", "all"] = "extended"
     allow_local: bool = True
     benchmark_seconds: float = 2.0
+    reuse: bool = True  # False (--no-cache): build even if the output directory or the registry has the key
 
 
 def builder_version(engine: Engine) -> str:

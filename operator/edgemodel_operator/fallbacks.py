@@ -1,0 +1,121 @@
+"""Serving pods that fell back: read from their `edgemodel_engine_fallback` gauge, turned into a Degraded condition.
+
+A server that cannot load its engine serves the original model on ONNX Runtime FP32 instead and sets
+`edgemodel_engine_fallback{model, revision, reason}` to 1 (see the runtime's `serve.fallback`). The
+operator reads that gauge where it reads shadow evidence: from Prometheus when one is configured
+(series labelled namespace, edgemodel, class, pod as the chart's PodMonitor labels them), else from
+each serving pod's /metrics. This needs no permission beyond the ones the operator has (list pods, or
+Prometheus's HTTP API) and none at all in the serving pods: they write nothing to the API server.
+
+The fallbacks seen are observations, not decisions: the condition says what the pods report now.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgemodel_operator import conditions as cond
+from edgemodel_operator.api.status import CONDITION_MESSAGE_MAX
+
+LOG = logging.getLogger("edgemodel.fallbacks")
+Obj = dict[str, Any]
+METRIC = "edgemodel_engine_fallback"
+ENGINE_FALLBACK = "EngineFallback"  # the Degraded condition's reason while some class serves its fallback
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One class's serving pods that fell back: the revision they serve, why, and which pods (sorted)."""
+
+    revision: str
+    reason: str
+    pods: tuple[str, ...]
+
+
+def from_samples(samples: Iterable[tuple[Mapping[str, str], float]]) -> dict[str, Fallback]:
+    """Class key -> Fallback from (labels, value) samples of the gauge; only samples at 1 count. Several
+    reasons in one class are joined in sorted order, so the same samples always give the same result."""
+    found: dict[str, tuple[str, set[str], set[str]]] = {}
+    for labels, value in samples:
+        key = labels.get("class", "")
+        if value < 1 or not key:
+            continue
+        _, reasons, pods = found.setdefault(key, (labels.get("revision", ""), set(), set()))
+        reasons.add(labels.get("reason") or "Unknown")
+        pods.add(labels.get("pod") or labels.get("instance") or "")
+    return {key: Fallback(rev, ",".join(sorted(r)), tuple(sorted(p))) for key, (rev, r, p) in found.items()}
+
+
+def from_prometheus(url: str, namespace: str, edgemodel: str, timeout: float = 10.0) -> dict[str, Fallback]:
+    """One instant query for the EdgeModel's fallback gauges. Raises httpx.HTTPError or RuntimeError."""
+    query = f'{METRIC}{{namespace="{namespace}",edgemodel="{edgemodel}"}} == 1'
+    reply = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}, timeout=timeout)
+    reply.raise_for_status()
+    body = reply.json()
+    if body.get("status") != "success":
+        raise RuntimeError(f"Prometheus refused {query}: {body.get('error')}")
+    return from_samples((item["metric"], float(item["value"][1])) for item in body["data"]["result"])
+
+
+def from_pods(pods: list[Obj], timeout: float = 2.0) -> dict[str, Fallback]:
+    """Reads /metrics of every serving pod with an IP; a pod that cannot be read is left out this time."""
+    samples: list[tuple[Mapping[str, str], float]] = []
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        ip = (pod.get("status") or {}).get("podIP")
+        key = labels.get("edgeml.dev/class", "")
+        if not key or not ip:
+            continue
+        url = f"http://{ip}:{_port(pod)}/metrics"
+        try:
+            text = httpx.get(url, timeout=timeout).text
+        except httpx.HTTPError as error:
+            LOG.debug("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == METRIC:
+                    samples.append(({**sample.labels, "class": key, "pod": pod["metadata"]["name"]}, sample.value))
+    return from_samples(samples)
+
+
+def _port(pod: Obj) -> int:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "http":
+                return int(port["containerPort"])
+    return 8080
+
+
+def describe(fallbacks: Mapping[str, Fallback]) -> str:
+    """One line naming each class that falls back, its revision, reason and pod count."""
+    return "; ".join(
+        f"{key}: {len(f.pods)} pod(s) of {f.revision} serve the fallback (engine not loaded: {f.reason})"
+        for key, f in sorted(fallbacks.items())
+    )
+
+
+def degrade_on_fallback(status: Obj, fallbacks: Mapping[str, Fallback], *, generation: int, now: str) -> Obj:
+    """The status with Degraded=True (reason EngineFallback) when some class serves its fallback.
+
+    Degraded set for another reason (a failed class, a rollback) keeps its reason; the fallbacks are
+    added to its message. Without fallbacks the status is returned unchanged. `phase` is derived again.
+    """
+    if not fallbacks:
+        return status
+    conditions = list(status.get("conditions") or [])
+    current = cond.condition(conditions, cond.DEGRADED)
+    message = f"serving the fallback: {describe(fallbacks)}"
+    if current is not None and current.get("status") == "True" and current.get("reason") != ENGINE_FALLBACK:
+        reason, message = str(current["reason"]), f"{current.get('message')}; {message}"
+    else:
+        reason = ENGINE_FALLBACK
+    clipped = message if len(message) <= CONDITION_MESSAGE_MAX else message[: CONDITION_MESSAGE_MAX - 1] + "…"
+    conditions = cond.set_condition(conditions, cond.DEGRADED, True, reason, clipped, generation=generation, now=now)
+    return status | {"conditions": conditions, "phase": cond.phase(conditions)}
