@@ -158,6 +158,7 @@ class Controller:
         analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
         absent_grace: float = 600.0,
+        fallback_check_seconds: float = 30.0,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
@@ -165,6 +166,7 @@ class Controller:
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
         self._absent_grace = absent_grace
+        self._fallback_check = fallback_check_seconds
         self._held: dict[Key, float] = {}
         # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
         # newer one, another write would only conflict. It delays a write, it never decides one.
@@ -219,9 +221,7 @@ class Controller:
         candidates = evidence_wanted(observed)
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
-        if any(w.get("status", {}).get("readyReplicas") or w.get("status", {}).get("numberReady")
-               for w in observed.deployments):  # fmt: skip
-            observed = dataclasses.replace(observed, fallbacks=await self._fallbacks(cluster, key))
+        observed, serving = await self._with_fallbacks(cluster, key, observed)
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
             done = await asyncio.to_thread(cluster.apply, result, self._active)
@@ -250,6 +250,8 @@ class Controller:
             self.queue.add_after(key, self._analysis_seconds)
         if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
             self.queue.add_after(key, result.wake_after + 1.0)
+        if serving:
+            self.queue.add_after(key, self._fallback_check)
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
         """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""
@@ -263,6 +265,15 @@ class Controller:
             LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
             metrics.EVIDENCE_ERRORS.inc()
             return {}
+
+    async def _with_fallbacks(self, cluster: Cluster, key: Key, observed: Observed) -> tuple[Observed, bool]:
+        """`observed` with the fallbacks its serving pods report, and whether it has ready serving pods at all
+        (then it is planned again in `fallback_check_seconds`: a pod that falls back changes no watched object)."""
+        serving = any(w.get("status", {}).get("readyReplicas") or w.get("status", {}).get("numberReady")
+                      for w in observed.deployments)  # fmt: skip
+        if not serving:
+            return observed, False
+        return dataclasses.replace(observed, fallbacks=await self._fallbacks(cluster, key)), True
 
     async def _fallbacks(self, cluster: Cluster, key: Key) -> dict[str, fallbacks.Fallback]:
         """Classes whose stable serving pods serve their fallback; none if that cannot be read now."""

@@ -74,11 +74,15 @@ def without_cache(job: Obj) -> Obj:
 
 
 def artifact_patch(workload: Obj, desired: Obj) -> Obj | None:
-    """A strategic merge patch of the serving container's arguments when the workload serves another
-    artifact than `desired` (the workload built for the rebuilt engine); None when it serves that one."""
+    """A patch of the serving container when the workload serves another artifact than `desired` (the
+    workload built for the rebuilt engine); None when it serves that one."""
     current = list(((workload.get("spec") or {}).get("template", {}).get("spec", {}).get("containers") or [{}])[0]
                    .get("args") or [])  # fmt: skip
     wanted = desired["spec"]["template"]["spec"]["containers"][0]
     if current[1:2] == wanted["args"][1:2]:  # `serve ARTIFACT ...`: the artifact it serves
         return None
-    return {"spec": {"template": {"spec": {"containers": [{"name": wanted["name"], "args": wanted["args"]}]}}}}
+    # The whole desired container list: the same result as a JSON merge patch (lists replaced) and as a
+    # strategic one (containers merged by name).
+    return {
+        "spec": {"template": {"spec": {"containers": copy.deepcopy(desired["spec"]["template"]["spec"]["containers"])}}}
+    }
