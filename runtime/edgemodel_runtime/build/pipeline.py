@@ -95,6 +95,7 @@ class _Build:
 
         _log("step 5/6: measure latency on this machine")
         final = self._measure_and_decide(candidate, model, samples, expected, comparison)
+        self._drift_reference(final, samples, reference_session)
 
         _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
         # The report travels with the artifact, so it must say "built" before it is written and pushed;
@@ -301,6 +302,15 @@ class _Build:
                 reason="LatencyBudgetMissed",
             )
         return final
+
+    def _drift_reference(self, artifact: Path, samples: list[tensors.Sample], session: Any) -> None:
+        """The report's `drift` field: summaries of what the engine outputs on the reference set (see `drift`)."""
+        from edgemodel_runtime import drift
+
+        declared = [drift.OutputSpec.from_onnxruntime(*output) for output in ortx.declared_outputs(session)]
+        source = str(self.report["reference"]["kind"])
+        served = self._outputs(artifact, samples) if source == "npz" else []
+        self.report["drift"] = drift.reference_summaries(declared, served, source)
 
     def _publish(self, artifact: Path) -> None:
         request = self.request

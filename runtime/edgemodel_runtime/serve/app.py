@@ -20,6 +20,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgemodel_runtime.serve import protocol, transport
+from edgemodel_runtime.serve.drift import DEFAULT_WINDOW, DriftTracker
 from edgemodel_runtime.serve.fallback import FallbackState
 from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
@@ -47,6 +48,8 @@ class ServerConfig:
     shadow: ShadowConfig | None = None  # fixed for the server's life (--shadow-url)
     shadow_file: ShadowConfigFile | None = None  # re-read while serving (--shadow-config)
     fallback: FallbackState | None = None  # set when the engine could not load and the fallback serves
+    drift_reference: dict[str, Any] | None = None  # the build report's `drift` field (see edgemodel_runtime.drift)
+    drift_window: int = DEFAULT_WINDOW  # served rows each drift score looks back on
 
 
 class _HttpError(Exception):
@@ -85,6 +88,9 @@ class InferenceServer:
         self._labels = {"model": config.name, "revision": config.revision}
         reason = config.fallback.reason if config.fallback else ""
         self.metrics.engine_fallback.labels(**self._labels, reason=reason).set(1 if config.fallback else 0)
+        self.drift = DriftTracker(
+            model.outputs, config.drift_reference, self.metrics, self._labels, config.drift_window
+        )
         self._static_routes = self._build_static_routes()
         # Labelled children resolved once: a label lookup per request costs more than the observation.
         metrics = self.metrics
@@ -258,7 +264,7 @@ class InferenceServer:
 
     def _predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.model.predict(inputs)
+            outputs = self.model.predict(inputs)
         except protocol.ProtocolError:
             raise
         except Exception as error:
@@ -268,6 +274,8 @@ class InferenceServer:
             if "INVALID_ARGUMENT" in text or "FAIL" in text or "Invalid" in type(error).__name__:
                 raise protocol.ProtocolError(f"the model cannot run on this input: {text}") from error
             raise _HttpError(500, f"inference failed: {text}") from error
+        self.drift.observe(outputs)  # counts only, in this worker thread: off the event loop
+        return outputs
 
     async def _infer(self, scope: Scope, receive: Receive, version: str | None) -> tuple[int, bytes, dict[str, str]]:
         if not self.ready:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from edgemodel_runtime.build.compare import Tolerances
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
+from edgemodel_runtime.serve.drift import DEFAULT_WINDOW
 from edgemodel_runtime.serve.fallback import FallbackSource, load_engine
 from edgemodel_runtime.serve.model import INFRASTRUCTURE, ArtifactError
 from edgemodel_runtime.serve.shadow import ShadowConfig
@@ -95,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
         "engine cannot be loaded here; with --fallback-sha256",
     )
     parser.add_argument("--fallback-sha256", metavar="HEX", help="SHA-256 of --fallback-model")
+    parser.add_argument(
+        "--drift-window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        metavar="ROWS",
+        help=f"served rows each output's drift score looks back on (default {DEFAULT_WINDOW})",
+    )
     return parser
 
 
@@ -113,6 +121,7 @@ def _check_server_arguments(args: argparse.Namespace) -> str | None:
         ("--threads", args.threads, 1),
         ("--mirror-queue", args.mirror_queue, 1),
         ("--drain-seconds", args.drain_seconds, 0),
+        ("--drift-window", args.drift_window, 1),
     ):
         if number is not None and number < least:
             return f"{flag} must be at least {least} (got {number:g})"
@@ -254,6 +263,8 @@ def serve_command(argv: Sequence[str]) -> int:
         shadow=shadow,
         shadow_file=shadow_file,
         fallback=fell_back,
+        drift_reference=artifact.report.get("drift") if artifact else None,
+        drift_window=args.drift_window,
     )
     import uvicorn
 
