@@ -96,6 +96,7 @@ class _Build:
         _log("step 5/6: measure latency on this machine")
         final = self._measure_and_decide(candidate, model, samples, expected, comparison)
         self._drift_reference(final, samples, reference_session)
+        self._energy(final, samples)
 
         _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
         # The report travels with the artifact, so it must say "built" before it is written and pushed;
@@ -311,6 +312,14 @@ class _Build:
         source = str(self.report["reference"]["kind"])
         served = self._outputs(artifact, samples) if source == "npz" else []
         self.report["drift"] = drift.reference_summaries(declared, served, source)
+
+    def _energy(self, artifact: Path, samples: list[tensors.Sample]) -> None:
+        """The report's `energy` field: joules per inference where this node has a readable energy sensor (see
+        `power`), else why not; the measurement runs the final engine for up to a second more."""
+        from edgemodel_runtime import power
+
+        seconds = min(1.0, self.request.benchmark_seconds)
+        self.report["energy"] = power.energy_per_call(power.detect(), self._runner(artifact, samples[0]), seconds)
 
     def _publish(self, artifact: Path) -> None:
         request = self.request

@@ -19,12 +19,14 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edgemodel_runtime.power import Meter, Unavailable
 from edgemodel_runtime.serve import protocol, transport
 from edgemodel_runtime.serve.drift import DEFAULT_WINDOW, DriftTracker
 from edgemodel_runtime.serve.fallback import FallbackState
 from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
 from edgemodel_runtime.serve.openapi import openapi_document
+from edgemodel_runtime.serve.resources import Resources
 from edgemodel_runtime.serve.shadow import INFERENCE_TIME_HEADER, ShadowConfig, ShadowMirror
 from edgemodel_runtime.serve.shadow_config import ShadowConfigFile, ShadowConfigWatcher
 
@@ -36,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 # How long a mirror that a new shadow configuration replaced may take to send the copies it holds.
 RETIRE_SECONDS = 5.0
 
+NOT_LOOKED_FOR = Unavailable("no energy sensor was looked for")
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
 
 
@@ -50,6 +53,7 @@ class ServerConfig:
     fallback: FallbackState | None = None  # set when the engine could not load and the fallback serves
     drift_reference: dict[str, Any] | None = None  # the build report's `drift` field (see edgemodel_runtime.drift)
     drift_window: int = DEFAULT_WINDOW  # served rows each drift score looks back on
+    energy: Meter | Unavailable = NOT_LOOKED_FOR  # see edgemodel_runtime.power
 
 
 class _HttpError(Exception):
@@ -91,6 +95,7 @@ class InferenceServer:
         self.drift = DriftTracker(
             model.outputs, config.drift_reference, self.metrics, self._labels, config.drift_window
         )
+        self.resources = Resources(self.metrics, self._labels, config.energy)
         self._static_routes = self._build_static_routes()
         # Labelled children resolved once: a label lookup per request costs more than the observation.
         metrics = self.metrics
@@ -215,9 +220,13 @@ class InferenceServer:
             "/v2/health/live": lambda: _json(200, b'{"live":true}'),
             "/v2/health/ready": self._readiness,
             "/v2": lambda: _json(200, self._server_metadata()),
-            "/metrics": lambda: (200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}),
+            "/metrics": self._metrics_page,
             "/openapi.json": lambda: _json(200, self._openapi),
         }
+
+    def _metrics_page(self) -> tuple[int, bytes, dict[str, str]]:
+        self.resources.refresh()
+        return 200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}
 
     def _readiness(self) -> tuple[int, bytes, dict[str, str]]:
         return _json(200 if self.ready else 400, b'{"ready":%s}' % (b"true" if self.ready else b"false"))

@@ -22,7 +22,9 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from edgemodel_runtime import power
 from edgemodel_runtime.build.compare import Tolerances
+from edgemodel_runtime.power import Meter, Unavailable
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
 from edgemodel_runtime.serve.drift import DEFAULT_WINDOW
 from edgemodel_runtime.serve.fallback import FallbackSource, load_engine
@@ -219,6 +221,14 @@ def _graceful_server() -> Any:
     return GracefulServer
 
 
+def _energy_meter() -> Meter | Unavailable:
+    """This node's energy sensor (see edgemodel_runtime.power), or why there is none, said once on stderr."""
+    found = power.detect()
+    if isinstance(found, Unavailable):
+        print(f"edgemodel serve: energy per inference not available: {found.reason}", file=sys.stderr)
+    return found
+
+
 def serve_command(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     problem = _check_server_arguments(args) or _check_shadow_arguments(args) or _check_listen(args.host, args.port)
@@ -265,6 +275,7 @@ def serve_command(argv: Sequence[str]) -> int:
         fallback=fell_back,
         drift_reference=artifact.report.get("drift") if artifact else None,
         drift_window=args.drift_window,
+        energy=_energy_meter(),
     )
     import uvicorn
 

@@ -42,6 +42,10 @@ class ServerMetrics:
     output_reference: Gauge
     output_drift: Gauge
     output_drift_rows: Gauge
+    process_memory: Gauge
+    process_cpu: Counter
+    energy: Counter
+    energy_available: Gauge
 
 
 def create() -> ServerMetrics:
@@ -178,6 +182,32 @@ def create() -> ServerMetrics:
             "edgemodel_output_drift_window_rows",
             "Served rows in the window the drift score is computed over.",
             ("model", "revision", "output", "summary"),
+            registry=registry,
+        ),
+        process_memory=Gauge(
+            "edgemodel_process_resident_memory_bytes",
+            "Resident memory of the server process serving the model (engine included).",
+            ("model", "revision"),
+            registry=registry,
+        ),
+        process_cpu=Counter(
+            "edgemodel_process_cpu_seconds",
+            "CPU time (user + system) the server process serving the model has used.",
+            ("model", "revision"),
+            registry=registry,
+        ),
+        energy=Counter(
+            "edgemodel_energy_joules",
+            "Energy the node's sensor counted while the server ran, per domain (a CPU package for rapl, a power "
+            "rail for ina3221, a GPU for nvml): the whole domain's, not this process's share.",
+            ("model", "revision", "source", "domain"),
+            registry=registry,
+        ),
+        energy_available=Gauge(
+            "edgemodel_energy_available",
+            "Whether an energy sensor is read (1, source rapl, ina3221 or nvml) or none is readable "
+            '(0, source="none").',
+            ("model", "revision", "source"),
             registry=registry,
         ),
     )
