@@ -167,6 +167,10 @@ class Controller:
         self._analysis_seconds = analysis_seconds
         self._absent_grace = absent_grace
         self._fallback_check = fallback_check_seconds
+        # When each EdgeModel's serving pods were last asked whether they fall back, and what they said: an
+        # observation reused for `fallback_check_seconds`, so that reconciles in between (every watch event)
+        # do not each wait on every pod's /metrics. It decides nothing on its own (see `rebuild`).
+        self._fallbacks_read: dict[Key, tuple[float, dict[str, fallbacks.Fallback]]] = {}
         self._held: dict[Key, float] = {}
         # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
         # newer one, another write would only conflict. It delays a write, it never decides one.
@@ -213,6 +217,7 @@ class Controller:
         if observed is None or observed.body["metadata"].get("deletionTimestamp"):
             self._held.pop(key, None)
             self._wrote_at.pop(key, None)
+            self._fallbacks_read.pop(key, None)
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
@@ -273,7 +278,12 @@ class Controller:
                       for w in observed.deployments)  # fmt: skip
         if not serving:
             return observed, False
-        return dataclasses.replace(observed, fallbacks=await self._fallbacks(cluster, key)), True
+        now = time.monotonic()
+        read = self._fallbacks_read.get(key)
+        if read is None or now - read[0] >= self._fallback_check:
+            read = (now, await self._fallbacks(cluster, key))
+            self._fallbacks_read[key] = read
+        return dataclasses.replace(observed, fallbacks=read[1]), True
 
     async def _fallbacks(self, cluster: Cluster, key: Key) -> dict[str, fallbacks.Fallback]:
         """Classes whose stable serving pods serve their fallback; none if that cannot be read now."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from edgemodel_operator.api.status import CONDITION_MESSAGE_MAX
 LOG = logging.getLogger("edgemodel.fallbacks")
 Obj = dict[str, Any]
 METRIC = "edgemodel_engine_fallback"
+SCRAPES_AT_ONCE = 8
 ENGINE_FALLBACK = "EngineFallback"  # the Degraded condition's reason while some class serves its fallback
 
 
@@ -64,25 +66,31 @@ def from_prometheus(url: str, namespace: str, edgemodel: str, timeout: float = 1
 
 
 def from_pods(pods: list[Obj], timeout: float = 2.0) -> dict[str, Fallback]:
-    """Reads /metrics of every serving pod with an IP; a pod that cannot be read is left out this time."""
-    samples: list[tuple[Mapping[str, str], float]] = []
-    for pod in pods:
-        labels = pod["metadata"].get("labels") or {}
-        ip = (pod.get("status") or {}).get("podIP")
-        key = labels.get("edgeml.dev/class", "")
-        if not key or not ip:
-            continue
-        url = f"http://{ip}:{_port(pod)}/metrics"
-        try:
-            text = httpx.get(url, timeout=timeout).text
-        except httpx.HTTPError as error:
-            LOG.debug("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
-            continue
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == METRIC:
-                    samples.append(({**sample.labels, "class": key, "pod": pod["metadata"]["name"]}, sample.value))
-    return from_samples(samples)
+    """Reads /metrics of every serving pod with an IP, several at a time; a pod that cannot be read is left
+    out this time."""
+    wanted = [p for p in pods if (p["metadata"].get("labels") or {}).get("edgeml.dev/class")
+              and (p.get("status") or {}).get("podIP")]  # fmt: skip
+    if not wanted:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(SCRAPES_AT_ONCE, len(wanted))) as pool:
+        found = list(pool.map(lambda pod: _scrape(pod, timeout), wanted))
+    return from_samples(sample for samples in found for sample in samples)
+
+
+def _scrape(pod: Obj, timeout: float) -> list[tuple[Mapping[str, str], float]]:
+    key = pod["metadata"]["labels"]["edgeml.dev/class"]
+    url = f"http://{pod['status']['podIP']}:{_port(pod)}/metrics"
+    try:
+        text = httpx.get(url, timeout=timeout).text
+    except httpx.HTTPError as error:
+        LOG.debug("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
+        return []
+    return [
+        ({**sample.labels, "class": key, "pod": pod["metadata"]["name"]}, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == METRIC
+    ]
 
 
 def _port(pod: Obj) -> int:
