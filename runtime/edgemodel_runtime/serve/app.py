@@ -226,6 +226,7 @@ class InferenceServer:
 
     def _metrics_page(self) -> tuple[int, bytes, dict[str, str]]:
         self.resources.refresh()
+        self.drift.refresh()
         return 200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}
 
     def _readiness(self) -> tuple[int, bytes, dict[str, str]]:

@@ -8,7 +8,8 @@ output (at most `drift.MAX_OUTPUTS`), labelled model, revision, output:
 - `edgemodel_output_value_bin_total{bin}` for other float outputs, `bin` being the bin's upper edge
   (the reference's deciles, `+Inf` for the last), only when the build report has a reference summary;
 - `edgemodel_output_reference_proportion{summary, bin}`: the reference's proportions, beside them;
-- `edgemodel_output_drift_psi{summary}`: PSI of the last `window` served rows against the reference,
+- `edgemodel_output_drift_psi{summary}` (computed when /metrics is read): PSI of the last `window` served
+  rows against the reference,
   once the window holds at least `min(window, MIN_SCORED_ROWS)` rows and the reference at least
   `drift.MIN_REFERENCE_ROWS`; `edgemodel_output_drift_window_rows{summary}`: rows in the window.
 
@@ -31,6 +32,7 @@ from edgemodel_runtime.serve.protocol import TensorMetadata
 
 DEFAULT_WINDOW = 1000  # served rows each drift score looks back on
 MIN_SCORED_ROWS = 100
+SMALL_BATCH = 16
 
 
 class Window:
@@ -44,6 +46,16 @@ class Window:
 
     def add(self, values: npt.NDArray[np.int64]) -> None:
         values = values[(values >= 0) & (values < self.bins)]
+        if len(values) <= SMALL_BATCH:  # a response of a few rows: plain Python beats array calls
+            for value in values.tolist():
+                if self.rows == self.size:
+                    self.counts[self._ring[self._next]] -= 1
+                else:
+                    self.rows += 1
+                self._ring[self._next] = value
+                self.counts[value] += 1
+                self._next = (self._next + 1) % self.size
+            return
         if len(values) >= self.size:
             self._ring[:] = values[-self.size :]
             self._next, self.rows = 0, self.size
@@ -168,11 +180,10 @@ class DriftTracker:
                 self._classes(output, classes, None, False)
             if classes != output.classes:
                 return
-            for value in top1:
-                output.confidence.observe(float(value))
-            for index, count in enumerate(np.bincount(predicted, minlength=len(output.predicted))):
-                if count:
-                    output.predicted[index].inc(int(count))
+            for value in top1.tolist():
+                output.confidence.observe(value)
+            for index in predicted.tolist():
+                output.predicted[index].inc()
             self._add(output.summaries["confidence"], drift.confidence_bins(top1))
             self._add(output.summaries["predicted"], predicted)
             return
@@ -186,10 +197,16 @@ class DriftTracker:
 
     def _add(self, summary: _Summary, bins: npt.NDArray[np.int64]) -> None:
         summary.window.add(bins)
-        if summary.reference is None:
-            return
-        summary.rows.set(summary.window.rows)
-        if summary.window.rows >= min(summary.window.size, MIN_SCORED_ROWS):
-            if summary.score is None:
-                summary.score = self._metrics.output_drift.labels(**summary.labels)
-            summary.score.set(drift.psi(summary.window.proportions(), summary.reference))
+
+    def refresh(self) -> None:
+        """Bring the drift scores and window sizes up to date (when /metrics is read, not per response)."""
+        with self._lock:
+            for output in self._outputs.values():
+                for summary in output.summaries.values():
+                    if summary.reference is None:
+                        continue
+                    summary.rows.set(summary.window.rows)
+                    if summary.window.rows >= min(summary.window.size, MIN_SCORED_ROWS):
+                        if summary.score is None:
+                            summary.score = self._metrics.output_drift.labels(**summary.labels)
+                        summary.score.set(drift.psi(summary.window.proportions(), summary.reference))
