@@ -33,9 +33,9 @@ ENGINE_FALLBACK = "EngineFallback"  # the Degraded condition's reason while some
 
 @dataclass(frozen=True)
 class Fallback:
-    """One class's serving pods that fell back: the revision they serve, why, and which pods (sorted)."""
+    """One class's serving pods that fell back: the revisions they serve, why, and which pods (each sorted)."""
 
-    revision: str
+    revisions: tuple[str, ...]
     reason: str
     pods: tuple[str, ...]
 
@@ -43,15 +43,16 @@ class Fallback:
 def from_samples(samples: Iterable[tuple[Mapping[str, str], float]]) -> dict[str, Fallback]:
     """Class key -> Fallback from (labels, value) samples of the gauge; only samples at 1 count. Several
     reasons in one class are joined in sorted order, so the same samples always give the same result."""
-    found: dict[str, tuple[str, set[str], set[str]]] = {}
+    found: dict[str, tuple[set[str], set[str], set[str]]] = {}
     for labels, value in samples:
         key = labels.get("class", "")
         if value < 1 or not key:
             continue
-        _, reasons, pods = found.setdefault(key, (labels.get("revision", ""), set(), set()))
+        revisions, reasons, pods = found.setdefault(key, (set(), set(), set()))
+        revisions.add(labels.get("revision", ""))
         reasons.add(labels.get("reason") or "Unknown")
         pods.add(labels.get("pod") or labels.get("instance") or "")
-    return {key: Fallback(rev, ",".join(sorted(r)), tuple(sorted(p))) for key, (rev, r, p) in found.items()}
+    return {key: Fallback(tuple(sorted(v)), ",".join(sorted(r)), tuple(sorted(p))) for key, (v, r, p) in found.items()}
 
 
 def from_prometheus(url: str, namespace: str, edgemodel: str, timeout: float = 10.0) -> dict[str, Fallback]:
@@ -104,7 +105,7 @@ def _port(pod: Obj) -> int:
 def describe(fallbacks: Mapping[str, Fallback]) -> str:
     """One line naming each class that falls back, its revision, reason and pod count."""
     return "; ".join(
-        f"{key}: {len(f.pods)} pod(s) of {f.revision} serve the fallback (engine not loaded: {f.reason})"
+        f"{key}: {len(f.pods)} pod(s) of {', '.join(f.revisions)} serve the fallback (engine not loaded: {f.reason})"
         for key, f in sorted(fallbacks.items())
     )
 

@@ -33,7 +33,7 @@ def rebuild_on_fallback(attempt: Attempt, fallback: Fallback | None, job: Obj | 
     """
     if attempt.state != "Promoted" or fallback is None or attempt.rebuild is not None:
         return attempt, None
-    if fallback.revision != attempt.revision or not attempt.build:
+    if attempt.revision not in fallback.revisions or not attempt.build:
         return attempt, None
     digest = str(attempt.build.get("artifactDigest"))
     meta = (job or {}).get("metadata") or {}

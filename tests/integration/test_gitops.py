@@ -178,7 +178,7 @@ def serving_its_fallback() -> Obj:
     observed = Observed(second.body, nodes, list(jobs), list(pods), deployments, [{"metadata": {"name": "ocr"}}])
     key = serving()["status"]["classes"][0]["key"]
     revision = deployments[0]["metadata"]["labels"]["edgeml.dev/revision"]
-    fallbacks = {key: Fallback(revision, "InvalidModel", ("ocr-pod-1",))}
+    fallbacks = {key: Fallback((revision,), "InvalidModel", ("ocr-pod-1",))}
     result = plan(dataclasses.replace(observed, fallbacks=fallbacks), Images(), states.NOW)
     return {**second.body, "status": result.status}
 

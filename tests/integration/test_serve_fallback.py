@@ -238,7 +238,7 @@ def test_the_operator_reads_which_classes_fall_back_from_the_serving_pods_metric
     falling, healthy = Server(copy, "m", *pin, log_dir=tmp_path), Server(engine, "m", *pin, log_dir=tmp_path)
     try:
         pods = [_pod(falling, "cpu-a"), _pod(healthy, "cpu-b")]
-        assert from_pods(pods) == {"cpu-a": Fallback("r1", "DigestMismatch", (f"pod-{falling.port}",))}
+        assert from_pods(pods) == {"cpu-a": Fallback(("r1",), "DigestMismatch", (f"pod-{falling.port}",))}
     finally:
         assert falling.stop() == 0
         assert healthy.stop() == 0

@@ -31,10 +31,15 @@ T1 = "2026-11-26T13:00:00Z"
             [({"class": "a", "revision": "r1", "reason": "InvalidModel", "pod": "p2"}, 1.0),
              ({"class": "a", "revision": "r1", "reason": "DigestMismatch", "pod": "p1"}, 1.0),
              ({"class": "b", "revision": "r1", "reason": "", "pod": "p3"}, 0.0)],
-            {"a": Fallback("r1", "DigestMismatch,InvalidModel", ("p1", "p2"))},
+            {"a": Fallback(("r1",), "DigestMismatch,InvalidModel", ("p1", "p2"))},
+        ),
+        (
+            [({"class": "a", "revision": "r2", "reason": "InvalidModel", "pod": "p2"}, 1.0),  # stable and candidate
+             ({"class": "a", "revision": "r1", "reason": "InvalidModel", "pod": "p1"}, 1.0)],
+            {"a": Fallback(("r1", "r2"), "InvalidModel", ("p1", "p2"))},
         ),
         ([({"class": "a", "revision": "r1", "instance": "10.0.0.1:8080"}, 1.0)],
-         {"a": Fallback("r1", "Unknown", ("10.0.0.1:8080",))}),
+         {"a": Fallback(("r1",), "Unknown", ("10.0.0.1:8080",))}),
     ],
 )  # fmt: skip
 def test_fallbacks_are_read_from_the_gauge_at_one(samples: list[tuple[dict[str, str], float]], expected: Obj) -> None:
@@ -49,7 +54,7 @@ def _status(ready: bool, degraded: tuple[bool, str] | None = None) -> Obj:
     return {"conditions": conditions, "phase": cond.phase(conditions)}
 
 
-FALLBACK = {"cpu": Fallback("r1", "InvalidModel", ("pod-1",))}
+FALLBACK = {"cpu": Fallback(("r1",), "InvalidModel", ("pod-1",))}
 
 
 def test_without_fallbacks_the_status_is_unchanged() -> None:
@@ -141,7 +146,7 @@ def test_a_class_whose_pods_fall_back_is_built_again_once_without_the_cache_then
     assert args[args.index("--fallback-model") + 1] == cluster.body["spec"]["model"]["uri"]
 
     # The pods report the fallback: Degraded, the attempt goes back to Building, the old Job is deleted.
-    cluster.fallbacks = {key: Fallback(revision, "InvalidModel", ("pod-1",))}
+    cluster.fallbacks = {key: Fallback((revision,), "InvalidModel", ("pod-1",))}
     result = cluster.step(T1)
     assert (_degraded(result)["status"], _degraded(result)["reason"]) == ("True", ENGINE_FALLBACK)
     assert result.status["phase"] == "Progressing"  # a build runs for the class, as for a new revision
@@ -191,7 +196,7 @@ def test_a_class_whose_pods_fall_back_is_built_again_once_without_the_cache_then
 
 def test_a_fallback_of_another_revision_than_the_serving_one_starts_no_rebuild() -> None:
     cluster, revision, key = _serving()
-    cluster.fallbacks = {key: Fallback("someother", "InvalidModel", ("pod-1",))}
+    cluster.fallbacks = {key: Fallback(("someother",), "InvalidModel", ("pod-1",))}
     result = cluster.step(T1)
     assert _degraded(result)["status"] == "True"  # what the pods report is shown
     assert _attempt(cluster, revision, key).state == "Promoted"
