@@ -102,12 +102,18 @@ def _port(pod: Obj) -> int:
     return 8080
 
 
+LISTED = 5  # classes named in the condition; the rest are counted (as `projection.summary` does)
+
+
 def describe(fallbacks: Mapping[str, Fallback]) -> str:
-    """One line naming each class that falls back, its revision, reason and pod count."""
-    return "; ".join(
+    """One line naming the first LISTED classes that fall back (their revisions, reason and pod count), and
+    counting the others, so that the condition stays bounded however many classes fall back."""
+    items = sorted(fallbacks.items())
+    text = "; ".join(
         f"{key}: {len(f.pods)} pod(s) of {', '.join(f.revisions)} serve the fallback (engine not loaded: {f.reason})"
-        for key, f in sorted(fallbacks.items())
+        for key, f in items[:LISTED]
     )
+    return text + (f"; and {len(items) - LISTED} more classes" if len(items) > LISTED else "")
 
 
 def degrade_on_fallback(status: Obj, fallbacks: Mapping[str, Fallback], *, generation: int, now: str) -> Obj:

@@ -207,3 +207,13 @@ def test_the_plan_without_fallbacks_is_the_plan_it_was() -> None:
     cluster, _, _ = _serving()
     observed = cluster.observed()
     assert plan(observed, Images(), T1) == plan(dataclasses.replace(observed, fallbacks={}), Images(), T1)
+
+
+def test_the_condition_names_five_classes_and_counts_the_rest() -> None:
+    many = {f"class-{i:04d}": Fallback(("r1",), "InvalidModel" * 50, tuple(f"p{j}" for j in range(100)))
+            for i in range(1000)}  # fmt: skip
+    after = degrade_on_fallback(_status(True), many, generation=1, now=T1)
+    message = cond.condition(after["conditions"], cond.DEGRADED)["message"]  # type: ignore[index]
+    assert message.count("serve the fallback") == 5
+    assert message.endswith("and 995 more classes")
+    assert len(message) < 4096
