@@ -92,9 +92,8 @@ class InferenceServer:
         self._labels = {"model": config.name, "revision": config.revision}
         reason = config.fallback.reason if config.fallback else ""
         self.metrics.engine_fallback.labels(**self._labels, reason=reason).set(1 if config.fallback else 0)
-        self.drift = DriftTracker(
-            model.outputs, config.drift_reference, self.metrics, self._labels, config.drift_window
-        )
+        self.drift = DriftTracker(model.outputs, config.drift_reference, self._labels, config.drift_window)
+        self.metrics.outputs.add(self.drift)
         self.resources = Resources(self.metrics, self._labels, config.energy)
         self._static_routes = self._build_static_routes()
         # Labelled children resolved once: a label lookup per request costs more than the observation.
@@ -226,7 +225,6 @@ class InferenceServer:
 
     def _metrics_page(self) -> tuple[int, bytes, dict[str, str]]:
         self.resources.refresh()
-        self.drift.refresh()
         return 200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}
 
     def _readiness(self) -> tuple[int, bytes, dict[str, str]]:

@@ -8,31 +8,34 @@ output (at most `drift.MAX_OUTPUTS`), labelled model, revision, output:
 - `edgemodel_output_value_bin_total{bin}` for other float outputs, `bin` being the bin's upper edge
   (the reference's deciles, `+Inf` for the last), only when the build report has a reference summary;
 - `edgemodel_output_reference_proportion{summary, bin}`: the reference's proportions, beside them;
-- `edgemodel_output_drift_psi{summary}` (computed when /metrics is read): PSI of the last `window` served
-  rows against the reference,
+- `edgemodel_output_drift_psi{summary}`: PSI of the last `window` served rows against the reference,
   once the window holds at least `min(window, MIN_SCORED_ROWS)` rows and the reference at least
   `drift.MIN_REFERENCE_ROWS`; `edgemodel_output_drift_window_rows{summary}`: rows in the window.
 
-Inputs and outputs never leave the process: only these counts do.
+A response only adds to arrays of counts (a few array operations, in the inference worker thread);
+the metric families are made from them when /metrics is read (`OutputSummaries.collect`). Inputs
+and outputs never leave the process: only these counts do.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from edgemodel_runtime import drift
-from edgemodel_runtime.serve.metrics import ServerMetrics
 from edgemodel_runtime.serve.protocol import TensorMetadata
 
 DEFAULT_WINDOW = 1000  # served rows each drift score looks back on
 MIN_SCORED_ROWS = 100
 SMALL_BATCH = 16
+CONFIDENCE_LABELS = [f"{e:.1f}" for e in drift.CONFIDENCE_EDGES[1:]]
 
 
 class Window:
@@ -76,13 +79,11 @@ class Window:
 
 @dataclass
 class _Summary:
-    """One summary of one output: its window, reference proportions (None: nothing to score against)."""
+    """One summary of one output: bin labels, the window, reference proportions (None: nothing to score)."""
 
+    bins: list[str]
     window: Window
     reference: list[float] | None
-    labels: dict[str, str]
-    score: Any = None  # the PSI gauge child, created once there is a score (no 0 before any row)
-    rows: Any = None  # the window-rows gauge child
 
 
 @dataclass
@@ -92,24 +93,22 @@ class _Output:
     summaries: dict[str, _Summary] = field(default_factory=dict)
     classes: int = 0
     edges: list[float] = field(default_factory=list)
-    confidence: Any = None
-    predicted: list[Any] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
+    served: dict[str, npt.NDArray[np.int64]] = field(default_factory=dict)  # summary -> rows served per bin
+    top1_sum: float = 0.0
 
 
 class DriftTracker:
-    """Summarises every served output; `observe` is called with each response's outputs (any thread)."""
+    """Summarises every served output of one model; `observe` is called with each response's outputs."""
 
     def __init__(
         self,
         outputs: list[TensorMetadata],
         reference: dict[str, Any] | None,
-        metrics: ServerMetrics,
         labels: dict[str, str],
         window: int = DEFAULT_WINDOW,
     ) -> None:
         self._lock = threading.Lock()
-        self._metrics, self._labels, self._window = metrics, labels, window
+        self._labels, self._window = labels, window
         self._warned = False
         summaries = (reference or {}).get("outputs") if (reference or {}).get("available") else None
         self._outputs: dict[str, _Output] = {}
@@ -122,42 +121,29 @@ class DriftTracker:
         output = _Output(spec, kind)
         usable = reference if reference and reference.get("kind") == kind else None
         scored = usable is not None and int(usable.get("rows", 0)) >= drift.MIN_REFERENCE_ROWS
-        labels = {**self._labels, "output": spec.name}
         if kind == "classifier":
-            output.confidence = self._metrics.output_top1_confidence.labels(**labels)
             classes = int(usable["classes"]) if usable else (spec.shape[1] if spec.shape[1] > 0 else 0)
             if classes:
-                self._classes(output, classes, usable, scored)
+                self._classes(output, classes, usable if scored else None)
             return output
         if usable is None:
             return output  # no reference deciles: no bins to count values in
         output.edges = [float(e) for e in usable["value"]["edges"]]
         names = [f"{e:.6g}" for e in output.edges] + ["+Inf"]
-        output.values = [self._metrics.output_value_bins.labels(**labels, bin=name) for name in names]
-        self._summary(output, "value", names, usable["value"]["proportions"], scored)
+        self._summary(output, "value", names, usable["value"]["proportions"] if scored else None)
         return output
 
-    def _classes(self, output: _Output, classes: int, usable: dict[str, Any] | None, scored: bool) -> None:
-        labels = {**self._labels, "output": output.spec.name}
+    def _classes(self, output: _Output, classes: int, reference: dict[str, Any] | None) -> None:
         output.classes = classes
-        names = drift.class_bin_labels(classes)
-        output.predicted = [self._metrics.output_predicted.labels(**labels, **{"class": name}) for name in names]
-        confidence_names = [f"{e:.1f}" for e in drift.CONFIDENCE_EDGES[1:]]
-        self._summary(output, "confidence", confidence_names,
-                      usable["confidence"]["proportions"] if usable else None, scored)  # fmt: skip
-        self._summary(output, "predicted", names, usable["predicted"]["proportions"] if usable else None, scored)
+        self._summary(output, "confidence", CONFIDENCE_LABELS,
+                      reference["confidence"]["proportions"] if reference else None)  # fmt: skip
+        self._summary(output, "predicted", drift.class_bin_labels(classes),
+                      reference["predicted"]["proportions"] if reference else None)  # fmt: skip
 
-    def _summary(
-        self, output: _Output, name: str, bins: list[str], reference: list[float] | None, scored: bool
-    ) -> None:
-        labels = {**self._labels, "output": output.spec.name, "summary": name}
-        usable = reference if scored and reference is not None and len(reference) == len(bins) else None
-        summary = _Summary(Window(self._window, len(bins)), usable, labels)
-        if usable is not None:
-            for bin_name, value in zip(bins, usable, strict=True):
-                self._metrics.output_reference.labels(**labels, bin=bin_name).set(value)
-            summary.rows = self._metrics.output_drift_rows.labels(**labels)
-        output.summaries[name] = summary
+    def _summary(self, output: _Output, name: str, bins: list[str], reference: list[float] | None) -> None:
+        usable = reference if reference is not None and len(reference) == len(bins) else None
+        output.summaries[name] = _Summary(bins, Window(self._window, len(bins)), usable)
+        output.served[name] = np.zeros(len(bins), dtype=np.int64)
 
     def observe(self, outputs: dict[str, npt.NDArray[Any]]) -> None:
         """Count one response's outputs; never raises (a summary must not fail a request)."""
@@ -177,36 +163,99 @@ class DriftTracker:
                 return
             top1, predicted, classes = drift.classify(array)
             if not output.classes:
-                self._classes(output, classes, None, False)
+                self._classes(output, classes, None)
             if classes != output.classes:
                 return
-            for value in top1.tolist():
-                output.confidence.observe(value)
-            for index in predicted.tolist():
-                output.predicted[index].inc()
-            self._add(output.summaries["confidence"], drift.confidence_bins(top1))
-            self._add(output.summaries["predicted"], predicted)
-            return
-        if not output.edges:
-            return
-        bins = drift.value_bins(drift.sample_values(array), output.edges)
-        for index, count in enumerate(np.bincount(bins, minlength=len(output.values))):
-            if count:
-                output.values[index].inc(int(count))
-        self._add(output.summaries["value"], bins)
+            output.top1_sum += float(top1.sum())
+            self._count(output, "confidence", drift.confidence_bins(top1))
+            self._count(output, "predicted", predicted)
+        elif output.edges:
+            self._count(output, "value", drift.value_bins(drift.sample_values(array), output.edges))
 
-    def _add(self, summary: _Summary, bins: npt.NDArray[np.int64]) -> None:
-        summary.window.add(bins)
+    @staticmethod
+    def _count(output: _Output, name: str, bins: npt.NDArray[np.int64]) -> None:
+        served = output.served[name]
+        if len(bins) <= SMALL_BATCH:
+            for value in bins.tolist():
+                served[value] += 1
+        else:
+            served += np.bincount(bins, minlength=len(served))[: len(served)]
+        output.summaries[name].window.add(bins)
 
-    def refresh(self) -> None:
-        """Bring the drift scores and window sizes up to date (when /metrics is read, not per response)."""
+    def export(self, families: dict[str, Any]) -> None:
+        """Add this model's samples to the metric families (see `OutputSummaries.collect`)."""
         with self._lock:
-            for output in self._outputs.values():
-                for summary in output.summaries.values():
-                    if summary.reference is None:
-                        continue
-                    summary.rows.set(summary.window.rows)
-                    if summary.window.rows >= min(summary.window.size, MIN_SCORED_ROWS):
-                        if summary.score is None:
-                            summary.score = self._metrics.output_drift.labels(**summary.labels)
-                        summary.score.set(drift.psi(summary.window.proportions(), summary.reference))
+            for name, output in self._outputs.items():
+                labels = [self._labels["model"], self._labels["revision"], name]
+                self._export(output, labels, families)
+
+    def _export(self, output: _Output, labels: list[str], families: dict[str, Any]) -> None:
+        if "confidence" in output.summaries:
+            counts = np.cumsum(output.served["confidence"]).tolist()
+            buckets = [(le, float(n)) for le, n in zip(CONFIDENCE_LABELS[:-1], counts[:-1], strict=True)]
+            families["confidence"].add_metric(labels, [*buckets, ("+Inf", float(counts[-1]))], output.top1_sum)
+        for summary_name, family in (("predicted", "predicted"), ("value", "values")):
+            if summary_name in output.summaries:
+                for label, count in zip(output.summaries[summary_name].bins, output.served[summary_name].tolist(),
+                                        strict=True):  # fmt: skip
+                    families[family].add_metric([*labels, label], float(count))
+        for summary_name, summary in output.summaries.items():
+            if summary.reference is None:
+                continue
+            for label, share in zip(summary.bins, summary.reference, strict=True):
+                families["reference"].add_metric([*labels, summary_name, label], share)
+            families["rows"].add_metric([*labels, summary_name], float(summary.window.rows))
+            if summary.window.rows >= min(summary.window.size, MIN_SCORED_ROWS):
+                families["psi"].add_metric([*labels, summary_name], drift.psi(summary.window.proportions(),
+                                                                               summary.reference))  # fmt: skip
+
+
+class OutputSummaries:
+    """The metric families of every DriftTracker added, made when the registry is collected (a Collector)."""
+
+    def __init__(self) -> None:
+        self._trackers: list[DriftTracker] = []
+
+    def add(self, tracker: DriftTracker) -> None:
+        self._trackers.append(tracker)
+
+    def collect(self) -> Iterator[Metric]:
+        output = ["model", "revision", "output"]
+        families: dict[str, Any] = {
+            "confidence": HistogramMetricFamily(
+                "edgemodel_output_top1_confidence",
+                "Top-1 probability of each row a classifier-like output served (softmax of logits).",
+                labels=output,
+            ),
+            "predicted": CounterMetricFamily(
+                "edgemodel_output_predicted_class",
+                "Rows served per predicted class (arg-max) of a classifier-like output; at most 32 class labels, "
+                "classes grouped into ranges beyond that.",
+                labels=[*output, "class"],
+            ),
+            "values": CounterMetricFamily(
+                "edgemodel_output_value_bin",
+                "Elements served per value bin of a regression-like output; `bin` is the bin's upper edge (the "
+                "build reference's deciles, +Inf for the last).",
+                labels=[*output, "bin"],
+            ),
+            "reference": GaugeMetricFamily(
+                "edgemodel_output_reference_proportion",
+                "Proportion of the build's reference outputs in each bin of a summary (confidence, predicted, value).",
+                labels=[*output, "summary", "bin"],
+            ),
+            "psi": GaugeMetricFamily(
+                "edgemodel_output_drift_psi",
+                "Population stability index of the last served rows against the build's reference, per output and "
+                "summary (below 0.1: no shift; above 0.25: a significant one).",
+                labels=[*output, "summary"],
+            ),
+            "rows": GaugeMetricFamily(
+                "edgemodel_output_drift_window_rows",
+                "Served rows in the window the drift score is computed over.",
+                labels=[*output, "summary"],
+            ),
+        }
+        for tracker in list(self._trackers):
+            tracker.export(families)
+        yield from families.values()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgemodel_runtime.serve.drift import OutputSummaries
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATIO_BUCKETS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 ERROR_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -36,12 +38,7 @@ class ServerMetrics:
     shadow_config_reloads: Counter
     shadow_config_successful: Gauge
     engine_fallback: Gauge
-    output_top1_confidence: Histogram
-    output_predicted: Counter
-    output_value_bins: Counter
-    output_reference: Gauge
-    output_drift: Gauge
-    output_drift_rows: Gauge
+    outputs: OutputSummaries  # the output summaries and drift scores (a collector; see serve.drift)
     process_memory: Gauge
     process_cpu: Counter
     energy: Counter
@@ -50,9 +47,12 @@ class ServerMetrics:
 
 def create() -> ServerMetrics:
     registry = CollectorRegistry()
+    outputs = OutputSummaries()
+    registry.register(outputs)
     shadow_labels = ("model", "stable_revision", "candidate_revision")
     return ServerMetrics(
         registry=registry,
+        outputs=outputs,
         requests=Counter(
             "edgemodel_requests",
             "Inference requests, by outcome (ok, client_error, server_error).",
@@ -142,46 +142,6 @@ def create() -> ServerMetrics:
             "engine could not be loaded, with the load failure's reason (e.g. InvalidModel, DigestMismatch); "
             '0 with reason="" while it serves its engine.',
             ("model", "revision", "reason"),
-            registry=registry,
-        ),
-        output_top1_confidence=Histogram(
-            "edgemodel_output_top1_confidence",
-            "Top-1 probability of each row a classifier-like output served (softmax of logits).",
-            ("model", "revision", "output"),
-            buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
-            registry=registry,
-        ),
-        output_predicted=Counter(
-            "edgemodel_output_predicted_class",
-            "Rows served per predicted class (arg-max) of a classifier-like output; at most 32 class labels, "
-            "classes grouped into ranges beyond that.",
-            ("model", "revision", "output", "class"),
-            registry=registry,
-        ),
-        output_value_bins=Counter(
-            "edgemodel_output_value_bin",
-            "Elements served per value bin of a regression-like output; `bin` is the bin's upper edge (the "
-            "build reference's deciles, +Inf for the last).",
-            ("model", "revision", "output", "bin"),
-            registry=registry,
-        ),
-        output_reference=Gauge(
-            "edgemodel_output_reference_proportion",
-            "Proportion of the build's reference outputs in each bin of a summary (confidence, predicted, value).",
-            ("model", "revision", "output", "summary", "bin"),
-            registry=registry,
-        ),
-        output_drift=Gauge(
-            "edgemodel_output_drift_psi",
-            "Population stability index of the last served rows against the build's reference, per output and "
-            "summary (below 0.1: no shift; above 0.25: a significant one).",
-            ("model", "revision", "output", "summary"),
-            registry=registry,
-        ),
-        output_drift_rows=Gauge(
-            "edgemodel_output_drift_window_rows",
-            "Served rows in the window the drift score is computed over.",
-            ("model", "revision", "output", "summary"),
             registry=registry,
         ),
         process_memory=Gauge(
