@@ -310,6 +310,11 @@ def build_deployment_for_class(
             revision,
             "--shadow-config",
             f"{SHADOW_DIR}/{shadow_key(revision, hardware)}",
+            # The original model, pinned by digest: served on ONNX Runtime FP32 (CPU) if the engine cannot load.
+            "--fallback-model",
+            spec.model.uri,
+            "--fallback-sha256",
+            spec.model.sha256,
         ],
         "env": [{"name": "EDGEMODEL_ARTIFACT_CACHE", "value": "/cache"}, *images.env()],
         "ports": [{"name": "http", "containerPort": port}],

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from edgemodel_operator import metrics, pacing
+from edgemodel_operator import fallbacks, metrics, pacing
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
@@ -161,6 +161,7 @@ class Controller:
         analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
         absent_grace: float = 600.0,
+        fallback_check_seconds: float = 30.0,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
@@ -168,6 +169,11 @@ class Controller:
         self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
         self._absent_grace = absent_grace
+        self._fallback_check = fallback_check_seconds
+        # When each EdgeModel's serving pods were last asked whether they fall back, and what they said: an
+        # observation reused for `fallback_check_seconds`, so that reconciles in between (every watch event)
+        # do not each wait on every pod's /metrics. It decides nothing on its own (see `rebuild`).
+        self._fallbacks_read: dict[Key, tuple[float, dict[str, fallbacks.Fallback]]] = {}
         self._held: dict[Key, float] = {}
         # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
         # newer one, another write would only conflict. It delays a write, it never decides one.
@@ -214,6 +220,7 @@ class Controller:
         if observed is None or observed.body["metadata"].get("deletionTimestamp"):
             self._held.pop(key, None)
             self._wrote_at.pop(key, None)
+            self._fallbacks_read.pop(key, None)
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
@@ -222,6 +229,7 @@ class Controller:
         candidates = evidence_wanted(observed)
         if candidates:
             observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
+        observed, serving = await self._with_fallbacks(cluster, key, observed)
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
             done = await asyncio.to_thread(cluster.apply, result, self._active)
@@ -250,6 +258,8 @@ class Controller:
             self.queue.add_after(key, self._analysis_seconds)
         if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
             self.queue.add_after(key, result.wake_after + 1.0)
+        if serving:
+            self.queue.add_after(key, self._fallback_check)
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
         """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""
@@ -261,6 +271,34 @@ class Controller:
             return await asyncio.to_thread(self._evidence.gather, namespace, name, candidates, pods)
         except Exception as error:  # a monitoring outage delays decisions, it never makes them
             LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
+            metrics.EVIDENCE_ERRORS.inc()
+            return {}
+
+    async def _with_fallbacks(self, cluster: Cluster, key: Key, observed: Observed) -> tuple[Observed, bool]:
+        """`observed` with the fallbacks its serving pods report, and whether it has ready serving pods at all
+        (then it is planned again in `fallback_check_seconds`: a pod that falls back changes no watched object)."""
+        serving = any(w.get("status", {}).get("readyReplicas") or w.get("status", {}).get("numberReady")
+                      for w in observed.deployments)  # fmt: skip
+        if not serving:
+            return observed, False
+        now = time.monotonic()
+        read = self._fallbacks_read.get(key)
+        if read is None or now - read[0] >= self._fallback_check:
+            read = (now, await self._fallbacks(cluster, key))
+            self._fallbacks_read[key] = read
+        return dataclasses.replace(observed, fallbacks=read[1]), True
+
+    async def _fallbacks(self, cluster: Cluster, key: Key) -> dict[str, fallbacks.Fallback]:
+        """Classes whose stable serving pods serve their fallback; none if that cannot be read now."""
+        namespace, name = key
+        try:
+            if isinstance(self._evidence, PrometheusSource):
+                url, timeout = self._evidence.url, self._evidence.timeout
+                return await asyncio.to_thread(fallbacks.from_prometheus, url, namespace, name, timeout)
+            pods = await asyncio.to_thread(cluster.stable_pods, namespace, name)
+            return await asyncio.to_thread(fallbacks.from_pods, pods, self._evidence.timeout)
+        except Exception as error:  # a monitoring outage hides a fallback for a while; it changes no decision
+            LOG.warning("cannot read the engine fallbacks of %s/%s: %s", namespace, name, error)
             metrics.EVIDENCE_ERRORS.inc()
             return {}
 

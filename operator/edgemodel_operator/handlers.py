@@ -113,6 +113,7 @@ CONTROLLER = Controller(
     hold_seconds=SETTINGS.status_hold_seconds,
     evidence=evidence.source(SETTINGS.prometheus_url),
     analysis_seconds=SETTINGS.analysis_seconds,
+    fallback_check_seconds=SETTINGS.fallback_check_seconds,
     active=lambda: PEERING.active,
     absent_grace=SETTINGS.absent_class_grace_seconds,
 )

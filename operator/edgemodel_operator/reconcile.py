@@ -30,6 +30,7 @@ from edgemodel_operator.builders import (
     LABEL_CLASS,
     LABEL_REVISION,
     Images,
+    build_deployment_for_class,
     build_job_for_class,
     build_service,
     build_shadow_configmap,
@@ -39,9 +40,11 @@ from edgemodel_operator.builders import (
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
+from edgemodel_operator.fallbacks import Fallback, degrade_on_fallback
 from edgemodel_operator.handoff import Fit, HandoffSteps
 from edgemodel_operator.pacing import merge_patch
 from edgemodel_operator.projection import class_entry, project
+from edgemodel_operator.rebuild import artifact_patch, rebuild_on_fallback, replaced_build, without_cache
 from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
 from edgemodel_operator.rollout import (
     APPROVALS,
@@ -79,6 +82,8 @@ class Observed:
     # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
     # missing could not be read this time.
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
+    # Classes whose serving pods report serving their fallback (see `fallbacks`), by class key.
+    fallbacks: dict[str, Fallback] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +176,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         generation = int(self.body["metadata"].get("generation", 1))
         self.plan.status = project(self.body.get("status") or {}, entries, generation=generation,
                                    revision=self.revision, serving=serving, now=self.now)  # fmt: skip
+        self.plan.status = degrade_on_fallback(self.plan.status, self.observed.fallbacks, generation=generation,
+                                               now=self.now)  # fmt: skip
         return self.plan
 
     # ------------------------------------------------------------------ decision records
@@ -217,7 +224,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         self._want(name, "Job")
         job = self.jobs.get(name)
         mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
-        before = self._attempt(hardware)
+        before, held = self._rebuild(hardware, self._attempt(hardware), job)
+        job = None if held else job
         outcome = self._outcome(job, workloads) if job is not None and before.state == "Building" else None
         view = ClassView(
             job=_job_state(job) if job else None,
@@ -239,8 +247,9 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
             # The engine the target names, unless auto chose one (then the build says which).
             entry |= {k: v for k, v in attempt.build.items() if k != "engine" or attempt.build.get("chosen")}
         if attempt.state in {"Building", "Failed"}:
-            if job is None and attempt.state == "Building":
+            if job is None and attempt.state == "Building" and not held:
                 job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
+                job = without_cache(job) if attempt.rebuild else job
                 self.plan.create.append(job)
                 self._event("BuildStarted", f"building {target.engine} {target.precision} for {hardware.key}", job)
             elif outcome is not None and outcome.get("reason") == LOST:  # shown, not recorded: the pod may come
@@ -252,10 +261,32 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
             return self._with_stable(entry | {"message": attempt.reason, "shadow": shadow_of(attempt)}, stable)
         slot = Slot(hardware, target, attempt, mine, stable)
         if attempt.state == "Promoted":
+            self._serve_rebuilt(slot)
             return self._promoted(slot, entry)
-        if (held := self._cannot_shadow(hardware, attempt, entry)) is not None:  # no candidate: no room for one
-            return self._with_stable(held, stable)
+        if (cannot := self._cannot_shadow(hardware, attempt, entry)) is not None:  # no candidate: no room for one
+            return self._with_stable(cannot, stable)
         return self._candidate(slot, entry, verdict, live)
+
+    def _rebuild(self, hardware: HardwareClass, attempt: Attempt, job: Obj | None) -> tuple[Attempt, bool]:
+        """The attempt once a fallback of its pods started a rebuild (see `rebuild`), and whether the build it
+        replaces is still around (then deleted, and nothing new built yet)."""
+        attempt, step = rebuild_on_fallback(attempt, self.observed.fallbacks.get(hardware.key), job)
+        self.steps += [step] if step else []
+        held = replaced_build(attempt, job, self.observed.pods)
+        if held and job is not None and not job["metadata"].get("deletionTimestamp"):
+            self.plan.delete.append(_ref(job | {"kind": "Job"}))
+        return attempt, held
+
+    def _serve_rebuilt(self, slot: Slot) -> None:
+        """A rebuilt engine goes to the workload that serves the class (its pods roll out onto it)."""
+        if slot.attempt.rebuild is None or slot.mine is None or _track(slot.mine) != "stable":
+            return
+        desired = build_deployment_for_class(self.body, slot.hardware, slot.target, revision=self.revision,
+                                             artifact=slot.artifact, images=self.images)  # fmt: skip
+        patch = artifact_patch(slot.mine, desired)
+        if patch is not None:
+            self.plan.patch.append(_ref(slot.mine) | {"patch": patch})
+            self._event("ServingRebuilt", f"serving {slot.hardware.key} from the rebuilt {slot.artifact}", slot.mine)
 
     def _outcome(self, job: Obj, workloads: list[Obj]) -> Obj | None:
         """The outcome of a finished build Job (None while it runs), read from the pod that decided it,

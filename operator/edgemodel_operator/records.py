@@ -57,6 +57,9 @@ class Attempt:
     figures: Obj = field(default_factory=dict)
     approval: str | None = None
     handoff: Obj | None = None  # cannotShadow, yielded, count, unservedSeconds, restored
+    # Set when the class's pods could not load the built engine and it is built again (see `rebuild`):
+    # {"artifactDigest": the engine replaced, "job": UID of its build Job, "reason": the load failure}.
+    rebuild: Obj | None = None
 
     @property
     def identity(self) -> str:

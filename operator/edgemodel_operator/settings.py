@@ -53,6 +53,12 @@ class OperatorSettings(BaseSettings):
         "unset: the operator reads the stable pods' /metrics itself.",
     )
     analysis_seconds: float = Field(default=5.0, gt=0, description="How often a shadowed class is analysed again.")
+    fallback_check_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often an EdgeModel with ready serving pods is reconciled to read whether they serve their "
+        "fallback (edgemodel_engine_fallback), besides every change of their workloads.",
+    )
     peering: str | None = Field(
         default=None, description="kopf peering name for more than one replica; unset means standalone."
     )

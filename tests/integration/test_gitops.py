@@ -156,3 +156,40 @@ def test_kstatus_of_an_edgemodel(step: str, status: str) -> None:
 @pytest.mark.parametrize("step", ["one class failed", "every class failed"])
 def test_kstatus_reports_a_failed_build_as_failed(step: str) -> None:
     assert evaluate("kstatus", STEPS[step]())["status"] == "Failed"
+
+
+# ---------------------------------------------------------------- serving pods that fell back
+
+
+def serving_its_fallback() -> Obj:
+    """Every class serves, and the pods of the first class report they serve the fallback (their engine did not
+    load): the status the operator's plan writes then."""
+    import dataclasses
+
+    from edgemodel_operator.builders import Images
+    from edgemodel_operator.fallbacks import Fallback
+    from edgemodel_operator.reconcile import Observed, plan
+
+    body, nodes = _new(), _nodes()
+    first = states._reconcile(states.Step(body), nodes, [], [], [])
+    jobs, pods = zip(*(states.finished(j, ok=True) for j in first.created if j["kind"] == "Job"), strict=True)
+    second = states._reconcile(first, nodes, list(jobs), list(pods), [])
+    deployments = [{**d, "status": {"readyReplicas": 1}} for d in second.created if d["kind"] == "Deployment"]
+    observed = Observed(second.body, nodes, list(jobs), list(pods), deployments, [{"metadata": {"name": "ocr"}}])
+    key = serving()["status"]["classes"][0]["key"]
+    revision = deployments[0]["metadata"]["labels"]["edgeml.dev/revision"]
+    fallbacks = {key: Fallback((revision,), "InvalidModel", ("ocr-pod-1",))}
+    result = plan(dataclasses.replace(observed, fallbacks=fallbacks), Images(), states.NOW)
+    return {**second.body, "status": result.status}
+
+
+def test_an_edgemodel_serving_its_fallback_is_degraded_for_argocd_and_current_for_kstatus() -> None:
+    body = serving_its_fallback()
+    degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "EngineFallback")
+    assert body["status"]["phase"] == "Degraded"
+    result = evaluate("argocd-lua", body)
+    assert result["status"] == "Degraded", result
+    assert "EngineFallback" in result["message"] or "fallback" in result["message"], result
+    # kstatus has no degraded state: the EdgeModel serves (Ready) and nothing is stalled, so it is Current.
+    assert evaluate("kstatus", body)["status"] == "Current"

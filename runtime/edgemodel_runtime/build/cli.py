@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark-seconds", type=float, default=2.0, help="time spent measuring each variant")
     parser.add_argument("--report", type=Path, help="also write the full report here")
     parser.add_argument("--termination-log", type=Path, help="write the compact report (< 4 KiB) here")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="build even when --output or the --push registry already holds an engine of this cache key (which is "
+        "then replaced): what the operator asks for when a node cannot load the engine it has",
+    )
     return parser
 
 
@@ -123,6 +129,7 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         int8_min_speedup=args.int8_min_speedup,
         samples=args.samples,
         benchmark_seconds=args.benchmark_seconds,
+        reuse=not args.no_cache,
     )
 
 

@@ -117,6 +117,9 @@ class _Build:
             _log("step 5/6: measure latency on this machine")
             final = self._measure_and_decide(candidate, model, samples, expected, comparison)
 
+        self._drift_reference(final, samples, reference_session)
+        self._energy(final, samples)
+
         _log("step 6/6: write the artifact" + (f" and push it to {request.push}" if request.push else ""))
         # The report travels with the artifact, so it must say "built" before it is written and pushed;
         # a failed push turns it back into a failed report.
@@ -393,6 +396,25 @@ class _Build:
             )
         return final
 
+    def _drift_reference(self, artifact: Path, samples: list[tensors.Sample], session: Any) -> None:
+        """The report's `drift` field: summaries of what the engine outputs on the reference set (see `drift`)."""
+        from edgemodel_runtime import drift
+
+        declared = [drift.OutputSpec.from_onnxruntime(*output) for output in ortx.declared_outputs(session)]
+        source = str(self.report["reference"]["kind"])
+        served = self._outputs(artifact, samples, self.report["engine"]) if source == "npz" else []
+        self.report["drift"] = drift.reference_summaries(declared, served, source)
+
+    def _energy(self, artifact: Path, samples: list[tensors.Sample]) -> None:
+        """The report's `energy` field: joules per inference where this node has a readable energy sensor (see
+        `power`), else why not; the measurement runs the final engine for up to a second more."""
+        from edgemodel_runtime import power
+
+        seconds = min(1.0, self.request.benchmark_seconds)
+        self.report["energy"] = power.energy_per_call(
+            power.detect(), self._runner(artifact, samples[0], self.report["engine"]), seconds
+        )
+
     def _publish(self, artifact: Path) -> None:
         request = self.request
         engine = self.report["engine"]  # the chosen one under engine auto
@@ -447,11 +469,11 @@ def build(request: BuildRequest) -> dict[str, Any]:
         builder_version=builder_version(request.engine),
         options=options(request, identity),
     )
-    earlier = cached_report(request, key)
+    earlier = cached_report(request, key) if request.reuse else None
     if earlier is not None:
         _log(f"cache hit: {request.output} already holds the engine for cache key {key[:16]}…; nothing to do")
         return {**earlier, "status": "cached", "message": f"cache hit for {key}; nothing rebuilt"}
-    if request.push:
+    if request.push and request.reuse:
         from edgemodel_runtime.build import oci
 
         reference = oci.parse_reference(request.push)

@@ -54,6 +54,7 @@ class BuildRequest:
     allow_local: bool = True
     benchmark_seconds: float = 2.0
     max_accuracy_drop: float | None = None  # percentage points of the task metric (reference sets with labels)
+    reuse: bool = True  # False (--no-cache): build even if the output directory or the registry has the key
 
 
 def builder_version(engine: Engine) -> str:

@@ -19,10 +19,14 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edgemodel_runtime.power import Meter, Unavailable
 from edgemodel_runtime.serve import protocol, transport
+from edgemodel_runtime.serve.drift import DEFAULT_WINDOW, DriftTracker
+from edgemodel_runtime.serve.fallback import FallbackState
 from edgemodel_runtime.serve.metrics import ServerMetrics, create
 from edgemodel_runtime.serve.model import Model
 from edgemodel_runtime.serve.openapi import openapi_document
+from edgemodel_runtime.serve.resources import Resources
 from edgemodel_runtime.serve.shadow import INFERENCE_TIME_HEADER, ShadowConfig, ShadowMirror
 from edgemodel_runtime.serve.shadow_config import ShadowConfigFile, ShadowConfigWatcher
 
@@ -34,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 # How long a mirror that a new shadow configuration replaced may take to send the copies it holds.
 RETIRE_SECONDS = 5.0
 
+NOT_LOOKED_FOR = Unavailable("no energy sensor was looked for")
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
 
 
@@ -45,6 +50,10 @@ class ServerConfig:
     max_concurrency: int = 1
     shadow: ShadowConfig | None = None  # fixed for the server's life (--shadow-url)
     shadow_file: ShadowConfigFile | None = None  # re-read while serving (--shadow-config)
+    fallback: FallbackState | None = None  # set when the engine could not load and the fallback serves
+    drift_reference: dict[str, Any] | None = None  # the build report's `drift` field (see edgemodel_runtime.drift)
+    drift_window: int = DEFAULT_WINDOW  # served rows each drift score looks back on
+    energy: Meter | Unavailable = NOT_LOOKED_FOR  # see edgemodel_runtime.power
 
 
 class _HttpError(Exception):
@@ -67,6 +76,9 @@ class InferenceServer:
         self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: ShadowConfigWatcher | None = None
         self._openapi = orjson.dumps(openapi_document(config.name))
+        # While the fallback serves, the model's metadata and readiness bodies carry one extra field,
+        # `edgemodel` (see fallback.FallbackState.detail); OIP clients ignore fields they do not know.
+        self._detail = {"edgemodel": config.fallback.detail()} if config.fallback else {}
         self._metadata = orjson.dumps(
             {
                 "name": config.name,
@@ -75,8 +87,14 @@ class InferenceServer:
                 "inputs": [spec.as_dict() for spec in model.inputs],
                 "outputs": [spec.as_dict() for spec in model.outputs],
             }
+            | self._detail
         )
         self._labels = {"model": config.name, "revision": config.revision}
+        reason = config.fallback.reason if config.fallback else ""
+        self.metrics.engine_fallback.labels(**self._labels, reason=reason).set(1 if config.fallback else 0)
+        self.drift = DriftTracker(model.outputs, config.drift_reference, self._labels, config.drift_window)
+        self.metrics.outputs.add(self.drift)
+        self.resources = Resources(self.metrics, self._labels, config.energy)
         self._static_routes = self._build_static_routes()
         # Labelled children resolved once: a label lookup per request costs more than the observation.
         metrics = self.metrics
@@ -194,19 +212,28 @@ class InferenceServer:
             _allow(method, "POST")
             return await self._infer(scope, receive, match["version"])
         _allow(method, "GET")
-        return self._readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
+        return self._model_readiness() if match["rest"] == "/ready" else _json(200, self._metadata)
 
     def _build_static_routes(self) -> dict[str, Callable[[], tuple[int, bytes, dict[str, str]]]]:
         return {
             "/v2/health/live": lambda: _json(200, b'{"live":true}'),
             "/v2/health/ready": self._readiness,
             "/v2": lambda: _json(200, self._server_metadata()),
-            "/metrics": lambda: (200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}),
+            "/metrics": self._metrics_page,
             "/openapi.json": lambda: _json(200, self._openapi),
         }
 
+    def _metrics_page(self) -> tuple[int, bytes, dict[str, str]]:
+        self.resources.refresh()
+        return 200, generate_latest(self.metrics.registry), {"content-type": CONTENT_TYPE_LATEST}
+
     def _readiness(self) -> tuple[int, bytes, dict[str, str]]:
         return _json(200 if self.ready else 400, b'{"ready":%s}' % (b"true" if self.ready else b"false"))
+
+    def _model_readiness(self) -> tuple[int, bytes, dict[str, str]]:
+        """OIP model readiness: {"name", "ready"}, and the fallback detail while the fallback serves."""
+        body = {"name": self.config.name, "ready": self.ready} | self._detail
+        return _json(200 if self.ready else 400, orjson.dumps(body))
 
     def _server_metadata(self) -> bytes:
         return orjson.dumps(
@@ -245,7 +272,7 @@ class InferenceServer:
 
     def _predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.model.predict(inputs)
+            outputs = self.model.predict(inputs)
         except protocol.ProtocolError:
             raise
         except Exception as error:
@@ -255,6 +282,8 @@ class InferenceServer:
             if "INVALID_ARGUMENT" in text or "FAIL" in text or "Invalid" in type(error).__name__:
                 raise protocol.ProtocolError(f"the model cannot run on this input: {text}") from error
             raise _HttpError(500, f"inference failed: {text}") from error
+        self.drift.observe(outputs)  # counts only, in this worker thread: off the event loop
+        return outputs
 
     async def _infer(self, scope: Scope, receive: Receive, version: str | None) -> tuple[int, bytes, dict[str, str]]:
         if not self.ready:

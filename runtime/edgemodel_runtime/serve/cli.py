@@ -22,9 +22,13 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from edgemodel_runtime import power
 from edgemodel_runtime.build.compare import Tolerances
+from edgemodel_runtime.power import Meter, Unavailable
 from edgemodel_runtime.serve.app import InferenceServer, ServerConfig
-from edgemodel_runtime.serve.model import INFRASTRUCTURE, ArtifactError, load, resolve
+from edgemodel_runtime.serve.drift import DEFAULT_WINDOW
+from edgemodel_runtime.serve.fallback import FallbackSource, load_engine
+from edgemodel_runtime.serve.model import INFRASTRUCTURE, ArtifactError
 from edgemodel_runtime.serve.shadow import ShadowConfig
 from edgemodel_runtime.serve.shadow_config import (
     ShadowConfigError,
@@ -87,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=64 << 20, help="larger requests get 413")
     parser.add_argument("--threads", type=int, help="intra-op threads of the engine (default: all cores)")
     parser.add_argument("--drain-seconds", type=float, default=30, help="how long SIGTERM waits for requests in flight")
+    parser.add_argument(
+        "--fallback-model",
+        metavar="URI",
+        help="the original ONNX model (https://, oci:// or a path), served on ONNX Runtime FP32 (CPU) when the "
+        "engine cannot be loaded here; with --fallback-sha256",
+    )
+    parser.add_argument("--fallback-sha256", metavar="HEX", help="SHA-256 of --fallback-model")
+    parser.add_argument(
+        "--drift-window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        metavar="ROWS",
+        help=f"served rows each output's drift score looks back on (default {DEFAULT_WINDOW})",
+    )
     return parser
 
 
@@ -105,9 +123,12 @@ def _check_server_arguments(args: argparse.Namespace) -> str | None:
         ("--threads", args.threads, 1),
         ("--mirror-queue", args.mirror_queue, 1),
         ("--drain-seconds", args.drain_seconds, 0),
+        ("--drift-window", args.drift_window, 1),
     ):
         if number is not None and number < least:
             return f"{flag} must be at least {least} (got {number:g})"
+    if (args.fallback_model is None) != (args.fallback_sha256 is None):
+        return "--fallback-model and --fallback-sha256 go together: the fallback is served only if pinned by digest"
     return None
 
 
@@ -200,6 +221,14 @@ def _graceful_server() -> Any:
     return GracefulServer
 
 
+def _energy_meter() -> Meter | Unavailable:
+    """This node's energy sensor (see edgemodel_runtime.power), or why there is none, said once on stderr."""
+    found = power.detect()
+    if isinstance(found, Unavailable):
+        print(f"edgemodel serve: energy per inference not available: {found.reason}", file=sys.stderr)
+    return found
+
+
 def serve_command(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     problem = _check_server_arguments(args) or _check_shadow_arguments(args) or _check_listen(args.host, args.port)
@@ -207,9 +236,9 @@ def serve_command(argv: Sequence[str]) -> int:
         print(f"edgemodel serve: {problem}", file=sys.stderr)
         return 2
     cache = Path(os.environ.get("EDGEMODEL_ARTIFACT_CACHE", Path(tempfile.gettempdir()) / "edgemodel-artifacts"))
+    fallback = FallbackSource(args.fallback_model, args.fallback_sha256) if args.fallback_model else None
     try:
-        artifact = resolve(args.artifact, cache)
-        model = load(artifact, args.threads)
+        artifact, model, fell_back = load_engine(args.artifact, cache, args.threads, fallback)
     except ArtifactError as error:
         print(f"edgemodel serve: {error.reason}: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
@@ -239,10 +268,14 @@ def serve_command(argv: Sequence[str]) -> int:
         shadow_file = ShadowConfigFile(args.shadow_config, args.shadow_config_interval, args.mirror_queue)
     config = ServerConfig(
         name=args.name,
-        revision=args.revision or artifact.revision or "1",
+        revision=args.revision or (artifact.revision if artifact else None) or "1",
         max_body_bytes=args.max_body_bytes,
         shadow=shadow,
         shadow_file=shadow_file,
+        fallback=fell_back,
+        drift_reference=artifact.report.get("drift") if artifact else None,
+        drift_window=args.drift_window,
+        energy=_energy_meter(),
     )
     import uvicorn
 
@@ -257,9 +290,13 @@ def serve_command(argv: Sequence[str]) -> int:
             timeout_graceful_shutdown=int(args.drain_seconds),
         )
     )
-    print(
-        f"serving {args.name} ({config.revision}) from {artifact.path} on http://{args.host}:{args.port}",
-        file=sys.stderr,
-    )
+    if fell_back is not None:
+        print(
+            f"edgemodel serve: EngineFallback: the engine cannot be loaded ({fell_back.reason}: {fell_back.message}); "
+            f"serving the original model sha256:{fell_back.model_sha256} on ONNX Runtime FP32 (CPU) instead",
+            file=sys.stderr,
+        )
+    source = f"the fallback for {args.artifact}" if fell_back is not None or artifact is None else str(artifact.path)
+    print(f"serving {args.name} ({config.revision}) from {source} on http://{args.host}:{args.port}", file=sys.stderr)
     server.run()
     return 0 if server.started else 1

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgemodel_runtime.serve.drift import OutputSummaries
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATIO_BUCKETS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 ERROR_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -35,13 +37,22 @@ class ServerMetrics:
     shadow_cosine: Histogram
     shadow_config_reloads: Counter
     shadow_config_successful: Gauge
+    engine_fallback: Gauge
+    outputs: OutputSummaries  # the output summaries and drift scores (a collector; see serve.drift)
+    process_memory: Gauge
+    process_cpu: Counter
+    energy: Counter
+    energy_available: Gauge
 
 
 def create() -> ServerMetrics:
     registry = CollectorRegistry()
+    outputs = OutputSummaries()
+    registry.register(outputs)
     shadow_labels = ("model", "stable_revision", "candidate_revision")
     return ServerMetrics(
         registry=registry,
+        outputs=outputs,
         requests=Counter(
             "edgemodel_requests",
             "Inference requests, by outcome (ok, client_error, server_error).",
@@ -123,6 +134,40 @@ def create() -> ServerMetrics:
             "edgemodel_shadow_config_last_reload_successful",
             "1 if the --shadow-config file's current content is in effect, 0 if it was refused.",
             ("model",),
+            registry=registry,
+        ),
+        engine_fallback=Gauge(
+            "edgemodel_engine_fallback",
+            "1 while the server serves the fallback (the original model on ONNX Runtime FP32, CPU) because its "
+            "engine could not be loaded, with the load failure's reason (e.g. InvalidModel, DigestMismatch); "
+            '0 with reason="" while it serves its engine.',
+            ("model", "revision", "reason"),
+            registry=registry,
+        ),
+        process_memory=Gauge(
+            "edgemodel_process_resident_memory_bytes",
+            "Resident memory of the server process serving the model (engine included).",
+            ("model", "revision"),
+            registry=registry,
+        ),
+        process_cpu=Counter(
+            "edgemodel_process_cpu_seconds",
+            "CPU time (user + system) the server process serving the model has used.",
+            ("model", "revision"),
+            registry=registry,
+        ),
+        energy=Counter(
+            "edgemodel_energy_joules",
+            "Energy the node's sensor counted while the server ran, per domain (a CPU package for rapl, a power "
+            "rail for ina3221, a GPU for nvml): the whole domain's, not this process's share.",
+            ("model", "revision", "source", "domain"),
+            registry=registry,
+        ),
+        energy_available=Gauge(
+            "edgemodel_energy_available",
+            "Whether an energy sensor is read (1, source rapl, ina3221 or nvml) or none is readable "
+            '(0, source="none").',
+            ("model", "revision", "source"),
             registry=registry,
         ),
     )

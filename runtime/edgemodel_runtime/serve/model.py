@@ -121,11 +121,12 @@ def _refuse_unknown_rank(path: Path, names: set[str]) -> None:
 
 
 class OnnxRuntimeModel:
-    """An ONNX model on ONNX Runtime, with the best execution provider this machine has."""
+    """An ONNX model on ONNX Runtime, with the best execution provider this machine has (the CPU's only
+    with `cpu_only`, as for the fallback, which must run wherever the engine could not)."""
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, *, cpu_only: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -133,6 +134,8 @@ class OnnxRuntimeModel:
         if threads:
             options.intra_op_num_threads = threads
         preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        if cpu_only:
+            preferred = ["CPUExecutionProvider"]
         providers = [p for p in preferred if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
