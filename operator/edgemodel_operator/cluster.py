@@ -136,10 +136,12 @@ class Cluster:
                 if "create" in write:
                     obj = write["create"]
                     meta = obj["metadata"]
-                    _drain(self.core.create_namespaced_config_map(meta["namespace"], obj, _preload_content=False))
+                    _drain(self.core.create_namespaced_config_map(meta["namespace"], obj, field_manager=FIELD_MANAGER,
+                                                                  _preload_content=False))  # fmt: skip
                     done.add(subject(obj))
                 else:
                     _drain(self.core.patch_namespaced_config_map(write["name"], write["namespace"], write["patch"],
+                                                                 field_manager=FIELD_MANAGER,
                                                                  _preload_content=False))  # fmt: skip
                     done.add(f"ConfigMap/{write['name']}")
             except ApiException as error:
@@ -163,6 +165,12 @@ class Cluster:
         _check(active)
         try:
             applied.recorded = self.record(plan)
+        except ConflictError:
+            found = self._foreign_records(plan, owner)
+            if not found:
+                raise
+            applied.foreign += found  # a record's name is taken: nothing follows from decisions not recorded
+            return applied
         except ApiException as error:
             what = subject(plan.records[0].get("create") or plan.records[0]) if plan.records else "records"
             applied.failures.append(_failure(error, "record", what, None))
@@ -172,36 +180,54 @@ class Cluster:
             self._create(obj, owner, applied)
         for ref in plan.delete:
             _check(active)
-            # With a body, the API server reads every delete option from it and none from the query: the
-            # propagation policy goes in the body too, or Jobs fall back to orphaning their pods.
-            options = {"propagationPolicy": "Background"} | (
-                {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else {}
-            )
-            try:
-                remove = self._verbs("delete")[ref["kind"]]
-                _drain(remove(ref["name"], ref["namespace"], body=options, _preload_content=False))
-            except ApiException as error:
-                if error.status not in {404, 409}:  # gone already, or replaced since it was observed
-                    applied.failures.append(_failure(error, "delete", subject(ref), class_of(ref)))
-            else:
-                applied.deleted.add(subject(ref))
+            self._delete(ref, applied)
         for ref in plan.patch:  # a dict body goes as a (strategic) merge patch: null removes a key
             _check(active)
-            try:
-                change = self._verbs("patch")[ref["kind"]]
-                _drain(change(ref["name"], ref["namespace"], ref["patch"], field_manager=FIELD_MANAGER,
-                              _preload_content=False))  # fmt: skip
-            except ApiException as error:
-                if error.status != 409:  # 409: changed since the watch showed it: planned again soon
-                    applied.failures.append(_failure(error, "patch", subject(ref), class_of(ref)))
-                else:
-                    applied.conflicts += 1
-            else:
-                applied.patched.add(subject(ref))
+            self._patch(ref, applied)
         for obj in plan.apply:
             _check(active)
             self._apply(obj, applied)
         return applied
+
+    def _delete(self, ref: Obj, applied: Applied) -> None:
+        # With a body, the API server reads every delete option from it and none from the query: the
+        # propagation policy goes in the body too, or Jobs fall back to orphaning their pods.
+        guard = {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else {}
+        options = {"propagationPolicy": "Background"} | guard
+        try:
+            remove = self._verbs("delete")[ref["kind"]]
+            _drain(remove(ref["name"], ref["namespace"], body=options, _preload_content=False))
+        except ApiException as error:
+            if error.status not in {404, 409}:  # gone already, or replaced since it was observed
+                applied.failures.append(_failure(error, "delete", subject(ref), class_of(ref)))
+        else:
+            applied.deleted.add(subject(ref))
+
+    def _patch(self, ref: Obj, applied: Applied) -> None:
+        try:
+            change = self._verbs("patch")[ref["kind"]]
+            _drain(change(ref["name"], ref["namespace"], ref["patch"], field_manager=FIELD_MANAGER,
+                          _preload_content=False))  # fmt: skip
+        except ApiException as error:
+            if error.status != 409:  # 409: changed since the watch showed it: planned again soon
+                applied.failures.append(_failure(error, "patch", subject(ref), class_of(ref)))
+            else:
+                applied.conflicts += 1
+        else:
+            applied.patched.add(subject(ref))
+
+    def _foreign_records(self, plan: Plan, owner: str | None) -> list[Foreign]:
+        """The records `plan` creates whose name an object that `owner` does not control has taken."""
+        found: list[Foreign] = []
+        for write in plan.records:
+            if "create" in write and owner is not None:
+                meta = write["create"]["metadata"]
+                items = self._dicts(self.core.list_namespaced_config_map(
+                    meta["namespace"], field_selector=f"metadata.name={meta['name']}"))  # fmt: skip
+                uid, who = controller_of(items[0]) if items else (owner, "")
+                if uid != owner:
+                    found.append(Foreign(subject(write["create"]), who))
+        return found
 
     def _verbs(self, verb: str) -> dict[str, Callable[..., Any]]:
         apis = {"Job": (self.batch, "job"), "Deployment": (self.apps, "deployment"),

@@ -63,7 +63,8 @@ def stamp(obj: Obj) -> Obj:
 def edited(obj: Obj, manager: str = FIELD_MANAGER) -> bool:
     """Whether another field manager changed the object's spec (or its scale) since `manager` last changed
     it: its managed fields name an entry of another manager (not a status writer) that owns fields under
-    `spec`, at least as recent as `manager`'s latest. A slim copy carries the answer (`metadata.edited`)."""
+    `spec`, at least as recent as `manager`'s latest (or of unknown time). A slim copy carries the answer
+    (`metadata.edited`)."""
     meta = obj.get("metadata") or {}
     if EDITED in meta:
         return bool(meta[EDITED])
@@ -72,7 +73,8 @@ def edited(obj: Obj, manager: str = FIELD_MANAGER) -> bool:
     for entry in entries:
         if entry.get("manager") == manager or entry.get("subresource") not in {None, "", "scale"}:
             continue
-        if "f:spec" in (entry.get("fieldsV1") or {}) and str(entry.get("time") or "") >= ours:
+        # An entry of the scale subresource comes without a time: it counts as the latest.
+        if "f:spec" in (entry.get("fieldsV1") or {}) and (not entry.get("time") or str(entry["time"]) >= ours):
             return True
     return False
 
