@@ -30,7 +30,9 @@ from edgemodel_operator.builders import (
     build_service,
     revision_of,
 )
+from edgemodel_operator.buildreport import kept_outcome, serving_artifact
 from edgemodel_operator.classes import HardwareClass, engine_for
+from edgemodel_operator.records import parse
 from edgemodel_operator.workloads import Event, labels_of, ref_of, rolled_out, subject, track_of
 
 if TYPE_CHECKING:
@@ -113,7 +115,8 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
         if subject(live) in busy:
             continue
         hardware = by_key.get(labels_of(live).get(LABEL_CLASS, ""))
-        desired = desired_workload(body, live, hardware, images) if hardware else None
+        artifact = artifact_of(observed, live)
+        desired = desired_workload(body, live, hardware, images, artifact) if hardware and artifact else None
         if desired is None:
             continue
         if desired["kind"] == live["kind"]:
@@ -137,14 +140,31 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
             plan.apply.append(_guarded(stamp(desired), live))
 
 
-def desired_workload(body: Obj, live: Obj, hardware: HardwareClass, images: Images) -> Obj | None:
+def artifact_of(observed: Observed, live: Obj) -> str | None:
+    """The engine artifact a serving workload is for, as the operator knows it: its attempt's build in the
+    revision's decision record, else the outcome kept on its build Job; only a workload that neither knows
+    (made before records) is taken at its word (its serve argument), which a hand edit could have changed."""
+    labels = labels_of(live)
+    for found in observed.records:
+        record = parse(found)
+        attempt = record.attempts.get(labels.get(LABEL_CLASS, "")) if record else None
+        built = (attempt.build or {}).get("artifactDigest") if attempt else None
+        if record and built and record.revision == labels.get(LABEL_REVISION):
+            return str(built)
+    job = next((j for j in observed.jobs if j["metadata"]["name"] == live["metadata"]["name"]), None)
+    kept = kept_outcome(job) if job else None
+    if kept and kept.get("artifact"):
+        return str(kept["artifact"])
+    return serving_artifact(live)
+
+
+def desired_workload(body: Obj, live: Obj, hardware: HardwareClass, images: Images, artifact: str) -> Obj | None:
     """The desired state of an existing serving workload: built from the spec its revision was built from,
-    with the current `spec.serving`, for the artifact it serves, on its track; None where that spec or
-    artifact cannot be read back, or no longer gives the workload's revision or an engine for the class."""
+    with the current `spec.serving`, for `artifact` (see `artifact_of`), on its track; None where that spec
+    cannot be read back, or no longer gives the workload's revision or an engine for the class."""
     revision = labels_of(live).get(LABEL_REVISION)
-    args = ((live.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers", [{}])[0].get("args")
     text = (live["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC)
-    if not revision or not text or not args or len(args) < 2:
+    if not revision or not text:
         return None
     try:
         stored = json.loads(text)
@@ -158,7 +178,7 @@ def desired_workload(body: Obj, live: Obj, hardware: HardwareClass, images: Imag
     if target is None or revision_of(parsed) != revision:
         return None
     return build_deployment_for_class(body | {"spec": spec}, hardware, target, revision=revision,
-                                      artifact=str(args[1]), images=images, track=track_of(live))  # fmt: skip
+                                      artifact=artifact, images=images, track=track_of(live))  # fmt: skip
 
 
 def desired_service(body: Obj, live: Obj, classes: dict[str, HardwareClass]) -> Obj | None:

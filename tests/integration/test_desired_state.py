@@ -219,7 +219,7 @@ def test_objects_under_our_names_that_the_edgemodel_does_not_control_are_reporte
     pool(X86_VNNI)
     spec = {"model": MODEL, "targets": pool_targets(namespace)}
     record = record_name("ocr", revision_of(EdgeModelSpec.model_validate(spec)))
-    foreign = [
+    foreign: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": record, "namespace": namespace},
          "data": {"owner": "someone else"}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ocr", "namespace": namespace},

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.api.status import EdgeModelStatus
 from edgemodel_operator.builders import Images, build_deployment_for_class, build_service, revision_of
+from edgemodel_operator.buildreport import OUTCOME
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.controller import slim_service, slim_workload
 from edgemodel_operator.desired import (
@@ -108,6 +109,19 @@ def test_a_serving_change_is_applied_to_the_workload_that_exists(serving: dict[s
     after = live_workload(changed, CLASSES[0])
     assert after["metadata"]["labels"] == live["metadata"]["labels"]
     assert converged(changed, after).apply == []
+
+
+def test_a_hand_edited_artifact_is_put_back_from_what_the_operator_recorded_not_taken_from_the_edit() -> None:
+    body = edgemodel()
+    live = live_workload(
+        body, CLASSES[0], {"manager": "kubectl-patch", "operation": "Update", "fieldsV1": {"f:spec": {}}}
+    )
+    live["spec"]["template"]["spec"]["containers"][0]["args"] = ["serve", "oci://elsewhere/engine@sha256:" + "b" * 64]
+    job = {"kind": "Job", "metadata": {"name": live["metadata"]["name"],
+           "annotations": {OUTCOME: json.dumps({"status": "built", "artifact": ARTIFACT})}}}  # fmt: skip
+    result = Plan()
+    converge(Observed(body, NODES, [job], [], [live], []), result, CLASSES, Images(), [])
+    assert result.apply[0]["spec"]["template"]["spec"]["containers"][0]["args"][1] == ARTIFACT
 
 
 def test_a_new_runtime_image_is_applied() -> None:
