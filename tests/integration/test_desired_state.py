@@ -328,3 +328,81 @@ def test_a_refused_write_is_reported_on_its_class_and_the_other_class_and_the_st
     status = _ready(operator, namespace)  # retried without any change of the EdgeModel
     assert not [c for c in status["classes"] if c.get("writeErrors")]
     assert len(get(operator, "deployments", "-n", namespace)["items"]) == 2
+
+
+def test_an_update_an_admission_policy_denies_is_reported_on_its_class_while_the_other_class_converges(
+    operator: Testbed, namespace: str, pool: Callable[..., dict[str, Any]]
+) -> None:
+    pool(X86_VNNI)
+    pool(ARM64_CPU)
+    _serving(operator, namespace, replicasPerClass=1)
+    finish_builds(operator, namespace, count=2)
+    _ready(operator, namespace)
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": f"{namespace}-one-arm64-pod"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["apps"],
+                        "apiVersions": ["v1"],
+                        "operations": ["UPDATE"],
+                        "resources": ["deployments"],
+                    }
+                ],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            },
+            "validations": [
+                {
+                    "expression": "object.spec.replicas <= 1 || "
+                    "!object.metadata.labels['edgeml.dev/class'].startsWith('arm64')",
+                    "message": "arm64 serving stays at one pod",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": f"{namespace}-one-arm64-pod"},
+        "spec": {"policyName": f"{namespace}-one-arm64-pod", "validationActions": ["Deny"]},
+    }
+    operator.apply_objects([policy, binding])
+    try:
+        time.sleep(3)  # the API server picks up new policies from its informer
+        _serving(operator, namespace, replicasPerClass=2)
+
+        def reported() -> Any:
+            status = _status(operator, namespace)
+            failing = [c for c in status.get("classes") or [] if c.get("writeErrors")]
+            return status.get("observedGeneration") == 2 and failing and status
+
+        status = eventually(reported, what="the arm64 class reporting the denied apply")
+        entry = next(c for c in status["classes"] if c.get("writeErrors"))
+        assert entry["key"].startswith("arm64")
+        error = entry["writeErrors"][0]
+        assert error["verb"] == "apply"
+        assert error["code"] in {403, 422}
+        assert "arm64 serving stays at one pod" in error["message"]
+        replicas = {
+            d["metadata"]["labels"]["edgeml.dev/class"].split("-")[0]: d["spec"]["replicas"]
+            for d in get(operator, "deployments", "-n", namespace)["items"]
+        }
+        eventually(
+            lambda: (
+                {
+                    d["metadata"]["labels"]["edgeml.dev/class"].split("-")[0]: d["spec"]["replicas"]
+                    for d in get(operator, "deployments", "-n", namespace)["items"]
+                }
+                == {"amd64": 2, "arm64": 1}
+            ),
+            what="the other class at two pods",
+        )
+        assert replicas["arm64"] == 1
+        assert _condition(status, "Ready")["reason"] == "WriteFailed"
+    finally:
+        operator.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                         f"{namespace}-one-arm64-pod", check=False)  # fmt: skip
