@@ -132,7 +132,8 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
             plan.delete.append(ref_of(live))
             plan.events.append(Event("ModeChanged", f"{subject(twin)} serves: {subject(live)} removed",
                                      subject(live)))  # fmt: skip
-    for live in observed.services:
+    for found in observed.services:
+        live = {"kind": "Service"} | found
         if subject(live) in busy:
             continue
         desired = desired_service(body, live, by_key)
