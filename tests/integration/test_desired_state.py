@@ -8,6 +8,7 @@ KWOK plays the nodes and makes every pod Ready; the test plays the builder (see 
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -21,8 +22,11 @@ import yaml
 from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import revision_of
 from edgemodel_operator.records import record_name
+from edgemodel_operator.writes import Foreign, WriteFailure, report
 from tests.helpers import eventually, get
+from tests.integration.gitops_states import evaluate
 from tests.integration.operators import DIGEST, OperatorProcess, Pool, apply_edgemodel, finish_builds, pool_targets
+from tests.integration.test_gitops import serving as gitops_serving
 from tests.testbed.cluster import Testbed
 from tests.testbed.nodes import ARM64_CPU, X86_VNNI
 
@@ -406,3 +410,24 @@ def test_an_update_an_admission_policy_denies_is_reported_on_its_class_while_the
     finally:
         operator.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
                          f"{namespace}-one-arm64-pod", check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("reported", "kstatus", "argocd"),
+    [
+        ("conflict", "Failed", "Degraded"),  # Stalled: only a person can move what is in the way
+        ("refused", "InProgress", "Degraded"),  # tried again every 15 s
+    ],
+)
+def test_gitops_tools_read_a_conflict_as_failed_and_a_refused_write_as_not_done(
+    reported: str, kstatus: str, argocd: str
+) -> None:
+    body = copy.deepcopy(gitops_serving())
+    key = body["status"]["classes"][0]["key"]
+    failures = [WriteFailure("Deployment/ocr-1", "create", 403, "exceeded quota", key)] if reported == "refused" else []
+    foreign = [Foreign("Service/ocr", "no controller")] if reported == "conflict" else []
+    body["status"] = report(body["status"], failures, foreign, generation=1, now="2026-01-01T00:00:01Z")
+    read = evaluate("kstatus", body)
+    assert read["status"] == kstatus
+    assert ("Service/ocr" if foreign else "exceeded quota") in read["message"]
+    assert evaluate("argocd-lua", body)["status"] == argocd
