@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
 from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL, LABEL_TRACK
-from edgemodel_operator.desired import FIELD_MANAGER
+from edgemodel_operator.desired import FIELD_MANAGER, inherited
 from edgemodel_operator.reconcile import Observed, Plan, subject
 from edgemodel_operator.records import COMPONENT as RECORD
 from edgemodel_operator.writes import Foreign, WriteFailure, api_message, class_of, controller_of
@@ -290,18 +290,27 @@ class Cluster:
     def _apply(self, obj: Obj, applied: Applied) -> None:
         """Server-side apply `obj` (which names the UID it was planned for: a replaced object is not written)."""
         meta = obj["metadata"]
+        change = self._verbs("patch")[obj["kind"]]
         try:
-            change = self._verbs("patch")[obj["kind"]]
-            _drain(change(meta["name"], meta["namespace"], obj, field_manager=FIELD_MANAGER, force=True,
-                          _content_type="application/apply-patch+yaml", _preload_content=False))  # fmt: skip
+            response = change(meta["name"], meta["namespace"], obj, field_manager=FIELD_MANAGER, force=True,
+                              _content_type="application/apply-patch+yaml", _preload_content=False)  # fmt: skip
+            written = json.loads(response.read() or b"{}")
+            response.release_conn()
         except ApiException as error:
             replaced = error.status == 422 and "metadata.uid" in api_message(error.body, error.reason)
             if error.status == 409 or replaced:  # replaced or deleted since it was observed: planned again soon
                 applied.conflicts += 1
             elif error.status != 404:
                 applied.failures.append(_failure(error, "apply", subject(obj), class_of(obj)))
-        else:
-            applied.applied.add(subject(obj))
+            return
+        applied.applied.add(subject(obj))
+        ops = inherited(written)  # made by an earlier version: its create entry goes, once
+        if ops:
+            try:
+                _drain(change(meta["name"], meta["namespace"], ops, field_manager=FIELD_MANAGER,
+                              _content_type="application/json-patch+json", _preload_content=False))  # fmt: skip
+            except ApiException as error:  # only a later removal of a field is affected: tried at the next apply
+                LOG.warning("%s: earlier version's managed fields kept: %s", subject(obj), error.reason)
 
     def stable_pods(self, namespace: str, edgemodel: str) -> list[Obj]:
         """Serving pods that take live traffic: where shadow evidence is counted."""

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 Obj = dict[str, Any]
 FIELD_MANAGER = "edgemodel-operator"  # the field manager of every write the operator makes
+LEGACY_MANAGER = "OpenAPI-Generator"  # what the API server called the operator's writes before they named one
 ANNOTATION_APPLIED = "edgeml.dev/applied"  # hash of the desired object last written
 EDITED = "edited"  # key of the slim copies' metadata: `edited`, computed when the watch event came
 WORKLOADS = ("Deployment", "DaemonSet")
@@ -79,6 +80,24 @@ def edited(obj: Obj, manager: str = FIELD_MANAGER) -> bool:
         if "f:spec" in (entry.get("fieldsV1") or {}) and (not entry.get("time") or str(entry["time"]) >= ours):
             return True
     return False
+
+
+def inherited(written: Obj) -> list[Obj] | None:
+    """A JSON patch that drops the managed-fields entry an operator version before this one left on an object
+    it created (manager `LEGACY_MANAGER`, the client's default, as an updater of `spec`), once this version
+    has applied the object (`written`: the API server's answer): while that entry co-owns a field, a later
+    apply that drops the field (an old port, a removed limit) cannot remove it. None if there is none."""
+    entries = (written.get("metadata") or {}).get("managedFields") or []
+    if not any(e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply" for e in entries):
+        return None  # never dropped before this version's apply owns the same fields
+    for index, entry in enumerate(entries):
+        old = entry.get("manager") == LEGACY_MANAGER and entry.get("operation") == "Update"
+        if old and not entry.get("subresource") and "f:spec" in (entry.get("fieldsV1") or {}):
+            path = f"/metadata/managedFields/{index}"
+            return [{"op": "test", "path": f"{path}/manager", "value": LEGACY_MANAGER},
+                    {"op": "test", "path": f"{path}/operation", "value": "Update"},
+                    {"op": "remove", "path": path}]  # fmt: skip
+    return None
 
 
 def differs(desired: Obj, live: Obj) -> bool:

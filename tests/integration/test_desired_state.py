@@ -14,13 +14,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
+from kubernetes import client, config
 
 from edgemodel_operator.api.spec import EdgeModelSpec
-from edgemodel_operator.builders import revision_of
+from edgemodel_operator.builders import build_service, revision_of
 from edgemodel_operator.records import record_name
 from edgemodel_operator.writes import Foreign, WriteFailure, report
 from tests.helpers import eventually, get
@@ -431,3 +432,31 @@ def test_gitops_tools_read_a_conflict_as_failed_and_a_refused_write_as_not_done(
     assert read["status"] == kstatus
     assert ("Service/ocr" if foreign else "exceeded quota") in read["message"]
     assert evaluate("argocd-lua", body)["status"] == argocd
+
+
+def test_a_service_an_earlier_version_created_loses_an_old_port_once_this_version_has_applied_it(
+    operator_process: OperatorProcess, operator: Testbed, namespace: str, pool: Callable[..., dict[str, Any]]
+) -> None:
+    """The earlier version created children with the client's default field manager (an update); this one
+    takes them over at its first apply, so that a port change leaves one port, not both."""
+    pool(X86_VNNI)
+    operator_process.kill()
+    try:
+        _serving(operator, namespace)
+        body = get(operator, "em", "ocr", "-n", namespace)
+        config.load_kube_config(str(operator.kubeconfig))  # type: ignore[no-untyped-call]
+        with client.ApiClient() as api:  # as the earlier version wrote it: no field manager named
+            client.CoreV1Api(api).create_namespaced_service(namespace, cast(Any, build_service(body)))
+    finally:
+        operator_process.start()
+    finish_builds(operator, namespace, count=1)
+    _ready(operator, namespace)
+    _serving(operator, namespace, port=9090)
+
+    def one_port() -> Any:
+        service = get(operator, "service", "ocr", "-n", namespace, "--show-managed-fields")
+        return [p["port"] for p in service["spec"]["ports"]] == [9090] and service
+
+    service = eventually(one_port, what="the Service with the new port only")
+    assert "OpenAPI-Generator" not in {m["manager"] for m in service["metadata"]["managedFields"]}
+    _ready(operator, namespace)

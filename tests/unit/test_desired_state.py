@@ -22,6 +22,7 @@ from edgemodel_operator.desired import (
     applied_hash,
     converge,
     differs,
+    inherited,
     split_twins,
     stamp,
 )
@@ -372,3 +373,20 @@ def test_class_and_controller_of_objects_and_references() -> None:
                   {"uid": "b", "kind": "EdgeModel", "name": "ocr", "controller": True}]  # fmt: skip
     owned = {"metadata": {"ownerReferences": references}}
     assert controller_of(owned) == ("b", "controlled by EdgeModel/ocr")
+
+
+def test_an_earlier_versions_create_entry_is_dropped_only_once_this_version_has_applied() -> None:
+    legacy = {"manager": "OpenAPI-Generator", "operation": "Update", "time": "2026-01-01T00:00:00Z",
+              "fieldsV1": {"f:spec": {"f:ports": {}}}}  # fmt: skip
+    status = {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status",
+              "fieldsV1": {"f:status": {}}}  # fmt: skip
+    assert inherited({"metadata": {"managedFields": [legacy]}}) is None  # nobody would own the fields
+    ops = inherited({"metadata": {"managedFields": [status, OURS, legacy]}})
+    assert ops == [
+        {"op": "test", "path": "/metadata/managedFields/2/manager", "value": "OpenAPI-Generator"},
+        {"op": "test", "path": "/metadata/managedFields/2/operation", "value": "Update"},
+        {"op": "remove", "path": "/metadata/managedFields/2"},
+    ]
+    assert inherited({"metadata": {"managedFields": [OURS, status]}}) is None
+    hand = legacy | {"manager": "kubectl-edit"}  # a person's edit is theirs to keep
+    assert inherited({"metadata": {"managedFields": [OURS, hand]}}) is None
