@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,10 +15,14 @@ from kubernetes.client.exceptions import ApiException
 
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
 from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL, LABEL_TRACK
+from edgemodel_operator.desired import FIELD_MANAGER, inherited
 from edgemodel_operator.reconcile import Observed, Plan, subject
 from edgemodel_operator.records import COMPONENT as RECORD
+from edgemodel_operator.writes import Foreign, WriteFailure, api_message, class_of, controller_of
 
 Obj = dict[str, Any]
+LOG = logging.getLogger("edgemodel.cluster")
+APPLIED_KINDS = {"Deployment", "DaemonSet", "Service"}  # kept at their desired state by server-side apply
 COMPONENT = "edgemodel-operator"
 
 
@@ -36,7 +42,10 @@ class Applied:
     created: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     patched: set[str] = field(default_factory=set)
+    applied: set[str] = field(default_factory=set)  # server-side applied: the desired state of what exists
     conflicts: int = 0  # patches refused because the object changed since it was read
+    failures: list[WriteFailure] = field(default_factory=list)  # writes refused, the rest went on
+    foreign: list[Foreign] = field(default_factory=list)  # objects under our names that we do not control
 
 
 class Cluster:
@@ -127,10 +136,12 @@ class Cluster:
                 if "create" in write:
                     obj = write["create"]
                     meta = obj["metadata"]
-                    _drain(self.core.create_namespaced_config_map(meta["namespace"], obj, _preload_content=False))
+                    _drain(self.core.create_namespaced_config_map(meta["namespace"], obj, field_manager=FIELD_MANAGER,
+                                                                  _preload_content=False))  # fmt: skip
                     done.add(subject(obj))
                 else:
                     _drain(self.core.patch_namespaced_config_map(write["name"], write["namespace"], write["patch"],
+                                                                 field_manager=FIELD_MANAGER,
                                                                  _preload_content=False))  # fmt: skip
                     done.add(f"ConfigMap/{write['name']}")
             except ApiException as error:
@@ -140,68 +151,166 @@ class Cluster:
                 raise
         return done
 
-    def apply(self, plan: Plan, active: Callable[[], bool] = lambda: True) -> Applied:
-        """Write the decision records, then create what is missing (an existing object is left alone),
-        delete what is retired and patch what changed. `ConflictError` when a record changed since it was
-        read: nothing else is written. `NotActiveError` as soon as `active()` turns false between writes."""
-        create: dict[str, Callable[..., Any]] = {
-            "Job": self.batch.create_namespaced_job,
-            "Deployment": self.apps.create_namespaced_deployment,
-            "DaemonSet": self.apps.create_namespaced_daemon_set,
-            "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
-        }
-        delete: dict[str, Callable[..., Any]] = {
-            "Job": self.batch.delete_namespaced_job,
-            "Deployment": self.apps.delete_namespaced_deployment,
-            "DaemonSet": self.apps.delete_namespaced_daemon_set,
-            "Service": self.core.delete_namespaced_service,
-            "ConfigMap": self.core.delete_namespaced_config_map,
-        }
-        patch: dict[str, Callable[..., Any]] = {
-            "Job": self.batch.patch_namespaced_job,  # the build outcome, kept once read
-            "Deployment": self.apps.patch_namespaced_deployment,
-            "DaemonSet": self.apps.patch_namespaced_daemon_set,
-            "ConfigMap": self.core.patch_namespaced_config_map,
-        }
+    def apply(self, plan: Plan, active: Callable[[], bool] = lambda: True, owner: str | None = None) -> Applied:
+        """Write the decision records, then create what is missing, delete what is retired, patch what
+        changed and server-side apply the desired state of what exists (field manager `FIELD_MANAGER`).
+
+        `ConflictError` when a record changed since it was read: nothing else is written. Any other
+        refused write (RBAC, quota, admission policy, server error) is kept in `Applied.failures` and the
+        rest of the plan goes on; a record that cannot be written is kept there too, and then no child is
+        written (the children follow the decisions recorded). An existing object under a name the plan
+        creates is left alone: in `Applied.foreign` unless it is controlled by `owner` (the EdgeModel's
+        UID). `NotActiveError` as soon as `active()` turns false between writes."""
         applied = Applied()
         _check(active)
-        applied.recorded = self.record(plan)
+        try:
+            applied.recorded = self.record(plan)
+        except ConflictError:
+            found = self._foreign_records(plan, owner)
+            if not found:
+                raise
+            applied.foreign += found  # a record's name is taken: nothing follows from decisions not recorded
+            return applied
+        except ApiException as error:
+            what = subject(plan.records[0].get("create") or plan.records[0]) if plan.records else "records"
+            applied.failures.append(_failure(error, "record", what, None))
+            return applied
         for obj in plan.create:
             _check(active)
-            try:
-                _drain(create[obj["kind"]](obj["metadata"]["namespace"], obj, _preload_content=False))
-            except ApiException as error:
-                if error.status != 409:
-                    raise
-            else:
-                applied.created.add(subject(obj))
+            self._create(obj, owner, applied)
         for ref in plan.delete:
             _check(active)
-            # With a body, the API server reads every delete option from it and none from the query: the
-            # propagation policy goes in the body too, or Jobs fall back to orphaning their pods.
-            options = {"propagationPolicy": "Background"} | (
-                {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else {}
-            )
-            try:
-                remove = delete[ref["kind"]]
-                _drain(remove(ref["name"], ref["namespace"], body=options, _preload_content=False))
-            except ApiException as error:
-                if error.status not in {404, 409}:  # gone already, or replaced since it was observed
-                    raise
-            else:
-                applied.deleted.add(subject(ref))
+            self._delete(ref, applied)
         for ref in plan.patch:  # a dict body goes as a (strategic) merge patch: null removes a key
             _check(active)
-            try:
-                _drain(patch[ref["kind"]](ref["name"], ref["namespace"], ref["patch"], _preload_content=False))
-            except ApiException as error:
-                if error.status != 409:  # changed since the watch showed it: planned again soon
-                    raise
-                applied.conflicts += 1
-            else:
-                applied.patched.add(subject(ref))
+            self._patch(ref, applied)
+        for obj in plan.apply:
+            _check(active)
+            self._apply(obj, applied)
         return applied
+
+    def _delete(self, ref: Obj, applied: Applied) -> None:
+        # With a body, the API server reads every delete option from it and none from the query: the
+        # propagation policy goes in the body too, or Jobs fall back to orphaning their pods.
+        guard = {"preconditions": {"uid": ref["uid"]}} if ref.get("uid") else {}
+        options = {"propagationPolicy": "Background"} | guard
+        try:
+            remove = self._verbs("delete")[ref["kind"]]
+            _drain(remove(ref["name"], ref["namespace"], body=options, _preload_content=False))
+        except ApiException as error:
+            if error.status not in {404, 409}:  # gone already, or replaced since it was observed
+                applied.failures.append(_failure(error, "delete", subject(ref), class_of(ref)))
+        else:
+            applied.deleted.add(subject(ref))
+
+    def _patch(self, ref: Obj, applied: Applied) -> None:
+        try:
+            change = self._verbs("patch")[ref["kind"]]
+            _drain(change(ref["name"], ref["namespace"], ref["patch"], field_manager=FIELD_MANAGER,
+                          _preload_content=False))  # fmt: skip
+        except ApiException as error:
+            if error.status != 409:  # 409: changed since the watch showed it: planned again soon
+                applied.failures.append(_failure(error, "patch", subject(ref), class_of(ref)))
+            else:
+                applied.conflicts += 1
+        else:
+            applied.patched.add(subject(ref))
+
+    def _foreign_records(self, plan: Plan, owner: str | None) -> list[Foreign]:
+        """The records `plan` creates whose name an object that `owner` does not control has taken."""
+        found: list[Foreign] = []
+        for write in plan.records:
+            if "create" in write and owner is not None:
+                meta = write["create"]["metadata"]
+                items = self._dicts(self.core.list_namespaced_config_map(
+                    meta["namespace"], field_selector=f"metadata.name={meta['name']}"))  # fmt: skip
+                uid, who = controller_of(items[0]) if items else (owner, "")
+                if uid != owner:
+                    found.append(Foreign(subject(write["create"]), who))
+        return found
+
+    def _verbs(self, verb: str) -> dict[str, Callable[..., Any]]:
+        apis = {"Job": (self.batch, "job"), "Deployment": (self.apps, "deployment"),
+                "DaemonSet": (self.apps, "daemon_set"), "Service": (self.core, "service"),
+                "ConfigMap": (self.core, "config_map")}  # fmt: skip
+        return {kind: getattr(api, f"{verb}_namespaced_{name}") for kind, (api, name) in apis.items()}
+
+    def _create(self, obj: Obj, owner: str | None, applied: Applied) -> None:
+        meta = obj["metadata"]
+        try:
+            create = self._verbs("create")[obj["kind"]]
+            response = create(meta["namespace"], obj, field_manager=FIELD_MANAGER, _preload_content=False)
+            created = json.loads(response.read() or b"{}")
+            response.release_conn()
+        except ApiException as error:
+            if error.status != 409:
+                applied.failures.append(_failure(error, "create", subject(obj), class_of(obj)))
+                return
+            self._existing(obj, owner, applied)  # AlreadyExists: ours (the watch lags) or in the way
+            return
+        applied.created.add(subject(obj))
+        if obj["kind"] in APPLIED_KINDS:
+            self._own_as_applied(obj, created)
+
+    def _own_as_applied(self, obj: Obj, created: Obj) -> None:
+        """Make the fields a create gave us ours as an applier: a create is an update in the API server's
+        field management, and fields an updater still owns are never removed by a later server-side apply
+        (a changed port would be added beside the old one). A JSON patch turns the entry into an apply
+        entry, as `kubectl apply --server-side` does when it takes over from client-side apply."""
+        entries = (created.get("metadata") or {}).get("managedFields") or []
+        index = next((i for i, e in enumerate(entries) if e.get("manager") == FIELD_MANAGER), None)
+        if index is None or entries[index].get("operation") == "Apply":
+            return
+        path = f"/metadata/managedFields/{index}"
+        ops = [{"op": "test", "path": f"{path}/manager", "value": FIELD_MANAGER},
+               {"op": "replace", "path": f"{path}/operation", "value": "Apply"}]  # fmt: skip
+        meta = obj["metadata"]
+        try:
+            change = self._verbs("patch")[obj["kind"]]
+            _drain(change(meta["name"], meta["namespace"], ops, field_manager=FIELD_MANAGER,
+                          _content_type="application/json-patch+json", _preload_content=False))  # fmt: skip
+        except ApiException as error:  # the object serves as created; only a later removal of a field is kept
+            LOG.warning("%s: fields not taken over for server-side apply: %s", subject(obj), error.reason)
+
+    def _existing(self, obj: Obj, owner: str | None, applied: Applied) -> None:
+        """Report an object found where `obj` was to be created unless `owner` controls it."""
+        meta = obj["metadata"]
+        try:  # a list by name, not a get: the operator's role lists and watches, it never reads one by name
+            search = self._verbs("list")[obj["kind"]]
+            found = self._dicts(search(meta["namespace"], field_selector=f"metadata.name={meta['name']}"))
+        except ApiException as error:
+            applied.failures.append(_failure(error, "create", subject(obj), class_of(obj)))
+            return
+        if not found:
+            return  # deleted meanwhile: created again at the next reconcile
+        uid, who = controller_of(found[0])
+        if owner is not None and uid != owner:
+            applied.foreign.append(Foreign(subject(obj), who, class_of(obj)))
+
+    def _apply(self, obj: Obj, applied: Applied) -> None:
+        """Server-side apply `obj` (which names the UID it was planned for: a replaced object is not written)."""
+        meta = obj["metadata"]
+        change = self._verbs("patch")[obj["kind"]]
+        try:
+            response = change(meta["name"], meta["namespace"], obj, field_manager=FIELD_MANAGER, force=True,
+                              _content_type="application/apply-patch+yaml", _preload_content=False)  # fmt: skip
+            written = json.loads(response.read() or b"{}")
+            response.release_conn()
+        except ApiException as error:
+            replaced = error.status == 422 and "metadata.uid" in api_message(error.body, error.reason)
+            if error.status == 409 or replaced:  # replaced or deleted since it was observed: planned again soon
+                applied.conflicts += 1
+            elif error.status != 404:
+                applied.failures.append(_failure(error, "apply", subject(obj), class_of(obj)))
+            return
+        applied.applied.add(subject(obj))
+        ops = inherited(written)  # made by an earlier version: its create entry goes, once
+        if ops:
+            try:
+                _drain(change(meta["name"], meta["namespace"], ops, field_manager=FIELD_MANAGER,
+                              _content_type="application/json-patch+json", _preload_content=False))  # fmt: skip
+            except ApiException as error:  # only a later removal of a field is affected: tried at the next apply
+                LOG.warning("%s: earlier version's managed fields kept: %s", subject(obj), error.reason)
 
     def stable_pods(self, namespace: str, edgemodel: str) -> list[Obj]:
         """Serving pods that take live traffic: where shadow evidence is counted."""
@@ -247,6 +356,10 @@ class Cluster:
             "reportingInstance": socket.gethostname()[:128],
         }
         _drain(self.core.create_namespaced_event(meta["namespace"], cast(Any, event), _preload_content=False))
+
+
+def _failure(error: ApiException, verb: str, what: str, class_key: str | None) -> WriteFailure:
+    return WriteFailure(what, verb, int(error.status or 0), api_message(error.body, error.reason), class_key)
 
 
 def _check(active: Callable[[], bool]) -> None:

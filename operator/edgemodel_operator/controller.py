@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from edgemodel_operator import fallbacks, metrics, pacing
+from edgemodel_operator import fallbacks, metrics, pacing, writes
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
-from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
+from edgemodel_operator.cluster import Applied, Cluster, ConflictError, NotActiveError
+from edgemodel_operator.desired import ANNOTATION_APPLIED, EDITED, edited
 from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
 from edgemodel_operator.handoff import GPU
-from edgemodel_operator.reconcile import Observed, evidence_wanted, plan
+from edgemodel_operator.reconcile import Observed, Plan, evidence_wanted, plan
 from edgemodel_operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
@@ -36,7 +37,9 @@ Key = tuple[str, str]  # (namespace, EdgeModel name)
 LOG = logging.getLogger("edgemodel.controller")
 _META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp", "resourceVersion")
 CONFLICT_RETRY_SECONDS = 0.5  # a write met newer state: plan again once the watches have caught up
+WRITE_RETRY_SECONDS = 15.0  # a write was refused, or an object is in the way: try again this much later
 WATCH_LAG_SECONDS = 2.0  # look again if the watch event of our own status write has not come by then
+KEPT_ANNOTATIONS = {ANNOTATION_SPEC, ANNOTATION_APPLIED}
 
 
 def _meta(obj: Obj) -> Obj:
@@ -66,16 +69,18 @@ def slim_workload(obj: Obj) -> Obj:
     """A Deployment or DaemonSet: its labels, the spec its revision was built from, replicas, rollout progress."""
     counts = ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration", "numberReady",
               "desiredNumberScheduled", "updatedNumberScheduled")  # fmt: skip
-    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == ANNOTATION_SPEC}
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k in KEPT_ANNOTATIONS}
     containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
     template = {"spec": {"containers": [{"args": list(containers[0].get("args") or [])}]}}  # names the artifact
-    return {"kind": obj.get("kind"), "metadata": _meta(obj) | {"annotations": annotations},
+    return {"kind": obj.get("kind"), "metadata": _meta(obj) | {"annotations": annotations, EDITED: edited(obj)},
             "spec": _pick(obj.get("spec"), ["replicas"]) | {"template": template},
             "status": _pick(obj.get("status"), counts)}  # fmt: skip
 
 
 def slim_service(obj: Obj) -> Obj:
-    return {"kind": "Service", "metadata": _meta(obj), "spec": _pick(obj.get("spec"), ["clusterIP"])}
+    annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if k == ANNOTATION_APPLIED}
+    meta = _meta(obj) | {"annotations": annotations, EDITED: edited(obj)}
+    return {"kind": "Service", "metadata": meta, "spec": _pick(obj.get("spec"), ["clusterIP"])}
 
 
 def slim_configmap(obj: Obj) -> Obj:
@@ -232,7 +237,7 @@ class Controller:
         observed, serving = await self._with_fallbacks(cluster, key, observed)
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
-            done = await asyncio.to_thread(cluster.apply, result, self._active)
+            done = await asyncio.to_thread(cluster.apply, result, self._active, body["metadata"]["uid"])
         except ConflictError as error:
             LOG.info("%s/%s: %s; planning again", *key, error)
             self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
@@ -241,6 +246,8 @@ class Controller:
             return
         metrics.API_WRITES.labels(verb="create").inc(len(done.created) + len(done.recorded))
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
+        metrics.API_WRITES.labels(verb="patch").inc(len(done.patched))
+        metrics.API_WRITES.labels(verb="apply").inc(len(done.applied))
         applied = done.created | done.deleted | done.recorded
         steps: dict[str, list[str]] = {}  # one Event per kind of step, naming every class it concerns
         for event in result.events:
@@ -251,7 +258,15 @@ class Controller:
         for reason, messages in steps.items():
             await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
-        await self._write_status(key, body, dict(body.get("status") or {}), pacing.with_defaults(result.status))
+        status = await self._report(cluster, body, result.status, done)
+        await self._write_status(key, body, dict(body.get("status") or {}), pacing.with_defaults(status))
+        self._again(key, result, done, serving)
+
+    def _again(self, key: Key, result: Plan, done: Applied, serving: bool) -> None:
+        """Plan `key` again later where nothing watched will change: refused writes, conflicts, shadow
+        analysis, an absent class's retirement, and fallbacks of serving pods."""
+        if done.failures or done.foreign:  # a quota or policy may change, or what is in the way go: unwatched
+            self.queue.add_after(key, WRITE_RETRY_SECONDS)
         if done.conflicts:
             self.queue.add_after(key, CONFLICT_RETRY_SECONDS)
         elif result.analysing:
@@ -260,6 +275,16 @@ class Controller:
             self.queue.add_after(key, result.wake_after + 1.0)
         if serving:
             self.queue.add_after(key, self._fallback_check)
+
+    async def _report(self, cluster: Cluster, body: Obj, status: Obj, done: Applied) -> Obj:
+        """The planned status with refused writes and objects in the way on their class and the conditions;
+        a Warning Event for each one the status did not show yet."""
+        generation = int(body["metadata"].get("generation", 1))
+        reported = writes.report(status, done.failures, done.foreign, generation=generation, now=_now())
+        for reason, message in writes.news(dict(body.get("status") or {}), done.failures, done.foreign):
+            await asyncio.to_thread(cluster.record_event, body, reason, message, "Warning")
+            metrics.API_WRITES.labels(verb="event").inc()
+        return reported
 
     async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
         """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""

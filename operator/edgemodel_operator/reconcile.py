@@ -20,7 +20,7 @@ its labels exists; without one it is absent (kept, not advanced) until the grace
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgemodel_operator.analysis import Counters
@@ -40,6 +40,7 @@ from edgemodel_operator.builders import (
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
+from edgemodel_operator.desired import converge, split_twins, stamp
 from edgemodel_operator.fallbacks import Fallback, degrade_on_fallback
 from edgemodel_operator.handoff import Fit, HandoffSteps
 from edgemodel_operator.pacing import merge_patch
@@ -92,6 +93,7 @@ class Plan:
     create: list[Obj] = field(default_factory=list)
     delete: list[Obj] = field(default_factory=list)  # objects to delete (kind, name, namespace)
     patch: list[Obj] = field(default_factory=list)  # merge patches (kind, name, namespace, patch)
+    apply: list[Obj] = field(default_factory=list)  # desired objects to server-side apply (see `desired`)
     status: Obj = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     analysing: bool = False  # a class is shadowed: plan again soon with fresh evidence, even without a change
@@ -157,6 +159,7 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         self.shadow_data: dict[str, str] = {}  # the shadow ConfigMap's desired content
         # Names still wanted, by kind. A (revision, class) names its Job, workload and Service alike.
         self.keep: dict[str, set[str]] = {"Job": set(), "Workload": set(), "Service": set()}
+        self.classes: list[HardwareClass] = []  # the classes present, once `run` found them
 
     def run(self) -> Plan:
         targets = self.spec.targets
@@ -164,6 +167,7 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
         found = discover(self.observed.nodes, selector, tolerations)
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
+        self.classes = list(seen.classes)
         entries = [self._handoff(h, self._stable_first(h) or self._class(h)) for h in seen.classes]
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._record()
@@ -342,4 +346,9 @@ def plan(observed: Observed, images: Images, now: str, *, absent_grace: float = 
 
     `absent_grace`: seconds a class may have no node at all before what serves it is deleted.
     """
-    return _Planner(observed, images, now, absent_grace).run()
+    seen, hidden = split_twins(observed)  # children are kept at their desired state (see `desired`)
+    planner = _Planner(replace(observed, deployments=seen), images, now, absent_grace)
+    result = planner.run()
+    converge(planner.observed, result, planner.classes, images, hidden)
+    result.create = [stamp(o) if o["kind"] in {"Deployment", "DaemonSet", "Service"} else o for o in result.create]
+    return result

@@ -257,7 +257,7 @@ NEEDED = [
         for verb in ("list", "watch", "create", "delete", "patch")
         for resource in ("deployments.apps", "daemonsets.apps")
     ),
-    *((verb, "services", "M") for verb in ("list", "watch", "create", "delete")),
+    *((verb, "services", "M") for verb in ("list", "watch", "create", "delete", "patch")),
     *((verb, "configmaps", "M") for verb in ("list", "watch", "create", "patch", "delete")),
     ("create", "events", "M"),
 ]

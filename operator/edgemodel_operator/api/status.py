@@ -136,6 +136,16 @@ class CandidateSummary(ApiModel):
     passed: bool = Field(default=False, description="Whether it met the tolerance (and the task metric bound).")
 
 
+class WriteError(ApiModel):
+    """A write of one of the class's objects that the API server refused, or an object under one of its
+    names that this EdgeModel does not control (code 409, verb create); retried on every reconcile."""
+
+    object: str = Field(max_length=320, description="The object, as Kind/name.")
+    verb: Literal["create", "apply", "patch", "delete", "record"] = Field(description="The write that failed.")
+    code: int = Field(ge=0, le=599, description="The HTTP status of the answer (0: none came).")
+    message: str = Field(max_length=MESSAGE_MAX, description="The API server's message, e.g. the quota exceeded.")
+
+
 class ClassStatus(ApiModel):
     """State of one hardware class."""
 
@@ -184,6 +194,12 @@ class ClassStatus(ApiModel):
     shadow: ShadowStatus | None = Field(default=None, description="Shadow evidence for this class's candidate.")
     handoff: HandoffStatus | None = Field(
         default=None, description="GPU classes: whether build, candidate and stable fit at once, and handoff figures."
+    )
+    write_errors: list[WriteError] | None = Field(
+        default=None,
+        max_length=4,
+        description="Writes of this class's objects that failed at the last reconcile (RBAC, quota, admission "
+        "policy, server errors) and objects in the way; the other classes' writes went ahead.",
     )
 
 
