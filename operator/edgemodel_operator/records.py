@@ -39,6 +39,8 @@ class Attempt:
     `started`, `shadowStarted` and `decided` are RFC 3339 times; `baseline` maps each source (pod) to
     its shadow counters when shadowing began (see `analysis.since`); `figures` are the shadow figures
     the decision was made on; `approval` is the annotation (name=value) that decided, if one did.
+    The fields after it serve the deadlines and retries (see `rollout`); older records without them
+    read as None.
     """
 
     revision: str
@@ -55,6 +57,12 @@ class Attempt:
     decided: str | None = None
     figures: Obj = field(default_factory=dict)
     approval: str | None = None
+    built: str | None = None  # when the build was there (the progress deadline counts from it)
+    retries: int | None = None  # automatic retries of an infrastructure failure taken (see rollout.retry_build)
+    retry_at: str | None = None  # when the next automatic retry of a failed build is due
+    retry_request: str | None = None  # the value of edgeml.dev/retry-build last honoured (or present at the start)
+    replaced_job: str | None = None  # UID of the failed Job a retry replaces: deleted, never read again
+    timed_out: str | None = None  # when the shadow reached its timeout (onTimeout Hold keeps shadowing)
 
     @property
     def identity(self) -> str:
