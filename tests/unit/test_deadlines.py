@@ -20,19 +20,25 @@ from edgemodel_operator.builders import revision_of
 from edgemodel_operator.controller import slim_serving_pod
 from edgemodel_operator.progress import pod_problem
 from edgemodel_operator.reconcile import Observed, Plan
-from edgemodel_operator.records import parse
+from edgemodel_operator.records import Application, Attempt, parse
 from edgemodel_operator.rollout import (
     REJECT,
     REJECTABLE,
     RETRY,
+    RETRY_FIRST_SECONDS,
     RETRY_LIMIT,
     WARNINGS,
+    ClassView,
+    Context,
+    advance,
+    due_in,
     span,
     timeout_seconds,
 )
 from tests.unit.test_rollout import Cluster, _counters, _serving_first_revision
 
 Obj = dict[str, Any]
+T0 = "2026-11-26T12:00:00Z"
 BUILT = "2026-11-26T12:01:00Z"  # the candidate's build is read (see `_candidate_built`)
 
 
@@ -122,6 +128,12 @@ CONFIG_ERROR = {
     "containerStatuses": [_container({"waiting": {"reason": "CreateContainerConfigError",
                                                   "message": 'secret "s" not found'}})],
 }  # fmt: skip
+INVALID_IMAGE = {"phase": "Pending", "containerStatuses": [_container({"waiting": {"reason": "InvalidImageName"}})]}
+OOM_NOW = {
+    "phase": "Running",
+    "containerStatuses": [_container({"terminated": {"reason": "OOMKilled", "exitCode": 137}})],
+}
+EXITED_NOW = {"phase": "Running", "containerStatuses": [_container({"terminated": {"reason": "Error", "exitCode": 2}})]}
 CREATING = {"phase": "Pending", "containerStatuses": [_container({"waiting": {"reason": "ContainerCreating"}})]}
 RUNNING = {"phase": "Running", "containerStatuses": [_container({"running": {"startedAt": BUILT}})]}
 
@@ -135,10 +147,25 @@ RUNNING = {"phase": "Running", "containerStatuses": [_container({"running": {"st
         (CRASH_LOOP, "CrashLoopBackOff: container serve last exit: Error, exit code 3, restarted 4 times"),
         (OOM, "OOMKilled: container serve ran out of memory (restarted 2 times)"),
         (CONFIG_ERROR, 'CreateContainerConfigError: secret "s" not found'),
+        (INVALID_IMAGE, "InvalidImageName: image 127.0.0.1:5000/edgemodel-runtime:9.9 cannot be pulled"),
+        (OOM_NOW, "OOMKilled: container serve ran out of memory (restarted 0 times)"),
+        (EXITED_NOW, "Terminated: container serve exited: Error, exit code 2"),
         (CREATING, None),
         (RUNNING, None),
     ],
-    ids=["unschedulable", "image pull back-off", "image pull error", "crash loop", "oom", "config", "creating", "ok"],
+    ids=[
+        "unschedulable",
+        "image pull back-off",
+        "image pull error",
+        "crash loop",
+        "oom",
+        "config",
+        "invalid image",
+        "oom now",
+        "exited now",
+        "creating",
+        "ok",
+    ],
 )
 def test_a_pods_problem_is_read_from_what_the_watch_keeps_of_it(status: Obj, says: str | None) -> None:
     pod = slim_serving_pod(_pod("r" * 10, "k", **status))
@@ -464,3 +491,39 @@ def test_the_retry_count_lives_in_the_record() -> None:
     assert record is not None
     (attempt,) = record.attempts.values()
     assert (attempt.state, attempt.retries) == ("Building", 1)
+
+
+@given(st.lists(st.sampled_from([2, 3, 4]), min_size=1, max_size=12), st.integers(0, 3))
+def test_automatic_retries_follow_infrastructure_failures_only_and_stop_at_the_limit(
+    exits: list[int], requests: int
+) -> None:
+    """Any sequence of build failures, with retry requests among them: an automatic retry follows an exit 4
+    only, after RETRY_FIRST_SECONDS doubling per retry taken, never more than RETRY_LIMIT of them."""
+    application = Application(1)
+    attempt = Attempt("r", "k", 1, "Building", T0)
+    now, automatic, asked = 0.0, 0, 0
+    for number, code in enumerate(exits):
+        view = ClassView("Failed", {"status": "failed", "reason": "X", "exitCode": code}, True, None, 0, None,
+                         job_uid=f"j{number}")  # fmt: skip
+        context = Context(Rollout(), {}, application, _at(now))
+        attempt, _steps, _ = advance(attempt, view, context)
+        assert attempt.state == "Failed"
+        view = dataclasses.replace(view, outcome=None)  # the planner reads an outcome only while Building
+        due = due_in(attempt, view, context)
+        assert (due is not None) == (code == 4 and automatic < RETRY_LIMIT)
+        if due is not None:
+            assert due == RETRY_FIRST_SECONDS * 2**automatic
+            now += due
+            attempt, steps, _ = advance(attempt, view, Context(Rollout(), {}, application, _at(now)))
+            automatic += 1
+        elif asked < requests:  # a person asks instead
+            asked += 1
+            annotations = {RETRY: f"try-{asked}"}
+            attempt, steps, _ = advance(attempt, view, Context(Rollout(), annotations, application, _at(now)))
+        else:
+            break
+        assert attempt.state == "Building"
+        assert attempt.replaced_job == f"j{number}"
+        assert [s.reason for s in steps] == ["BuildRetried"]
+        now += 60
+    assert (attempt.retries or 0) == automatic <= RETRY_LIMIT
