@@ -312,7 +312,9 @@ def shadow_timeout(
     policy = rollout.shadow.on_timeout
     if policy == "Hold":
         why = f"{text}; held until a person sets {APPROVE} or {REJECT}"
-        return attempt.moved("Shadowing", timed_out=now, reason=why), Step("ShadowTimeout", f"{attempt.key}: {why}")
+        return attempt.moved("Shadowing", timed_out=now, reason=why), Step(
+            "ShadowTimeout", f"{attempt.key}: {attempt.revision} {why}"
+        )
     failing = verdict is not None and verdict.decision == "Rollback"
     if policy == "Promote" and not failing:
         why = f"{text}; onTimeout Promote"

@@ -9,7 +9,8 @@ an image that cannot be pulled and of a server that exits at start are KWOK's st
 field for field what a kubelet writes; an unschedulable candidate is the real scheduler's verdict.
 
 The progress deadline is 30 s here (its default, 10m, is exercised by tests/unit/test_deadlines.py on the
-same planner), and the shadow timeout 20 s (its default, 1h, likewise).
+same planner), and the shadow timeout 5 s or 30 s (its default, 1h, likewise). Evidence that cannot be
+read is a Prometheus URL where nothing listens (a monitoring outage).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import revision_of
-from tests.helpers import EXIT_CODE, MESSAGE, eventually, get
+from tests.helpers import EXIT_CODE, MESSAGE, eventually, free_port, get
 from tests.integration.operators import OperatorProcess, Pool, apply_edgemodel, finish_builds, pool_targets
 from tests.integration.test_decisions import StablePods
 from tests.testbed.cluster import Testbed
@@ -51,11 +52,13 @@ class Scene:
     operator: OperatorProcess | None = None
     digests: Iterator[str] = field(default_factory=lambda: iter(f"{n:064x}" for n in range(0xD1, 0x200)))
 
-    def run_operator(self, image: str | None = None) -> None:
-        """(Re)start the operator; `image`: the runtime image it serves CPU classes with (default: the usual)."""
+    def run_operator(self, image: str | None = None, *, prometheus_url: str | None = None) -> None:
+        """(Re)start the operator; `image`: the runtime image it serves CPU classes with (default: the usual);
+        `prometheus_url`: where it reads evidence (default: the scene's Prometheus)."""
         if self.operator is not None:
             self.operator.stop()
-        settings = {"prometheus_url": self.prometheus.url, "namespaces": json.dumps([self.namespace])}
+        url = prometheus_url or self.prometheus.url
+        settings = {"namespaces": json.dumps([self.namespace]), "prometheus_url": url}
         self.operator = OperatorProcess(self.bed, self.directory / "operator.log",
                                         settings=settings | ({"image_cpu": image} if image else {}))  # fmt: skip
         self.operator.start()
@@ -121,14 +124,17 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
     pool.remove()
 
 
+def _build_pod(scene: Scene, revision: str) -> None:
+    selector = f"edgeml.dev/revision={revision},app.kubernetes.io/component=build"
+    eventually(lambda: get(scene.bed, "pods", "-n", scene.namespace, "-l", selector)["items"], what="the build pod")
+
+
 def _built_by(scene: Scene, image: str | None, rollout: dict[str, Any], **spec: Any) -> str:
     """Apply a revision, let the operator at hand start its build, then finish the build under an operator
     that serves with `image` (a release with a broken runtime image); returns the revision."""
     revision = scene.apply(rollout, **spec)
     if image is not None:
-        eventually(lambda: get(scene.bed, "pods", "-n", scene.namespace, "-l",
-                               f"edgeml.dev/revision={revision},app.kubernetes.io/component=build")["items"],
-                   what="the build pod")  # fmt: skip
+        _build_pod(scene, revision)
         scene.run_operator(image)
     finish_builds(scene.bed, scene.namespace, count=1)
     return revision
@@ -164,6 +170,15 @@ def test_a_crash_looping_candidate_is_rolled_back_with_its_last_exit(scene: Scen
         scene.run_operator()
 
 
+def test_the_rollback_annotation_set_during_the_build_rolls_back_before_a_candidate_is_made(scene: Scene) -> None:
+    revision = scene.apply({})
+    _build_pod(scene, revision)
+    scene.annotate("edgeml.dev/rollback", revision)
+    finish_builds(scene.bed, scene.namespace, count=1)
+    scene.rolled_back(revision, f"rolled back by edgeml.dev/rollback={revision} before shadowing")
+    assert not scene.events("CandidateStarted", revision)  # never made
+
+
 def test_the_rollback_annotation_works_while_the_candidate_waits_for_pods(scene: Scene) -> None:
     revision = _built_by(scene, None, {}, serving=HUGE)  # the default deadline: 10m
     eventually(scene.candidates, what="the candidate")
@@ -190,6 +205,37 @@ def test_the_rollback_annotation_works_while_shadowing_and_while_awaiting_approv
     scene.pods.count(revision, agreed=20)
     eventually(lambda: (scene.entry().get("shadow") or {}).get("decision") == "AwaitingApproval", timeout=60,
                what="awaiting approval")  # fmt: skip
+    scene.annotate("edgeml.dev/rollback", revision)
+    scene.rolled_back(revision, f"rolled back by edgeml.dev/rollback={revision}")
+
+
+def test_the_rollback_annotation_works_while_the_evidence_cannot_be_read(scene: Scene) -> None:
+    scene.run_operator(prometheus_url=f"http://127.0.0.1:{free_port()}")  # a monitoring outage: nothing listens
+    try:
+        revision = _built_by(scene, None, {})
+        eventually(lambda: "waiting for shadow evidence to be readable" in scene.entry().get("message", ""),
+                   timeout=60, what="a ready candidate waiting for evidence")  # fmt: skip
+        scene.annotate("edgeml.dev/rollback", revision)
+        scene.rolled_back(revision, f"rolled back by edgeml.dev/rollback={revision} before shadowing")
+    finally:
+        scene.run_operator()
+
+
+def test_the_rollback_annotation_works_on_a_failed_candidate_and_on_a_held_timeout(scene: Scene) -> None:
+    assert scene.pods is not None
+    revision = _shadowing(scene, {"shadow": {"minRequests": 10, "duration": "1s"}, "autoRollback": False})
+    scene.pods.count(revision, errors=50)
+    eventually(lambda: "failed; waiting for annotation edgeml.dev/rollback" in scene.entry().get("message", ""),
+               timeout=60, what="a failed candidate waiting for a person")  # fmt: skip
+    scene.annotate("edgeml.dev/rollback", revision)
+    scene.rolled_back(revision, f"rolled back by edgeml.dev/rollback={revision}")
+
+    held = {"shadow": {"minRequests": 100000, "duration": "1s", "timeout": "5s", "onTimeout": "Hold"}}
+    revision = _shadowing(scene, held)
+    (event,) = eventually(lambda: scene.events("ShadowTimeout", revision), timeout=60, what="the timeout held")
+    assert event["type"] == "Warning"
+    assert "held until a person sets edgeml.dev/promote or edgeml.dev/rollback" in event["message"]
+    assert scene.candidates()  # still shadowing
     scene.annotate("edgeml.dev/rollback", revision)
     scene.rolled_back(revision, f"rolled back by edgeml.dev/rollback={revision}")
 
