@@ -1,7 +1,7 @@
 """kopf wiring, kept thin: indexes of what EdgeModels own, and watch events that queue them.
 
-The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build and candidate Pods, Deployments and
-Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
+The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build and candidate serving Pods,
+Deployments and Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
 can alter the hardware classes queues every EdgeModel). `Controller` workers do the rest. These
 handlers keep no state on the objects: kopf writes no annotations and adds no finalizers.
 """
@@ -42,11 +42,8 @@ from edgemodel_operator.settings import OperatorSettings
 SETTINGS = OperatorSettings()
 LOG = logging.getLogger("edgemodel.operator")
 OWNED = {LABEL_EDGEMODEL: kopf.PRESENT}
-CANDIDATE_PODS: dict[str, Any] = {
-    **OWNED,
-    LABEL_COMPONENT: "serve",
-    LABEL_TRACK: "candidate",
-}  # stable pods are not watched
+# Candidate serving pods only (why a candidate is not Ready, see `progress`): stable pods are not watched.
+CANDIDATE_PODS: dict[str, Any] = {**OWNED, LABEL_COMPONENT: "serve", LABEL_TRACK: "candidate"}
 _clusters: list[Cluster] = []
 
 
