@@ -29,6 +29,7 @@ from edgemodel_operator.desired import ANNOTATION_APPLIED, EDITED, edited
 from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
 from edgemodel_operator.handoff import GPU
 from edgemodel_operator.reconcile import Observed, Plan, evidence_wanted, plan
+from edgemodel_operator.rollout import WARNINGS
 from edgemodel_operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
@@ -134,6 +135,31 @@ def slim_pod(obj: Obj) -> Obj:
             "containerStatuses": terminated}  # fmt: skip
     created = {"creationTimestamp": obj["metadata"].get("creationTimestamp")}
     return {"kind": "Pod", "metadata": _meta(obj) | created, "status": kept}
+
+
+def slim_serving_pod(obj: Obj) -> Obj:
+    """A candidate serving pod: why it waits for a node, and per container why it is not running (waiting
+    reason and message, current and last termination's reason and exit code, restarts). See `progress`."""
+    status = obj.get("status") or {}
+    conditions = [_pick(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or []
+                  if c.get("type") == "PodScheduled"]  # fmt: skip
+    containers = [_slim_container(c) for c in status.get("containerStatuses") or []]
+    return {
+        "kind": "Pod",
+        "metadata": _meta(obj),
+        "status": {"conditions": conditions, "containerStatuses": containers},
+    }
+
+
+def _slim_container(container: Obj) -> Obj:
+    state, last = container.get("state") or {}, container.get("lastState") or {}
+    ended = ("reason", "exitCode")
+    kept = {
+        "state": {"waiting": _pick(state.get("waiting"), ("reason", "message")),
+                  "terminated": _pick(state.get("terminated"), ended)},
+        "lastState": {"terminated": _pick(last.get("terminated"), ended)},
+    }  # fmt: skip
+    return _pick(container, ("name", "image", "restartCount")) | kept
 
 
 def phantoms(indexed: Iterable[Obj], live: set[str], seen: set[str]) -> set[str]:
@@ -256,7 +282,8 @@ class Controller:
                 if event.reason in {"Promoted", "RolledBack"}:
                     metrics.DECISIONS.labels(decision=event.reason).inc()
         for reason, messages in steps.items():
-            await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages))
+            kind = "Warning" if reason in WARNINGS else "Normal"
+            await asyncio.to_thread(cluster.record_event, body, reason, "; ".join(messages), kind)
         metrics.API_WRITES.labels(verb="event").inc(len(steps))
         status = await self._report(cluster, body, result.status, done)
         await self._write_status(key, body, dict(body.get("status") or {}), pacing.with_defaults(status))

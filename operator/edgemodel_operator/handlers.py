@@ -1,7 +1,7 @@
 """kopf wiring, kept thin: indexes of what EdgeModels own, and watch events that queue them.
 
-The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build Pods, Deployments and
-Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
+The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build and candidate serving Pods,
+Deployments and Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
 can alter the hardware classes queues every EdgeModel). `Controller` workers do the rest. These
 handlers keep no state on the objects: kopf writes no annotations and adds no finalizers.
 """
@@ -18,7 +18,7 @@ import kopf
 
 from edgemodel_operator import evidence
 from edgemodel_operator.api.resource import GROUP, PLURAL, VERSION
-from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL
+from edgemodel_operator.builders import LABEL_COMPONENT, LABEL_EDGEMODEL, LABEL_TRACK
 from edgemodel_operator.cluster import Cluster
 from edgemodel_operator.controller import (
     Controller,
@@ -33,6 +33,7 @@ from edgemodel_operator.controller import (
     slim_node,
     slim_pod,
     slim_service,
+    slim_serving_pod,
     slim_workload,
 )
 from edgemodel_operator.reconcile import Observed
@@ -41,6 +42,8 @@ from edgemodel_operator.settings import OperatorSettings
 SETTINGS = OperatorSettings()
 LOG = logging.getLogger("edgemodel.operator")
 OWNED = {LABEL_EDGEMODEL: kopf.PRESENT}
+# Candidate serving pods only (why a candidate is not Ready, see `progress`): stable pods are not watched.
+CANDIDATE_PODS: dict[str, Any] = {**OWNED, LABEL_COMPONENT: "serve", LABEL_TRACK: "candidate"}
 _clusters: list[Cluster] = []
 
 
@@ -160,6 +163,7 @@ def _read(key: Key) -> Observed | None:
         nodes=_values("nodes", None),
         jobs=owned_by(uid, _values("jobs", key)),
         pods=_values("build_pods", key),
+        serving_pods=_values("candidate_pods", key),
         deployments=owned_by(uid, _values("deployments", key) + _values("daemonsets", key)),
         services=owned_by(uid, _values("services", key)),
         configmaps=owned_by(uid, _values("configmaps", key)),
@@ -240,6 +244,11 @@ def build_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_:
     return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_pod(dict(body))}
 
 
+@kopf.index("v1", "pods", labels=CANDIDATE_PODS)
+def candidate_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
+    return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_serving_pod(dict(body))}
+
+
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
 def deployments(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Obj]:
     return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_workload(dict(body) | {"kind": "Deployment"})}
@@ -255,7 +264,17 @@ def configmaps(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_:
     return {(str(namespace), labels[LABEL_EDGEMODEL]): slim_configmap(dict(body))}
 
 
-INDEXES = ("edgemodels", "nodes", "jobs", "build_pods", "deployments", "daemonsets", "services", "configmaps")
+INDEXES = (
+    "edgemodels",
+    "nodes",
+    "jobs",
+    "build_pods",
+    "candidate_pods",
+    "deployments",
+    "daemonsets",
+    "services",
+    "configmaps",
+)
 
 
 @kopf.index("v1", "services", labels=OWNED)
@@ -274,6 +293,7 @@ def edgemodel_changed(namespace: str | None, name: str, uid: str | None, **_: An
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("v1", "pods", labels={**OWNED, LABEL_COMPONENT: "build"})
+@kopf.on.event("v1", "pods", labels=CANDIDATE_PODS)
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("v1", "services", labels=OWNED)

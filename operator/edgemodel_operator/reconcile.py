@@ -44,6 +44,7 @@ from edgemodel_operator.desired import converge, split_twins, stamp
 from edgemodel_operator.fallbacks import Fallback, degrade_on_fallback
 from edgemodel_operator.handoff import Fit, HandoffSteps
 from edgemodel_operator.pacing import merge_patch
+from edgemodel_operator.progress import pod_problem
 from edgemodel_operator.projection import class_entry, project
 from edgemodel_operator.rebuild import artifact_patch, rebuild_on_fallback, replaced_build, without_cache
 from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
@@ -51,10 +52,12 @@ from edgemodel_operator.rollout import (
     APPROVALS,
     APPROVE,
     REJECT,
+    RETRY,
     ClassView,
     Context,
     Step,
     advance,
+    due_in,
     evidence_of,
     new_attempt,
     shadow_figures,
@@ -85,6 +88,7 @@ class Observed:
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
     # Classes whose serving pods report serving their fallback (see `fallbacks`), by class key.
     fallbacks: dict[str, Fallback] = field(default_factory=dict)
+    serving_pods: list[Obj] = field(default_factory=list)  # candidate serving pods (controller.slim_serving_pod)
 
 
 @dataclass
@@ -97,7 +101,8 @@ class Plan:
     status: Obj = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     analysing: bool = False  # a class is shadowed: plan again soon with fresh evidence, even without a change
-    wake_after: float | None = None  # seconds until an absent class is due to retire: plan again then
+    # Seconds until an absent class is due to retire, or a deadline of an attempt passes: plan again then.
+    wake_after: float | None = None
 
 
 def _records(observed: Observed) -> dict[str, Record]:
@@ -130,6 +135,15 @@ def _unschedulable(job: Obj, pods: list[Obj]) -> str | None:
             if item.get("type") == "PodScheduled" and item.get("status") == "False":
                 return str(item.get("message") or item.get("reason") or "unschedulable")
     return None
+
+
+def _owners(obj: Obj) -> set[str]:
+    return {str(r.get("uid")) for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid")}
+
+
+def _is_of(pod: Obj, revision: str, key: str) -> bool:
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get(LABEL_REVISION) == revision and labels.get(LABEL_CLASS) == key
 
 
 def _job_state(job: Obj) -> str:
@@ -172,7 +186,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._record()
         self._retire({c.key for c in seen.classes} | set(seen.absent))
-        self.plan.wake_after = seen.wake_after
+        waits = [w for w in (seen.wake_after, self.plan.wake_after) if w is not None]
+        self.plan.wake_after = min(waits) if waits else None
         self._shadow_configmap()
         if not any(s["metadata"]["name"] == self.name for s in self.observed.services):
             self.plan.create.append(build_service(self.body))
@@ -192,7 +207,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         previous = record.attempts.get(hardware.key) if record else None
         if previous is not None and previous.application == self.application.generation:
             return previous
-        return new_attempt(self.revision, hardware.key, self.application, self.now, previous)
+        fresh = new_attempt(self.revision, hardware.key, self.application, self.now, previous)
+        return replace(fresh, retry_request=self.annotations.get(RETRY))  # a value already there asks nothing
 
     def _record(self) -> None:
         """Write this revision's record if an attempt changed; the steps' Events go with that write."""
@@ -230,20 +246,27 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == self.revision), None)
         before, held = self._rebuild(hardware, self._attempt(hardware), job)
         job = None if held else job
-        outcome = self._outcome(job, workloads) if job is not None and before.state == "Building" else None
+        uid = job["metadata"].get("uid") if job else None
+        replaced = uid is not None and uid == before.replaced_job  # a failed Job a retry replaces: being deleted
+        reading = job is not None and before.state == "Building" and not replaced
+        outcome = self._outcome(job, workloads) if job is not None and reading else None
         view = ClassView(
-            job=_job_state(job) if job else None,
+            job=("Replaced" if replaced else _job_state(job)) if job else None,
             outcome=outcome,
             has_stable=bool(stable),
             mine=_track(mine) if mine else None,
             mine_ready=_ready(mine) if mine else 0,
             samples=self.observed.evidence.get(hardware.key),
+            job_uid=uid,
+            problem=pod_problem(p for p in self.observed.serving_pods if _is_of(p, self.revision, hardware.key)),
         )
         context = Context(self.spec.rollout, self.annotations, self.application, self.now)
         attempt, steps, verdict = advance(before, view, context)
         self.steps += steps
         attempt = self._handoff_decide((hardware, target), attempt, view, context)
         self.attempts[hardware.key] = attempt
+        if (due := due_in(attempt, view, context)) is not None:  # a deadline passes with nothing else happening
+            self.plan.wake_after = due if self.plan.wake_after is None else min(due, self.plan.wake_after)
         entry = class_entry(hardware, target.engine, target.precision, attempt.state, attempt.message)
         evidence = evidence_of(attempt, view) if attempt.state == "Shadowing" else None
         live = shadow_figures(evidence) if evidence is not None else {}
@@ -251,7 +274,10 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
             # The engine the target names, unless auto chose one (then the build says which).
             entry |= {k: v for k, v in attempt.build.items() if k != "engine" or attempt.build.get("chosen")}
         if attempt.state in {"Building", "Failed"}:
-            if job is None and attempt.state == "Building" and not held:
+            if job is not None and uid is not None and attempt.state == "Building" and uid == attempt.replaced_job:
+                self.plan.delete.append(_ref(job | {"kind": "Job"}))  # the new build starts once it is gone
+                entry |= {"message": "building again: removing the failed build Job first"}
+            elif job is None and attempt.state == "Building" and not held:
                 job = build_job_for_class(self.body, hardware, target, self.revision, self.images)
                 job = without_cache(job) if attempt.rebuild else job
                 self.plan.create.append(job)
@@ -269,7 +295,8 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
             return self._promoted(slot, entry)
         if (cannot := self._cannot_shadow(hardware, attempt, entry)) is not None:  # no candidate: no room for one
             return self._with_stable(cannot, stable)
-        return self._candidate(slot, entry, verdict, live)
+        entry = self._candidate(slot, entry, verdict, live)
+        return entry | ({"message": attempt.reason} if attempt.timed_out and attempt.state == "Shadowing" else {})
 
     def _rebuild(self, hardware: HardwareClass, attempt: Attempt, job: Obj | None) -> tuple[Attempt, bool]:
         """The attempt once a fallback of its pods started a rebuild (see `rebuild`), and whether the build it
@@ -300,7 +327,9 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         state = _job_state(job)
         if state == "Active":
             return None
-        outcome, newly_read = read_outcome(job, self.observed.pods, job_succeeded=state == "Complete")
+        uid = job["metadata"].get("uid")  # a Job made again under the same name never reads its forerunner's pods
+        pods = [p for p in self.observed.pods if not uid or uid in _owners(p) or not _owners(p)]
+        outcome, newly_read = read_outcome(job, pods, job_succeeded=state == "Complete")
         found = recovered(job, workloads) if outcome.get("reason") == LOST and state == "Complete" else None
         outcome, newly_read = (found, True) if found else (outcome, newly_read)
         if newly_read:

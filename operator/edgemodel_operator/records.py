@@ -40,6 +40,8 @@ class Attempt:
     its shadow counters when shadowing began (see `analysis.since`); `figures` are the shadow figures
     the decision was made on; `approval` is the annotation (name=value) that decided, if one did;
     `handoff` is what a single-accelerator class's handoff measured (see `handoff.windows`).
+    The deadline and retry fields (`built` to `timed_out`, see `rollout`) and `rebuild` are newer: older
+    records without them read as None.
     """
 
     revision: str
@@ -60,6 +62,12 @@ class Attempt:
     # Set when the class's pods could not load the built engine and it is built again (see `rebuild`):
     # {"artifactDigest": the engine replaced, "job": UID of its build Job, "reason": the load failure}.
     rebuild: Obj | None = None
+    built: str | None = None  # when the build was there (the progress deadline counts from it)
+    retries: int | None = None  # automatic retries of an infrastructure failure taken (see rollout.retry_build)
+    retry_at: str | None = None  # when the next automatic retry of a failed build is due
+    retry_request: str | None = None  # the value of edgeml.dev/retry-build last honoured (or present at the start)
+    replaced_job: str | None = None  # UID of the failed Job a retry replaces: deleted, never read again
+    timed_out: str | None = None  # when the shadow reached its timeout (onTimeout Hold keeps shadowing)
 
     @property
     def identity(self) -> str:

@@ -231,6 +231,16 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ("zero shadow duration", _set("spec.rollout.shadow.duration", "0s"), "spec.rollout.shadow.duration", "positive"),
     ("shadow duration in words", _set("spec.rollout.shadow.duration", "5 minutes"), "duration", "should match"),
     (
+        "shadow timeout shorter than its duration",
+        _set("spec.rollout.shadow", {"duration": "10m", "timeout": "5m"}),
+        "spec.rollout.shadow.timeout",
+        "timeout must be at least duration",
+    ),
+    ("zero shadow timeout", _set("spec.rollout.shadow.timeout", "0s"), "spec.rollout.shadow.timeout", "positive"),
+    ("unknown timeout policy", _set("spec.rollout.shadow.onTimeout", "Wait"), "onTimeout", "Unsupported value"),
+    ("zero progress deadline", _set("spec.rollout.progressDeadline", "0s"), "progressDeadline", "positive"),
+    ("progress deadline in words", _set("spec.rollout.progressDeadline", "ten minutes"), "progressDeadline", "match"),
+    (
         "duplicate input names",
         _set("spec.inputs", [{"name": "x", "shape": [1], "dtype": "float32"}] * 2),
         "spec.inputs[1]",
@@ -289,6 +299,9 @@ def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbe
         "agreement": {"maxRelativeError": 0.05, "minTop1Agreement": 1.0},
     }
     assert stored["spec"]["rollout"]["autoPromote"] is True
+    assert stored["spec"]["rollout"]["progressDeadline"] == "10m"
+    assert stored["spec"]["rollout"]["shadow"]["onTimeout"] == "Rollback"
+    assert "timeout" not in stored["spec"]["rollout"]["shadow"]  # unset: 1h, or twice the duration when longer
 
 
 @pytest.mark.parametrize(

@@ -342,6 +342,16 @@ class Serving(ApiModel):
 class Shadow(ApiModel):
     """How long and how much live traffic is mirrored to a candidate revision."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.timeout) || duration(self.timeout) >= duration(self.duration)",
+                "timeout must be at least duration: a shadow cannot time out before it may decide",
+                ".timeout",
+            )
+        )
+    }
+
     mirror_percent: float = Field(
         default=100,
         gt=0,
@@ -352,6 +362,18 @@ class Shadow(ApiModel):
         default=100, ge=1, le=100_000_000, description="Mirrored requests needed before a decision."
     )
     duration: Duration = Field(default="5m", description="Shortest time to shadow before a decision, e.g. 5m.")
+    timeout: Duration | None = Field(
+        default=None,
+        description="Longest time to shadow without a decision, e.g. 1h; then onTimeout applies. At least "
+        "duration. Default: 1h, or twice duration when that is longer.",
+    )
+    on_timeout: Literal["Rollback", "Promote", "Hold"] = Field(
+        default="Rollback",
+        description="What a shadow that reaches its timeout without a decision does: Rollback removes the "
+        "candidate; Promote promotes it unless the evidence so far fails the analysis (the timeout stands in "
+        "for an approval); Hold keeps shadowing until a person sets edgeml.dev/promote or edgeml.dev/rollback. "
+        "The reason is ShadowTimeout with the figures gathered so far.",
+    )
 
 
 class Analysis(ApiModel):
@@ -390,6 +412,12 @@ class Rollout(ApiModel):
     )
     auto_rollback: bool = Field(
         default=True, description="Remove a candidate that fails analysis without waiting for a person."
+    )
+    progress_deadline: Duration = Field(
+        default="10m",
+        description="Longest time a built candidate may take to have a Ready pod, e.g. 10m; past it the candidate "
+        "is rolled back with the reason its pods show (image pull, crash loop with the last exit, OOMKilled, "
+        "unschedulable with the scheduler's message).",
     )
 
 
