@@ -58,20 +58,23 @@ def measure_interleaved(
 
     Each round gives every variant a block of runs after one untimed run: alternating single
     calls would have each model evict the other's weights from the caches and wake the other's
-    idle thread pool, measuring the alternation rather than the models.
+    idle thread pool, measuring the alternation rather than the models. The order of the variants
+    reverses every round.
     """
     for run in runners.values():
         for _ in range(warmup):
             run()
     timings: dict[str, list[float]] = {name: [] for name in runners}
     deadline = time.perf_counter() + budget_s * len(runners)
+    order = list(runners.items())
     while True:
-        for name, run in runners.items():
+        for name, run in order:
             run()
             for _ in range(block):
                 started = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - started)
+        order.reverse()  # alternate which variant runs first, so neither always follows the other
         runs = len(next(iter(timings.values())))
         if runs >= max_runs or (runs >= min_runs and time.perf_counter() >= deadline):
             break

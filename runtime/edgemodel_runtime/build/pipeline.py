@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemodel_runtime.build import compare, fetch, hardware, measure, modelcheck, modelfiles, report, tensors
+from edgemodel_runtime.build import (
+    compare,
+    fetch,
+    hardware,
+    measure,
+    modelcheck,
+    modelfiles,
+    quantize,
+    report,
+    tensors,
+)
 from edgemodel_runtime.build.errors import BadInputError, BuildError, InfrastructureError, ValidationFailedError
 from edgemodel_runtime.build.request import (
     ARTIFACT_NAME,
@@ -22,6 +32,7 @@ from edgemodel_runtime.build.request import (
     DataFile,
     Engine,
     Precision,
+    accuracy_aware,
     builder_version,
     cached_report,
     check_request,
@@ -49,6 +60,8 @@ class _Build:
         self.identity = identity
         self.external = False  # whether the model keeps weights in external-data files
         self.work = request.output / ".work"
+        self.int8: quantize.Int8Outcome | None = None  # the accuracy-aware INT8 procedure's outcome, when it ran
+        self.validation_set: tuple[list[tensors.Sample], list[tensors.Sample]] = ([], [])
         self.report: dict[str, Any] = {
             "version": report.REPORT_VERSION,
             "status": "failed",
@@ -87,6 +100,7 @@ class _Build:
                 for sample, known in zip(samples, given, strict=True)
             ]
 
+        self.validation_set = (samples, expected)
         _log(f"step 3/6: optimise for {request.engine} {request.precision}")
         candidate = self._optimise(model, inputs)
 
@@ -162,6 +176,10 @@ class _Build:
             shapes = {info.name: info.shape for info in inputs}
             target = self.work / ARTIFACT_NAME["openvino"]
             return openvino_engine.compile_to_artifact(model, target, request.precision, shapes)
+        return self._optimise_onnxruntime(model, inputs)
+
+    def _optimise_onnxruntime(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
+        request = self.request
         optimised = ortx.optimize_graph(model, self.work / "fp32.onnx", request.graph_optimization, self.external)
         if request.precision == "fp32":
             return optimised
@@ -169,7 +187,37 @@ class _Build:
             return ortx.convert_fp16(optimised, self.work / "fp16.onnx", self.external)
         if quantization(request) == "dynamic":
             return ortx.quantize_dynamic_int8(model, self.work / "int8.onnx", self.external)
+        if accuracy_aware(request):
+            return self._accuracy_aware_int8(model, optimised, inputs)
         return self._quantize_static(model, inputs)
+
+    def _accuracy_aware_int8(self, model: Path, optimised: Path, inputs: list[tensors.TensorInfo]) -> Path:
+        """Speed gate, calibration chosen by validation, fewest nodes in FP32 (build/quantize.py)."""
+        request = self.request
+        assert request.calibration is not None  # checked by check_request
+        path = fetch_data(request.calibration, self.work, "calibration", request.allow_local)
+        calibration, _ = tensors.load_samples(path, inputs, request.calibration.location)
+        samples, expected = self.validation_set
+        tolerance = request.tolerance or compare.DEFAULT_TOLERANCES["int8"]
+        try:
+            outcome = quantize.accuracy_aware_int8(
+                model, calibration, samples, expected, tolerance=tolerance, work=self.work / "int8",
+                min_speedup=request.int8_min_speedup, benchmark_seconds=request.benchmark_seconds,
+                methods=[request.calibration_method] if request.calibration_method else None,
+                fp32_model=optimised, log=_log,
+            )  # fmt: skip
+        except BadInputError as error:
+            raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
+        self.int8 = outcome
+        self.report["calibration"] = {
+            "uri": request.calibration.location,
+            "sha256": sha256_file(path),
+            "samples": len(calibration),
+            "method": outcome.calibration,
+        }
+        self.report["int8"] = outcome.as_report()
+        self.report["precision"] = outcome.precision
+        return outcome.path
 
     def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo]) -> Path:
         request = self.request
@@ -180,11 +228,11 @@ class _Build:
             "uri": request.calibration.location,
             "sha256": sha256_file(path),
             "samples": len(calibration),
-            "method": request.calibration_method,
+            "method": request.calibration_method or "minmax",
         }
         try:
             return ortx.quantize_static_int8(
-                model, self.work / "int8.onnx", calibration, request.calibration_method, self.external
+                model, self.work / "int8.onnx", calibration, request.calibration_method or "minmax", self.external
             )
         except BadInputError as error:
             raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
@@ -265,6 +313,8 @@ class _Build:
         comparison: compare.Comparison,
     ) -> Path:
         request = self.request
+        if self.int8 is not None:
+            return self._decide_int8(self.int8, samples, expected)
         runners = {"candidate": self._runner(candidate, samples[0])}
         fp32 = self.work / "fp32.onnx"
         if request.precision == "int8" and request.engine == "onnxruntime":
@@ -301,6 +351,29 @@ class _Build:
                 reason="LatencyBudgetMissed",
             )
         return final
+
+    def _decide_int8(
+        self, outcome: quantize.Int8Outcome, samples: list[tensors.Sample], expected: list[tensors.Sample]
+    ) -> Path:
+        """The accuracy-aware procedure already timed int8 against fp32 side by side: record its decision."""
+        shipped = outcome.latency["int8" if outcome.precision == "int8" else "fp32"]
+        self.report["candidate"]["latency"] = outcome.latency["int8"].as_dict()
+        self.report["fp32"] = {"latency": outcome.latency["fp32"].as_dict()}
+        self.report["int8Speedup"] = round(outcome.speedup, 3)
+        if outcome.precision == "fp32":
+            self.report["fp32"]["comparison"] = self.report["candidate"]["comparison"]
+        self.report["decision"] = {
+            "action": "keep" if outcome.precision == "int8" else "fallback-fp32",
+            "reason": outcome.reason,
+        }
+        self.report["latency"] = shipped.as_dict()
+        budget = self.request.latency_budget_ms
+        if budget is not None and shipped.p99_ms > budget:
+            raise ValidationFailedError(
+                f"p99 latency {shipped.p99_ms:.2f} ms exceeds the budget of {budget} ms on this class",
+                reason="LatencyBudgetMissed",
+            )
+        return outcome.path
 
     def _publish(self, artifact: Path) -> None:
         request = self.request

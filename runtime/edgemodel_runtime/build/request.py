@@ -40,7 +40,7 @@ class BuildRequest:
     output: Path = Path("engine")
     quantization: Literal["static", "dynamic"] | None = None
     calibration: DataFile | None = None
-    calibration_method: ortx.CalibrationMethodName = "minmax"
+    calibration_method: ortx.CalibrationMethodName | None = None  # None: chosen by validation (minmax for tensorrt)
     reference: DataFile | None = None
     tolerance: compare.Tolerance | None = None
     latency_budget_ms: float | None = None
@@ -78,7 +78,16 @@ def options(request: BuildRequest, model_identity: dict[str, Any] | None = None)
         "calibrationMethod": request.calibration_method if request.precision == "int8" else None,
         "graphOptimization": request.graph_optimization,
         "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
+        **({"int8Procedure": INT8_PROCEDURE} if accuracy_aware(request) else {}),
     }
+
+
+INT8_PROCEDURE = "accuracy-aware-1"  # build/quantize.py; a new procedure changes the cache key
+
+
+def accuracy_aware(request: BuildRequest) -> bool:
+    """Whether the build runs the accuracy-aware INT8 procedure (onnxruntime, static int8)."""
+    return request.engine == "onnxruntime" and quantization(request) == "static"
 
 
 def quantization(request: BuildRequest) -> str | None:
@@ -116,12 +125,18 @@ def check_request(request: BuildRequest) -> None:
             raise BadInputError(f"--{name} {data.location} is a URI and needs --{name}-sha256", reason="InvalidOption")
         if data.sha256 is not None:
             fetch.check_digest(data.sha256)
-    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
-        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
+    _check_numbers(request)
     if request.engine == "tensorrt":
         from edgemodel_runtime.engines import tensorrt_engine
 
         tensorrt_engine.require()
+
+
+def _check_numbers(request: BuildRequest) -> None:
+    if not 0 <= request.int8_min_speedup <= 100:
+        raise BadInputError("--int8-min-speedup must be between 0 and 100", reason="InvalidOption")
+    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
+        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
 
 
 def cached_report(request: BuildRequest, key: str) -> dict[str, Any] | None:

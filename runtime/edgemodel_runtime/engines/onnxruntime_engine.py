@@ -174,6 +174,12 @@ def _prepare_for_quantization(source: Path, target: Path, external: bool = False
     return prepared
 
 
+def prepare_for_quantization(source: Path, target: Path, external: bool = False) -> Path:
+    """`source` as quantisation needs it (opset 13 or later, shapes inferred, constants folded), written beside
+    `target` as `<target stem>.pre.onnx`; returns that path. Raises BadInputError (QuantizationFailed)."""
+    return _prepare_for_quantization(source, target, external)
+
+
 def _remove_scratch(target: Path) -> None:
     for suffix in (".pre.onnx", ".opset.onnx"):
         target.with_suffix(suffix).unlink(missing_ok=True)
