@@ -121,6 +121,18 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (
+        "int8MinSpeedup on fp32",
+        _engine(int8MinSpeedup=1.2),
+        "spec.targets.engines[0].int8MinSpeedup",
+        "applies only to precision int8",
+    ),
+    (
+        "negative int8MinSpeedup",
+        _engine(precision="int8", quantization="dynamic", int8MinSpeedup=-1),
+        "int8MinSpeedup",
+        "greater than or equal to 0",
+    ),
+    (
         "static int8 without calibration",
         _engine(precision="int8"),
         "spec.targets.engines[0].calibration",

@@ -129,6 +129,11 @@ class EngineTarget(ApiModel):
                 ".calibrationMethod",
             ),
             cel(
+                "!has(self.int8MinSpeedup) || self.precision == 'int8'",
+                "int8MinSpeedup applies only to precision int8",
+                ".int8MinSpeedup",
+            ),
+            cel(
                 "self.engine != 'tensorrt' || !has(self.match.accelerator) || self.match.accelerator != 'none'",
                 "engine tensorrt needs an NVIDIA accelerator, but this entry matches CPU-only classes",
                 ".engine",
@@ -173,7 +178,18 @@ class EngineTarget(ApiModel):
         default=None, description="An .npz file of representative inputs, used to calibrate static int8 quantization."
     )
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(
-        default=None, description="How activation ranges are chosen from the calibration data (default minmax)."
+        default=None,
+        description="How activation ranges are chosen from the calibration data. Unset: engine onnxruntime tries "
+        "all three and keeps the one whose outputs are closest to the fp32 reference on the validation set; "
+        "tensorrt uses minmax. Set: only that method.",
+    )
+    int8_min_speedup: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="For int8 (onnxruntime): the least speed-up over the optimised fp32 engine, as a ratio of "
+        "median latencies measured side by side on the class's own node, that int8 must give; below it the build "
+        "ships the fp32 engine and says so in its report. Default 1.1; 0 accepts any speed.",
     )
 
 
