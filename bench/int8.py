@@ -34,12 +34,13 @@ from edgemodel_runtime.engines import onnxruntime_engine as ortx  # noqa: E402
 from edgemodel_runtime.packaged import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel  # noqa: E402
 
 Inputs = Callable[..., list[dict[str, Any]]]
-# Tolerances: the detector's goal (cosine 0.99 on the probability map); the others at the int8 defaults.
+# Tolerances: the detector's (cosine 0.99 on the probability map, no per-pixel bound); the others at the int8
+# defaults.
 MODELS: dict[str, tuple[PackagedModel, Inputs, compare.Tolerance]] = {
     OCR_DET.name: (
         OCR_DET,
         functools.partial(samples.detector_inputs, height=480, width=640),
-        compare.Tolerance(max_relative_error=0.15, min_cosine=0.99),
+        compare.Tolerance(min_cosine=0.99),
     ),
     OCR_CLS.name: (
         OCR_CLS,
@@ -80,6 +81,7 @@ def bench_model(name: str, seconds: float, count: int) -> dict[str, Any]:
             benchmark_seconds=seconds, log=lambda line: print(f"  {line}", file=sys.stderr, flush=True),
         )  # fmt: skip
         build_s = time.monotonic() - started
+        print(f"  {outcome.action}: {outcome.reason}", file=sys.stderr, flush=True)
         shipped = ortx.session(outcome.path)
         outputs = [ortx.run(shipped, s) for s in held_out]
         figures = compare.compare(reference, outputs)

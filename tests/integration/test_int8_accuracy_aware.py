@@ -18,12 +18,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edgemodel_runtime import samples
 from edgemodel_runtime.build import compare, quantize
 from edgemodel_runtime.build.errors import ExitCode
 from edgemodel_runtime.build.qdq import keep_fp32, quantized_nodes
 from edgemodel_runtime.build.tensors import save_samples
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
+from edgemodel_runtime.packaged import SILERO_VAD
 from tests import onnx_models
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
@@ -261,3 +263,21 @@ def test_build_lists_the_nodes_kept_in_fp32_and_their_effect(
     assert f"{len(nodes)} of 4 nodes kept in fp32" in report["message"]
     shipped = onnx.load(str(out / "model.onnx"))
     assert set(quantized_nodes(shipped)) == {"conv0", "conv1", "conv2", "fc"} - {n["node"] for n in nodes}
+
+
+def test_surgery_keeps_what_control_flow_bodies_read_from_the_main_graph(tmp_path: Path) -> None:
+    """silero VAD's If bodies read main-graph tensors that no main-graph node reads: pruning must keep them."""
+    model = SILERO_VAD.path()
+    prepared = quantize._prepare(model, tmp_path)
+    calibration = samples.vad_inputs(2, seed=1)
+    ranges = quantize.calibration_ranges(prepared, calibration, "minmax", tmp_path)
+    quantized = onnx.load(str(quantize._quantize(prepared, tmp_path / "int8.onnx", ranges, "minmax")))
+    originals = {i.name: i for i in onnx.load(str(prepared)).graph.initializer}
+    names = quantized_nodes(quantized)
+    assert names
+    for kept in ([names[0]], [names[-1]], names):
+        surgery = keep_fp32(quantized, kept, originals)
+        path = tmp_path / "surgery.onnx"
+        onnx.save(surgery, str(path))
+        outputs = ortx.run(ortx.session(path), calibration[0])
+        assert all(np.isfinite(v).all() for v in outputs.values())

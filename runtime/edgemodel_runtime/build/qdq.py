@@ -16,11 +16,12 @@ import numpy.typing as npt
 
 __all__ = ["OP_TYPES", "keep_fp32", "quantized_nodes"]
 
-OP_TYPES = ("Conv", "MatMul")
+OP_TYPES = ("Conv", "MatMul", "Gemm")  # Gemm: a MatMul with bias, as pre-processing fuses MatMul + Add
 
 
 def quantized_nodes(model: Any) -> list[str]:
-    """Names of the `OP_TYPES` nodes of a QDQ ModelProto that read at least one dequantised input."""
+    """Names of the `OP_TYPES` nodes of a QDQ ModelProto's main graph that read at least one dequantised input
+    (nodes inside If/Loop bodies are not candidates: they stay as quantised)."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n.name for n in model.graph.node if n.op_type in OP_TYPES and any(i in dequantized for i in n.input)]
 
@@ -113,12 +114,24 @@ def _bypass_output(model: Any, node: Any, index: int, tensor: str, still_quantiz
                 consumer.input[position] = tensor
 
 
+def _read_names(graph: Any) -> set[str]:
+    """Every name the graph's nodes read, those of nested subgraphs (If, Loop, Scan bodies) included: a body may
+    read an outer-scope tensor or initializer."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                read |= _read_names(body)
+    return read
+
+
 def _prune(model: Any) -> None:
     """Remove Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     while True:
-        read = {i for n in graph.node for i in n.input} | outputs
+        read = _read_names(graph) | outputs
         dead = [
             n
             for n in graph.node
@@ -128,6 +141,6 @@ def _prune(model: Any) -> None:
             break
         for node in dead:
             graph.node.remove(node)
-    read = {i for n in graph.node for i in n.input}
+    read = _read_names(graph)
     for initializer in [i for i in graph.initializer if i.name not in read]:
         graph.initializer.remove(initializer)

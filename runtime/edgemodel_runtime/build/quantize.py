@@ -16,9 +16,10 @@ quantised; a tolerance that cannot be met is `met=False`, for the caller to turn
 
 The procedure, in order:
 
-1. Speed gate. Conv and MatMul only are quantised (QDQ, unsigned 8-bit activations, signed 8-bit per-channel
-   weights), calibrated with minmax, and timed against the fp32-optimised model in one run (`measure`: blocks per
-   model, the first call after a switch untimed, the order alternating). Below `min_speedup` (fp32 p50 / int8
+1. Speed gate. Conv and MatMul only are quantised (Gemm too: pre-processing fuses a MatMul and its Add into
+   one), as QDQ with unsigned 8-bit activations and signed 8-bit per-channel weights, calibrated with minmax,
+   and timed against the fp32-optimised model in one run (`measure`: blocks per model, the first call after a
+   switch untimed, the order alternating). Below `min_speedup` (fp32 p50 / int8
    p50) the fp32-optimised model is shipped: it is faster and faithful. Small models lose here: the Q/DQ work
    outweighs the cheaper arithmetic.
 2. Calibration. minmax, percentile (99.999th percentile) and entropy (KL divergence over a
@@ -296,6 +297,7 @@ class _Search:
     expected: Sequence[Outputs]
     tolerance: compare.Tolerance | compare.Tolerances
     work: Path
+    log: Callable[[str], None]
     evaluated: int = 0
 
     def evaluate(self, path: Path) -> tuple[compare.Comparison, float]:
@@ -327,7 +329,9 @@ def _rank(
     load (worst sample), then `meanEffect`, the drop in the mean per-sample load; most helpful first."""
     base_load, base_mean = tolerance_load(base, search.tolerance), search.mean(base)
     ranked = []
-    for name in quantized_nodes(quantized):
+    candidates = quantized_nodes(quantized)
+    search.log(f"int8: measuring the effect of each of {len(candidates)} quantised nodes alone in fp32")
+    for name in candidates:
         comparison, load = search.evaluate_model(keep_fp32(quantized, [name], originals), "rank.onnx")
         op_type = next(n.op_type for n in quantized.graph.node if n.name == name)
         if math.isfinite(base_load):
@@ -400,7 +404,7 @@ def accuracy_aware_int8(
     fp32 = fp32_model or ortx.optimize_graph(model, work / "fp32.onnx")
     prepared = _prepare(model, work)
     originals = {i.name: i for i in onnx.load(str(prepared)).graph.initializer}
-    search = _Search(samples, expected, tolerance, work)
+    search = _Search(samples, expected, tolerance, work, log)
     candidates = list(methods or CALIBRATION_METHODS)
     first = "minmax" if "minmax" in candidates else candidates[0]
     ranges = calibration_ranges(prepared, calibration, first, work)
