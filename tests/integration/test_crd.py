@@ -114,10 +114,10 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "only available with engine openvino",
     ),
     (
-        "int8 on openvino",
-        _engine(engine="openvino", precision="int8", calibration={"uri": "https://h/c.npz", "sha256": DIGEST}),
-        "spec.targets.engines[0].precision",
-        "for int8 use engine onnxruntime",
+        "dynamic int8 on openvino",
+        _engine(engine="openvino", precision="int8", quantization="dynamic"),
+        "spec.targets.engines[0].quantization",
+        "only available with engine onnxruntime",
     ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (

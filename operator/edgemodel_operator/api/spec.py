@@ -150,11 +150,6 @@ class EngineTarget(ApiModel):
                 "precision bf16 is only available with engine openvino",
                 ".precision",
             ),
-            cel(
-                "self.engine != 'openvino' || self.precision != 'int8'",
-                "engine openvino builds fp32 and bf16 (fp16 on CPUs that have it); for int8 use engine onnxruntime",
-                ".precision",
-            ),
         )
     }
 
@@ -167,7 +162,10 @@ class EngineTarget(ApiModel):
     precision: Precision = Field(
         default="fp32",
         description="Numeric precision of the engine. bf16 needs engine openvino and a CPU with BF16 "
-        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason.",
+        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason. int8 needs calibration "
+        "data (or quantization dynamic, onnxruntime only): onnxruntime runs its accuracy-aware procedure (speed "
+        "gate, calibration chosen by validation, the fewest nodes kept in fp32), openvino quantises with NNCF's "
+        "accuracy control against the validation set.",
     )
     quantization: Literal["static", "dynamic"] | None = Field(
         default=None,

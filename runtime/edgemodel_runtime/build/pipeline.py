@@ -73,7 +73,10 @@ class _Build:
             "classKey": class_key,
             "model": {"uri": request.model, "sha256": fetch.check_digest(request.sha256)},
             "options": options(request, identity),
-            "versions": {"builder": builder_version(request.engine), "python": sys.version.split()[0]},
+            "versions": {
+                "builder": builder_version(request.engine, request.precision),
+                "python": sys.version.split()[0],
+            },
             "hardware": machine.as_dict(),
         }
 
@@ -175,6 +178,8 @@ class _Build:
             # stale outputs (one thread) or a crash on inputs the model cannot compute with.
             shapes = {info.name: info.shape for info in inputs}
             target = self.work / ARTIFACT_NAME["openvino"]
+            if request.precision == "int8":
+                return self._openvino_int8(model, inputs, target, shapes)
             return openvino_engine.compile_to_artifact(model, target, request.precision, shapes)
         return self._optimise_onnxruntime(model, inputs)
 
@@ -190,6 +195,30 @@ class _Build:
         if accuracy_aware(request):
             return self._accuracy_aware_int8(model, optimised, inputs)
         return self._quantize_static(model, inputs)
+
+    def _openvino_int8(
+        self, model: Path, inputs: list[tensors.TensorInfo], target: Path, shapes: dict[str, tuple[int, ...]]
+    ) -> Path:
+        """NNCF with accuracy control against the validation set (build/openvino_int8.py)."""
+        from edgemodel_runtime.build import openvino_int8
+
+        request = self.request
+        assert request.calibration is not None  # checked by check_request
+        path = fetch_data(request.calibration, self.work, "calibration", request.allow_local)
+        calibration, _ = tensors.load_samples(path, inputs, request.calibration.location)
+        self.report["calibration"] = {
+            "uri": request.calibration.location,
+            "sha256": sha256_file(path),
+            "samples": len(calibration),
+            "method": "nncf",
+        }
+        samples, expected = self.validation_set
+        tolerance = request.tolerance or compare.DEFAULT_TOLERANCES["int8"]
+        outcome = openvino_int8.build_openvino_int8(
+            model, calibration, samples, expected, tolerance=tolerance, target=target, shapes=shapes, log=_log
+        )
+        self.report["openvinoInt8"] = outcome.as_report()
+        return outcome.path
 
     def _accuracy_aware_int8(self, model: Path, optimised: Path, inputs: list[tensors.TensorInfo]) -> Path:
         """Speed gate, calibration chosen by validation, fewest nodes in FP32 (build/quantize.py)."""
@@ -423,7 +452,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
         engine=request.engine,
         precision=request.precision,
         class_key=class_key,
-        builder_version=builder_version(request.engine),
+        builder_version=builder_version(request.engine, request.precision),
         options=options(request, identity),
     )
     earlier = cached_report(request, key)

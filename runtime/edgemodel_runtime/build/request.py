@@ -55,7 +55,7 @@ class BuildRequest:
     benchmark_seconds: float = 2.0
 
 
-def builder_version(engine: Engine) -> str:
+def builder_version(engine: Engine, precision: Precision | None = None) -> str:
     parts = [f"edgemodel-{package_version('edgemodel')}", f"onnxruntime-{ortx.version()}"]
     if engine == "tensorrt":
         from edgemodel_runtime.engines import tensorrt_engine
@@ -65,6 +65,10 @@ def builder_version(engine: Engine) -> str:
         from edgemodel_runtime.engines import openvino_engine
 
         parts.append(f"openvino-{openvino_engine.version()}")
+        if precision == "int8":
+            from edgemodel_runtime.build.openvino_int8 import nncf_version
+
+            parts.append(f"nncf-{nncf_version()}")
     return "+".join(parts)
 
 
