@@ -270,8 +270,14 @@ def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbe
         {"match": {"arch": "amd64"}, "engine": "openvino"},
         {"match": {"arch": "amd64", "accelerator": "none"}, "engine": "openvino", "precision": "bf16"},
         {"match": {"arch": "arm64", "cpuFeatures": ["ASIMDHP"]}, "engine": "openvino", "precision": "fp16"},
+        {
+            "match": {"arch": "amd64"},
+            "engine": "openvino",
+            "precision": "int8",
+            "calibration": {"uri": "https://h/c.npz", "sha256": DIGEST},
+        },
     ],
-    ids=["fp32", "bf16 on CPU-only classes", "fp16 on CPUs with half precision"],
+    ids=["fp32", "bf16 on CPU-only classes", "fp16 on CPUs with half precision", "int8 with calibration data"],
 )
 def test_openvino_on_cpu_classes_is_accepted(crd: Testbed, namespace: str, entry: dict[str, Any]) -> None:
     manifest = valid_manifest("openvino")
