@@ -139,7 +139,7 @@ def test_the_speed_gate_ships_fp32_when_int8_is_slower_at_the_default_threshold(
     )  # fmt: skip
     assert outcome.speedup < 1.1, outcome.speedup
     assert (outcome.precision, outcome.action, outcome.met) == ("fp32", "speed-gate-fp32", True)
-    assert outcome.speedup == pytest.approx(outcome.latency["fp32"].p50_ms / outcome.latency["int8"].p50_ms)
+    assert outcome.latency["fp32"].runs == outcome.latency["int8"].runs >= 40
     assert "below int8MinSpeedup 1.1" in outcome.reason
     assert not quantized_nodes(onnx.load(str(outcome.path)))
     assert outcome.as_report()["shipped"] == "fp32"

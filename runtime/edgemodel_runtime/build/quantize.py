@@ -18,9 +18,9 @@ The procedure, in order:
 
 1. Speed gate. Conv and MatMul only are quantised (Gemm too: pre-processing fuses a MatMul and its Add into
    one), as QDQ with unsigned 8-bit activations and signed 8-bit per-channel weights, calibrated with minmax,
-   and timed against the fp32-optimised model in one run (`measure`: blocks per model, the first call after a
-   switch untimed, the order alternating). Below `min_speedup` (fp32 p50 / int8
-   p50) the fp32-optimised model is shipped: it is faster and faithful. Small models lose here: the Q/DQ work
+   and timed against the fp32-optimised model in one run (`measure.paired_ratio`: blocks per model, the first
+   call after a switch untimed, the order alternating, the median of per-round ratios). Below `min_speedup` the
+   fp32-optimised model is shipped: it is faster and faithful. Small models lose here: the Q/DQ work
    outweighs the cheaper arithmetic.
 2. Calibration. minmax, percentile (99.999th percentile) and entropy (KL divergence over a
    `ENTROPY_BINS`-bin histogram) each quantise the model; the one whose outputs use least of the tolerance on the
@@ -78,10 +78,11 @@ class Int8Outcome:
     """What `accuracy_aware_int8` decided, and the evidence.
 
     `path`: the model to ship; `precision`: `int8` or `fp32`; `met`: whether `path` meets the tolerance;
-    `comparison`: `path` against the reference; `speedup`: fp32 p50 / int8 p50 at the last timing (> 1: int8
-    faster); `latency`: the last timing's figures by `fp32` / `int8`; `calibration`: the method chosen (None
-    when the speed gate stopped before choosing); `calibrations`: each method's figures; `fp32_nodes`: the nodes
-    kept in FP32, most harmful first, each with its measured effect; `action` and `reason`: the decision.
+    `comparison`: `path` against the reference; `speedup`: how many times faster int8 ran than fp32 at the last
+    timing (> 1: int8 faster); `latency`: the last timing's figures by `fp32` / `int8`; `calibration`: the
+    method chosen (None when the speed gate stopped before choosing); `calibrations`: each method's figures;
+    `fp32_nodes`: the nodes kept in FP32, most harmful first, each with its measured effect; `action` and
+    `reason`: the decision.
     """
 
     path: Path
@@ -268,10 +269,10 @@ def _prepare(model: Path, work: Path) -> Path:
 
 
 def paired_speedup(fp32: Path, int8: Path, sample: Sample, budget_s: float) -> tuple[float, dict[str, measure.Latency]]:
-    """fp32 p50 / int8 p50 on this machine, both timed in one run (`measure.measure_interleaved`)."""
-    runners = {"fp32": _runner(fp32, sample), "int8": _runner(int8, sample)}
-    latency = measure.measure_interleaved(runners, budget_s=budget_s)
-    return latency["fp32"].p50_ms / latency["int8"].p50_ms, latency
+    """How many times faster int8 runs than fp32 on this machine (`measure.paired_ratio`: the median over rounds
+    of per-round ratios), and both latencies (`fp32`, `int8`)."""
+    ratio, latency = measure.paired_ratio(_runner(fp32, sample), _runner(int8, sample), budget_s=budget_s)
+    return ratio, {"fp32": latency["baseline"], "int8": latency["candidate"]}
 
 
 def _runner(path: Path, sample: Sample) -> measure.Runner:
