@@ -124,7 +124,29 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "int8MinSpeedup on fp32",
         _engine(int8MinSpeedup=1.2),
         "spec.targets.engines[0].int8MinSpeedup",
-        "applies only to precision int8",
+        "applies only to engine onnxruntime with precision int8",
+    ),
+    (
+        "int8MinSpeedup on openvino",
+        _engine(
+            engine="openvino",
+            precision="int8",
+            calibration={"uri": "https://h/c.npz", "sha256": DIGEST},
+            int8MinSpeedup=1.2,
+        ),
+        "spec.targets.engines[0].int8MinSpeedup",
+        "applies only to engine onnxruntime with precision int8",
+    ),
+    (
+        "calibrationMethod on openvino",
+        _engine(
+            engine="openvino",
+            precision="int8",
+            calibration={"uri": "https://h/c.npz", "sha256": DIGEST},
+            calibrationMethod="entropy",
+        ),
+        "spec.targets.engines[0].calibrationMethod",
+        "does not apply to engine openvino",
     ),
     (
         "negative int8MinSpeedup",

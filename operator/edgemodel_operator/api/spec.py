@@ -129,9 +129,14 @@ class EngineTarget(ApiModel):
                 ".calibrationMethod",
             ),
             cel(
-                "!has(self.int8MinSpeedup) || self.precision == 'int8'",
-                "int8MinSpeedup applies only to precision int8",
+                "!has(self.int8MinSpeedup) || (self.precision == 'int8' && self.engine == 'onnxruntime')",
+                "int8MinSpeedup applies only to engine onnxruntime with precision int8",
                 ".int8MinSpeedup",
+            ),
+            cel(
+                "!has(self.calibrationMethod) || self.engine != 'openvino'",
+                "calibrationMethod does not apply to engine openvino (NNCF calibrates int8 itself)",
+                ".calibrationMethod",
             ),
             cel(
                 "self.engine != 'tensorrt' || !has(self.match.accelerator) || self.match.accelerator != 'none'",

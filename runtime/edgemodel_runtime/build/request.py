@@ -119,6 +119,11 @@ def check_request(request: BuildRequest) -> None:
         )
     if quantization(request) == "static" and request.calibration is None:
         raise BadInputError("static int8 quantisation needs --calibration NPZ", reason="InvalidOption")
+    if request.calibration_method and request.engine == "openvino":
+        raise BadInputError(
+            "--calibration-method does not apply to --engine openvino (NNCF calibrates int8 itself)",
+            reason="InvalidOption",
+        )
     if request.quantization == "dynamic" and request.engine != "onnxruntime":
         raise BadInputError("dynamic quantisation is only available with --engine onnxruntime", reason="InvalidOption")
     for name, data in (("calibration", request.calibration), ("reference", request.reference)):
