@@ -25,7 +25,7 @@ from edgemodel_runtime.build.qdq import keep_fp32, quantized_nodes
 from edgemodel_runtime.build.tensors import save_samples
 from edgemodel_runtime.digests import sha256_file
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
-from edgemodel_runtime.packaged import SILERO_VAD
+from edgemodel_runtime.packaged import OCR_DET, SILERO_VAD
 from tests import onnx_models
 
 EDGEMODEL = str(Path(sys.executable).parent / "edgemodel")
@@ -281,3 +281,25 @@ def test_surgery_keeps_what_control_flow_bodies_read_from_the_main_graph(tmp_pat
         onnx.save(surgery, str(path))
         outputs = ortx.run(ortx.session(path), calibration[0])
         assert all(np.isfinite(v).all() for v in outputs.values())
+
+
+def test_with_every_node_in_fp32_the_detector_has_no_quantisation_left_and_computes_fp32(tmp_path: Path) -> None:
+    """ONNX Runtime also puts Q/DQ pairs around operators it quantises along (Resize): they go with the nodes
+    they served, or a model with every Conv in fp32 would still round."""
+    model = OCR_DET.path()
+    prepared = quantize._prepare(model, tmp_path)
+    inputs = samples.detector_inputs(2, height=96, width=128, seed=1)
+    ranges = quantize.calibration_ranges(prepared, inputs[:1], "minmax", tmp_path)
+    quantized = onnx.load(str(quantize._quantize(prepared, tmp_path / "int8.onnx", ranges, "minmax")))
+    originals = {i.name: i for i in onnx.load(str(prepared)).graph.initializer}
+    names = quantized_nodes(quantized)
+    everything = keep_fp32(quantized, names, originals)
+    assert not [n.name for n in everything.graph.node if n.op_type in {"QuantizeLinear", "DequantizeLinear"}]
+    onnx.save(everything, str(tmp_path / "all.onnx"))
+    reference = _expected(model, inputs)
+    figures = compare.compare(reference, [ortx.run(ortx.session(tmp_path / "all.onnx"), s) for s in inputs])
+    assert figures.max_abs_error is not None
+    assert figures.max_abs_error < 1e-4
+    half = keep_fp32(quantized, names[: len(names) // 2], originals)
+    onnx.checker.check_model(half)
+    assert set(quantized_nodes(half)) == set(names[len(names) // 2 :])

@@ -86,7 +86,51 @@ def keep_fp32(quantized: Any, nodes: Sequence[str], originals: Mapping[str, Any]
         for index, tensor in enumerate(node.output):
             _bypass_output(model, node, index, tensor, still_quantized)
     _prune(model)
+    _drop_stray_pairs(model)
+    _prune(model)
     return model
+
+
+def _drop_stray_pairs(model: Any) -> None:
+    """Bypass activation Q -> DQ pairs that no longer serve a quantised node, until none is left.
+
+    A pair serves when a quantised node writes its input, reads its output, or when a node reading its output
+    writes a tensor that is quantised again (DQ -> Resize -> Q, which ONNX Runtime runs in int8). Once the nodes
+    around it compute in fp32, a pair only adds rounding error: ONNX Runtime's quantiser also puts pairs around
+    operators it quantises along (Resize, Concat), and those stay behind when the Conv they fed is kept in fp32.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    while True:
+        quantized = set(quantized_nodes(model))
+        producer = {o: n for n in graph.node for o in n.output}
+        readers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        outputs = {o.name for o in graph.output}
+        changed = False
+        for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers]:
+            dqs = readers.get(q.output[0], [])
+            if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or dqs[0].output[0] in outputs:
+                continue
+            source, dq_out = producer.get(q.input[0]), dqs[0].output[0]
+            consumers = readers.get(dq_out, [])
+            requantized = any(
+                r.op_type == "QuantizeLinear" for c in consumers for o in c.output for r in readers.get(o, [])
+            )
+            if (source is not None and source.name in quantized) or requantized:
+                continue
+            if any(c.name in quantized for c in consumers):
+                continue
+            for consumer in consumers:
+                for position, name in enumerate(consumer.input):
+                    if name == dq_out:
+                        consumer.input[position] = q.input[0]
+            changed = True
+        if not changed:
+            return
+        _prune(model)
 
 
 def _bypass_output(model: Any, node: Any, index: int, tensor: str, still_quantized: set[str]) -> None:
