@@ -3,7 +3,8 @@
 Per model: calibration on realistic inputs (seed 1), the procedure's choices against the validation set
 (seed 2), then the shipped model against ONNX Runtime FP32 on held-out inputs (seed 3): figures, a
 binarised-mask agreement for the detector, and a fresh paired timing with an FP32-vs-FP32 control row to
-show the noise. Prints a Markdown table and, as its last line, one JSON object with every figure.
+show the noise (speed ratios: `measure.paired_ratio`, the median of per-round ratios). Prints a Markdown
+table and, as its last line, one JSON object with every figure.
 
     .venv/bin/python bench/int8.py [--seconds 3] [--models ppocr-det-v4,...]
 """
@@ -34,13 +35,14 @@ from edgemodel_runtime.engines import onnxruntime_engine as ortx  # noqa: E402
 from edgemodel_runtime.packaged import OCR_CLS, OCR_DET, OCR_REC, SILERO_VAD, PackagedModel  # noqa: E402
 
 Inputs = Callable[..., list[dict[str, Any]]]
-# Tolerances: the detector's (cosine 0.99 on the probability map, no per-pixel bound); the others at the int8
-# defaults.
+# Tolerances: the detector's bounds every pixel of its probability map (10% of its range) rather than the cosine:
+# samples.detector_inputs pages leave most maps near empty, where a per-sample cosine measures noise; the others
+# at the int8 defaults. `--tolerance` replaces them all.
 MODELS: dict[str, tuple[PackagedModel, Inputs, compare.Tolerance]] = {
     OCR_DET.name: (
         OCR_DET,
         functools.partial(samples.detector_inputs, height=480, width=640),
-        compare.Tolerance(min_cosine=0.99),
+        compare.Tolerance(max_relative_error=0.1),
     ),
     OCR_CLS.name: (
         OCR_CLS,
@@ -67,8 +69,9 @@ def _mask_agreement(reference: list[dict[str, Any]], candidate: list[dict[str, A
     return same / total if total else 0.0
 
 
-def bench_model(name: str, seconds: float, count: int) -> dict[str, Any]:
+def bench_model(name: str, seconds: float, count: int, override: compare.Tolerance | None) -> dict[str, Any]:
     model, make_inputs, tolerance = MODELS[name]
+    tolerance = override or tolerance
     calibration, validation, held_out = make_inputs(count, seed=1), make_inputs(count, seed=2), make_inputs(8, seed=3)
     reference_session = ortx.session(model.path())
     expected = [ortx.run(reference_session, s) for s in validation]
@@ -85,15 +88,10 @@ def bench_model(name: str, seconds: float, count: int) -> dict[str, Any]:
         shipped = ortx.session(outcome.path)
         outputs = [ortx.run(shipped, s) for s in held_out]
         figures = compare.compare(reference, outputs)
-        fp32 = ortx.session(work / "fp32.onnx")
-        control = ortx.session(work / "fp32.onnx")
-        runners: dict[str, measure.Runner] = {
-            "fp32": functools.partial(ortx.run, fp32, held_out[0]),
-            "fp32-control": functools.partial(ortx.run, control, held_out[0]),
-            "shipped": functools.partial(ortx.run, shipped, held_out[0]),
-        }
-        latency = measure.measure_interleaved(runners, warmup=5, budget_s=seconds)
-    base = latency["fp32"].p50_ms
+        fp32 = functools.partial(ortx.run, ortx.session(work / "fp32.onnx"), held_out[0])
+        control = functools.partial(ortx.run, ortx.session(work / "fp32.onnx"), held_out[0])
+        speed, latency = measure.paired_ratio(fp32, functools.partial(ortx.run, shipped, held_out[0]), budget_s=seconds)
+        noise, _ = measure.paired_ratio(fp32, control, budget_s=seconds)
     return {
         "model": name,
         "input": {k: list(v.shape) for k, v in held_out[0].items()},
@@ -109,7 +107,9 @@ def bench_model(name: str, seconds: float, count: int) -> dict[str, Any]:
             "withinTolerance": not compare.failures(figures, tolerance),
         },
         "latency": {
-            k: {"p50_ms": round(v.p50_ms, 3), "speedup_vs_fp32": round(base / v.p50_ms, 3)} for k, v in latency.items()
+            "fp32": {"p50_ms": round(latency["baseline"].p50_ms, 3)},
+            "shipped": {"p50_ms": round(latency["candidate"].p50_ms, 3), "speedup_vs_fp32": round(speed, 3)},
+            "fp32-control": {"speedup_vs_fp32": round(noise, 3)},
         },
     }
 
@@ -133,16 +133,25 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tolerance(text: str) -> compare.Tolerance:
+    keys = {"maxAbsError": "max_abs_error", "maxRelativeError": "max_relative_error", "minCosine": "min_cosine",
+            "minTop1Agreement": "min_top1_agreement"}  # fmt: skip
+    pairs = dict(part.split("=", 1) for part in text.split(","))
+    return compare.Tolerance(**{keys[k]: float(v) for k, v in pairs.items()})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per variant")
     parser.add_argument("--samples", type=int, default=8, help="calibration and validation inputs each")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--tolerance", help="KEY=VALUE[,KEY=VALUE] as for edgemodel build, for every model")
     args = parser.parse_args()
+    override = _tolerance(args.tolerance) if args.tolerance else None
     results = []
     for name in args.models.split(","):
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.seconds, args.samples))
+        results.append(bench_model(name, args.seconds, args.samples, override))
     machine = hardware.detect()
     print(_table(results))
     summary = {

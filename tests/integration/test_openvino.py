@@ -307,6 +307,8 @@ def test_int8_is_quantised_by_nncf_within_the_tolerance_and_served(tmp_path: Pat
     assert report["openvinoInt8"]["met"] is True
     assert 0 < report["openvinoInt8"]["maxDrop"] <= 1
     assert "+nncf-" in report["versions"]["builder"]
+    log = report["openvinoInt8"]["nncfLog"]
+    assert any(line.startswith("Metric of quantized model") for line in log), log
     config, _ = openvino_engine.read_config(output / "model.openvino")
     assert (config.precision, config.inference_precision) == ("int8", "f32")
     arrays = [np.random.default_rng(9).normal(size=(1, 3, 32, 32)).astype(np.float32) for _ in range(4)]

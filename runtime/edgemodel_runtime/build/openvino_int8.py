@@ -25,7 +25,7 @@ import contextlib
 import io
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from edgemodel_runtime.engines import openvino_engine
 __all__ = ["OpenVinoInt8Outcome", "build_openvino_int8", "nncf_version"]
 
 Outputs = Mapping[str, npt.NDArray[Any]]
+MAX_LOG_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class OpenVinoInt8Outcome:
     max_drop: float
     fp32_metric: float
     int8_metric: float
+    nncf_log: tuple[str, ...] = ()  # what NNCF's accuracy control reported (ranking, operations reverted)
 
     def as_report(self) -> dict[str, Any]:
         return {
@@ -64,6 +66,7 @@ class OpenVinoInt8Outcome:
             "fp32Metric": round(self.fp32_metric, 4),
             "int8Metric": round(self.int8_metric, 4),
             "met": self.met,
+            "nncfLog": list(self.nncf_log[-MAX_LOG_LINES:]),
         }
 
 
@@ -84,8 +87,31 @@ def _nncf() -> Any:
         raise InfrastructureError(
             "engine openvino precision int8 needs the nncf package (pip install nncf)", reason="EngineUnavailable"
         ) from error
-    logging.getLogger("nncf").setLevel(logging.WARNING)
     return nncf
+
+
+class _Captured(logging.Handler):
+    """NNCF's log lines, kept for the report instead of printed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    logger = logging.getLogger("nncf")
+    handler, saved = _Captured(), (logger.level, logger.handlers[:], logger.propagate)
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers, logger.propagate = saved[1], saved[2]
 
 
 def _outputs(compiled: Any, samples: Iterable[Sample]) -> list[dict[str, npt.NDArray[Any]]]:
@@ -139,7 +165,7 @@ def build_openvino_int8(
     max_drop = max(fp32_metric, 0.0)  # from fp32's score down to the tolerance's edge (metric 0)
     log(f"openvino int8: NNCF with accuracy control, max drop {max_drop:.4f} of the metric 1 - tolerance load")
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars; stdout carries the build's result
+        with contextlib.redirect_stdout(sys.stderr), _captured_log() as lines:  # stdout carries the build's result
             quantized = nncf.quantize_with_accuracy_control(
                 network,
                 nncf.Dataset(list(calibration)),
@@ -163,4 +189,5 @@ def build_openvino_int8(
         max_drop=max_drop,
         fp32_metric=fp32_metric,
         int8_metric=int8_metric,
+        nncf_log=tuple(line for line in lines if line.strip() and not line.startswith("Elapsed Time")),
     )
