@@ -6,7 +6,10 @@ binarised-mask agreement for the detector, and a fresh paired timing with an FP3
 show the noise (speed ratios: `measure.paired_ratio`, the median of per-round ratios). Prints a Markdown
 table and, as its last line, one JSON object with every figure.
 
-    .venv/bin/python bench/int8.py [--seconds 3] [--models ppocr-det-v4,...]
+    .venv/bin/python bench/int8.py [--seconds 3] [--models ppocr-det-v4,...] [--engine openvino]
+
+With `--engine openvino`, OpenVINO INT8 through NNCF's accuracy control (build/openvino_int8.py) instead, with
+the same inputs, tolerance and paired timing against ONNX Runtime FP32.
 """
 
 from __future__ import annotations
@@ -114,6 +117,48 @@ def bench_model(name: str, seconds: float, count: int, override: compare.Toleran
     }
 
 
+def bench_openvino(name: str, seconds: float, count: int, override: compare.Tolerance | None) -> dict[str, Any]:
+    from edgemodel_runtime.build import openvino_int8
+    from edgemodel_runtime.engines import openvino_engine
+
+    model, make_inputs, tolerance = MODELS[name]
+    tolerance = override or tolerance
+    calibration, validation, held_out = make_inputs(count, seed=1), make_inputs(count, seed=2), make_inputs(8, seed=3)
+    reference_session = ortx.session(model.path())
+    expected = [ortx.run(reference_session, s) for s in validation]
+    reference = [ortx.run(reference_session, s) for s in held_out]
+    shapes = {k: tuple(v.shape) for k, v in held_out[0].items() if np.asarray(v).ndim > 0}
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.monotonic()
+        outcome = openvino_int8.build_openvino_int8(
+            model.path(), calibration, validation, expected, tolerance=tolerance,
+            target=Path(scratch) / "model.openvino", shapes=shapes,
+        )  # fmt: skip
+        build_s = time.monotonic() - started
+        outputs = openvino_engine.run_all(outcome.path, held_out)
+        figures = compare.compare(reference, outputs)
+        fp32 = ortx.optimize_graph(model.path(), Path(scratch) / "fp32.onnx")
+        baseline = functools.partial(ortx.run, ortx.session(fp32), held_out[0])
+        speed, latency = measure.paired_ratio(
+            baseline, openvino_engine.runner(outcome.path, held_out[0]), budget_s=seconds
+        )
+    return {
+        "model": name,
+        "engine": "openvino int8 (NNCF accuracy control)",
+        "tolerance": tolerance.describe(),
+        "buildSeconds": round(build_s, 1),
+        "openvinoInt8": outcome.as_report(),
+        "heldOut": {
+            "cosine": figures.cosine,
+            "maxRelativeError": figures.max_relative_error,
+            "maskAgreement": _mask_agreement(reference, outputs) if name == OCR_DET.name else None,
+            "withinTolerance": not compare.failures(figures, tolerance),
+        },
+        "speedupVsOnnxRuntimeFp32": round(speed, 3),
+        "p50_ms": {"onnxruntime-fp32": latency["baseline"].p50_ms, "openvino-int8": latency["candidate"].p50_ms},
+    }
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| model | shipped | calibration | fp32 nodes | gate/last speed | held-out speed | control | cosine | "
@@ -146,14 +191,16 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="calibration and validation inputs each")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--tolerance", help="KEY=VALUE[,KEY=VALUE] as for edgemodel build, for every model")
+    parser.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime")
     args = parser.parse_args()
     override = _tolerance(args.tolerance) if args.tolerance else None
     results = []
     for name in args.models.split(","):
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.seconds, args.samples, override))
+        bench = bench_openvino if args.engine == "openvino" else bench_model
+        results.append(bench(name, args.seconds, args.samples, override))
     machine = hardware.detect()
-    print(_table(results))
+    print(_table(results) if args.engine == "onnxruntime" else "\n".join(json.dumps(r, default=str) for r in results))
     summary = {
         "benchmark": "int8",
         "onnxruntime": ort.__version__,

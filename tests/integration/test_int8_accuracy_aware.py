@@ -303,3 +303,17 @@ def test_with_every_node_in_fp32_the_detector_has_no_quantisation_left_and_compu
     half = keep_fp32(quantized, names[: len(names) // 2], originals)
     onnx.checker.check_model(half)
     assert set(quantized_nodes(half)) == set(names[len(names) // 2 :])
+
+
+def test_static_int8_outside_the_procedure_gets_the_same_entropy_ranges(convnet: Path, tmp_path: Path) -> None:
+    """The TensorRT int8 path and any forced method quantise through `quantize_static_int8`: its entropy
+    calibration clips the outliers too (every float tensor calibrated, not only Conv/MatMul ones)."""
+    from onnx import numpy_helper as helper_arrays
+
+    calibration = _skewed(4, 0)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        path = ortx.quantize_static_int8(convnet, tmp_path / f"{method}.onnx", calibration, method)
+        initializers = {i.name: helper_arrays.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+        scales[method] = float(initializers["x_scale"])
+    assert scales["entropy"] < 0.5 * scales["minmax"], scales

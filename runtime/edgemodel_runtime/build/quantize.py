@@ -39,8 +39,6 @@ then handed to `quantize_static` as its calibration cache.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +66,7 @@ __all__ = [
 ]
 
 CALIBRATION_METHODS: tuple[ortx.CalibrationMethodName, ...] = ("minmax", "percentile", "entropy")
-ENTROPY_BINS = 1024  # histogram bins: (1024 / 2 - 128 / 2 + 1) = 449 candidate thresholds
-ENTROPY_QUANTIZED_BINS = 128
+ENTROPY_BINS = ortx.ENTROPY_BINS
 Outputs = Mapping[str, npt.NDArray[Any]]
 
 
@@ -173,51 +170,12 @@ def _rounded(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
-class _Reader:
-    """A CalibrationDataReader over in-memory samples."""
-
-    def __init__(self, samples: Sequence[Sample]) -> None:
-        self._iterator = iter(samples)
-
-    def get_next(self) -> Sample | None:
-        return next(self._iterator, None)
-
-
 def calibration_ranges(
     prepared: Path, calibration: Sequence[Sample], method: ortx.CalibrationMethodName, work: Path
 ) -> Any:
-    """ONNX Runtime `TensorsData` (tensor name -> range) for the inputs and outputs of `OP_TYPES` nodes.
-
-    Entropy uses `ENTROPY_BINS` histogram bins (ONNX Runtime's default of 128 leaves its search one candidate).
-    """
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator
-
-    methods = {
-        "minmax": (CalibrationMethod.MinMax, {}),
-        "percentile": (CalibrationMethod.Percentile, {"percentile": 99.999, "num_bins": 2048}),
-        "entropy": (
-            CalibrationMethod.Entropy,
-            {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS},
-        ),
-    }
-    kind, extra = methods[method]
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        calibrator = create_calibrator(
-            prepared,
-            list(OP_TYPES),
-            augmented_model_path=str(work / f"augmented-{method}.onnx"),
-            calibrate_method=kind,
-            extra_options=extra,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
-            calibrator.collect_data(_Reader(calibration))
-            ranges = calibrator.compute_data()
-    except Exception as error:
-        raise BadInputError(f"{method} calibration failed: {error}", reason="QuantizationFailed") from error
-    finally:
-        (work / f"augmented-{method}.onnx").unlink(missing_ok=True)
-    return ranges
+    """ONNX Runtime `TensorsData` (tensor name -> range) for the inputs and outputs of `OP_TYPES` nodes
+    (`onnxruntime_engine.calibration_ranges`: entropy with an adequate histogram)."""
+    return ortx.calibration_ranges(prepared, calibration, method, work, OP_TYPES)
 
 
 def _quantize(prepared: Path, target: Path, ranges: Any, method: ortx.CalibrationMethodName) -> Path:
