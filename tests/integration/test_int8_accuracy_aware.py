@@ -259,7 +259,7 @@ def test_build_lists_the_nodes_kept_in_fp32_and_their_effect(
     assert report["precision"] == "int8"
     nodes = report["int8"]["fp32Nodes"]
     assert nodes
-    assert all({"node", "opType", "effect", "meanEffect", "loadAlone"} <= set(n) for n in nodes)
+    assert all({"node", "opType", "effect", "meanEffect"} <= set(n) for n in nodes)
     assert f"{len(nodes)} of 4 nodes kept in fp32" in report["message"]
     shipped = onnx.load(str(out / "model.onnx"))
     assert set(quantized_nodes(shipped)) == {"conv0", "conv1", "conv2", "fc"} - {n["node"] for n in nodes}
