@@ -69,6 +69,7 @@ generate: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/build.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/int8.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/operator.py
 

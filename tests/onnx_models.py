@@ -49,3 +49,40 @@ def unsupported_operator(path: Path) -> Path:
     )
     onnx.save(model, str(path))
     return path
+
+
+def tiny_convnet(path: Path, seed: int = 0, size: int = 32) -> Path:
+    """x[1, 3, size, size] -> 3 x (Conv 3x3 -> Relu) -> GlobalAveragePool -> Flatten -> MatMul -> logits[1, 10].
+
+    Small enough that INT8's quantise/dequantise work outweighs its cheaper arithmetic on a CPU.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    previous = "x"
+    for index, (cin, cout) in enumerate([(3, 8), (8, 8), (8, 8)]):
+        weight = numpy_helper.from_array(
+            (rng.normal(size=(cout, cin, 3, 3)) * 0.3).astype(np.float32), f"conv{index}_w"
+        )
+        bias = numpy_helper.from_array(rng.normal(size=(cout,)).astype(np.float32), f"conv{index}_b")
+        initializers += [weight, bias]
+        nodes.append(
+            helper.make_node(
+                "Conv", [previous, weight.name, bias.name], [f"c{index}"], name=f"conv{index}", pads=[1, 1, 1, 1]
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"], name=f"relu{index}"))
+        previous = f"r{index}"
+    initializers.append(numpy_helper.from_array(rng.normal(size=(8, 10)).astype(np.float32), "fc_w"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [previous], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_convnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        initializer=initializers,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

@@ -73,6 +73,7 @@ def cache_key(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareClass
         "quantization": target.quantization,
         "calibration": target.calibration.sha256 if target.calibration else None,
         "calibrationMethod": target.calibration_method,
+        **({"int8MinSpeedup": target.int8_min_speedup} if target.int8_min_speedup is not None else {}),
     }
     if "auto" in (target.engine, target.precision):  # what the choice is judged on decides the engine too
         validation = spec.validation
@@ -141,6 +142,8 @@ def _build_args(spec: EdgeModelSpec, target: EngineTarget, hardware: HardwareCla
         args += ["--calibration", target.calibration.uri, "--calibration-sha256", target.calibration.sha256]
     if target.calibration_method:
         args += ["--calibration-method", target.calibration_method]
+    if target.int8_min_speedup is not None:
+        args += ["--int8-min-speedup", repr(target.int8_min_speedup)]
     validation = spec.validation
     if validation and validation.reference:
         args += ["--reference", validation.reference.uri, "--reference-sha256", validation.reference.sha256]

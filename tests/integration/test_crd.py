@@ -114,10 +114,10 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "only available with engine openvino",
     ),
     (
-        "int8 on openvino",
-        _engine(engine="openvino", precision="int8", calibration={"uri": "https://h/c.npz", "sha256": DIGEST}),
-        "spec.targets.engines[0].precision",
-        "for int8 use engine onnxruntime",
+        "dynamic int8 on openvino",
+        _engine(engine="openvino", precision="int8", quantization="dynamic"),
+        "spec.targets.engines[0].quantization",
+        "only available with engine onnxruntime",
     ),
     ("precision is unknown", _engine(precision="int4"), "spec.targets.engines[0].precision", "Unsupported value"),
     (
@@ -152,6 +152,40 @@ INVALID: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         ),
         "spec.validation.tolerance.maxAccuracyDrop",
         "less than or equal to 100",
+    ),
+    (
+        "int8MinSpeedup on fp32",
+        _engine(int8MinSpeedup=1.2),
+        "spec.targets.engines[0].int8MinSpeedup",
+        "applies only to engine onnxruntime with precision int8",
+    ),
+    (
+        "int8MinSpeedup on openvino",
+        _engine(
+            engine="openvino",
+            precision="int8",
+            calibration={"uri": "https://h/c.npz", "sha256": DIGEST},
+            int8MinSpeedup=1.2,
+        ),
+        "spec.targets.engines[0].int8MinSpeedup",
+        "applies only to engine onnxruntime with precision int8",
+    ),
+    (
+        "calibrationMethod on openvino",
+        _engine(
+            engine="openvino",
+            precision="int8",
+            calibration={"uri": "https://h/c.npz", "sha256": DIGEST},
+            calibrationMethod="entropy",
+        ),
+        "spec.targets.engines[0].calibrationMethod",
+        "does not apply to engine openvino",
+    ),
+    (
+        "negative int8MinSpeedup",
+        _engine(precision="int8", quantization="dynamic", int8MinSpeedup=-1),
+        "int8MinSpeedup",
+        "greater than or equal to 0",
     ),
     (
         "static int8 without calibration",
@@ -310,8 +344,14 @@ def test_the_valid_base_manifest_is_accepted_and_defaults_are_filled(crd: Testbe
         {"match": {"arch": "amd64"}, "engine": "openvino"},
         {"match": {"arch": "amd64", "accelerator": "none"}, "engine": "openvino", "precision": "bf16"},
         {"match": {"arch": "arm64", "cpuFeatures": ["ASIMDHP"]}, "engine": "openvino", "precision": "fp16"},
+        {
+            "match": {"arch": "amd64"},
+            "engine": "openvino",
+            "precision": "int8",
+            "calibration": {"uri": "https://h/c.npz", "sha256": DIGEST},
+        },
     ],
-    ids=["fp32", "bf16 on CPU-only classes", "fp16 on CPUs with half precision"],
+    ids=["fp32", "bf16 on CPU-only classes", "fp16 on CPUs with half precision", "int8 with calibration data"],
 )
 def test_openvino_on_cpu_classes_is_accepted(crd: Testbed, namespace: str, entry: dict[str, Any]) -> None:
     manifest = valid_manifest("openvino")

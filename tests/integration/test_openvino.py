@@ -120,7 +120,7 @@ def test_a_precision_this_cpu_lacks_is_refused_with_exit_code_2(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("engine", "precision", "says"),
     [
-        ("openvino", "int8", "does not build int8 yet"),
+        ("openvino", "int8", "needs --calibration NPZ"),
         ("onnxruntime", "bf16", "bf16 is only available with --engine openvino"),
     ],
 )
@@ -276,3 +276,64 @@ def test_an_artifact_this_runtime_cannot_load_is_refused_clearly(
     assert result.returncode == 2, result.stderr
     assert says in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _convnet_build(tmp_path: Path, tolerance: str) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    """The tiny convnet built by openvino int8 (NNCF, accuracy control) with `tolerance`: (model, output, result)."""
+    from edgemodel_runtime.build.tensors import save_samples
+
+    model = onnx_models.tiny_convnet(tmp_path / "convnet.onnx")
+    rng = np.random.default_rng(3)
+    calibration, reference = tmp_path / "calibration.npz", tmp_path / "reference.npz"
+    save_samples(calibration, [{"x": rng.normal(size=(1, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
+    save_samples(reference, [{"x": rng.normal(size=(1, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
+    output = tmp_path / "out"
+    result = edgemodel_build(
+        "--model", str(model), "--sha256", hashlib.sha256(model.read_bytes()).hexdigest(), "--engine", "openvino",
+        "--precision", "int8", "--calibration", str(calibration), "--reference", str(reference),
+        "--tolerance", tolerance, "--output", str(output),
+    )  # fmt: skip
+    return model, output, result
+
+
+STRICT_INT8 = "minCosine=0.99999,maxRelativeError=0.005"
+
+
+def test_int8_is_quantised_by_nncf_within_the_tolerance_and_served(tmp_path: Path) -> None:
+    model, output, result = _convnet_build(tmp_path, STRICT_INT8)
+    assert result.returncode == 0, result.stderr
+    report = report_of(output)
+    assert (report["engine"], report["precision"], report["validation"]["verdict"]) == ("openvino", "int8", "passed")
+    assert report["openvinoInt8"]["met"] is True
+    assert 0 < report["openvinoInt8"]["maxDrop"] <= 1
+    assert "+nncf-" in report["versions"]["builder"]
+    log = report["openvinoInt8"]["nncfLog"]
+    assert any(line.startswith("Metric of quantized model") for line in log), log
+    config, _ = openvino_engine.read_config(output / "model.openvino")
+    assert (config.precision, config.inference_precision) == ("int8", "f32")
+    arrays = [np.random.default_rng(9).normal(size=(1, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = [{"logits": np.asarray(session.run(None, {"x": a})[0])} for a in arrays]
+    server = Server(output, "convnet", log_dir=tmp_path)
+    try:
+        answers = []
+        for array in arrays:
+            status, answer = _infer(server, array, model="convnet")
+            assert status == 200, answer
+            (served,) = answer["outputs"]
+            answers.append({"logits": np.asarray(served["data"], np.float32).reshape(served["shape"])})
+    finally:
+        assert server.stop() == 0
+    figures = compare.compare(expected, answers)
+    assert figures.max_abs_error is not None
+    assert figures.max_abs_error > 1e-4  # quantised: not the fp32 model's answers
+    assert compare.failures(figures, compare.Tolerance(min_cosine=0.9999, max_relative_error=0.02)) == []
+
+
+def test_int8_that_cannot_meet_the_tolerance_exits_3_with_nncf_figures(tmp_path: Path) -> None:
+    _, output, result = _convnet_build(tmp_path, "minCosine=0.9999999,maxRelativeError=1e-7")
+    assert result.returncode == ExitCode.VALIDATION_FAILED, result.stderr
+    report = report_of(output)
+    assert report["reason"] == "ToleranceMissed"
+    assert report["openvinoInt8"]["met"] is False
+    assert not (output / "model.openvino").exists()

@@ -53,7 +53,12 @@ def _request(**fields: Any) -> BuildRequest:
         (
             {"engine": "auto", "precision": "auto", "calibration": DataFile("/c.npz")},
             ZEN4,
-            ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8"],
+            ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8", "openvino-int8"],
+        ),
+        (
+            {"engine": "openvino", "precision": "auto", "calibration": DataFile("/c.npz")},
+            Facts(has_gpu=False, openvino=("FP32",), tensorrt=False),
+            ["openvino-fp32"],  # a CPU OpenVINO gives no INT8 capability: no int8 candidate
         ),
         (
             {"engine": "onnxruntime", "precision": "auto", "quantization": "dynamic"},
@@ -70,7 +75,8 @@ def _request(**fields: Any) -> BuildRequest:
         ({"engine": "auto", "precision": "auto"}, GPU, ["onnxruntime-fp32"]),  # engine auto never picks tensorrt
         ({"engine": "tensorrt", "precision": "auto"}, ZEN4, []),
     ],
-    ids=["zen4", "no bf16", "no openvino", "with calibration", "onnxruntime dynamic int8", "openvino only",
+    ids=["zen4", "no bf16", "no openvino", "with calibration", "openvino without int8",
+         "onnxruntime dynamic int8", "openvino only",
          "tensorrt on a GPU", "tensorrt with calibration", "engine auto on a GPU node", "tensorrt without a GPU"],
 )  # fmt: skip
 def test_the_candidates_that_apply_follow_the_request_and_the_machine(

@@ -49,7 +49,7 @@ def test_a_file_that_is_no_zip_archive_is_refused(content: bytes, tmp_path: Path
         openvino_engine.read_config(path)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "fp64"])
+@pytest.mark.parametrize("precision", ["int4", "fp64", "fp8", ""])
 def test_precisions_the_engine_does_not_build_are_bad_input(precision: str) -> None:
     with pytest.raises(BadInputError) as raised:
         openvino_engine.check_precision(precision)

@@ -14,6 +14,7 @@ from edgemodel_operator.builders import (
     Images,
     build_deployment_for_class,
     build_job_for_class,
+    cache_key,
     candidate_url,
     revision_of,
 )
@@ -149,6 +150,34 @@ def test_an_openvino_build_job_asks_the_runtime_for_that_engine_on_the_cpu_witho
         body, cpu, target, revision="r1", artifact="oci://r/x@sha256:" + "0" * 64, images=Images()
     )
     assert "nvidia.com/gpu" not in json.dumps(deployment)
+
+
+@pytest.mark.parametrize(
+    ("extra", "method", "min_speedup"),
+    [({}, None, 1.1), ({"calibrationMethod": "entropy", "int8MinSpeedup": 0}, "entropy", 0.0),
+     ({"int8MinSpeedup": 1.234567891}, None, 1.234567891)],
+)  # fmt: skip
+def test_an_int8_build_job_carries_the_calibration_choice_and_the_int8_speed_threshold(
+    extra: dict[str, Any], method: str | None, min_speedup: float
+) -> None:
+    from edgemodel_runtime.build.cli import _parser, _request
+
+    calibration = {"uri": "https://h/c.npz", "sha256": DIGEST}
+    engines = [{"match": {"accelerator": "none"}, "engine": "onnxruntime", "precision": "int8",
+                "calibration": calibration, **extra}]  # fmt: skip
+    body = edgemodel(targets={"engines": engines})
+    spec = EdgeModelSpec.model_validate(body["spec"])
+    cpu = next(c for c in discover(NODES) if c.accelerator == "none")
+    target = engine_for(spec, cpu)
+    assert target is not None
+    job = build_job_for_class(body, cpu, target, revision_of(spec), Images())
+    request = _request(_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"][1:]))
+    assert (request.calibration_method, request.int8_min_speedup) == (method, min_speedup)
+    # Another threshold may ship fp32 instead of int8: another engine, another cache key.
+    other = EdgeModelSpec.model_validate(edgemodel(targets={"engines": [{**engines[0], "int8MinSpeedup": 50}]})["spec"])
+    other_target = engine_for(other, cpu)
+    assert other_target is not None
+    assert cache_key(spec, target, cpu, Images()) != cache_key(other, other_target, cpu, Images())
 
 
 def test_a_plain_http_registry_is_named_to_build_and_serving_pods_only_when_configured() -> None:

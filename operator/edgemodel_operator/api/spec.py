@@ -129,6 +129,16 @@ class EngineTarget(ApiModel):
                 ".calibrationMethod",
             ),
             cel(
+                "!has(self.int8MinSpeedup) || (self.precision == 'int8' && self.engine == 'onnxruntime')",
+                "int8MinSpeedup applies only to engine onnxruntime with precision int8",
+                ".int8MinSpeedup",
+            ),
+            cel(
+                "!has(self.calibrationMethod) || self.engine != 'openvino'",
+                "calibrationMethod does not apply to engine openvino (NNCF calibrates int8 itself)",
+                ".calibrationMethod",
+            ),
+            cel(
                 "self.engine != 'tensorrt' || !has(self.match.accelerator) || self.match.accelerator != 'none'",
                 "engine tensorrt needs an NVIDIA accelerator, but this entry matches CPU-only classes",
                 ".engine",
@@ -157,11 +167,6 @@ class EngineTarget(ApiModel):
                 "engine auto chooses the precision too: set precision auto",
                 ".precision",
             ),
-            cel(
-                "self.engine != 'openvino' || self.precision != 'int8'",
-                "engine openvino builds fp32 and bf16 (fp16 on CPUs that have it); for int8 use engine onnxruntime",
-                ".precision",
-            ),
         )
     }
 
@@ -176,7 +181,10 @@ class EngineTarget(ApiModel):
     precision: Precision = Field(
         default="fp32",
         description="Numeric precision of the engine. bf16 needs engine openvino and a CPU with BF16 "
-        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason. auto: the build tries "
+        "(e.g. AVX512_BF16 or AMX); a build on a CPU without it fails with a clear reason. int8 needs calibration "
+        "data (or quantization dynamic, onnxruntime only): onnxruntime runs its accuracy-aware procedure (speed "
+        "gate, calibration chosen by validation, the fewest nodes kept in fp32), openvino quantises with NNCF's "
+        "accuracy control against the validation set. auto: the build tries "
         "every precision the engine offers on the class (int8 only with calibration or quantization dynamic), "
         "validates each against the fp32 reference and the tolerance, times them side by side on the class's "
         "node and keeps the fastest that passes; status.classes[].chosen and .candidates show the table.",
@@ -190,7 +198,18 @@ class EngineTarget(ApiModel):
         default=None, description="An .npz file of representative inputs, used to calibrate static int8 quantization."
     )
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = Field(
-        default=None, description="How activation ranges are chosen from the calibration data (default minmax)."
+        default=None,
+        description="How activation ranges are chosen from the calibration data. Unset: engine onnxruntime tries "
+        "all three and keeps the one whose outputs are closest to the fp32 reference on the validation set; "
+        "tensorrt uses minmax. Set: only that method.",
+    )
+    int8_min_speedup: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="For int8 (onnxruntime): the least speed-up over the optimised fp32 engine, as a ratio of "
+        "median latencies measured side by side on the class's own node, that int8 must give; below it the build "
+        "ships the fp32 engine and says so in its report. Default 1.1; 0 accepts any speed.",
     )
 
 

@@ -147,7 +147,7 @@ def choose_engine(
         expected=expected,
         tolerance=tolerance,
         standard=lambda engine, precision: state._optimise(model, inputs, engine, precision),
-        calibration=lambda: state._calibration(inputs),
+        calibration=lambda: state._calibration(inputs, request.calibration_method),
     )
     labels = state.labels
     rows: list[candidates.Row] = []

@@ -115,6 +115,14 @@ def _ort_int8(request: BuildRequest, facts: Facts) -> str | None:
     return None
 
 
+def _openvino_int8(request: BuildRequest, facts: Facts) -> str | None:
+    if (why := _openvino("int8", "INT8")(request, facts)) is not None:
+        return why
+    if request.calibration is None:
+        return "no calibration data (NNCF calibrates int8 on it)"
+    return None
+
+
 def _tensorrt(precision: str) -> Applies:
     def applies(request: BuildRequest, facts: Facts) -> str | None:
         if request.engine != "tensorrt":  # never chosen by engine auto: its Job holds no GPU
@@ -140,9 +148,9 @@ REGISTRY: tuple[Candidate, ...] = (
     Candidate("openvino-fp32", "openvino", "fp32", _openvino("fp32", "FP32"), _standard("openvino", "fp32")),
     Candidate("openvino-bf16", "openvino", "bf16", _openvino("bf16", "BF16"), _standard("openvino", "bf16")),
     Candidate("onnxruntime-int8", "onnxruntime", "int8", _ort_int8, _standard("onnxruntime", "int8")),
-    # Registration point: OpenVINO INT8 through NNCF with accuracy control, and the accuracy-aware
-    # ONNX Runtime INT8 recipe, are entries here once their builders exist (each returns an artifact the
-    # engine's run_all/runner load). Until then OpenVINO int8 is not a candidate.
+    # OpenVINO INT8 through NNCF's accuracy control (build/openvino_int8.py); ONNX Runtime int8 above runs
+    # the accuracy-aware procedure (build/quantize.py) when calibration data is given.
+    Candidate("openvino-int8", "openvino", "int8", _openvino_int8, _standard("openvino", "int8")),
     Candidate("tensorrt-fp16", "tensorrt", "fp16", _tensorrt("fp16"), _standard("tensorrt", "fp16")),
     Candidate("tensorrt-int8", "tensorrt", "int8", _tensorrt("int8"), _standard("tensorrt", "int8")),
 )

@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantization", choices=["static", "dynamic"], help="int8 mode (default static)")
     parser.add_argument("--calibration", metavar="NPZ", help="calibration samples for static int8 (path or URI)")
     parser.add_argument("--calibration-sha256", metavar="HEX", help="digest of --calibration (required for URIs)")
-    parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    parser.add_argument(
+        "--calibration-method",
+        choices=["minmax", "entropy", "percentile"],
+        help="static int8 calibration (default: onnxruntime chooses by validation, tensorrt uses minmax)",
+    )
     parser.add_argument("--reference", metavar="NPZ", help="realistic inputs (+ expected outputs) to validate on")
     parser.add_argument("--reference-sha256", metavar="HEX", help="digest of --reference (required for URIs)")
     parser.add_argument(

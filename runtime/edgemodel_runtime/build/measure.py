@@ -74,11 +74,55 @@ def measure_interleaved(
                 started = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - started)
-        order.reverse()
+        order.reverse()  # alternate which variant runs first, so neither always follows the other
         runs = len(next(iter(timings.values())))
         if runs >= max_runs or (runs >= min_runs and time.perf_counter() >= deadline):
             break
     return {name: summarize(values) for name, values in timings.items()}
+
+
+def paired_ratio(
+    baseline: Runner,
+    candidate: Runner,
+    *,
+    warmup: int = 3,
+    block: int = 5,
+    min_rounds: int = 8,
+    max_rounds: int = 400,
+    budget_s: float = 2.0,
+) -> tuple[float, dict[str, Latency]]:
+    """How many times faster `candidate` is than `baseline` (> 1: faster), and both latencies (`baseline`,
+    `candidate`).
+
+    Each round times a block of each (the first call after a switch untimed, the order alternating), and the
+    ratio is the median over rounds of baseline's block median / candidate's: load from other processes that
+    changes between rounds hits both sides of a round alike and cancels out, where a ratio of overall medians
+    would carry it.
+    """
+    runners = {"baseline": baseline, "candidate": candidate}
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    timings: dict[str, list[float]] = {name: [] for name in runners}
+    ratios: list[float] = []
+    order = list(runners.items())
+    deadline = time.perf_counter() + budget_s * 2
+    while True:
+        medians = {}
+        for name, run in order:
+            run()
+            times = []
+            for _ in range(block):
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+            timings[name] += times
+            medians[name] = statistics.median(times)
+        ratios.append(medians["baseline"] / medians["candidate"] if medians["candidate"] > 0 else 1.0)
+        order.reverse()
+        if len(ratios) >= max_rounds or (len(ratios) >= min_rounds and time.perf_counter() >= deadline):
+            break
+    return statistics.median(ratios), {name: summarize(values) for name, values in timings.items()}
 
 
 def peak_rss_mb() -> float:

@@ -24,6 +24,7 @@ from edgemodel_runtime.build import (
     measure,
     modelcheck,
     modelfiles,
+    quantize,
     report,
     tasks,
     tensors,
@@ -64,6 +65,8 @@ class _Build:
         self.reference_path: Path | None = None  # the fetched reference .npz, if one was given
         self.labels: tasks.Labels | None = None  # its labels, for task-level checks
         self.timings: dict[str, measure.Latency] = {}  # auto: each timed candidate's latency
+        self.int8: quantize.Int8Outcome | None = None  # the accuracy-aware INT8 procedure's outcome, when it ran
+        self.validation_set: tuple[list[tensors.Sample], list[tensors.Sample]] = ([], [])
         self.report: dict[str, Any] = {
             "version": report.REPORT_VERSION,
             "status": "failed",
@@ -76,7 +79,10 @@ class _Build:
             "classKey": class_key,
             "model": {"uri": request.model, "sha256": fetch.check_digest(request.sha256)},
             "options": options(request, identity),
-            "versions": {"builder": builder_version(request.engine), "python": sys.version.split()[0]},
+            "versions": {
+                "builder": builder_version(request.engine, request.precision),
+                "python": sys.version.split()[0],
+            },
             "hardware": machine.as_dict(),
         }
 
@@ -104,6 +110,7 @@ class _Build:
             ]
         self._load_labels(samples, expected)
 
+        self.validation_set = (samples, expected)
         if auto.is_auto(request):
             _log(f"steps 3-5/6: try every candidate engine for {request.engine} {request.precision}, keep the fastest")
             final = auto.choose_engine(self, model, inputs, samples, expected)
@@ -212,7 +219,13 @@ class _Build:
             # stale outputs (one thread) or a crash on inputs the model cannot compute with.
             shapes = {info.name: info.shape for info in inputs}
             target = work / ARTIFACT_NAME["openvino"]
+            if precision == "int8":
+                return self._openvino_int8(model, inputs, target, shapes)
             return openvino_engine.compile_to_artifact(model, target, precision, shapes)
+        return self._optimise_onnxruntime(model, inputs, precision, work)
+
+    def _optimise_onnxruntime(self, model: Path, inputs: list[tensors.TensorInfo], precision: str, work: Path) -> Path:
+        request = self.request
         optimised = ortx.optimize_graph(model, work / "fp32.onnx", request.graph_optimization, self.external)
         if precision == "fp32":
             return optimised
@@ -220,10 +233,10 @@ class _Build:
             return ortx.convert_fp16(optimised, work / "fp16.onnx", self.external)
         if request.quantization == "dynamic" or request.calibration is None:
             return ortx.quantize_dynamic_int8(model, work / "int8.onnx", self.external)
-        return self._quantize_static(model, inputs, work)
+        return self._accuracy_aware_int8(model, optimised, inputs, work)
 
-    def _calibration(self, inputs: list[tensors.TensorInfo]) -> list[tensors.Sample]:
-        """The calibration samples, fetched and verified (recorded in the report)."""
+    def _calibration(self, inputs: list[tensors.TensorInfo], method: str | None) -> list[tensors.Sample]:
+        """The calibration samples, fetched and verified (recorded in the report with `method`)."""
         request = self.request
         assert request.calibration is not None  # checked by check_request
         path = fetch_data(request.calibration, self.work, "calibration", request.allow_local)
@@ -232,16 +245,64 @@ class _Build:
             "uri": request.calibration.location,
             "sha256": sha256_file(path),
             "samples": len(calibration),
-            "method": request.calibration_method,
+            "method": method,
         }
         return calibration
 
+    def _int8_tolerance(self) -> compare.Tolerance:
+        """What an int8 build keeps enough of the model in floating point for: the request's tolerance, else
+        the one auto judges its candidates by, else the int8 default."""
+        if self.request.tolerance is not None:
+            return self.request.tolerance
+        return auto.tolerance_of(self.request) if auto.is_auto(self.request) else compare.DEFAULT_TOLERANCES["int8"]
+
+    def _openvino_int8(
+        self, model: Path, inputs: list[tensors.TensorInfo], target: Path, shapes: dict[str, tuple[int, ...]]
+    ) -> Path:
+        """NNCF with accuracy control against the validation set (build/openvino_int8.py)."""
+        from edgemodel_runtime.build import openvino_int8
+
+        calibration = self._calibration(inputs, "nncf")
+        samples, expected = self.validation_set
+        tolerance = self._int8_tolerance()
+        outcome = openvino_int8.build_openvino_int8(
+            model, calibration, samples, expected, tolerance=tolerance, target=target, shapes=shapes, log=_log
+        )
+        self.report["openvinoInt8"] = outcome.as_report()
+        return outcome.path
+
+    def _accuracy_aware_int8(self, model: Path, optimised: Path, inputs: list[tensors.TensorInfo], work: Path) -> Path:
+        """Speed gate, calibration chosen by validation, fewest nodes in FP32 (build/quantize.py)."""
+        request = self.request
+        calibration = self._calibration(inputs, request.calibration_method)
+        samples, expected = self.validation_set
+        tolerance = self._int8_tolerance()
+        try:
+            outcome = quantize.accuracy_aware_int8(
+                model, calibration, samples, expected, tolerance=tolerance, work=work / "int8",
+                min_speedup=request.int8_min_speedup, benchmark_seconds=request.benchmark_seconds,
+                methods=[request.calibration_method] if request.calibration_method else None,
+                fp32_model=optimised, log=_log,
+            )  # fmt: skip
+        except BadInputError as error:
+            raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
+        self.int8 = outcome
+        self.report["calibration"]["method"] = outcome.calibration
+        self.report["int8"] = outcome.as_report()
+        if not auto.is_auto(request):  # under auto the candidate table says which precision was kept
+            self.report["precision"] = outcome.precision
+        return outcome.path
+
     def _quantize_static(self, model: Path, inputs: list[tensors.TensorInfo], work: Path | None = None) -> Path:
         request = self.request
-        calibration = self._calibration(inputs)
+        calibration = self._calibration(inputs, request.calibration_method or "minmax")
         try:
             return ortx.quantize_static_int8(
-                model, (work or self.work) / "int8.onnx", calibration, request.calibration_method, self.external
+                model,
+                (work or self.work) / "int8.onnx",
+                calibration,
+                request.calibration_method or "minmax",
+                self.external,
             )
         except BadInputError as error:
             raise BadInputError(f"{error}{tensors.fixed_dims_hint(inputs)}", reason=error.reason) from error
@@ -359,6 +420,8 @@ class _Build:
         comparison: compare.Comparison,
     ) -> Path:
         request = self.request
+        if self.int8 is not None:
+            return self._decide_int8(self.int8, samples, expected)
         runners = {"candidate": self._runner(candidate, samples[0])}
         fp32 = self.work / "fp32.onnx"
         if request.precision == "int8" and request.engine == "onnxruntime":
@@ -415,6 +478,29 @@ class _Build:
             power.detect(), self._runner(artifact, samples[0], self.report["engine"]), seconds
         )
 
+    def _decide_int8(
+        self, outcome: quantize.Int8Outcome, samples: list[tensors.Sample], expected: list[tensors.Sample]
+    ) -> Path:
+        """The accuracy-aware procedure already timed int8 against fp32 side by side: record its decision."""
+        shipped = outcome.latency["int8" if outcome.precision == "int8" else "fp32"]
+        self.report["candidate"]["latency"] = outcome.latency["int8"].as_dict()
+        self.report["fp32"] = {"latency": outcome.latency["fp32"].as_dict()}
+        self.report["int8Speedup"] = round(outcome.speedup, 3)
+        if outcome.precision == "fp32":
+            self.report["fp32"]["comparison"] = self.report["candidate"]["comparison"]
+        self.report["decision"] = {
+            "action": "keep" if outcome.precision == "int8" else "fallback-fp32",
+            "reason": outcome.reason,
+        }
+        self.report["latency"] = shipped.as_dict()
+        budget = self.request.latency_budget_ms
+        if budget is not None and shipped.p99_ms > budget:
+            raise ValidationFailedError(
+                f"p99 latency {shipped.p99_ms:.2f} ms exceeds the budget of {budget} ms on this class",
+                reason="LatencyBudgetMissed",
+            )
+        return outcome.path
+
     def _publish(self, artifact: Path) -> None:
         request = self.request
         engine = self.report["engine"]  # the chosen one under engine auto
@@ -466,7 +552,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
         engine=request.engine,
         precision=request.precision,
         class_key=class_key,
-        builder_version=builder_version(request.engine),
+        builder_version=builder_version(request.engine, request.precision),
         options=options(request, identity),
     )
     earlier = cached_report(request, key) if request.reuse else None

@@ -94,12 +94,28 @@ def summary(built: dict[str, Any]) -> str:
         f"built {built['engine']} {built['precision']}{chosen} for {built['classKey']}: "
         f"p50 {latency.get('p50_ms', 0):.2f} ms, p99 {latency.get('p99_ms', 0):.2f} ms, "
         + describe_validation(figures, built.get("validation") or {})
+        + (f"; {built['int8']['reason']}" if built.get("int8") else "")
     )
 
 
 def _fell_back(report: dict[str, Any]) -> bool:
     """Whether an int8 build served its fp32 fallback (`auto` chooses among candidates and never falls back)."""
     return bool(report.get("fp32")) and report.get("precision") != report.get("requestedPrecision")
+
+
+def compact_int8(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The accuracy-aware INT8 decision in a few bytes: action, speed ratio, calibration, the nodes kept in fp32
+    (at most 8 names; the effects are in report.json)."""
+    if not section:
+        return None
+    nodes = [entry["node"] for entry in section.get("fp32Nodes") or []]
+    return {
+        "action": section.get("action"),
+        "speedup": section.get("speedup"),
+        "calibration": section.get("calibration"),
+        "fp32Nodes": nodes[:8],
+        "fp32NodeCount": len(nodes),
+    }
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -155,6 +171,7 @@ def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         "latency": {k: candidate.get("latency", {}).get(k) for k in ("p50_ms", "p99_ms")} if candidate else None,
         "decision": report.get("decision"),
         **compact_auto(report.get("auto")),
+        "int8": compact_int8(report.get("int8")),
     }
     text = json.dumps(essentials, separators=(",", ":"))
     while len(text.encode()) > limit:

@@ -40,7 +40,7 @@ class BuildRequest:
     output: Path = Path("engine")
     quantization: Literal["static", "dynamic"] | None = None
     calibration: DataFile | None = None
-    calibration_method: ortx.CalibrationMethodName = "minmax"
+    calibration_method: ortx.CalibrationMethodName | None = None  # None: chosen by validation (minmax for tensorrt)
     reference: DataFile | None = None
     tolerance: compare.Tolerance | None = None
     latency_budget_ms: float | None = None
@@ -57,7 +57,7 @@ class BuildRequest:
     reuse: bool = True  # False (--no-cache): build even if the output directory or the registry has the key
 
 
-def builder_version(engine: Engine) -> str:
+def builder_version(engine: Engine, precision: Precision | None = None) -> str:
     parts = [f"edgemodel-{package_version('edgemodel')}", f"onnxruntime-{ortx.version()}"]
     if engine == "tensorrt":  # (auto never picks tensorrt: see candidates)
         from edgemodel_runtime.engines import tensorrt_engine
@@ -67,6 +67,10 @@ def builder_version(engine: Engine) -> str:
         from edgemodel_runtime.engines import openvino_engine
 
         parts.append(f"openvino-{openvino_engine.version()}")
+        if precision == "int8":
+            from edgemodel_runtime.build.openvino_int8 import nncf_version
+
+            parts.append(f"nncf-{nncf_version()}")
     return "+".join(parts)
 
 
@@ -80,6 +84,7 @@ def options(request: BuildRequest, model_identity: dict[str, Any] | None = None)
         "calibrationMethod": request.calibration_method if request.precision == "int8" else None,
         "graphOptimization": request.graph_optimization,
         "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
+        **({"int8Procedure": INT8_PROCEDURE} if accuracy_aware(request) else {}),
         **_auto_options(request),
     }
 
@@ -103,8 +108,17 @@ def _auto_options(request: BuildRequest) -> dict[str, Any]:
             "reference": (reference.sha256 or reference.location) if reference else None,
             "calibrationMethod": request.calibration_method if request.calibration else None,
             "maxAccuracyDrop": request.max_accuracy_drop,
+            "int8Procedure": INT8_PROCEDURE,
         }
     }
+
+
+INT8_PROCEDURE = "accuracy-aware-1"  # build/quantize.py; a new procedure changes the cache key
+
+
+def accuracy_aware(request: BuildRequest) -> bool:
+    """Whether the build runs the accuracy-aware INT8 procedure (onnxruntime, static int8)."""
+    return request.engine == "onnxruntime" and quantization(request) == "static"
 
 
 def quantization(request: BuildRequest) -> str | None:
@@ -133,6 +147,11 @@ def check_request(request: BuildRequest) -> None:
         )
     if quantization(request) == "static" and request.calibration is None:
         raise BadInputError("static int8 quantisation needs --calibration NPZ", reason="InvalidOption")
+    if request.calibration_method and request.engine == "openvino":
+        raise BadInputError(
+            "--calibration-method does not apply to --engine openvino (NNCF calibrates int8 itself)",
+            reason="InvalidOption",
+        )
     if request.quantization == "dynamic" and request.engine != "onnxruntime":
         raise BadInputError("dynamic quantisation is only available with --engine onnxruntime", reason="InvalidOption")
     for name, data in (("calibration", request.calibration), ("reference", request.reference)):
@@ -143,8 +162,7 @@ def check_request(request: BuildRequest) -> None:
             raise BadInputError(f"--{name} {data.location} is a URI and needs --{name}-sha256", reason="InvalidOption")
         if data.sha256 is not None:
             fetch.check_digest(data.sha256)
-    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
-        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
+    _check_numbers(request)
     if request.engine == "tensorrt":
         from edgemodel_runtime.engines import tensorrt_engine
 
@@ -165,6 +183,13 @@ def _check_auto(request: BuildRequest) -> None:
         from edgemodel_runtime.engines import openvino_engine
 
         openvino_engine.check_precision("fp32")  # OpenVINO itself must be installed
+
+
+def _check_numbers(request: BuildRequest) -> None:
+    if not 0 <= request.int8_min_speedup <= 100:
+        raise BadInputError("--int8-min-speedup must be between 0 and 100", reason="InvalidOption")
+    if request.latency_budget_ms is not None and request.latency_budget_ms <= 0:
+        raise BadInputError("--latency-budget-ms must be greater than 0", reason="InvalidOption")
 
 
 def cached_report(request: BuildRequest, key: str) -> dict[str, Any] | None:

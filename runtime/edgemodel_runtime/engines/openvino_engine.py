@@ -39,8 +39,9 @@ from edgemodel_runtime.build.tensors import Sample
 DEVICE = "CPU"
 BLOB_MEMBER = "compiled.blob"
 CONFIG_MEMBER = "config.json"
-# precision -> (OpenVINO's inference precision, the CPU capability it needs)
-PRECISIONS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
+# precision -> (OpenVINO's inference precision, the CPU capability it needs). An int8 model (quantised by NNCF,
+# build/openvino_int8.py) computes what it did not quantise in f32.
+PRECISIONS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16"), "int8": ("f32", "INT8")}
 
 
 def _openvino() -> Any:
@@ -72,12 +73,6 @@ def capabilities() -> list[str]:
 
 def check_precision(precision: str) -> None:
     """Refuse, with exit code 2 and the reason, a precision that OpenVINO cannot build on this CPU."""
-    if precision == "int8":
-        raise BadInputError(
-            "engine openvino does not build int8 yet (accuracy-controlled NNCF quantisation is not implemented); "
-            "use precision fp32 or bf16 with openvino, or engine onnxruntime for int8",
-            reason="UnsupportedPrecision",
-        )
     if precision not in PRECISIONS:
         raise BadInputError(
             f"engine openvino builds {', '.join(PRECISIONS)}, not {precision}", reason="UnsupportedPrecision"
@@ -117,17 +112,21 @@ def _properties(inference_precision: str, threads: int | None = None) -> dict[st
     return properties
 
 
-def compile_to_artifact(model: Path, target: Path, precision: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
-    """Compile `model` (ONNX) for this CPU with `shapes` fixed and write the `model.openvino` archive.
+def core() -> Any:
+    """An OpenVINO Core."""
+    return _openvino().Core()
 
-    Raises BadInputError when OpenVINO cannot read, reshape or compile the model, or the CPU lacks
-    the precision.
-    """
-    openvino = _openvino()
-    check_precision(precision)
-    core = openvino.Core()
+
+def compile_properties(precision: str) -> dict[str, Any]:
+    """The compile properties of an engine of `precision` (fp32, bf16, fp16, int8)."""
+    return _properties(PRECISIONS[precision][0])
+
+
+def read_network(model: Path, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """`model` (ONNX) as an OpenVINO model with `shapes` fixed. Raises BadInputError when OpenVINO cannot read it
+    (UnsupportedOperator, InvalidModel) or fix the shapes (InvalidOption)."""
     try:
-        network = core.read_model(str(model))
+        network = core().read_model(str(model))
     except Exception as error:  # OpenVINO raises RuntimeError subclasses with the frontend's text
         text = str(error)
         missing = re.search(r"No conversion rule found for operations: ([^\n]*?)(?: To facilitate|\n|$)", text)
@@ -145,18 +144,38 @@ def compile_to_artifact(model: Path, target: Path, precision: str, shapes: Mappi
             raise BadInputError(
                 f"OpenVINO cannot fix the input shapes {dict(shapes)}: {error}", reason="InvalidOption"
             ) from error
-    inference_precision = PRECISIONS[precision][0]
-    try:
-        compiled = core.compile_model(network, DEVICE, _properties(inference_precision))
-    except Exception as error:
-        raise BadInputError(f"OpenVINO cannot compile the model: {error}", reason="BuildFailed") from error
+    return network
+
+
+def write_artifact(compiled: Any, target: Path, precision: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
+    """Export a compiled model and its config as the `model.openvino` archive `target`."""
     blob = io.BytesIO()
     compiled.export_model(blob)
+    inference_precision = PRECISIONS[precision][0]
     config = Config(precision, inference_precision, version(), {k: list(v) for k, v in sorted(shapes.items())})
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(CONFIG_MEMBER, json.dumps(asdict(config), sort_keys=True))
         archive.writestr(BLOB_MEMBER, blob.getvalue())
     return target
+
+
+def compile_to_artifact(model: Path, target: Path, precision: str, shapes: Mapping[str, tuple[int, ...]]) -> Path:
+    """Compile `model` (ONNX) for this CPU with `shapes` fixed and write the `model.openvino` archive.
+
+    fp32, bf16 and fp16 only: int8 is quantised by NNCF (build/openvino_int8.py). Raises BadInputError when
+    OpenVINO cannot read, reshape or compile the model, or the CPU lacks the precision.
+    """
+    check_precision(precision)
+    if precision == "int8":
+        raise BadInputError(
+            "openvino int8 engines are quantised with calibration data (build_openvino_int8)", reason="InvalidOption"
+        )
+    network = read_network(model, shapes)
+    try:
+        compiled = core().compile_model(network, DEVICE, compile_properties(precision))
+    except Exception as error:
+        raise BadInputError(f"OpenVINO cannot compile the model: {error}", reason="BuildFailed") from error
+    return write_artifact(compiled, target, precision, shapes)
 
 
 def read_config(artifact: Path) -> tuple[Config, bytes]:
