@@ -25,6 +25,13 @@ class OperatorSettings(BaseSettings):
         description="Reach `registry` over plain HTTP (an in-cluster registry without TLS); "
         "build and serving pods are told so.",
     )
+    node_cache: bool = Field(
+        default=True,
+        description="Serving pods take their engine from the node's container image store: each engine is also an "
+        "image, pulled by digest (IfNotPresent) by an init container that copies it into the pod, so a pod that "
+        "restarts while the registry is unreachable serves from the node. Off: every serving pod pulls its engine "
+        "from the registry when it starts.",
+    )
     builder_version: str = Field(default=Images.builder_version, description="Part of every cache key.")
     resync_seconds: float = Field(
         default=300.0,
@@ -74,5 +81,6 @@ class OperatorSettings(BaseSettings):
             jetson=self.image_jetson,
             registry=self.registry,
             registry_insecure=self.registry_insecure,
+            node_cache=self.node_cache,
             builder_version=self.builder_version,
         )

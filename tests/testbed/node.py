@@ -250,6 +250,19 @@ class RealNode:
     def socket(self) -> Path:
         return self.run_dir / "containerd.sock"
 
+    @property
+    def hosts_dir(self) -> Path:
+        """containerd's registry host configuration (`hosts.toml` per registry), read at every pull."""
+        return self.directory / "certs.d"
+
+    def trust_registry(self, address: str) -> None:
+        """Let the kubelet pull images from the plain-HTTP registry at `address` (host:port), as the pods do."""
+        directory = self.hosts_dir / address
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hosts.toml").write_text(
+            f'server = "http://{address}"\n\n[host."http://{address}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return _run("ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args, check=check, timeout=timeout)
 
@@ -412,6 +425,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   runtime_type = "io.containerd.runc.v2"
 {self._runtime_options()}[{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
+[{cri}.registry]
+  config_path = "{self.hosts_dir}"
 [{cri}.cni]
   bin_dir = "{CNI_BIN}"
   conf_dir = "{self.directory / "cni" / "net.d"}"

@@ -319,7 +319,9 @@ class _Build:
 
             reference = oci.parse_reference(request.push)
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
-            digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
+            # As an image (engineimage): the kubelet of each node of the class can pull and keep it by digest.
+            pushed = [*files, request.output / "report.json"]
+            digest = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
     def _write(self) -> None:
