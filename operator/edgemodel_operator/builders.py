@@ -44,6 +44,10 @@ class Images:
     builder_version: str = "0.1.0"
     registry_insecure: bool = False  # plain HTTP to `registry`, as to an in-cluster registry without TLS
     node_cache: bool = True  # serving pods take the engine from the node's image store (see enginecache)
+    # Pull each serving revision's engine onto every node of its class, a candidate's before it starts (see
+    # prefetch); off here, on in the operator's settings (a planner without a cluster has no nodes to pull to).
+    prefetch: bool = False
+    prefetch_timeout: float = 600.0  # seconds a candidate waits for its engine on every node
 
     def for_class(self, hardware: HardwareClass) -> str:
         if hardware.accelerator == "nvidia-orin":

@@ -40,6 +40,7 @@ from edgemodel_operator.builders import (
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
 from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
 from edgemodel_operator.pacing import merge_patch
+from edgemodel_operator.prefetch import PrefetchSteps
 from edgemodel_operator.projection import class_entry, project
 from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
 from edgemodel_operator.rollout import (
@@ -75,6 +76,7 @@ class Observed:
     services: list[Obj]
     configmaps: list[Obj] = field(default_factory=list)
     records: list[Obj] = field(default_factory=list)  # record ConfigMaps, as read from the API server
+    prefetches: list[Obj] = field(default_factory=list)  # pull DaemonSets (see `prefetch`), not serving workloads
     # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
     # missing could not be read this time.
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
@@ -131,7 +133,7 @@ def _job_state(job: Obj) -> str:
     return "Active"
 
 
-class _Planner(ServingSteps, ArrivalSteps):
+class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps):
     def __init__(self, observed: Observed, images: Images, now: str, absent_grace: float) -> None:
         self.observed, self.images, self.now, self.absent_grace = observed, images, now, absent_grace
         self.body = observed.body
@@ -161,6 +163,7 @@ class _Planner(ServingSteps, ArrivalSteps):
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._record()
         self._retire({c.key for c in seen.classes} | set(seen.absent))
+        self._retire_prefetches()
         self.plan.wake_after = seen.wake_after
         self._shadow_configmap()
         if not any(s["metadata"]["name"] == self.name for s in self.observed.services):
