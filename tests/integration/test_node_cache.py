@@ -30,7 +30,7 @@ from tests import onnx_models
 from tests.helpers import LiveRequests, eventually, get, post_json
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
-from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode
+from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode, trust_registry
 from tests.testbed.registry import Registry
 
 pytestmark = pytest.mark.testbed
@@ -65,7 +65,7 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
         registry = Registry(directory / "registry", host=NODE_IP)
         registry.start()
         undo.callback(registry.stop)
-        node.trust_registry(registry.address)
+        trust_registry(crd, registry.address)
         patch.setenv("EDGEMODEL_INSECURE_REGISTRIES", registry.address)
         stable = onnx_models.tiny_classifier(directory / "a.onnx", seed=0)
         again = onnx.load(str(stable))
@@ -251,16 +251,18 @@ def test_a_candidate_whose_engine_is_on_the_node_is_shadowed_and_promoted_with_t
     try:
         _apply(scene, "a-again")
 
-        def prefetched() -> bool:
-            entry = _entry(scene)
-            return (
-                entry.get("enginesOnNodes") is not None
-                and entry["enginesOnNodes"].get("ready") == entry["enginesOnNodes"].get("nodes")
-                and entry.get("revision") == before
-            )
+        def prefetched() -> dict[str, Any] | None:
+            """The new revision's pull DaemonSet, once its pod on the node runs the engine image."""
+            for pull in _pulls(scene):
+                status = pull.get("status") or {}
+                fresh = pull["metadata"]["labels"]["edgeml.dev/revision"] != before
+                if fresh and status.get("desiredNumberScheduled") == status.get("numberReady") == 1:
+                    return dict(pull)
+            return None
 
-        _wait(scene, prefetched, "the candidate's engine on every node of the class")
+        pull = _wait(scene, prefetched, "the candidate's engine on every node of the class")
         _registry_down(scene)
+        assert pull["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
         _wait(scene, lambda: (_entry(scene).get("shadow") or {}).get("decision") == "Promote", "promoted")
         promoted = _wait(
             scene,
@@ -272,8 +274,19 @@ def test_a_candidate_whose_engine_is_on_the_node_is_shadowed_and_promoted_with_t
             "the new stable pod alone",
         )
         _answers(f"http://{promoted['status']['podIP']}:{PORT}", scene.models["a-again"])
+        pulled = [e["message"] for e in _pod_events(scene, promoted["metadata"]["name"]) if e["reason"] == "Pulled"]
+        assert any("already present on machine" in m for m in pulled), pulled
+        _wait(scene, lambda: not any(d["metadata"]["labels"]["edgeml.dev/revision"] == before for d in _pulls(scene)),
+              "the old revision's pull DaemonSet gone with its workload")  # fmt: skip
     finally:
         clients.stop.set()
         clients.join(10)
         scene.registry.start()
     assert not clients.failed, clients.failed[:5]
+
+
+def _pulls(scene: Scene) -> list[dict[str, Any]]:
+    """The EdgeModel's pull DaemonSets (see operator/edgemodel_operator/prefetch.py)."""
+    listed = get(scene.bed, "daemonsets", "-n", scene.namespace, "-l", "app.kubernetes.io/component=prefetch")
+    items: list[dict[str, Any]] = listed["items"]
+    return items

@@ -202,6 +202,21 @@ def preflight() -> None:
         )
 
 
+def registry_hosts(bed: Testbed) -> Path:
+    """Where the test bed's real nodes' containerd reads its registry hosts (`<host:port>/hosts.toml`) at each pull."""
+    return bed.directory / "certs.d"
+
+
+def trust_registry(bed: Testbed, address: str) -> None:
+    """Let the kubelets of the test bed's real nodes pull images from the plain-HTTP registry at `address`
+    (host:port), as their pods do: the engines, which are images too (operator/edgemodel_operator/enginecache.py)."""
+    directory = registry_hosts(bed) / address
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hosts.toml").write_text(
+        f'server = "http://{address}"\n\n[host."http://{address}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+
+
 class RealNode:
     """The real node of one test bed: its files, processes and teardown (the amd64 node; see node_arm64.py)."""
 
@@ -252,16 +267,8 @@ class RealNode:
 
     @property
     def hosts_dir(self) -> Path:
-        """containerd's registry host configuration (`hosts.toml` per registry), read at every pull."""
-        return self.directory / "certs.d"
-
-    def trust_registry(self, address: str) -> None:
-        """Let the kubelet pull images from the plain-HTTP registry at `address` (host:port), as the pods do."""
-        directory = self.hosts_dir / address
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "hosts.toml").write_text(
-            f'server = "http://{address}"\n\n[host."http://{address}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        """containerd's registry host configuration (see `trust_registry`), shared by the test bed's nodes."""
+        return registry_hosts(self.bed)
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return _run("ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args, check=check, timeout=timeout)
