@@ -40,6 +40,7 @@ from edgemodel_operator.workloads import ref_of as _ref
 
 if TYPE_CHECKING:
     from edgemodel_operator.reconcile import Observed, Plan
+    from edgemodel_operator.records import Attempt
     from edgemodel_operator.serving import Slot
 
 Obj = dict[str, Any]
@@ -142,6 +143,7 @@ class PrefetchSteps(ABC):
     now: str
     observed: Observed
     plan: Plan
+    attempts: dict[str, Attempt]  # this revision's attempts after this plan, by class key
 
     @abstractmethod
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
@@ -165,13 +167,17 @@ class PrefetchSteps(ABC):
         return None if done else message
 
     def _retire_prefetches(self) -> None:
-        """Delete the pull DaemonSets of revisions that neither serve nor are the current one."""
+        """Delete the pull DaemonSets whose (revision, class) has no serving workload, unless it is the current
+        revision's on its way to serving (not rolled back)."""
 
-        def key(obj: Obj) -> tuple[str | None, str | None]:
+        def key(obj: Obj) -> tuple[str, str]:
             labels = _labels_of(obj)
-            return labels.get(LABEL_REVISION), labels.get(LABEL_CLASS)
+            return labels.get(LABEL_REVISION, ""), labels.get(LABEL_CLASS, "")
 
         serving = {key(w) for w in self.observed.deployments}
         for daemonset in self.observed.prefetches:
-            if key(daemonset) not in serving and key(daemonset)[0] != self.revision:
+            revision, hardware = key(daemonset)
+            attempt = self.attempts.get(hardware)
+            coming = revision == self.revision and (attempt is None or attempt.state != "RolledBack")
+            if (revision, hardware) not in serving and not coming:
                 self.plan.delete.append(_ref(daemonset | {"kind": "DaemonSet"}))

@@ -323,3 +323,27 @@ def test_engine_image_layers_are_deterministic_and_hold_only_plain_files(tmp_pat
 @pytest.mark.parametrize(("machine", "arch"), [("x86_64", "amd64"), ("aarch64", "arm64"), ("AMD64", "amd64")])
 def test_engine_images_name_the_architecture_as_oci_does(machine: str, arch: str) -> None:
     assert engineimage.architecture(machine) == arch
+
+
+def test_a_rolled_back_candidate_takes_its_pull_daemonset_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
+    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
+    cluster, first = test_rollout._serving_first_revision()
+    assert isinstance(cluster, _Cluster)
+    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    cluster.step("2026-11-26T12:01:00Z")
+    cluster.finish_builds()
+    cluster.step("2026-11-26T12:01:10Z")
+    _started(cluster, second)["status"] = {"desiredNumberScheduled": 2, "numberReady": 2, "observedGeneration": 1}
+    cluster.step("2026-11-26T12:01:20Z")
+    cluster.pods_ready()
+    key = cluster.body["status"]["classes"][0]["key"]
+    cluster.evidence = {key: {}}
+    cluster.step("2026-11-26T12:01:30Z")
+    cluster.evidence = {key: {"pod-1": test_rollout._counters(200, 200, 100)}}  # half agree: rolled back
+    cluster.step("2026-11-26T12:03:00Z")
+    cluster.step("2026-11-26T12:03:10Z")
+    assert cluster.body["status"]["classes"][0]["state"] == "RolledBack"
+    assert cluster.workloads() == {first: "stable"}
+    assert [name for name in cluster.pulls() if second[:8] in name] == []
+    assert _started(cluster, first)  # the stable revision's engine stays on the nodes
