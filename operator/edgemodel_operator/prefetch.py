@@ -54,9 +54,7 @@ def prefetch_name(edgemodel: str, revision: str, hardware: HardwareClass) -> str
     return child_name(edgemodel, revision, hardware) + SUFFIX
 
 
-def build_prefetch_daemonset(
-    body: Obj, hardware: HardwareClass, revision: str, artifact: str, images: Images
-) -> Obj | None:
+def build_prefetch_daemonset(body: Obj, hardware: HardwareClass, revision: str, artifact: str) -> Obj | None:
     """The DaemonSet that pulls one revision's engine image onto every node of `hardware` and keeps it there.
 
     None when the artifact is no image pinned by digest (then nothing can be pulled ahead).
@@ -156,7 +154,7 @@ class PrefetchSteps(ABC):
         name = prefetch_name(self.body["metadata"]["name"], self.revision, slot.hardware)
         found = next((d for d in self.observed.prefetches if d["metadata"]["name"] == name), None)
         if found is None:
-            daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact, self.images)
+            daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact)
             if daemonset is None:
                 return None
             self.plan.create.append(daemonset)

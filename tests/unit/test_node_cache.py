@@ -81,7 +81,7 @@ def _pods(mode: str, images: Images, artifact: str) -> list[tuple[str, Obj]]:
         workload = build_deployment_for_class(body, hardware, target, revision="r1", artifact=artifact, images=images)
         pods += [(f"build {hardware.key}", job["spec"]["template"]["spec"]),
                  (f"serve {hardware.key}", workload["spec"]["template"]["spec"])]  # fmt: skip
-        pull = build_prefetch_daemonset(body, hardware, "r1", artifact, images)
+        pull = build_prefetch_daemonset(body, hardware, "r1", artifact)
         if pull is not None:
             pods.append((f"pull {hardware.key}", pull["spec"]["template"]["spec"]))
     return pods
@@ -143,7 +143,7 @@ def test_no_copy_without_an_image_pinned_by_digest(artifact: str) -> None:
     workload = build_deployment_for_class(body, cpu, _target(body, cpu), revision="r1", artifact=artifact,
                                           images=Images())  # fmt: skip
     assert "initContainers" not in workload["spec"]["template"]["spec"]
-    assert build_prefetch_daemonset(body, cpu, "r1", artifact, Images(prefetch=True)) is None
+    assert build_prefetch_daemonset(body, cpu, "r1", artifact) is None
 
 
 def test_without_the_node_cache_serving_pods_pull_from_the_registry_as_before() -> None:
@@ -176,7 +176,7 @@ def test_the_pull_daemonset_runs_the_engine_image_on_the_classs_nodes_only(kind:
     }[kind]
     serving = build_deployment_for_class(body, hardware, _target(body, hardware), revision="r1", artifact=ARTIFACT,
                                          images=Images())["spec"]["template"]["spec"]  # fmt: skip
-    pull = build_prefetch_daemonset(body, hardware, "r1", ARTIFACT, Images(prefetch=True))
+    pull = build_prefetch_daemonset(body, hardware, "r1", ARTIFACT)
     assert pull is not None
     assert is_prefetch(pull)
     assert pull["metadata"]["name"] == prefetch_name("ocr", "r1", hardware)
