@@ -320,6 +320,14 @@ def find_by_tag(reference: Reference, tag: str) -> str | None:
     return digest
 
 
+def is_engine_image(reference: Reference, digest: str) -> bool:
+    """Whether the manifest `digest` in the repository is an engine image (see engineimage), which nodes can pull."""
+    with _registry_errors("look up", reference.with_digest(digest)):
+        manifest = _manifest(_client(reference.registry), parse_reference(reference.with_digest(digest)))
+    layers = manifest.get("layers") or []
+    return any(engineimage.LAYER_ANNOTATION in (layer.get("annotations") or {}) for layer in layers)
+
+
 def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:
     """Push files as one artifact tagged `tag`; return the manifest digest (`sha256:...`)."""
     target = reference.with_tag(tag)

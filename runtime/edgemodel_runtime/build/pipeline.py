@@ -364,6 +364,9 @@ def build(request: BuildRequest) -> dict[str, Any]:
 
         reference = oci.parse_reference(request.push)
         digest = oci.find_by_tag(reference, key)
+        if digest is not None and not oci.is_engine_image(reference, digest):
+            _log(f"{reference.with_tag(key[:16])}… was pushed before engines were images; building it again")
+            digest = None
         if digest is not None:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
             return {
