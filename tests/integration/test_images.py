@@ -157,9 +157,27 @@ print("interpreter" if 3 in kinds else "static")
     done = run_in_image(built["runtime-cpu"], "python", "-c", program)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "static"
-    done = run_in_image(built["runtime-cpu"], "/bin/busybox", "sh", "-c", "/bin/busybox cp --help 2>&1 | head -1")
+    # The serving pods' copy script (operator/edgemodel_operator/enginecache.py), with this image's paths: it
+    # copies the engine whole, and a second run keeps what is there.
+    from edgemodel_operator import enginecache
+
+    base = "/tmp/copy"  # noqa: S108 - inside a container that is removed afterwards
+    box = "/bin/busybox"
+    script = enginecache.COPY_SCRIPT.replace(enginecache.COPIER, box).replace(enginecache.ENGINE_DIR, f"{base}/engine")
+    steps = [
+        f"{box} mkdir -p {base}/engine {base}/cache",
+        f"echo engine > {base}/engine/model.onnx",
+        f"echo {{}} > {base}/engine/report.json",
+        f"{box} sh -c '{script}' copy {base}/cache/e",
+        f"{box} sh -c '{script}' copy {base}/cache/e",
+        f"{box} cat {base}/cache/e/model.onnx {base}/cache/e/report.json",
+        f"{box} ls -a {base}/cache",
+    ]
+    done = run_in_image(built["runtime-cpu"], box, "sh", "-c", " && ".join(steps))
     assert done.returncode == 0, done.stderr
-    assert "cp" in done.stdout
+    target = f"{base}/cache/e"
+    assert done.stdout.split() == ["engine", "copied", "to", target, "engine", "already", "in", target,
+                                   "engine", "{}", ".", "..", "e"]  # fmt: skip
 
 
 def test_onnx_runtime_runs_a_model_in_the_runtime_image(built: dict[str, BuiltImage]) -> None:
