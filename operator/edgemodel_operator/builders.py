@@ -14,6 +14,7 @@ from typing import Any
 from edgemodel_operator.api.resource import API_VERSION, KIND
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget
 from edgemodel_operator.classes import GPU_TOLERATION, HardwareClass
+from edgemodel_operator.enginecache import copy_init_container
 
 LABEL_EDGEMODEL = "edgeml.dev/edgemodel"
 LABEL_REVISION = "edgeml.dev/revision"
@@ -42,6 +43,11 @@ class Images:
     registry: str = "registry.edgemodel-system.svc:5000/engines"
     builder_version: str = "0.1.0"
     registry_insecure: bool = False  # plain HTTP to `registry`, as to an in-cluster registry without TLS
+    node_cache: bool = True  # serving pods take the engine from the node's image store (see enginecache)
+    # Pull each serving revision's engine onto every node of its class, a candidate's before it starts (see
+    # prefetch); off here, on in the operator's settings (a planner without a cluster has no nodes to pull to).
+    prefetch: bool = False
+    prefetch_timeout: float = 600.0  # seconds a candidate waits for its engine on every node
 
     def for_class(self, hardware: HardwareClass) -> str:
         if hardware.accelerator == "nvidia-orin":
@@ -325,6 +331,7 @@ def build_deployment_for_class(
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": port}, "failureThreshold": 6},
         "securityContext": RESTRICTED_CONTAINER,
         "resources": resources,
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # the server's one-line refusal, when it exits
         # A deleted pod leaves its Service's endpoints a moment after it is told to stop: it keeps
         # serving that long, so that no client (and no mirror) is sent to a closed port.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
@@ -344,6 +351,7 @@ def build_deployment_for_class(
         }
     )
     shadow_volume = {"name": "shadow", "configMap": {"name": shadow_configmap_name(name), "optional": True}}
+    copier = copy_init_container(artifact, RESTRICTED_CONTAINER) if images.node_cache else None
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet" if daemonset else "Deployment",
@@ -364,6 +372,7 @@ def build_deployment_for_class(
                     "tolerations": tolerations_for(spec, hardware),
                     "securityContext": RESTRICTED_POD,
                     "automountServiceAccountToken": False,
+                    **({"initContainers": [copier]} if copier else {}),
                     "containers": [container],
                     "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, shadow_volume],
                 },

@@ -36,7 +36,8 @@ Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, EdgeModel name)
 
 LOG = logging.getLogger("edgemodel.controller")
-_META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp", "resourceVersion")
+_META = ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp", "resourceVersion",
+         "creationTimestamp")  # fmt: skip
 CONFLICT_RETRY_SECONDS = 0.5  # a write met newer state: plan again once the watches have caught up
 WRITE_RETRY_SECONDS = 15.0  # a write was refused, or an object is in the way: try again this much later
 WATCH_LAG_SECONDS = 2.0  # look again if the watch event of our own status write has not come by then

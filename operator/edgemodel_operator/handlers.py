@@ -36,6 +36,7 @@ from edgemodel_operator.controller import (
     slim_serving_pod,
     slim_workload,
 )
+from edgemodel_operator.prefetch import is_prefetch
 from edgemodel_operator.reconcile import Observed
 from edgemodel_operator.settings import OperatorSettings
 
@@ -158,15 +159,17 @@ def _read(key: Key) -> Observed | None:
         return None
     body = bodies[0]
     uid = body["metadata"]["uid"]
+    daemonsets = owned_by(uid, _values("daemonsets", key))
     return Observed(
         body=body,
         nodes=_values("nodes", None),
         jobs=owned_by(uid, _values("jobs", key)),
         pods=_values("build_pods", key),
         serving_pods=_values("candidate_pods", key),
-        deployments=owned_by(uid, _values("deployments", key) + _values("daemonsets", key)),
+        deployments=owned_by(uid, _values("deployments", key) + [d for d in daemonsets if not is_prefetch(d)]),
         services=owned_by(uid, _values("services", key)),
         configmaps=owned_by(uid, _values("configmaps", key)),
+        prefetches=[d for d in daemonsets if is_prefetch(d)],
     )
 
 

@@ -44,6 +44,7 @@ from edgemodel_operator.desired import converge, split_twins, stamp
 from edgemodel_operator.fallbacks import Fallback, degrade_on_fallback
 from edgemodel_operator.handoff import Fit, HandoffSteps
 from edgemodel_operator.pacing import merge_patch
+from edgemodel_operator.prefetch import PrefetchSteps
 from edgemodel_operator.progress import pod_problem
 from edgemodel_operator.projection import class_entry, project
 from edgemodel_operator.rebuild import artifact_patch, rebuild_on_fallback, replaced_build, without_cache
@@ -83,6 +84,7 @@ class Observed:
     services: list[Obj]
     configmaps: list[Obj] = field(default_factory=list)
     records: list[Obj] = field(default_factory=list)  # record ConfigMaps, as read from the API server
+    prefetches: list[Obj] = field(default_factory=list)  # pull DaemonSets (see `prefetch`), not serving workloads
     # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
     # missing could not be read this time.
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
@@ -153,7 +155,7 @@ def _job_state(job: Obj) -> str:
     return "Active"
 
 
-class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
+class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps, HandoffSteps):
     def __init__(self, observed: Observed, images: Images, now: str, absent_grace: float) -> None:
         self.observed, self.images, self.now, self.absent_grace = observed, images, now, absent_grace
         self.body = observed.body
@@ -186,6 +188,7 @@ class _Planner(ServingSteps, ArrivalSteps, HandoffSteps):
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
         self._record()
         self._retire({c.key for c in seen.classes} | set(seen.absent))
+        self._retire_prefetches()
         waits = [w for w in (seen.wake_after, self.plan.wake_after) if w is not None]
         self.plan.wake_after = min(waits) if waits else None
         self._shadow_configmap()

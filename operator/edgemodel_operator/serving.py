@@ -70,6 +70,11 @@ class ServingSteps(ABC):
     def _event(self, reason: str, message: str, obj: Obj | None = None) -> None:
         """Provided by the planner."""
 
+    @abstractmethod
+    def _engine_on_nodes(self, slot: Slot) -> str | None:
+        """Provided by the planner (`prefetch`): None once the revision's engine is on the class's nodes, else
+        why the candidate waits."""
+
     def _with_stable(self, entry: Obj, stable: list[Obj]) -> Obj:
         """Name the revision that keeps serving this class while the current one is not there yet."""
         if stable:
@@ -92,6 +97,7 @@ class ServingSteps(ABC):
         """Promoted: this revision serves the class on track stable; the old stable goes once it has rolled out."""
         attempt, mine, stable = slot.attempt, slot.mine, slot.stable
         shadow = {"shadow": shadow_of(attempt)} if attempt.shadow_started else {}
+        self._engine_on_nodes(slot)  # the stable revision's engine stays on every node of the class
         if mine is None:
             self._create_workload(slot, "stable")
             return self._with_stable(entry | {"state": "Built"} | shadow, stable)
@@ -122,6 +128,9 @@ class ServingSteps(ABC):
         """Built or Shadowing: the candidate runs beside the stable revision; while shadowing, mirrored to."""
         hardware, attempt, mine, stable = slot.hardware, slot.attempt, slot.mine, slot.stable
         if mine is None:
+            pulling = self._engine_on_nodes(slot)  # the engine on every node first: promotion needs no registry
+            if pulling is not None:
+                return self._with_stable(entry | {"state": "Built", "message": pulling}, stable)
             self._create_workload(slot, "candidate")
             return self._with_stable(entry | {"state": "Built", "message": "candidate starting"}, stable)
         name = mine["metadata"]["name"]

@@ -25,6 +25,26 @@ class OperatorSettings(BaseSettings):
         description="Reach `registry` over plain HTTP (an in-cluster registry without TLS); "
         "build and serving pods are told so.",
     )
+    node_cache: bool = Field(
+        default=True,
+        description="Serving pods take their engine from the node's container image store: each engine is also an "
+        "image, pulled by digest (IfNotPresent) by an init container that copies it into the pod, so a pod that "
+        "restarts while the registry is unreachable serves from the node. Off: every serving pod pulls its engine "
+        "from the registry when it starts.",
+    )
+    prefetch: bool = Field(
+        default=True,
+        description="With node_cache: pull each serving revision's engine image onto every node of its class (a "
+        "DaemonSet per revision and class whose pods keep the image in use), a candidate's before the candidate "
+        "starts, so that neither its pods nor the promoted ones need the registry.",
+    )
+    prefetch_timeout_seconds: float = Field(
+        default=Images.prefetch_timeout,
+        ge=0,
+        description="With prefetch: how long a candidate waits, from the start of the pull, for its engine image "
+        "on every node of its class before it starts anyway (a node that stays NotReady must not hold a rollout "
+        "back); 0 starts candidates at once.",
+    )
     builder_version: str = Field(default=Images.builder_version, description="Part of every cache key.")
     resync_seconds: float = Field(
         default=300.0,
@@ -80,5 +100,8 @@ class OperatorSettings(BaseSettings):
             jetson=self.image_jetson,
             registry=self.registry,
             registry_insecure=self.registry_insecure,
+            node_cache=self.node_cache,
+            prefetch=self.prefetch,
+            prefetch_timeout=self.prefetch_timeout_seconds,
             builder_version=self.builder_version,
         )

@@ -142,6 +142,44 @@ def test_edgemodel_runs_in_the_runtime_image_on_debians_python(built: dict[str, 
     assert codename == "bookworm"
 
 
+def test_the_runtime_image_carries_a_static_busybox_for_engine_images(built: dict[str, BuiltImage]) -> None:
+    """Builds put /bin/busybox into every engine image as its only program (runtime/edgemodel_runtime/build/
+    engineimage.py): it must need no loader or library, since the engine image has none."""
+    program = """
+import struct
+data = open("/bin/busybox", "rb").read()
+assert data[:4] == b"\\x7fELF" and data[4] == 2, "not a 64-bit ELF"
+phoff, = struct.unpack_from("<Q", data, 0x20)
+size, count = struct.unpack_from("<HH", data, 0x36)
+kinds = [struct.unpack_from("<I", data, phoff + i * size)[0] for i in range(count)]
+print("interpreter" if 3 in kinds else "static")
+"""
+    done = run_in_image(built["runtime-cpu"], "python", "-c", program)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "static"
+    # The serving pods' copy script (operator/edgemodel_operator/enginecache.py), with this image's paths: it
+    # copies the engine whole, and a second run keeps what is there.
+    from edgemodel_operator import enginecache
+
+    base = "/tmp/copy"  # noqa: S108 - inside a container that is removed afterwards
+    box = "/bin/busybox"
+    script = enginecache.COPY_SCRIPT.replace(enginecache.COPIER, box).replace(enginecache.ENGINE_DIR, f"{base}/engine")
+    steps = [
+        f"{box} mkdir -p {base}/engine {base}/cache",
+        f"echo engine > {base}/engine/model.onnx",
+        f"echo {{}} > {base}/engine/report.json",
+        f"{box} sh -c '{script}' copy {base}/cache/e",
+        f"{box} sh -c '{script}' copy {base}/cache/e",
+        f"{box} cat {base}/cache/e/model.onnx {base}/cache/e/report.json",
+        f"{box} ls -a {base}/cache",
+    ]
+    done = run_in_image(built["runtime-cpu"], box, "sh", "-c", " && ".join(steps))
+    assert done.returncode == 0, done.stderr
+    target = f"{base}/cache/e"
+    assert done.stdout.split() == ["engine", "copied", "to", target, "engine", "already", "in", target,
+                                   "engine", "{}", ".", "..", "e"]  # fmt: skip
+
+
 def test_onnx_runtime_runs_a_model_in_the_runtime_image(built: dict[str, BuiltImage]) -> None:
     program = """
 import numpy as np, onnx, onnxruntime as ort

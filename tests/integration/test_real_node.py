@@ -34,7 +34,7 @@ from tests import onnx_models
 from tests.helpers import LiveRequests, eventually, get, post_json
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
-from tests.testbed.node import AMD64, LABEL, NODE_IP, TOLERATION, NodeSpec, RealNode
+from tests.testbed.node import AMD64, LABEL, NODE_IP, TOLERATION, NodeSpec, RealNode, trust_registry
 from tests.testbed.node_arm64 import ARM64_NODE, Arm64Node
 from tests.testbed.registry import Registry
 
@@ -91,6 +91,7 @@ def scene(
         registry = Registry(directory / "registry", host=NODE_IP)
         registry.start()
         undo.callback(registry.stop)
+        trust_registry(crd, registry.address)  # the kubelets pull the engines, which are images too
         # The test pushes the models over plain HTTP, as the pods pull them.
         monkeypatch_module.setenv("EDGEMODEL_INSECURE_REGISTRIES", registry.address)
         stable = onnx_models.tiny_classifier(directory / "a.onnx", seed=0)

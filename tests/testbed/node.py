@@ -202,6 +202,21 @@ def preflight() -> None:
         )
 
 
+def registry_hosts(bed: Testbed) -> Path:
+    """Where the test bed's real nodes' containerd reads its registry hosts (`<host:port>/hosts.toml`) at each pull."""
+    return bed.directory / "certs.d"
+
+
+def trust_registry(bed: Testbed, address: str) -> None:
+    """Let the kubelets of the test bed's real nodes pull images from the plain-HTTP registry at `address`
+    (host:port), as their pods do: the engines, which are images too (operator/edgemodel_operator/enginecache.py)."""
+    directory = registry_hosts(bed) / address
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hosts.toml").write_text(
+        f'server = "http://{address}"\n\n[host."http://{address}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+
+
 class RealNode:
     """The real node of one test bed: its files, processes and teardown (the amd64 node; see node_arm64.py)."""
 
@@ -249,6 +264,11 @@ class RealNode:
     @property
     def socket(self) -> Path:
         return self.run_dir / "containerd.sock"
+
+    @property
+    def hosts_dir(self) -> Path:
+        """containerd's registry host configuration (see `trust_registry`), shared by the test bed's nodes."""
+        return registry_hosts(self.bed)
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return _run("ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args, check=check, timeout=timeout)
@@ -412,6 +432,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   runtime_type = "io.containerd.runc.v2"
 {self._runtime_options()}[{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
+[{cri}.registry]
+  config_path = "{self.hosts_dir}"
 [{cri}.cni]
   bin_dir = "{CNI_BIN}"
   conf_dir = "{self.directory / "cni" / "net.d"}"

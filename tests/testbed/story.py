@@ -41,7 +41,7 @@ from edgemodel_runtime.packaged import OCR_CLS
 from tests.helpers import LiveRequests
 from tests.integration.operators import OperatorProcess
 from tests.testbed.cluster import Testbed
-from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode
+from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode, trust_registry
 from tests.testbed.node_arm64 import Arm64Node
 from tests.testbed.registry import Registry
 
@@ -260,6 +260,7 @@ def main(directory: Path, arm64: bool = False) -> int:
     traffic: list[LiveRequests] = []
     try:
         registry.start()
+        trust_registry(bed, registry.address)  # the kubelets pull the engines, which are images too
         os.environ["EDGEMODEL_INSECURE_REGISTRIES"] = registry.address
         uris, models = {}, _models(work)
         for revision, path in models.items():

@@ -14,12 +14,14 @@ import ipaddress
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemodel_runtime.build import engineimage
 from edgemodel_runtime.build.errors import BadInputError, InfrastructureError
 from edgemodel_runtime.digests import sha256_file
 
@@ -208,6 +210,11 @@ def _pull_layers(parsed: Reference, reference: str, outdir: Path, files: list[Pa
     client = _client(parsed.registry)
     manifest = _manifest(client, parsed)
     for layer in manifest.get("layers", []):
+        kind = (layer.get("annotations") or {}).get(engineimage.LAYER_ANNOTATION)
+        if kind is not None:  # an engine pushed as an image (see engineimage): its files are in one tar layer
+            if kind == "engine":
+                files += _engine_files(client, parsed, reference, layer, outdir)
+            continue
         title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
         digest = str(layer.get("digest", ""))
         if (
@@ -231,6 +238,54 @@ def _pull_layers(parsed: Reference, reference: str, outdir: Path, files: list[Pa
             )
         files.append(target)
     return manifest
+
+
+def _engine_files(client: Any, parsed: Reference, reference: str, layer: dict[str, Any], outdir: Path) -> list[Path]:
+    """Download an engine image's engine layer, check its digest, and unpack its regular files into `outdir`.
+
+    Only regular files directly under engine/ are taken; a link, a device, an absolute or `..` name is refused.
+    """
+    digest = str(layer.get("digest", ""))
+    blob = outdir / ".engine-layer.tar"
+    client.download_blob(str(parsed), digest, str(blob))
+    actual = "sha256:" + sha256_file(blob)
+    if actual != digest:
+        raise BadInputError(
+            f"oci://{reference}: the engine layer has digest {actual}, but the manifest says {digest}; not used",
+            reason="DigestMismatch",
+        )
+    files: list[Path] = []
+    try:
+        with tarfile.open(blob, "r:") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if member.isdir() and parts == (engineimage.ENGINE_DIR,):
+                    continue
+                if (
+                    not member.isfile()
+                    or len(parts) != 2
+                    or parts[0] != engineimage.ENGINE_DIR
+                    or not _safe_title(parts[1])
+                ):
+                    raise BadInputError(
+                        f"oci://{reference}: the engine layer holds {member.name!r}, which is not a plain file "
+                        f"in {engineimage.ENGINE_DIR}/; not used",
+                        reason="InvalidArtifact",
+                    )
+                source = tar.extractfile(member)
+                if source is None:
+                    raise BadInputError(f"oci://{reference}: {member.name} cannot be read", reason="InvalidArtifact")
+                target = outdir / parts[1]
+                with source, target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+                files.append(target)
+    except tarfile.TarError as error:
+        raise BadInputError(
+            f"oci://{reference}: the engine layer is not a tar: {error}", reason="InvalidArtifact"
+        ) from error
+    finally:
+        blob.unlink(missing_ok=True)
+    return files
 
 
 def pull_single_file(reference: str) -> Path:
@@ -274,6 +329,14 @@ def manifest_annotations(reference: Reference, digest: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}
 
 
+def is_engine_image(reference: Reference, digest: str) -> bool:
+    """Whether the manifest `digest` in the repository is an engine image (see engineimage), which nodes can pull."""
+    with _registry_errors("look up", reference.with_digest(digest)):
+        manifest = _manifest(_client(reference.registry), parse_reference(reference.with_digest(digest)))
+    layers = manifest.get("layers") or []
+    return any(engineimage.LAYER_ANNOTATION in (layer.get("annotations") or {}) for layer in layers)
+
+
 def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:
     """Push files as one artifact tagged `tag`; return the manifest digest (`sha256:...`)."""
     target = reference.with_tag(tag)
@@ -292,4 +355,58 @@ def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dic
     if response.status_code not in {200, 201}:
         raise InfrastructureError(f"push {target}: HTTP {response.status_code}", reason="RegistryError")
     digest: str = response.headers["Docker-Content-Digest"]
+    return digest
+
+
+def push_engine(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:
+    """Push an engine's files as one image tagged `tag` (see engineimage); return the manifest digest.
+
+    `pull_artifact` reads it back as files; a kubelet runs it as an image. The copier layer is left out
+    when this machine has no static busybox (`engineimage.find_copier`).
+    """
+    target = reference.with_tag(tag)
+    copier = engineimage.find_copier()
+    with tempfile.TemporaryDirectory() as scratch:
+        layers: list[tuple[Path, str, str]] = []
+        if copier is not None:
+            path = Path(scratch) / "copier.tar"
+            layers.append((path, engineimage.copier_layer(path, copier), "copier"))
+        path = Path(scratch) / "engine.tar"
+        layers.append((path, engineimage.engine_layer(path, files), "engine"))
+        config = engineimage.image_config(engineimage.architecture(), [digest for _, digest, _ in layers])
+        (Path(scratch) / "config.json").write_bytes(config)
+        descriptors = [
+            engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, digest, path.stat().st_size, kind)
+            for path, digest, kind in layers
+        ]
+        manifest = engineimage.image_manifest(config, descriptors, annotations)
+        config_descriptor = json.loads(manifest)["config"]
+        with _registry_errors("push", target):
+            client = _client(reference.registry)
+            container = client.get_container(target)
+            blobs = [
+                (Path(scratch) / "config.json", config_descriptor),
+                *zip([p for p, _, _ in layers], descriptors, strict=True),
+            ]
+            for path, entry in blobs:
+                response = client.upload_blob(str(path), container, entry)
+                if response.status_code not in {200, 201, 202}:
+                    raise InfrastructureError(
+                        f"push {target}: blob: HTTP {response.status_code}", reason="RegistryError"
+                    )
+            response = client.do_request(
+                f"{client.prefix}://{container.manifest_url()}",
+                "PUT",
+                headers={"Content-Type": engineimage.MANIFEST_MEDIA_TYPE},
+                data=manifest,
+            )
+    if response.status_code not in {200, 201}:
+        raise InfrastructureError(f"push {target}: HTTP {response.status_code}", reason="RegistryError")
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if response.headers.get("Docker-Content-Digest", digest) != digest:
+        raise InfrastructureError(
+            f"push {target}: the registry stored the manifest as {response.headers['Docker-Content-Digest']}, "
+            f"not {digest}",
+            reason="RegistryError",
+        )
     return digest

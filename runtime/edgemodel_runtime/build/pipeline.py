@@ -521,7 +521,9 @@ class _Build:
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
             if self.report.get("auto"):  # so that a later cache hit can say what was chosen without pulling
                 annotations[oci.AUTO_ANNOTATION] = json.dumps(auto.annotation(self.report), separators=(",", ":"))
-            digest = oci.push(reference, [*files, request.output / "report.json"], self.report["cacheKey"], annotations)
+            # As an image (engineimage): the kubelet of each node of the class can pull and keep it by digest.
+            pushed = [*files, request.output / "report.json"]
+            digest = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
     def _write(self) -> None:
@@ -564,6 +566,9 @@ def build(request: BuildRequest) -> dict[str, Any]:
 
         reference = oci.parse_reference(request.push)
         digest = oci.find_by_tag(reference, key)
+        if digest is not None and not oci.is_engine_image(reference, digest):
+            _log(f"{reference.with_tag(key[:16])}… was pushed before engines were images; building it again")
+            digest = None
         if digest is not None:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
             chosen = auto.from_annotations(oci.manifest_annotations(reference, digest)) if auto.is_auto(request) else {}
