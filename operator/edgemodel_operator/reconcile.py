@@ -259,6 +259,7 @@ class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps, HandoffSteps):
             has_stable=bool(stable),
             mine=_track(mine) if mine else None,
             mine_ready=_ready(mine) if mine else 0,
+            mine_since=mine["metadata"].get("creationTimestamp") if mine else None,
             samples=self.observed.evidence.get(hardware.key),
             job_uid=uid,
             problem=pod_problem(p for p in self.observed.serving_pods if _is_of(p, self.revision, hardware.key)),

@@ -62,7 +62,7 @@ class Attempt:
     # Set when the class's pods could not load the built engine and it is built again (see `rebuild`):
     # {"artifactDigest": the engine replaced, "job": UID of its build Job, "reason": the load failure}.
     rebuild: Obj | None = None
-    built: str | None = None  # when the build was there (the progress deadline counts from it)
+    built: str | None = None  # when the built attempt's workload was there (the progress deadline counts from it)
     retries: int | None = None  # automatic retries of an infrastructure failure taken (see rollout.retry_build)
     retry_at: str | None = None  # when the next automatic retry of a failed build is due
     retry_request: str | None = None  # the value of edgeml.dev/retry-build last honoured (or present at the start)

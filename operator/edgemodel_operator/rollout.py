@@ -80,6 +80,7 @@ class ClassView:
     samples: Mapping[str, Counters] | None
     job_uid: str | None = None  # the build Job's UID
     problem: str | None = None  # why this revision's candidate pods are not Ready (see `progress.pod_problem`)
+    mine_since: str | None = None  # when this revision's workload was created (RFC 3339)
 
 
 @dataclass(frozen=True)
@@ -247,11 +248,15 @@ def _after(moment: str, seconds: float) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def stamp_built(attempt: Attempt, now: str) -> Attempt:
-    """Note when the attempt was first seen Built: the progress deadline counts from then."""
+def stamp_built(attempt: Attempt, view: ClassView, now: str) -> Attempt:
+    """Note when the attempt was first seen Built with its workload there: the progress deadline counts from
+    then. A candidate whose workload is not made yet (its engine still being pulled onto the class's nodes,
+    see `prefetch`; a GPU class that cannot hold it beside the stable pods, see `handoff`) is not late."""
     if attempt.state != "Built" or attempt.built is not None:
         return attempt
-    return replace(attempt, built=now)
+    if view.mine is None and view.has_stable:
+        return attempt
+    return replace(attempt, built=view.mine_since or now)
 
 
 def _is_candidate(attempt: Attempt, view: ClassView) -> bool:
@@ -277,12 +282,12 @@ def deadline_seconds(rollout: Rollout) -> float:
 
 
 def progress_deadline(attempt: Attempt, view: ClassView, context: Context) -> tuple[Attempt, Step | None]:
-    """Built -> RolledBack when no candidate pod is Ready `progressDeadline` after the build was there;
+    """Built -> RolledBack when no candidate pod is Ready `progressDeadline` after its workload was there;
     the reason says what the pods show (`view.problem`), else that none became Ready."""
-    if not _is_candidate(attempt, view) or view.mine_ready:
+    if not _is_candidate(attempt, view) or view.mine_ready or attempt.built is None:
         return attempt, None
     deadline = context.rollout.progress_deadline
-    if seconds_between(attempt.built or attempt.started, context.now) < deadline_seconds(context.rollout):
+    if seconds_between(attempt.built, context.now) < deadline_seconds(context.rollout):
         return attempt, None
     problem = view.problem or ("no candidate pod is Ready" if view.mine else "the candidate workload was never made")
     why = f"{problem}; not Ready within progressDeadline {deadline}"
@@ -373,8 +378,8 @@ def due_in(attempt: Attempt, view: ClassView, context: Context) -> float | None:
     or an automatic retry), so the planner looks again then; None when no such deadline waits."""
     if attempt.state == "Failed" and attempt.retry_at is not None:
         return max(0.0, _epoch(attempt.retry_at) - _epoch(context.now))
-    if _is_candidate(attempt, view) and not view.mine_ready:
-        passed = seconds_between(attempt.built or attempt.started, context.now)
+    if _is_candidate(attempt, view) and not view.mine_ready and attempt.built is not None:
+        passed = seconds_between(attempt.built, context.now)
         return max(0.0, deadline_seconds(context.rollout) - passed)
     return None
 
@@ -391,7 +396,7 @@ def advance(attempt: Attempt, view: ClassView, context: Context) -> tuple[Attemp
     for transition in (build_again, build_finished):
         attempt = took(transition(attempt, view))
     attempt = took(schedule_retry(attempt, view, context.now))
-    attempt = stamp_built(attempt, context.now)
+    attempt = stamp_built(attempt, view, context.now)
     attempt = took(serve_unshadowed(attempt, view, context.now))
     attempt = took(reject_candidate(attempt, view, context))
     attempt = took(progress_deadline(attempt, view, context))

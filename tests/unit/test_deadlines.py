@@ -210,7 +210,9 @@ def test_a_candidate_not_ready_within_the_default_deadline_is_rolled_back_with_i
     key = _key(cluster)
     if status is not None:
         cluster.serving_pods = [_pod(second, key, **status)]
-    assert started.wake_after == 600.0  # the planner looks again when the deadline passes
+    assert started.wake_after is None  # no deadline before the workload is there: its watch event plans again
+    seen = cluster.step("2026-11-26T12:01:05Z")
+    assert seen.wake_after == 595.0  # counted from the workload's creation: the planner looks again then
     waiting = cluster.step("2026-11-26T12:10:59Z")
     assert _entry(waiting)["state"] == "Built"
     assert waiting.wake_after == 1.0
@@ -239,9 +241,10 @@ def test_a_candidate_with_a_ready_pod_is_not_held_to_the_deadline() -> None:
     assert later.wake_after is None
 
 
-def test_the_deadline_counts_from_the_build_and_survives_a_lost_status() -> None:
+def test_the_deadline_counts_from_the_candidate_workloads_creation_and_survives_a_lost_status() -> None:
     cluster, _first, second = _cluster(progressDeadline="90s")
     _candidate_built(cluster)
+    cluster.step("2026-11-26T12:01:05Z")  # the candidate workload made at BUILT is seen
     attempt = next(iter(parse(next(r for r in cluster.records.values() if second in r["metadata"]["name"]))
                         .attempts.values()))  # type: ignore[union-attr]  # fmt: skip
     assert attempt.built == BUILT

@@ -297,6 +297,10 @@ def test_a_node_that_never_gets_the_engine_holds_the_candidate_back_only_until_t
     assert cluster.workloads() == {first: "stable"}
     cluster.step("2026-11-26T12:11:10Z")  # 600 s, the default
     assert cluster.workloads() == {first: "stable", second: "candidate"}
+    # The progress deadline (10m by default) counts from the candidate workload's creation, not from the
+    # build: the time its engine spent being pulled onto the nodes does not roll it back.
+    cluster.step("2026-11-26T12:11:20Z")
+    assert cluster.workloads() == {first: "stable", second: "candidate"}
 
 
 def test_engine_image_layers_are_deterministic_and_hold_only_plain_files(tmp_path: Path) -> None:

@@ -99,8 +99,10 @@ class Cluster:
         """Plan and apply; `write_status=False` plays a status write held back (or lost)."""
         result = plan(self.observed(), Images(), now)
         self.record(result)
-        for obj in result.create:
-            self.objects[obj["kind"], obj["metadata"]["name"]] = copy.deepcopy(obj)
+        for obj in result.create:  # stamped with their creation time, as the API server does
+            made = copy.deepcopy(obj)
+            made["metadata"].setdefault("creationTimestamp", now)
+            self.objects[obj["kind"], obj["metadata"]["name"]] = made
         for ref in result.delete:
             self.objects.pop((ref["kind"], ref["name"]), None)
             self.records.pop(ref["name"], None) if ref["kind"] == "ConfigMap" else None
