@@ -434,9 +434,9 @@ class Rollout(ApiModel):
     )
     progress_deadline: Duration = Field(
         default="10m",
-        description="Longest time a built candidate may take to have a Ready pod, e.g. 10m; past it the candidate "
-        "is rolled back with the reason its pods show (image pull, crash loop with the last exit, OOMKilled, "
-        "unschedulable with the scheduler's message).",
+        description="Longest time a built candidate's workload may take, from its creation, to have a Ready "
+        "pod, e.g. 10m; past it the candidate is rolled back with the reason its pods show (image pull, crash "
+        "loop with the last exit, OOMKilled, unschedulable with the scheduler's message).",
     )
 
 
