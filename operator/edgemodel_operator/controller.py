@@ -25,7 +25,8 @@ from edgemodel_operator import metrics, pacing
 from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Cluster, ConflictError, NotActiveError
-from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
+from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
+from edgemodel_operator.observations import EvidencePoller, ObservationStore
 from edgemodel_operator.reconcile import Observed, evidence_wanted, plan
 from edgemodel_operator.workqueue import WorkQueue
 
@@ -96,12 +97,14 @@ def slim_node(obj: Obj) -> Obj:
 
 def node_fingerprint(node: Obj) -> tuple[Any, ...]:
     """What about a node can change the hardware classes or their schedulability: labels, cordon,
-    taints, readiness. Heartbeats change none of them, so they queue nothing."""
+    taints, readiness, allocatable resources. Heartbeats change none of them, so they queue nothing."""
     ready = [c.get("status") for c in node["status"]["conditions"]]
     taints = sorted(
         (t.get("key") or "", t.get("value") or "", t.get("effect") or "") for t in node["spec"].get("taints") or []
     )
-    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready)
+    allocatable = sorted((node["status"].get("allocatable") or {}).items())
+    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready,
+            allocatable)  # fmt: skip
 
 
 def slim_job(obj: Obj) -> Obj:
@@ -158,12 +161,27 @@ class Controller:
         analysis_seconds: float = 5.0,
         active: Callable[[], bool] = lambda: True,
         absent_grace: float = 600.0,
+        evidence_max_age: float = 30.0,
+        evidence_deadline: float = 15.0,
+        evidence_concurrency: int = 8,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
-        self._evidence = evidence or ScrapeSource()
         self._analysis_seconds = analysis_seconds
+        # Shadow counters are gathered by their own poller and read here as observations: a reconcile
+        # never waits on Prometheus or a pod (see `observations`).
+        self.observations = ObservationStore(max_age=evidence_max_age)
+        self.poller = EvidencePoller(
+            evidence or ScrapeSource(),
+            self.observations,
+            pods=lambda namespace, name: self._cluster().stable_pods(namespace, name),
+            notify=self.queue.add,
+            interval=analysis_seconds,
+            deadline=evidence_deadline,
+            concurrency=evidence_concurrency,
+            active=active,
+        )
         self._absent_grace = absent_grace
         self._held: dict[Key, float] = {}
         # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
@@ -176,11 +194,13 @@ class Controller:
     def start(self, read: Callable[[Key], Observed | None]) -> None:
         self.read = read
         self._tasks = [asyncio.create_task(self._work(), name=f"reconciler-{i}") for i in range(self._workers)]
+        self.poller.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.poller.stop()
 
     async def _work(self) -> None:
         while True:
@@ -201,7 +221,7 @@ class Controller:
                 delay = min(60.0, 0.5 * 2**failures)
                 LOG.exception("reconciling %s/%s failed (attempt %d); retrying in %.1fs", *key, failures, delay)
                 metrics.RECONCILES.labels(outcome="error").inc()
-                self.queue.add_after(key, delay)
+                self.queue.retry(key, delay)
                 return
         self._failures.pop(key, None)
         metrics.RECONCILES.labels(outcome="ok").inc()
@@ -211,14 +231,16 @@ class Controller:
         if observed is None or observed.body["metadata"].get("deletionTimestamp"):
             self._held.pop(key, None)
             self._wrote_at.pop(key, None)
+            self.poller.want(key, {})
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
         cluster = self._cluster()
         observed = dataclasses.replace(observed, records=await asyncio.to_thread(cluster.records, body))
         candidates = evidence_wanted(observed)
-        if candidates:
-            observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
+        self.poller.want(key, candidates)
+        if candidates:  # the latest fresh observation of each class's candidate; none: wait for one
+            observed = dataclasses.replace(observed, evidence=self.observations.fresh(key, candidates))
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
             done = await asyncio.to_thread(cluster.apply, result, self._active)
@@ -247,19 +269,6 @@ class Controller:
             self.queue.add_after(key, self._analysis_seconds)
         if result.wake_after is not None:  # an absent class is due to retire (a second late: past its time)
             self.queue.add_after(key, result.wake_after + 1.0)
-
-    async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
-        """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""
-        namespace, name = key
-        try:
-            pods = [] if isinstance(self._evidence, PrometheusSource) else await asyncio.to_thread(
-                cluster.stable_pods, namespace, name
-            )  # fmt: skip
-            return await asyncio.to_thread(self._evidence.gather, namespace, name, candidates, pods)
-        except Exception as error:  # a monitoring outage delays decisions, it never makes them
-            LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
-            metrics.EVIDENCE_ERRORS.inc()
-            return {}
 
     async def _write_status(self, key: Key, body: Obj, current: Obj, status: Obj) -> None:
         now = time.monotonic()

@@ -38,7 +38,7 @@ from edgemodel_operator.builders import (
     shadow_configmap_name,
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
-from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
+from edgemodel_operator.classes import CLASSES, HardwareClass, engine_for, presence
 from edgemodel_operator.pacing import merge_patch
 from edgemodel_operator.projection import class_entry, project
 from edgemodel_operator.records import Attempt, Record, current_application, parse, record_name, record_write, retired
@@ -78,6 +78,9 @@ class Observed:
     # Shadow counters by class key and source, for the candidate `evidence_wanted` names; a class that is
     # missing could not be read this time.
     evidence: dict[str, dict[str, Counters]] = field(default_factory=dict)
+    # Names the node set: the same version always comes with the same nodes as far as classes go, so the
+    # classes are computed once per version (`classes.ClassCache`); None: computed afresh.
+    nodes_version: int | None = None
 
 
 @dataclass
@@ -155,7 +158,7 @@ class _Planner(ServingSteps, ArrivalSteps):
         targets = self.spec.targets
         selector = targets.node_selector if targets else None
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
-        found = discover(self.observed.nodes, selector, tolerations)
+        found = CLASSES.discover(self.observed.nodes_version, self.observed.nodes, selector, tolerations)
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
         entries = [self._stable_first(hardware) or self._class(hardware) for hardware in seen.classes]
         entries += [self._absent(key, since, retire_at) for key, (since, retire_at) in sorted(seen.absent.items())]
