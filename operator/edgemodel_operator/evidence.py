@@ -136,7 +136,7 @@ class ScrapeSource:
         try:
             return (await client.get(url)).text
         except httpx.HTTPError as error:
-            LOG.warning("cannot scrape %s (%s): %s", name, url, error)
+            LOG.warning("cannot scrape %s (%s): %s", name, url, str(error) or type(error).__name__)
             return None
 
 

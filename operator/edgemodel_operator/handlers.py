@@ -2,8 +2,11 @@
 
 The watches keep in-memory indexes of EdgeModels, Nodes and the Jobs, build Pods, Deployments and
 Services the operator labelled; any change to one of them queues its EdgeModel (a Node change that
-can alter the hardware classes queues every EdgeModel). `Controller` workers do the rest. These
-handlers keep no state on the objects: kopf writes no annotations and adds no finalizers.
+can alter the hardware classes queues every EdgeModel and counts a new node set, for which classes
+are computed once). Children's and nodes' events are coalesced (`event_coalesce_seconds`); the
+children's watches carry the label selector to the API server, which filters them there (kopf's
+handler `labels=` filters are applied on the client, after the event came). `Controller` workers do
+the rest. These handlers keep no state on the objects: kopf writes no annotations and adds no finalizers.
 """
 
 from __future__ import annotations

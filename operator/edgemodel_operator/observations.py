@@ -177,7 +177,11 @@ class EvidencePoller:
                     pods = await loop.run_in_executor(self._threads, self._pods, namespace, name)
                 samples = await self.source.gather(namespace, name, candidates, pods)
         except Exception as error:  # a monitoring outage delays decisions, it never makes them
-            why = "no answer within the deadline" if isinstance(error, TimeoutError) else str(error) or repr(error)
+            why = (
+                "no answer within the deadline"
+                if isinstance(error, TimeoutError)
+                else str(error) or type(error).__name__
+            )
             LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, why)
             metrics.EVIDENCE_ERRORS.inc()
             return

@@ -7,8 +7,11 @@ unreachable, in one of two real ways:
 - `prometheus`: the operator reads Prometheus through a TCP relay that the test turns into a black
   hole: a listening socket that accepts every connection and never answers (as a host behind a
   dropping firewall or a hung server does);
-- `scrape`: there is no Prometheus; the operator scrapes the stable pods, which KWOK gives addresses
-  that nothing answers on (10.244.0.0/16, routed nowhere here), so every scrape waits for its timeout.
+- `scrape`: there is no Prometheus; the operator scrapes the stable pods. Their node's pod CIDR is a
+  loopback range (127.77.0.0/24), so KWOK gives them addresses on this machine, and their port
+  (`spec.serving.port`) is that of a black hole listening on every address: every scrape connects,
+  then waits for its timeout. (An address routed nowhere would do as well, were it not that this kind
+  of machine answers any outbound HTTP itself.)
 An unrelated EdgeModel's spec is then changed and the time from that change to the operator's status
 write for it (its `observedGeneration`) is measured, against the same measurement taken before.
 """
@@ -112,78 +115,110 @@ def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
     server.stop()
 
 
-@pytest.mark.parametrize("unreachable", ["prometheus", "scrape"])
-def test_unreachable_evidence_does_not_delay_an_unrelated_edgemodel(
-    crd: Testbed, namespace: str, tmp_path: Path, unreachable: str, request: pytest.FixtureRequest
-) -> None:
-    relay = None
-    settings = {"namespaces": json.dumps([namespace])}  # everything else at its default
-    if unreachable == "prometheus":
-        prometheus: Prometheus = request.getfixturevalue("prometheus")
-        host, port = prometheus.url.removeprefix("http://").rstrip("/").split(":")
-        relay = Relay((host, int(port)))
-        settings["prometheus_url"] = relay.url
-    pool = Pool(crd, namespace)
-    pool.add(X86_VNNI, cpu="1000", memory="1000Gi", pods="1000")  # room for every build and serving pod
-    operator = OperatorProcess(crd, tmp_path / "operator.log", settings=settings)
-    operator.start()
-    config.load_kube_config(str(crd.kubeconfig))  # type: ignore[no-untyped-call]
-    api: Any = client.CustomObjectsApi()
-    try:
-        names = [f"shadow-{i}" for i in range(SHADOWING)]
-        for name in names:
-            apply_edgemodel(crd, namespace, name, targets=pool_targets(namespace))
-        apply_edgemodel(crd, namespace, "other", targets=pool_targets(namespace))
-        finish_builds(crd, namespace, count=SHADOWING + 1)
-        for name in [*names, "other"]:
-            crd.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"em/{name}", "--timeout=120s")
-        before = [_status_latency(api, namespace, "other", 100 + i) for i in range(3)]  # nothing wants evidence
-        for name in names:  # a new revision each: built, then shadowed (KWOK pods serve no traffic: it never ends)
-            apply_edgemodel(crd, namespace, name, targets=pool_targets(namespace), digest="0" * 64)
-        finish_builds(crd, namespace, count=SHADOWING)
+def _all_shadowing(api: Any, namespace: str, names: list[str]) -> bool:
+    states = {n: {c["state"] for c in (e.get("status") or {}).get("classes") or []}
+              for n, e in _edgemodels(api, namespace).items() if n in names}  # fmt: skip
+    return len(states) == len(names) and all(s == {"Shadowing"} for s in states.values())
 
-        def all_shadowing() -> bool:
-            states = {n: {c["state"] for c in (e.get("status") or {}).get("classes") or []}
-                      for n, e in _edgemodels(api, namespace).items() if n in names}  # fmt: skip
-            return len(states) == SHADOWING and all(s == {"Shadowing"} for s in states.values())
 
-        eventually(all_shadowing, timeout=180, what=f"{SHADOWING} EdgeModels shadowing")
+def _mean_gathering(operator: OperatorProcess, sums: tuple[float, float], at_least: int) -> float:
+    """Mean seconds of the next `at_least` evidence gatherings after the histogram stood at `sums`."""
+    name = "edgemodel_operator_evidence_gather_seconds"
 
-        if relay is not None:
+    def mean() -> float | None:
+        count = _metric(operator, f"{name}_count") - sums[1]
+        return (_metric(operator, f"{name}_sum") - sums[0]) / count if count >= at_least else None
+
+    found: float = eventually(mean, timeout=60, what=f"{at_least} more evidence gatherings")
+    return found
+
+
+class Unreachable:
+    """The evidence of one case (see the module docstring): where the operator reads it, and how it stops."""
+
+    def __init__(self, case: str, crd: Testbed, node: str, request: pytest.FixtureRequest) -> None:
+        self.relay: Relay | None = None
+        self.blackhole: socket.socket | None = None
+        self.settings: dict[str, str] = {}
+        self.serving: dict[str, Any] = {}
+        if case == "prometheus":
+            prometheus: Prometheus = request.getfixturevalue("prometheus")
+            host, port = prometheus.url.removeprefix("http://").rstrip("/").split(":")
+            self.relay = Relay((host, int(port)))
+            self.settings["prometheus_url"] = self.relay.url
+        else:
+            self.blackhole = socket.create_server(("0.0.0.0", 0), backlog=512)  # noqa: S104 - the pods' loopback addresses
+            self.serving = {"port": self.blackhole.getsockname()[1]}
+            cidr = {"spec": {"podCIDR": "127.77.0.0/24", "podCIDRs": ["127.77.0.0/24"]}}
+            crd.kubectl("patch", "node", node, "-p", json.dumps(cidr))
+
+    def stall(self, crd: Testbed, namespace: str, operator: OperatorProcess) -> None:
+        """Make the evidence unreachable (scrapes: it has been all along), and wait until the operator met that."""
+        if self.blackhole is not None:  # the stable pods are where the black hole listens
+            pods = get(crd, "pods", "-n", namespace, "-l", "app.kubernetes.io/component=serve")["items"]
+            assert pods
+            assert all(p["status"].get("podIP", "").startswith("127.77.") for p in pods)
+        if self.relay is not None:
             errors = _metric(operator, "edgemodel_operator_evidence_errors_total")
-            relay.blackhole.set()
+            self.relay.blackhole.set()
             # Every gathering now hangs until its timeout: wait until the poller has run into the black hole.
             eventually(
                 lambda: _metric(operator, "edgemodel_operator_evidence_errors_total") >= errors + 8,
                 timeout=90,
                 what="gatherings that the black hole held past their timeout",
             )
-        gathered = _metric(operator, "edgemodel_operator_evidence_gather_seconds_sum")
-        count = _metric(operator, "edgemodel_operator_evidence_gather_seconds_count")
+
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+        if self.blackhole is not None:
+            self.blackhole.close()
+
+
+@pytest.mark.parametrize("case", ["prometheus", "scrape"])
+def test_unreachable_evidence_does_not_delay_an_unrelated_edgemodel(
+    crd: Testbed, namespace: str, tmp_path: Path, case: str, request: pytest.FixtureRequest
+) -> None:
+    pool = Pool(crd, namespace)
+    node = pool.add(X86_VNNI, cpu="1000", memory="1000Gi", pods="1000")  # room for every build and serving pod
+    evidence = Unreachable(case, crd, node["metadata"]["name"], request)
+    settings = {"namespaces": json.dumps([namespace]), **evidence.settings}  # everything else at its default
+    operator = OperatorProcess(crd, tmp_path / "operator.log", settings=settings)
+    operator.start()
+    config.load_kube_config(str(crd.kubeconfig))  # type: ignore[no-untyped-call]
+    api: Any = client.CustomObjectsApi()
+    targets, serving = pool_targets(namespace), evidence.serving
+    try:
+        names = [f"shadow-{i}" for i in range(SHADOWING)]
+        for name in names:
+            apply_edgemodel(crd, namespace, name, targets=targets, serving=serving)
+        apply_edgemodel(crd, namespace, "other", targets=targets)
+        finish_builds(crd, namespace, count=SHADOWING + 1)
+        for name in [*names, "other"]:
+            crd.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"em/{name}", "--timeout=50s")
+        before = [_status_latency(api, namespace, "other", 100 + i) for i in range(3)]  # nothing wants evidence
+        for name in names:  # a new revision each: built, then shadowed (KWOK pods serve no traffic: it never ends)
+            apply_edgemodel(crd, namespace, name, targets=targets, serving=serving, digest="0" * 64)
+        finish_builds(crd, namespace, count=SHADOWING)
+        eventually(lambda: _all_shadowing(api, namespace, names), timeout=180, what=f"{SHADOWING} shadowing")
+
+        evidence.stall(crd, namespace, operator)
+        name = "edgemodel_operator_evidence_gather_seconds"
+        sums = (_metric(operator, f"{name}_sum"), _metric(operator, f"{name}_count"))
         after = [_status_latency(api, namespace, "other", 200 + i) for i in range(5)]
         # The evidence really was stalled meanwhile: gatherings took their timeouts (2 s a pod scrape, 10 s a query).
-        mean = eventually(
-            lambda: (
-                (n := _metric(operator, "edgemodel_operator_evidence_gather_seconds_count") - count) >= SHADOWING
-                and (_metric(operator, "edgemodel_operator_evidence_gather_seconds_sum") - gathered) / n
-            ),
-            timeout=60,
-            what=f"{SHADOWING} more evidence gatherings",
-        )
+        mean = _mean_gathering(operator, sums, SHADOWING)
         assert mean >= 1.5, f"gatherings took {mean:.2f}s on average: the evidence was not unreachable"
-        if relay is not None:
-            assert _metric(operator, "edgemodel_operator_evidence_errors_total") > 0
         delay = statistics.median(after) - statistics.median(before)
-        print(f"[evidence {unreachable}] status write after a change, s: before {before}, stalled {after}")
+        print(f"[evidence {case}] status write after a change, s: before {before}, stalled {after}")
         assert delay < ALLOWED_DELAY, f"stalled evidence delayed an unrelated status write: {before} -> {after}"
 
         # Missing evidence decided nothing: every shadowing class still shadows, nothing was rolled back.
-        assert all_shadowing()
+        assert _all_shadowing(api, namespace, names)
         for name in names:
             status = get(crd, "em", name, "-n", namespace)["status"]
             assert status["classes"][0]["shadow"].get("decision") in {None, "Pending"}, status["classes"][0]
     finally:
         operator.stop()
-        if relay is not None:
-            relay.close()
+        evidence.close()
         pool.remove()
