@@ -161,29 +161,18 @@ def _ready(em: dict[str, Any]) -> bool:
 
 @dataclass
 class Recorder:
-    """What the watches saw: first times per name, and counts of events by (kind, type)."""
+    """What the watches saw: first times per name."""
 
     complete: dict[str, float] = field(default_factory=dict)  # Job name -> completed
     workloads: dict[str, float] = field(default_factory=dict)  # Deployment name -> first seen
     ready: dict[str, float] = field(default_factory=dict)  # EdgeModel name -> first Ready
-    counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count(self, kind: str, kind_type: str) -> None:
-        with self.lock:
-            self.counts[kind, kind_type] = self.counts.get((kind, kind_type), 0) + 1
 
     def job(self, kind_type: str, job: Any, at: float) -> None:
-        self.count("Job", kind_type)
         if _name(job) not in self.complete and _job_complete(job):
             self.complete[_name(job)] = at
 
     def deployment(self, kind_type: str, obj: Any, at: float) -> None:
-        self.count("Deployment", kind_type)
         self.workloads.setdefault(_name(obj), at)
-
-    def service(self, kind_type: str, obj: Any, at: float) -> None:
-        self.count("Service", kind_type)
 
     def edgemodel(self, kind_type: str, obj: Any, at: float) -> None:
         if _name(obj) not in self.ready and _ready(obj):
@@ -223,6 +212,15 @@ class Bed:
     def operator_metric(self, prefix: str) -> float:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    def children(self) -> dict[str, set[str]]:
+        """UIDs of the workloads, Jobs and Services in NAMESPACE now."""
+        listed = {
+            "Deployment": client.AppsV1Api(self.api).list_namespaced_deployment(NAMESPACE),
+            "Job": client.BatchV1Api(self.api).list_namespaced_job(NAMESPACE),
+            "Service": self.core.list_namespaced_service(NAMESPACE),
+        }
+        return {kind: {str(o.metadata.uid) for o in found.items} for kind, found in listed.items()}
 
     def edgemodel_writes(self) -> int:
         """Writes to EdgeModels and their status, as counted by the apiserver itself."""
@@ -289,7 +287,11 @@ def test_bed(
     watchers: list[Watcher] = []
     try:
         bed.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "edgemodel.yaml"))
-        bed.kubectl("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=60s")
+        for _ in range(30):  # a CRD just created may have no conditions yet: kubectl wait then fails at once
+            wait = ("wait", "--for=condition=Established", "crd/edgemodels.edgeml.dev", "--timeout=50s")
+            if bed.kubectl(*wait, check=False).returncode == 0:
+                break
+            time.sleep(1)
         bed.kubectl("create", "namespace", NAMESPACE)
         config.load_kube_config(str(bed.kubeconfig))  # type: ignore[no-untyped-call]
         api = client.ApiClient()
@@ -315,7 +317,6 @@ def test_bed(
         watchers = [
             Watcher(client.BatchV1Api(api).list_namespaced_job, recorder.job),
             Watcher(client.AppsV1Api(api).list_namespaced_deployment, recorder.deployment),
-            Watcher(client.CoreV1Api(api).list_namespaced_service, recorder.service),
             Watcher(
                 lambda ns, **kw: custom.list_namespaced_custom_object("edgeml.dev", "v1alpha1", ns, "edgemodels", **kw),
                 recorder.edgemodel,
@@ -417,7 +418,7 @@ def run_flap(
         bench.wait_ready(count, 4 * count)
         time.sleep(5)  # the last status writes of the rollout
         _log(f"flap: {count} EdgeModels Ready over {nodes} nodes; flapping {rounds} rounds")
-        counts = dict(bench.recorder.counts)
+        children = bench.children()
         cpu_before = bench.cpu()
         reconciles = bench.operator_metric("edgemodel_operator_reconciles_total{")
         writes = bench.edgemodel_writes()
@@ -430,10 +431,7 @@ def run_flap(
                 list(pool.map(lambda n: _set_ready(bench, n, True), names))
                 time.sleep(5)
         time.sleep(15)  # what the flaps queued, done
-        after = bench.recorder.counts
-
-        def new(kind: str, kind_type: str) -> int:
-            return after.get((kind, kind_type), 0) - counts.get((kind, kind_type), 0)
+        after = bench.children()
 
         result = {
             "shape": "flap",
@@ -441,8 +439,8 @@ def run_flap(
             "nodes": nodes,
             "rounds": rounds,
             "flap_s": round(time.monotonic() - flap_started, 1),
-            "deleted": {kind: new(kind, "DELETED") for kind in ("Deployment", "Job", "Service")},
-            "jobs_created": new("Job", "ADDED"),
+            "deleted": {kind: len(children[kind] - after[kind]) for kind in children},
+            "jobs_created": len(after["Job"] - children["Job"]),
             "reconciles": round(bench.operator_metric("edgemodel_operator_reconciles_total{") - reconciles),
             "edgemodel_writes": bench.edgemodel_writes() - writes,
         } | _figures(bench, cpu_before)

@@ -41,13 +41,13 @@ class OperatorSettings(BaseSettings):
         "Changes to the EdgeModel itself are queued at once.",
     )
     api_qps: float = Field(
-        default=20.0,
+        default=100.0,
         gt=0,
         description="Writes per second to the API server (create, patch, delete, Events) the operator sustains at "
         "most, as client-go's QPS; reads are not counted.",
     )
     api_burst: int = Field(
-        default=30, ge=1, description="Writes the operator may make at once above api_qps, as client-go's burst."
+        default=200, ge=1, description="Writes the operator may make at once above api_qps, as client-go's burst."
     )
     status_hold_seconds: float = Field(
         default=30.0,
