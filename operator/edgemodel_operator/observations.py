@@ -145,12 +145,12 @@ class EvidencePoller:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before looking: a `want` from now on wakes the wait below
             now = self._clock()
             for key, due in list(self._due.items()):
                 if due <= now and key not in self._running:
                     self._running[key] = asyncio.create_task(self._poll(key), name=f"evidence-{key[0]}/{key[1]}")
             waiting = [due - now for key, due in self._due.items() if key not in self._running]
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(waiting, default=self.interval)))
 

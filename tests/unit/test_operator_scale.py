@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from edgemodel_operator.api.spec import EdgeModelSpec
+from edgemodel_operator.builders import revision_of
 from edgemodel_operator.classes import ClassCache, discover
 from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
 from edgemodel_operator.observations import EvidencePoller, ObservationStore
@@ -201,3 +203,35 @@ def test_the_write_budget_allows_a_burst_then_its_rate() -> None:
     assert [budget.take() for _ in range(4)] == pytest.approx([0.0, 0.0, 0.0, 0.1])
     with pytest.raises(ValueError, match="qps"):
         Budget(qps=0, burst=1)
+
+
+def test_the_planner_decides_nothing_on_missing_or_stale_observations_and_at_once_on_a_fresh_one() -> None:
+    """Observations as the controller reads them (`ObservationStore.fresh`) drive the rollout of test_rollout."""
+    from tests.unit.test_rollout import _counters, _serving_first_revision
+
+    cluster, _ = _serving_first_revision()
+    cluster.step("2026-11-26T12:01:00Z")
+    cluster.finish_builds()
+    cluster.step("2026-11-26T12:01:10Z")
+    cluster.pods_ready()
+    key = cluster.body["status"]["classes"][0]["key"]
+    revision = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))  # the candidate
+    clock = Clock()
+    store = ObservationStore(max_age=30.0, clock=clock)
+
+    cluster.evidence = store.fresh(KEY, {key: revision})  # no observation yet: no baseline, no shadow
+    assert cluster.step("2026-11-26T12:01:20Z").status["classes"][0]["state"] == "Built"
+    store.put(KEY, {key: revision}, {key: {}}, taken=clock.now)
+    cluster.evidence = store.fresh(KEY, {key: revision})
+    assert cluster.step("2026-11-26T12:01:21Z").status["classes"][0]["state"] == "Shadowing"
+
+    store.put(KEY, {key: revision}, {key: {"pod-1": _counters(200, 200, 20)}}, taken=clock.now)  # disagreeing
+    clock.now += 31  # ... but too old by the time it is read
+    cluster.evidence = store.fresh(KEY, {key: revision})
+    waiting = cluster.step("2026-11-26T12:02:30Z")
+    assert waiting.status["classes"][0]["state"] == "Shadowing"  # not zero disagreements, not a decision
+    assert not waiting.delete
+
+    store.put(KEY, {key: revision}, {key: {"pod-1": _counters(200, 200, 20)}}, taken=clock.now)
+    cluster.evidence = store.fresh(KEY, {key: revision})
+    assert cluster.step("2026-11-26T12:02:31Z").status["classes"][0]["state"] == "RolledBack"
