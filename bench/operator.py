@@ -25,6 +25,7 @@ Shapes:
 
 `--operator-path DIR` runs the operator from another source tree (DIR/operator and DIR/runtime go
 first on its PYTHONPATH), e.g. an older commit unpacked with `git archive`, to compare side by side.
+With BENCH_OPERATOR_PROFILE=PATH set, the operator runs under cProfile and leaves PATH.<shape-size>.
 The controller-manager and scheduler run with a raised client rate limit (--kube-api-qps), as a
 control plane sized for thousands of objects would. The last line printed is one JSON object.
 
@@ -310,7 +311,10 @@ def test_bed(
             source = Path(operator_path)
             env["PYTHONPATH"] = os.pathsep.join([str(source / "operator"), str(source / "runtime")])
         log = (directory / "operator.log").open("wb")
-        operator = subprocess.Popen([EDGEMODEL, "operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        command = [EDGEMODEL, "operator"]
+        if profile := os.environ.get("BENCH_OPERATOR_PROFILE"):  # cProfile of the operator's main thread
+            command = [sys.executable, "-m", "cProfile", "-o", f"{profile}.{label}", *command]
+        operator = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(3)
         recorder = Recorder()
         custom = client.CustomObjectsApi(api)

@@ -194,9 +194,27 @@ def _enqueue_all(delay: float = 0.0) -> None:
         CONTROLLER.queue.add_after(key, delay)
 
 
+class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a diff base for every event (a deep copy of the whole object, then cleaned), which only
+    its change-detecting handlers (on.create/update/delete/resume, daemons, timers) read. This operator has
+    none: its handlers are `on.event` and indexes. So every event's essence is empty, which saves the copy
+    (the largest item of a profile of a fleet's rollout; about a tenth of the operator's CPU seconds
+    measured without the profiler). `only_events_and_indexes` checks the premise at startup."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
+
+def only_events_and_indexes(registry: Any) -> bool:
+    """Whether `registry` (kopf's) holds no handler that reads the diff base (see `NoDiffBase`)."""
+    return not registry._changing.get_all_handlers() and not registry._spawning.get_all_handlers()
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.posting.level = logging.WARNING
+    if only_events_and_indexes(kopf.get_default_registry()):
+        settings.persistence.diffbase_storage = NoDiffBase()
     if not LOG.isEnabledFor(logging.DEBUG):  # one line per watch event is too much for a fleet
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per evidence query

@@ -235,3 +235,13 @@ def test_the_planner_decides_nothing_on_missing_or_stale_observations_and_at_onc
     store.put(KEY, {key: revision}, {key: {"pod-1": _counters(200, 200, 20)}}, taken=clock.now)
     cluster.evidence = store.fresh(KEY, {key: revision})
     assert cluster.step("2026-11-26T12:02:31Z").status["classes"][0]["state"] == "RolledBack"
+
+
+def test_the_operator_registers_no_handler_that_would_read_the_diff_base_it_leaves_empty() -> None:
+    import kopf
+
+    from edgemodel_operator.handlers import NoDiffBase, only_events_and_indexes
+
+    assert only_events_and_indexes(kopf.get_default_registry())
+    body = kopf.Body({"metadata": {"name": "n", "labels": {"a": "b"}}, "spec": {"x": [1, 2]}})
+    assert NoDiffBase().build(body=body) == {}
