@@ -168,7 +168,9 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
-        self._analysis_seconds = analysis_seconds
+        # A shadowed class is planned again as each fresh observation comes (the poller queues it); this
+        # wake-up is for when none comes (evidence unreachable), so that time-based steps still happen.
+        self._analysis_seconds = max(analysis_seconds, evidence_max_age)
         # Shadow counters are gathered by their own poller and read here as observations: a reconcile
         # never waits on Prometheus or a pod (see `observations`).
         self.observations = ObservationStore(max_age=evidence_max_age)
@@ -177,7 +179,7 @@ class Controller:
             self.observations,
             pods=lambda namespace, name: self._cluster().stable_pods(namespace, name),
             notify=self.queue.add,
-            interval=analysis_seconds,
+            interval=analysis_seconds,  # the poller's, not self._analysis_seconds
             deadline=evidence_deadline,
             concurrency=evidence_concurrency,
             active=active,
