@@ -244,3 +244,42 @@ def presence(
             absent[key] = (_format(since), _format(end))
             waits.append(left)
     return Presence(classes, absent, frozenset(retired), min(waits) if waits else None)
+
+
+class ClassCache:
+    """`discover` results, computed once per node set and EdgeModel targets rather than per reconcile.
+
+    `version` names the node set: whoever passes it promises that the same version always comes with
+    the same nodes as far as classes go (labels, cordon, taints, readiness, allocatable), and that any
+    change of those brings a new version (the operator's node watch counts them). `None` computes
+    afresh. Results of older versions are dropped as soon as a newer one is asked for.
+    """
+
+    def __init__(self) -> None:
+        self._version: object = None
+        self._found: dict[tuple[Any, ...], list[HardwareClass]] = {}
+        self.computed = 0  # how many times `discover` ran (for tests and benchmarks)
+
+    def discover(
+        self,
+        version: object,
+        nodes: Iterable[Node],
+        node_selector: Mapping[str, str] | None = None,
+        tolerations: Sequence[Mapping[str, Any]] = (),
+    ) -> list[HardwareClass]:
+        """As `discover`; the same list contents for the same version, selector and tolerations."""
+        if version is None:
+            self.computed += 1
+            return discover(nodes, node_selector, tolerations)
+        if version != self._version:
+            self._version, self._found = version, {}
+        key = (tuple(sorted((node_selector or {}).items())), repr(sorted(repr(sorted(t.items())) for t in tolerations)))
+        found = self._found.get(key)
+        if found is None:
+            self.computed += 1
+            found = self._found[key] = discover(nodes, node_selector, tolerations)
+        return list(found)
+
+
+CLASSES = ClassCache()
+"""The operator's one cache (see `ClassCache`)."""

@@ -26,8 +26,8 @@ from edgemodel_operator.builders import ANNOTATION_SPEC, Images
 from edgemodel_operator.buildreport import CACHE_KEY, OUTCOME
 from edgemodel_operator.cluster import Applied, Cluster, ConflictError, NotActiveError
 from edgemodel_operator.desired import ANNOTATION_APPLIED, EDITED, edited
-from edgemodel_operator.evidence import PrometheusSource, Samples, ScrapeSource
-from edgemodel_operator.handoff import GPU
+from edgemodel_operator.evidence import PrometheusSource, ScrapeSource
+from edgemodel_operator.observations import EvidencePoller, ObservationStore
 from edgemodel_operator.reconcile import Observed, Plan, evidence_wanted, plan
 from edgemodel_operator.rollout import WARNINGS
 from edgemodel_operator.workqueue import WorkQueue
@@ -104,14 +104,14 @@ def slim_node(obj: Obj) -> Obj:
 
 def node_fingerprint(node: Obj) -> tuple[Any, ...]:
     """What about a node can change the hardware classes or their schedulability: labels, cordon,
-    taints, readiness, and the GPUs it allocates (see `handoff`). Heartbeats change none of them,
-    so they queue nothing."""
+    taints, readiness, allocatable resources. Heartbeats change none of them, so they queue nothing."""
     ready = [c.get("status") for c in node["status"]["conditions"]]
     taints = sorted(
         (t.get("key") or "", t.get("value") or "", t.get("effect") or "") for t in node["spec"].get("taints") or []
     )
-    gpus = (node["status"].get("allocatable") or {}).get(GPU)
-    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready, gpus)
+    allocatable = sorted((node["status"].get("allocatable") or {}).items())
+    return (sorted(node["metadata"]["labels"].items()), bool(node["spec"].get("unschedulable")), taints, ready,
+            allocatable)  # fmt: skip
 
 
 def slim_job(obj: Obj) -> Obj:
@@ -194,18 +194,39 @@ class Controller:
         active: Callable[[], bool] = lambda: True,
         absent_grace: float = 600.0,
         fallback_check_seconds: float = 30.0,
+        evidence_max_age: float = 30.0,
+        evidence_deadline: float = 15.0,
+        evidence_concurrency: int = 8,
     ) -> None:
         self.queue: WorkQueue[Key] = WorkQueue()
         self._cluster, self._images, self._workers, self._hold = cluster, images, workers, hold_seconds
         self._active = active
+        # A shadowed class is planned again as each fresh observation comes (the poller queues it); this
+        # wake-up is for when none comes (evidence unreachable), so that time-based steps still happen.
+        self._analysis_seconds = max(analysis_seconds, evidence_max_age)
+        # Shadow counters are gathered by their own poller and read here as observations: a reconcile
+        # never waits on Prometheus or a pod (see `observations`).
+        self.observations = ObservationStore(max_age=evidence_max_age)
         self._evidence = evidence or ScrapeSource()
-        self._analysis_seconds = analysis_seconds
+        self._evidence_deadline = evidence_deadline
+        self.poller = EvidencePoller(
+            self._evidence,
+            self.observations,
+            pods=lambda namespace, name: self._cluster().stable_pods(namespace, name),
+            notify=self.queue.add,
+            interval=analysis_seconds,  # the poller's, not self._analysis_seconds
+            deadline=evidence_deadline,
+            concurrency=evidence_concurrency,
+            active=active,
+        )
         self._absent_grace = absent_grace
         self._fallback_check = fallback_check_seconds
         # When each EdgeModel's serving pods were last asked whether they fall back, and what they said: an
-        # observation reused for `fallback_check_seconds`, so that reconciles in between (every watch event)
-        # do not each wait on every pod's /metrics. It decides nothing on its own (see `rebuild`).
+        # observation reused for `fallback_check_seconds`, asked beside the reconciles (never waited for by
+        # one). It decides nothing on its own (see `rebuild`).
         self._fallbacks_read: dict[Key, tuple[float, dict[str, fallbacks.Fallback]]] = {}
+        self._fallbacks_asking: set[Key] = set()
+        self._asking: set[asyncio.Task[None]] = set()
         self._held: dict[Key, float] = {}
         # The EdgeModel's resourceVersion each last status write was made against: until the watch shows a
         # newer one, another write would only conflict. It delays a write, it never decides one.
@@ -217,11 +238,13 @@ class Controller:
     def start(self, read: Callable[[Key], Observed | None]) -> None:
         self.read = read
         self._tasks = [asyncio.create_task(self._work(), name=f"reconciler-{i}") for i in range(self._workers)]
+        self.poller.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._asking]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._asking, return_exceptions=True)
+        await self.poller.stop()
 
     async def _work(self) -> None:
         while True:
@@ -242,7 +265,7 @@ class Controller:
                 delay = min(60.0, 0.5 * 2**failures)
                 LOG.exception("reconciling %s/%s failed (attempt %d); retrying in %.1fs", *key, failures, delay)
                 metrics.RECONCILES.labels(outcome="error").inc()
-                self.queue.add_after(key, delay)
+                self.queue.retry(key, delay)
                 return
         self._failures.pop(key, None)
         metrics.RECONCILES.labels(outcome="ok").inc()
@@ -253,15 +276,17 @@ class Controller:
             self._held.pop(key, None)
             self._wrote_at.pop(key, None)
             self._fallbacks_read.pop(key, None)
+            self.poller.want(key, {})
             self.queue.forget(key)
             return  # ownerReferences let the garbage collector remove what it owned
         body = observed.body
         cluster = self._cluster()
         observed = dataclasses.replace(observed, records=await asyncio.to_thread(cluster.records, body))
         candidates = evidence_wanted(observed)
-        if candidates:
-            observed = dataclasses.replace(observed, evidence=await self._gather(cluster, key, candidates))
-        observed, serving = await self._with_fallbacks(cluster, key, observed)
+        self.poller.want(key, candidates)
+        if candidates:  # the latest fresh observation of each class's candidate; none: wait for one
+            observed = dataclasses.replace(observed, evidence=self.observations.fresh(key, candidates))
+        observed, serving = self._with_fallbacks(cluster, key, observed)
         result = plan(observed, self._images, _now(), absent_grace=self._absent_grace)
         try:
             done = await asyncio.to_thread(cluster.apply, result, self._active, body["metadata"]["uid"])
@@ -314,32 +339,36 @@ class Controller:
             metrics.API_WRITES.labels(verb="event").inc()
         return reported
 
-    async def _gather(self, cluster: Cluster, key: Key, candidates: dict[str, str]) -> Samples:
-        """Shadow counters for the classes being shadowed; none (so: keep waiting) if they cannot be read."""
-        namespace, name = key
-        try:
-            pods = [] if isinstance(self._evidence, PrometheusSource) else await asyncio.to_thread(
-                cluster.stable_pods, namespace, name
-            )  # fmt: skip
-            return await asyncio.to_thread(self._evidence.gather, namespace, name, candidates, pods)
-        except Exception as error:  # a monitoring outage delays decisions, it never makes them
-            LOG.warning("no shadow evidence for %s/%s: %s", namespace, name, error)
-            metrics.EVIDENCE_ERRORS.inc()
-            return {}
-
-    async def _with_fallbacks(self, cluster: Cluster, key: Key, observed: Observed) -> tuple[Observed, bool]:
-        """`observed` with the fallbacks its serving pods report, and whether it has ready serving pods at all
-        (then it is planned again in `fallback_check_seconds`: a pod that falls back changes no watched object)."""
+    def _with_fallbacks(self, cluster: Cluster, key: Key, observed: Observed) -> tuple[Observed, bool]:
+        """`observed` with the fallbacks its serving pods reported when last asked, and whether it has ready
+        serving pods at all (then it is planned again in `fallback_check_seconds`: a pod that falls back
+        changes no watched object). Asking is never waited for here: it runs beside the reconciles, within
+        the evidence deadline, and queues the EdgeModel when its answer differs from the last one."""
         serving = any(w.get("status", {}).get("readyReplicas") or w.get("status", {}).get("numberReady")
                       for w in observed.deployments)  # fmt: skip
         if not serving:
             return observed, False
-        now = time.monotonic()
         read = self._fallbacks_read.get(key)
-        if read is None or now - read[0] >= self._fallback_check:
-            read = (now, await self._fallbacks(cluster, key))
-            self._fallbacks_read[key] = read
-        return dataclasses.replace(observed, fallbacks=read[1]), True
+        due = read is None or time.monotonic() - read[0] >= self._fallback_check
+        if due and key not in self._fallbacks_asking:
+            self._fallbacks_asking.add(key)
+            task = asyncio.create_task(self._ask_fallbacks(cluster, key, read[1] if read else {}))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+        return dataclasses.replace(observed, fallbacks=read[1] if read else {}), True
+
+    async def _ask_fallbacks(self, cluster: Cluster, key: Key, before: dict[str, fallbacks.Fallback]) -> None:
+        try:
+            found = await asyncio.wait_for(self._fallbacks(cluster, key), timeout=self._evidence_deadline)
+        except TimeoutError:
+            LOG.warning("reading the engine fallbacks of %s/%s passed its deadline", *key)
+            metrics.EVIDENCE_ERRORS.inc()
+            found = {}
+        finally:
+            self._fallbacks_asking.discard(key)
+        self._fallbacks_read[key] = (time.monotonic(), found)
+        if found != before:
+            self.queue.add(key)
 
     async def _fallbacks(self, cluster: Cluster, key: Key) -> dict[str, fallbacks.Fallback]:
         """Classes whose stable serving pods serve their fallback; none if that cannot be read now."""

@@ -11,6 +11,7 @@ edgeml.dev/edgemodel and edgeml.dev/class), and with `pod` or `instance`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -63,15 +64,29 @@ def summed(
 
 
 class PrometheusSource:
-    """One instant query per EdgeModel for every shadow series of its shadowing classes."""
+    """One instant query per EdgeModel for every shadow series of its shadowing classes.
+
+    `timeout`: seconds for each phase of the request (connect, send, read). Asynchronous: a query that
+    hangs holds no thread, and cancelling it (a deadline) ends it.
+    """
+
+    needs_pods = False
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url, self.timeout = url.rstrip("/"), timeout
+        self._client: httpx.AsyncClient | None = None
 
-    def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], _pods: list[Obj]) -> Samples:
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], _pods: list[Obj]) -> Samples:
+        """Counters per class and source; raises `httpx.HTTPError` or `RuntimeError` when Prometheus
+        cannot be read or refuses the query."""
         names = "|".join(FIELDS)
         query = f'{{__name__=~"{names}",namespace="{namespace}",edgemodel="{edgemodel}"}}'
-        reply = httpx.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=self.timeout)
+        self._client = self._client or httpx.AsyncClient(timeout=self.timeout)  # one, kept: its TLS setup is costly
+        reply = await self._client.get(f"{self.url}/api/v1/query", params={"query": query})
         reply.raise_for_status()
         body = reply.json()
         if body.get("status") != "success":
@@ -84,32 +99,45 @@ class PrometheusSource:
 
 
 class ScrapeSource:
-    """Reads /metrics of every ready stable serving pod of the shadowing classes; a pod that cannot be
-    read is left out this time (`analysis.since` never counts a pod's older counts in a later read)."""
+    """Reads /metrics of every ready stable serving pod of the shadowing classes, all at once, each
+    within `timeout` seconds per phase; a pod that cannot be read is left out this time
+    (`analysis.since` never counts a pod's older counts in a later read)."""
+
+    needs_pods = True
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
 
-    def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]) -> Samples:
-        samples: list[tuple[str, Mapping[str, str], float]] = []
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def gather(self, namespace: str, edgemodel: str, candidates: Mapping[str, str], pods: list[Obj]) -> Samples:
+        """Counters per class and source (pod name) of `pods`; never raises for a pod it cannot read."""
+        targets = []
         for pod in pods:
             labels = pod["metadata"].get("labels") or {}
             ip = (pod.get("status") or {}).get("podIP")
             key = labels.get("edgeml.dev/class", "")
-            if key not in candidates or not ip:
-                continue
-            port = _port(pod)
-            url = f"http://{ip}:{port}/metrics"
-            try:
-                text = httpx.get(url, timeout=self.timeout).text
-            except httpx.HTTPError as error:
-                LOG.warning("cannot scrape %s (%s): %s", pod["metadata"]["name"], url, error)
-                continue
-            for family in text_string_to_metric_families(text):
+            if key in candidates and ip:
+                targets.append((pod["metadata"]["name"], key, f"http://{ip}:{_port(pod)}/metrics"))
+        self._client = client = self._client or httpx.AsyncClient(timeout=self.timeout)
+        texts = await asyncio.gather(*(self._read(client, name, url) for name, _key, url in targets))
+        samples: list[tuple[str, Mapping[str, str], float]] = []
+        for (name, key, _url), text in zip(targets, texts, strict=True):
+            for family in text_string_to_metric_families(text or ""):
                 for sample in family.samples:
-                    samples.append((sample.name, {**sample.labels, "class": key, "pod": pod["metadata"]["name"]},
-                                    float(sample.value)))  # fmt: skip
+                    samples.append((sample.name, {**sample.labels, "class": key, "pod": name}, float(sample.value)))
         return by_source(samples, candidates)
+
+    @staticmethod
+    async def _read(client: httpx.AsyncClient, name: str, url: str) -> str | None:
+        try:
+            return (await client.get(url)).text
+        except httpx.HTTPError as error:
+            LOG.warning("cannot scrape %s (%s): %s", name, url, str(error) or type(error).__name__)
+            return None
 
 
 def _port(pod: Obj) -> int:

@@ -39,7 +39,7 @@ from edgemodel_operator.builders import (
     shadow_configmap_name,
 )
 from edgemodel_operator.buildreport import LOST, keep_patch, read_outcome, recovered
-from edgemodel_operator.classes import HardwareClass, discover, engine_for, presence
+from edgemodel_operator.classes import CLASSES, HardwareClass, engine_for, presence
 from edgemodel_operator.desired import converge, split_twins, stamp
 from edgemodel_operator.fallbacks import Fallback, degrade_on_fallback
 from edgemodel_operator.handoff import Fit, HandoffSteps
@@ -91,6 +91,9 @@ class Observed:
     # Classes whose serving pods report serving their fallback (see `fallbacks`), by class key.
     fallbacks: dict[str, Fallback] = field(default_factory=dict)
     serving_pods: list[Obj] = field(default_factory=list)  # candidate serving pods (controller.slim_serving_pod)
+    # Names the node set: the same version always comes with the same nodes as far as classes go, so the
+    # classes are computed once per version (`classes.ClassCache`); None: computed afresh.
+    nodes_version: int | None = None
 
 
 @dataclass
@@ -181,7 +184,7 @@ class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps, HandoffSteps):
         targets = self.spec.targets
         selector = targets.node_selector if targets else None
         tolerations = [t.model_dump(exclude_none=True) for t in (targets.tolerations or [])] if targets else []
-        found = discover(self.observed.nodes, selector, tolerations)
+        found = CLASSES.discover(self.observed.nodes_version, self.observed.nodes, selector, tolerations)
         seen = presence(found, self._known(), now=self.now, grace_seconds=self.absent_grace)
         self.classes = list(seen.classes)
         entries = [self._handoff(h, self._stable_first(h) or self._class(h)) for h in seen.classes]

@@ -52,6 +52,23 @@ class OperatorSettings(BaseSettings):
         description="How often every EdgeModel is reconciled anyway; changes to watched objects queue it at once.",
     )
     workers: int = Field(default=4, ge=1, le=64, description="EdgeModels reconciled at the same time.")
+    event_coalesce_seconds: float = Field(
+        default=0.15,
+        ge=0,
+        le=5,
+        description="Events of an EdgeModel's children, and node changes, within this many seconds of the first "
+        "queue one reconcile (a rollout's bursts of Job, Pod and workload events cost one plan, not one each). "
+        "Changes to the EdgeModel itself are queued at once.",
+    )
+    api_qps: float = Field(
+        default=100.0,
+        gt=0,
+        description="Writes per second to the API server (create, patch, delete, Events) the operator sustains at "
+        "most, as client-go's QPS; reads are not counted.",
+    )
+    api_burst: int = Field(
+        default=200, ge=1, description="Writes the operator may make at once above api_qps, as client-go's burst."
+    )
     status_hold_seconds: float = Field(
         default=30.0,
         ge=0,
@@ -72,7 +89,24 @@ class OperatorSettings(BaseSettings):
         description="Prometheus to read shadow evidence from (PromQL over the runtime's metrics); "
         "unset: the operator reads the stable pods' /metrics itself.",
     )
-    analysis_seconds: float = Field(default=5.0, gt=0, description="How often a shadowed class is analysed again.")
+    analysis_seconds: float = Field(
+        default=5.0, gt=0, description="How often a shadowed class is analysed again, and its evidence gathered again."
+    )
+    evidence_concurrency: int = Field(
+        default=8, ge=1, le=256, description="EdgeModels whose shadow evidence is gathered at the same time at most."
+    )
+    evidence_deadline_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest one EdgeModel's evidence gathering (a Prometheus query, or its pods' scrapes) may take; "
+        "past it, that gathering counts as failed.",
+    )
+    evidence_max_age_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Oldest evidence a decision may use; older or missing evidence decides nothing (the class waits). "
+        "Keep it above analysis_seconds plus evidence_deadline_seconds.",
+    )
     fallback_check_seconds: float = Field(
         default=30.0,
         gt=0,
