@@ -104,7 +104,8 @@ def _int8_validation(request: BuildRequest) -> dict[str, Any]:
 
 
 def _auto_options(request: BuildRequest) -> dict[str, Any]:
-    """Under auto, what decides the choice: the candidates' names, the tolerance and the reference it is judged on.
+    """Under auto, what decides the choice: the candidates' names, the tolerance and the reference it is judged on
+    (without one, the seeded samples' count and seed).
 
     Timing decides too, but it is measured, not asked for: the same request on the same class reuses the choice.
     """
@@ -120,6 +121,7 @@ def _auto_options(request: BuildRequest) -> dict[str, Any]:
             if request.tolerance
             else None,
             "reference": (reference.sha256 or reference.location) if reference else None,
+            **({} if reference else {"samples": request.samples, "seed": request.seed}),  # seeded validation
             "calibrationMethod": request.calibration_method if request.calibration else None,
             "maxAccuracyDrop": request.max_accuracy_drop,
             "int8Procedure": INT8_PROCEDURE,
