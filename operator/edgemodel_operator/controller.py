@@ -139,16 +139,19 @@ def slim_pod(obj: Obj) -> Obj:
 
 
 def slim_serving_pod(obj: Obj) -> Obj:
-    """A candidate serving pod: why it waits for a node, and per container why it is not running (waiting
-    reason and message, current and last termination's reason and exit code, restarts). See `progress`."""
+    """A candidate serving pod: why it waits for a node, and per container (init containers too) why it is
+    not running (waiting reason and message, current and last termination's reason and exit code,
+    restarts). See `progress`."""
     status = obj.get("status") or {}
     conditions = [_pick(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or []
                   if c.get("type") == "PodScheduled"]  # fmt: skip
     containers = [_slim_container(c) for c in status.get("containerStatuses") or []]
+    init = [_slim_container(c) for c in status.get("initContainerStatuses") or []]  # the engine copy
     return {
         "kind": "Pod",
         "metadata": _meta(obj),
-        "status": {"conditions": conditions, "containerStatuses": containers},
+        "status": {"conditions": conditions, "containerStatuses": containers}
+        | ({"initContainerStatuses": init} if init else {}),
     }
 
 

@@ -21,7 +21,8 @@ Discovery's `nvidia.com/gpu.count` x `nvidia.com/gpu.replicas`). From that count
   yielding until the new ones are ready (one time without service: build plus start; a DaemonSet's
   pods leave every node then, by a node selector no node carries); without it the stable pods come
   back and the class waits for `edgeml.dev/promote` (then yields as for autoPromote) or
-  `edgeml.dev/rollback`.
+  `edgeml.dev/rollback`. A rebuild of the serving revision's own engine (see `rebuild`) yields the
+  same way, and its workload comes back on the rebuilt engine.
 - `Never`: the stable pods are never stopped; the build waits for a free GPU and the class stays
   Built (no candidate) until it has room, both reported at once.
 
@@ -336,18 +337,26 @@ class HandoffSteps(ABC):
         if attempt is None or not found.applies:
             return entry
         workloads = self._workloads(hardware)
-        old = [w for w in workloads if _track(w) == "stable" and _labels(w).get(LABEL_REVISION) != attempt.revision]
+        others = [w for w in workloads if _track(w) == "stable" and _labels(w).get(LABEL_REVISION) != attempt.revision]
         mine = next((w for w in workloads if _labels(w).get(LABEL_REVISION) == attempt.revision), None)
-        done = mine is not None and _track(mine) == "stable" and _rolled_out(mine)
+        stopped = mine is not None and LABEL_YIELDED in _labels(mine)
+        done = mine is not None and _track(mine) == "stable" and _rolled_out(mine) and not stopped
+        # A rebuild (see `rebuild`) needs the GPU that the serving revision's own pods hold.
+        rebuilding = attempt.state == "Building" and attempt.rebuild is not None
+        rebuilding = rebuilding and mine is not None and _track(mine) == "stable"
+        old = others + ([mine] if mine is not None and rebuilding else [])
         wanted = yield_wanted(attempt, found, bool(old), done)
         want = (NODE if attempt.state == "Building" and found.build_node else CLASS) if wanted else None
         replicas = self.spec.serving.replicas_per_class or 1
-        for workload in old if not (attempt.state == "Promoted" and done) else []:  # those are being retired
+        for workload in others if not (attempt.state == "Promoted" and done) else []:  # those are being retired
             if (patch := yield_patch(workload, want, replicas, found.build_node)) is not None:
                 self.plan.patch.append(patch)
+        if mine is not None and (rebuilding or stopped):  # stopped for its rebuild: back once it is built
+            patch = yield_patch(mine, want if rebuilding else None, replicas, found.build_node)
+            self.plan.patch += [patch] if patch is not None else []
         ready = serving_ready([w for w in workloads if w is not mine or done])
         stopping = f"the stable pod on {found.build_node}" if want == NODE and old[0].get("kind") == "DaemonSet" else ""
-        attempt, steps = windows(attempt, found, wanted, ready, self.now, rollout=bool(old),
+        attempt, steps = windows(attempt, found, wanted, ready, self.now, rollout=bool(others),
                                  stopping=stopping or "the stable pods")  # fmt: skip
         self.attempts[hardware.key] = attempt
         self.steps += steps

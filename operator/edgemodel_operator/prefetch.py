@@ -10,7 +10,9 @@ collection off the engine. The DaemonSet goes with the revision's serving worklo
 
 The candidate's workload is created once every scheduled pull pod is ready, or once the wait is over
 (`Images.prefetch_timeout`, seconds from the DaemonSet's creation): a node that stays NotReady must not
-hold a rollout back for ever; the class's status message says how many nodes have the engine.
+hold a rollout back for ever; the class's status message says how many nodes have the engine. When the
+revision comes to serve another artifact (a rebuild after its pods fell back, see `rebuild`), the
+DaemonSet is patched to pull and keep that one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from edgemodel_operator.builders import (
     tolerations_for,
 )
 from edgemodel_operator.classes import HardwareClass
+from edgemodel_operator.desired import ANNOTATION_APPLIED, applied_hash
 from edgemodel_operator.enginecache import COPIER, engine_image
 from edgemodel_operator.workloads import labels_of as _labels_of
 from edgemodel_operator.workloads import ref_of as _ref
@@ -153,13 +156,22 @@ class PrefetchSteps(ABC):
             return None
         name = prefetch_name(self.body["metadata"]["name"], self.revision, slot.hardware)
         found = next((d for d in self.observed.prefetches if d["metadata"]["name"] == name), None)
+        daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact)
         if found is None:
-            daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact)
             if daemonset is None:
                 return None
             self.plan.create.append(daemonset)
             self._event("EnginePrefetch", f"{slot.hardware.key}: pulling {slot.artifact} onto the class's nodes",
                         daemonset)  # fmt: skip
+            return "pulling the engine onto the class's nodes"
+        written = (found["metadata"].get("annotations") or {}).get(ANNOTATION_APPLIED)
+        if daemonset is not None and written is not None and written != applied_hash(daemonset):
+            # The revision serves another artifact (a rebuild, see `rebuild`): pull that one and keep it.
+            patch = {"metadata": {"annotations": {ANNOTATION_APPLIED: applied_hash(daemonset)}},
+                     "spec": {"template": daemonset["spec"]["template"]}}  # fmt: skip
+            self.plan.patch.append(_ref(found | {"kind": "DaemonSet"}) | {"patch": patch})
+            self._event("EnginePrefetch", f"{slot.hardware.key}: pulling {slot.artifact} onto the class's nodes",
+                        found)  # fmt: skip
             return "pulling the engine onto the class's nodes"
         done, message = progress(found, self.now, self.images.prefetch_timeout)
         return None if done else message

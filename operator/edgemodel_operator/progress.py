@@ -1,11 +1,12 @@
 """Why a candidate's pods are not Ready, in words a person can act on. Pure.
 
 Read from candidate serving pods as `controller.slim_serving_pod` keeps them: the PodScheduled
-condition, and per container its waiting reason and message, its current and last termination
-(reason, exit code) and restart count. The first problem found wins, in the order a person should fix
-them: a pod no node can take (the scheduler's message), an image that cannot be pulled (with the
-image), a container that dies (CrashLoopBackOff with the last termination's reason and exit code;
-OOMKilled said as such), then any other waiting reason (e.g. CreateContainerConfigError).
+condition, and per container (the engine copy's init container too) its waiting reason and message, its
+current and last termination (reason, exit code) and restart count. The first problem found wins, in the
+order a person should fix them: a pod no node can take (the scheduler's message), an image that cannot
+be pulled (with the image), a container that dies (CrashLoopBackOff with the last termination's reason
+and exit code; OOMKilled said as such), then any other waiting reason (e.g. CreateContainerConfigError;
+not PodInitializing, which only waits for the init containers).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 
 Obj = dict[str, Any]
 IMAGE_PULL = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+# Waiting reasons of a container that is on its way: PodInitializing while an init container (the engine
+# copy) runs; that one's own status says what, if anything, is wrong.
+WAITING_NORMALLY = frozenset({"ContainerCreating", "PodInitializing"})
 MESSAGE_LIMIT = 300  # characters of a kubelet's or scheduler's message kept in a reason
 
 
@@ -55,7 +59,7 @@ def container_problem(container: Obj) -> tuple[int, str] | None:
         return 3, f"CrashLoopBackOff: container {container.get('name')} {died}, restarted {restarts} times"
     if terminated and terminated.get("exitCode") not in (None, 0):
         return 3, f"Terminated: container {container.get('name')} exited: {_exit(terminated)}"
-    if reason and reason != "ContainerCreating":
+    if reason and reason not in WAITING_NORMALLY:
         why = f": {_clip(waiting['message'])}" if waiting.get("message") else ""
         return 4, f"{reason}{why}"
     return None
@@ -67,7 +71,8 @@ def pod_problem(pods: Iterable[Obj]) -> str | None:
     for pod in pods:
         if (pending := unschedulable(pod)) is not None:
             found.append((0, pending))
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        status = pod.get("status") or {}
+        for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             if (problem := container_problem(container)) is not None:
                 found.append(problem)
     return min(found)[1] if found else None

@@ -4,7 +4,8 @@ When the pods of the revision that serves a class report that they serve their f
 `fallbacks`: the engine could not be loaded, e.g. after a driver, TensorRT or OpenVINO change on the
 node), the attempt goes back from Promoted to Building, once per attempt: its build Job is deleted,
 and once it and its pods are gone a new Job builds with `--no-cache` (the registry's engine of the same
-cache key is the one the pods could not load). The pods keep serving the fallback meanwhile. When
+cache key is the one the pods could not load). The pods keep serving the fallback meanwhile (on a GPU
+class whose build cannot run beside them they yield to it, see `handoff`, and come back once built). When
 the new build is in, the attempt is promoted again (it already serves the class) and the serving
 workload's container is patched to the new artifact, which rolls its pods out.
 

@@ -11,8 +11,9 @@ An attempt (see `records.Attempt`) moves
 Deadlines and requests that end a state early (see `reject_candidate`, `progress_deadline`,
 `shadow_timeout`, `schedule_retry`, `retry_build`):
 
-- Built -> RolledBack when no candidate pod is Ready within `spec.rollout.progressDeadline` of the
-  build (the reason is what the pods show, see `progress.pod_problem`), or on edgeml.dev/rollback.
+- Built -> RolledBack when no candidate pod is Ready within `spec.rollout.progressDeadline` of its
+  workload's creation (the reason is what the pods show, see `progress.pod_problem`), or on
+  edgeml.dev/rollback.
 - Shadowing -> RolledBack / Promoted / (held) once `spec.rollout.shadow.timeout` passes without a
   decision, by `spec.rollout.shadow.onTimeout`; the reason is `ShadowTimeout` with the figures so far.
 - Failed (exit 4, infrastructure) -> Building after RETRY_FIRST_SECONDS, doubling, at most RETRY_LIMIT

@@ -329,3 +329,13 @@ def test_timing_gives_each_engine_blocks_and_alternates_the_order_every_round() 
     assert rounds[1] == ["b"] * 6
     assert rounds[2] == ["b"] * 6  # the order reversed: b ran last, so it runs first
     assert rounds[3] == ["a"] * 6
+
+
+def test_without_a_reference_the_seeded_samples_auto_is_judged_on_are_in_the_cache_key() -> None:
+    """Without a reference the candidates are validated on seeded samples: another count or seed may judge
+    them otherwise, so it is another key; with a reference, they are not used and change nothing."""
+    auto = options(_request(engine="auto", precision="auto"))
+    assert options(_request(engine="auto", precision="auto", samples=32)) != auto
+    assert options(_request(engine="auto", precision="auto", seed=7)) != auto
+    referenced = {"engine": "auto", "precision": "auto", "reference": DataFile("/r.npz", "b" * 64)}
+    assert options(_request(**referenced, samples=32)) == options(_request(**referenced))

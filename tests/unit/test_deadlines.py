@@ -530,3 +530,37 @@ def test_automatic_retries_follow_infrastructure_failures_only_and_stop_at_the_l
         assert [s.reason for s in steps] == ["BuildRetried"]
         now += 60
     assert (attempt.retries or 0) == automatic <= RETRY_LIMIT
+
+
+ENGINE_IMAGE = "127.0.0.1:5000/engines/ocr@sha256:" + "e" * 64
+INITIALIZING = _container({"waiting": {"reason": "PodInitializing"}})
+
+
+def _init(state: Obj, last: Obj | None = None, restarts: int = 0) -> Obj:
+    """The engine copy's init container status (see `enginecache.copy_init_container`)."""
+    return _container(state, last, restarts) | {"name": "engine", "image": ENGINE_IMAGE}
+
+
+@pytest.mark.parametrize(
+    ("init", "says"),
+    [
+        (_init({"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}),
+         f"ErrImagePull: image {ENGINE_IMAGE} cannot be pulled: manifest unknown"),
+        (_init({"waiting": {"reason": "ImagePullBackOff"}}),
+         f"ImagePullBackOff: image {ENGINE_IMAGE} cannot be pulled"),
+        (_init({"waiting": {"reason": "CrashLoopBackOff"}}, {"terminated": {"reason": "Error", "exitCode": 1}}, 3),
+         "CrashLoopBackOff: container engine last exit: Error, exit code 1, restarted 3 times"),
+        (_init({"terminated": {"reason": "OOMKilled", "exitCode": 137}}),
+         "OOMKilled: container engine ran out of memory"),
+        (_init({"running": {"startedAt": BUILT}}), None),  # copying: nothing wrong yet
+        (_init({"terminated": {"reason": "Completed", "exitCode": 0}}), None),
+    ],
+    ids=["engine image error", "engine image back-off", "copy crash loop", "copy oom", "copying", "copied"],
+)  # fmt: skip
+def test_a_problem_of_the_engine_copy_init_container_is_the_pods_reason(init: Obj, says: str | None) -> None:
+    """Serving pods copy their engine in an init container: while it cannot run, the serving container only
+    waits in PodInitializing, which is no reason a person can act on."""
+    pod = slim_serving_pod(_pod("r", "k", phase="Pending", initContainerStatuses=[init],
+                                containerStatuses=[INITIALIZING]))  # fmt: skip
+    problem = pod_problem([pod])
+    assert problem == says if says is None else problem is not None and problem.startswith(says), problem

@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from edgemodel_operator.api.spec import EdgeModelSpec, EngineTarget, HardwareMatch, Serving
 from edgemodel_operator.builders import revision_of
 from edgemodel_operator.classes import discover
+from edgemodel_operator.fallbacks import Fallback
 from edgemodel_operator.handoff import LABEL_YIELDED, fit, node_gpus
 from edgemodel_operator.reconcile import APPROVE, REJECT, Plan
 from tests.testbed.nodes import ARM64_CPU, JETSON_ORIN, JETSON_XAVIER_NX, X86_NVIDIA, NodeClass, build_node
+from tests.unit.test_fallbacks import FallingBack, _finish_rebuild
 from tests.unit.test_operator_pure import DIGEST, ready
 from tests.unit.test_rollout import Cluster
 
@@ -434,3 +436,43 @@ def test_a_rollout_on_any_gpu_class_either_shadows_or_hands_over_and_never_both(
         assert "handoffs" not in handoff
         why = "acceleratorHandoff Never" if mode == "Never" else "no GPU to hand over"
         assert _entry(result)["message"].endswith(f"{why}: waiting until the class has room")
+
+
+def test_a_rebuild_on_a_single_gpu_class_takes_the_gpu_from_its_own_stable_pod_and_gives_it_back() -> None:
+    """A fallback's rebuild (see `rebuild`) needs the GPU the serving pods of the same revision hold: on a
+    single-GPU class they yield for the rebuild as for a new revision's build, and come back onto the
+    rebuilt engine; otherwise the build Job waits for a GPU for ever."""
+    cluster, first = _cluster(JETSON)
+    cluster.body["spec"]["model"]["sha256"] = DIGEST  # no new revision: the first one is rebuilt
+    cluster.body["metadata"]["generation"] = 1
+    falling = FallingBack(cluster.body, cluster.objects, records=cluster.records, versions=cluster.versions,
+                          nodes=cluster.nodes)  # fmt: skip
+    for (kind, name), obj in falling.objects.items():
+        obj["metadata"].setdefault("uid", f"uid-{kind}-{name}")
+    key = cluster.body["status"]["classes"][0]["key"]
+    falling.fallbacks = {key: Fallback((first,), "InvalidModel", ("pod-1",))}
+    result = falling.step(T1)
+    assert {"Rebuilding", "StableYielded"} <= set(_reasons(result))
+    assert "CannotShadow" not in _reasons(result)  # nothing to shadow: the class's only revision is rebuilt
+    stable = _deployment(falling, first)
+    assert stable["spec"]["replicas"] == 0
+    assert stable["metadata"]["labels"][LABEL_YIELDED] == "class"
+    falling.objects = {k: v for k, v in falling.objects.items() if k[0] != "Pod"}  # the old build pod is gone
+    _pods_ready(falling)
+    built = falling.step(T1)
+    assert [o for o in built.create if o["kind"] == "Job"]
+    assert _deployment(falling, first)["spec"]["replicas"] == 0  # still yielded while the build runs
+
+    falling.fallbacks = {}  # no pod serves meanwhile
+    _finish_rebuild(falling, "b" * 64)
+    served = falling.step(T2)
+    assert "ServingRebuilt" in _reasons(served)
+    stable = _deployment(falling, first)
+    assert stable["spec"]["replicas"] == 1
+    assert LABEL_YIELDED not in stable["metadata"]["labels"]
+    assert stable["spec"]["template"]["spec"]["containers"][0]["args"][1].endswith("b" * 64)
+    _pods_ready(falling)
+    restored = falling.step(T3)
+    assert "ServiceRestored" in _reasons(restored)
+    assert _entry(restored)["handoff"]["unservedSeconds"] == 120.0
+    assert _entry(falling.step(T4))["state"] == "Serving"

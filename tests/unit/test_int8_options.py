@@ -55,3 +55,30 @@ def test_the_accuracy_aware_procedure_is_in_the_cache_key_of_static_onnxruntime_
     assert "int8Procedure" not in options(_request(tmp_path, precision="fp32", calibration=None))
     chosen, forced = options(_request(tmp_path)), options(_request(tmp_path, calibration_method="entropy"))
     assert (chosen["calibrationMethod"], forced["calibrationMethod"]) == (None, "entropy")
+
+
+@pytest.mark.parametrize(
+    "engine",
+    ["onnxruntime", "openvino"],  # the accuracy-aware procedure; NNCF's accuracy control
+)
+def test_what_an_int8_build_keeps_in_floating_point_for_is_in_its_cache_key(engine: str, tmp_path: Path) -> None:
+    """Both int8 procedures decide what stays in fp32 on the validation set and its tolerance: another reference,
+    tolerance or seeded sample set is another engine, not a cache hit on the one built for the old ones."""
+    from edgemodel_runtime.build.compare import Tolerance
+
+    base = options(_request(tmp_path, engine=engine))
+    changed = [
+        options(_request(tmp_path, engine=engine, tolerance=Tolerance(min_cosine=0.9))),
+        options(_request(tmp_path, engine=engine, reference=DataFile("oci://r/ref:1", "b" * 64))),
+        options(_request(tmp_path, engine=engine, reference=DataFile("oci://r/ref:1", "c" * 64))),
+        options(_request(tmp_path, engine=engine, samples=32)),
+        options(_request(tmp_path, engine=engine, seed=7)),
+    ]
+    assert all(o != base for o in changed)
+    assert len({repr(sorted(o.items())) for o in changed}) == len(changed)
+    # Builds that validate nothing into the engine keep their keys: fp32, dynamic int8 (no calibration).
+    assert "int8Validation" not in options(_request(tmp_path, engine=engine, precision="fp32", calibration=None))
+    assert "int8Validation" not in options(_request(tmp_path, calibration=None, quantization="dynamic"))
+    assert options(_request(tmp_path, engine=engine, precision="fp32", calibration=None, samples=32)) == options(
+        _request(tmp_path, engine=engine, precision="fp32", calibration=None)
+    )

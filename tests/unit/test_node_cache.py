@@ -15,11 +15,13 @@ from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import Images, build_deployment_for_class, build_job_for_class, revision_of
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.enginecache import CACHE_DIR, cache_directory, copy_init_container, engine_image
+from edgemodel_operator.fallbacks import Fallback
 from edgemodel_operator.prefetch import build_prefetch_daemonset, is_prefetch, prefetch_name, progress
 from edgemodel_operator.reconcile import Observed
 from edgemodel_runtime.build import engineimage
 from tests.unit import test_rollout
-from tests.unit.test_operator_pure import NODES, edgemodel
+from tests.unit.test_fallbacks import T1, FallingBack, _finish_rebuild
+from tests.unit.test_operator_pure import DIGEST, NODES, edgemodel
 
 Obj = dict[str, Any]
 HEX = "ab" * 32
@@ -351,3 +353,36 @@ def test_a_rolled_back_candidate_takes_its_pull_daemonset_with_it(monkeypatch: p
     assert cluster.workloads() == {first: "stable"}
     assert [name for name in cluster.pulls() if second[:8] in name] == []
     assert _started(cluster, first)  # the stable revision's engine stays on the nodes
+
+
+def test_a_rebuilt_engine_is_the_one_the_pull_daemonset_keeps_on_the_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fallback's rebuild (see `rebuild`) serves a new artifact under the same revision: the revision's pull
+    DaemonSet follows it, or it keeps the engine the pods could not load on every node and leaves the rebuilt
+    one to the image garbage collection."""
+
+    class Pulls(_Cluster, FallingBack):
+        pass
+
+    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
+    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
+    plain, first = test_rollout._serving_first_revision()
+    body = plain.body
+    body["spec"]["model"]["sha256"] = DIGEST  # no second revision: the first one is rebuilt
+    body["metadata"]["generation"] = 1
+    cluster = Pulls(body, plain.objects, records=plain.records, versions=plain.versions, nodes=plain.nodes)
+    for (kind, name), obj in cluster.objects.items():
+        obj["metadata"].setdefault("uid", f"uid-{kind}-{name}")
+    pull = _started(cluster, first)
+    assert "a" * 64 in pull["spec"]["template"]["spec"]["containers"][0]["image"]
+    key = body["status"]["classes"][0]["key"]
+    cluster.fallbacks = {key: Fallback((first,), "InvalidModel", ("pod-1",))}
+    cluster.step(T1)
+    cluster.objects = {k: v for k, v in cluster.objects.items() if k[0] != "Pod"}
+    cluster.step(T1)
+    _finish_rebuild(cluster, "b" * 64)
+    served = cluster.step(T1)
+    assert any(e.reason == "ServingRebuilt" for e in served.events)
+    cluster.step(T1)
+    pull = _started(cluster, first)
+    assert "b" * 64 in pull["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert cluster.step(T1).patch == []  # and then it is left alone

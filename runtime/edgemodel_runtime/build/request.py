@@ -85,12 +85,27 @@ def options(request: BuildRequest, model_identity: dict[str, Any] | None = None)
         "graphOptimization": request.graph_optimization,
         "int8MinSpeedup": request.int8_min_speedup if request.precision == "int8" else None,
         **({"int8Procedure": INT8_PROCEDURE} if accuracy_aware(request) else {}),
+        **_int8_validation(request),
         **_auto_options(request),
     }
 
 
+def _int8_validation(request: BuildRequest) -> dict[str, Any]:
+    """What a fixed int8 build keeps nodes in floating point for (the accuracy-aware procedure on onnxruntime,
+    NNCF's accuracy control on openvino): the validation set (the reference, else the seeded samples) and the
+    tolerance; nothing for other builds. Under auto, `_auto_options` says it."""
+    if not (accuracy_aware(request) or (request.engine == "openvino" and request.precision == "int8")):
+        return {}
+    reference = request.reference
+    validation = {"reference": reference.sha256 or reference.location} if reference else {
+        "samples": request.samples, "seed": request.seed}  # fmt: skip
+    tolerance = {k: v for k, v in vars(request.tolerance).items() if v is not None} if request.tolerance else None
+    return {"int8Validation": validation | {"tolerance": tolerance}}
+
+
 def _auto_options(request: BuildRequest) -> dict[str, Any]:
-    """Under auto, what decides the choice: the candidates' names, the tolerance and the reference it is judged on.
+    """Under auto, what decides the choice: the candidates' names, the tolerance and the reference it is judged on
+    (without one, the seeded samples' count and seed).
 
     Timing decides too, but it is measured, not asked for: the same request on the same class reuses the choice.
     """
@@ -106,6 +121,7 @@ def _auto_options(request: BuildRequest) -> dict[str, Any]:
             if request.tolerance
             else None,
             "reference": (reference.sha256 or reference.location) if reference else None,
+            **({} if reference else {"samples": request.samples, "seed": request.seed}),  # seeded validation
             "calibrationMethod": request.calibration_method if request.calibration else None,
             "maxAccuracyDrop": request.max_accuracy_drop,
             "int8Procedure": INT8_PROCEDURE,
