@@ -694,9 +694,12 @@ def run_in_image(image: BuiltImage, *command: str, timeout: float = 600) -> subp
 
 def main(argv: list[str] | None = None) -> int:
     arch = (argv if argv is not None else sys.argv[1:]) or ["amd64"]
-    if arch[0] not in {"amd64", ARM64}:
-        print("usage: python -m tests.testbed.images [amd64|arm64]", file=sys.stderr)
+    if arch[0] not in {"amd64", ARM64} or arch[1:] not in ([], ["--if-emulated"]):
+        print("usage: python -m tests.testbed.images [amd64|arm64 [--if-emulated]]", file=sys.stderr)
         return 2
+    if arch[1:] == ["--if-emulated"] and (problem := emulation_problem()) is not None:
+        print(f"[images] no arm64 images: arm64 programs do not run here: {problem}", file=sys.stderr)
+        return 0
     started = time.monotonic()
     timings: dict[str, float] = {}
     try:
