@@ -317,6 +317,11 @@ class Cluster:
         selector = f"{LABEL_EDGEMODEL}={edgemodel},{LABEL_COMPONENT}=serve,{LABEL_TRACK}=stable"
         return self._dicts(self.core.list_namespaced_pod(namespace, label_selector=selector), "Pod")
 
+    def serving_pods(self, namespace: str, edgemodel: str) -> list[Obj]:
+        """Every serving pod of the EdgeModel, stable and candidate: where engine fallbacks are read."""
+        selector = f"{LABEL_EDGEMODEL}={edgemodel},{LABEL_COMPONENT}=serve"
+        return self._dicts(self.core.list_namespaced_pod(namespace, label_selector=selector), "Pod")
+
     def patch_status(self, body: Obj, patch: Obj) -> None:
         """Merge-patch the status subresource (see `pacing.merge_patch`), only if the EdgeModel is still at the
         resourceVersion the patch was computed from: `ConflictError` otherwise."""

@@ -380,7 +380,7 @@ class Controller:
             if isinstance(self._evidence, PrometheusSource):
                 url, timeout = self._evidence.url, self._evidence.timeout
                 return await asyncio.to_thread(fallbacks.from_prometheus, url, namespace, name, timeout)
-            pods = await asyncio.to_thread(cluster.stable_pods, namespace, name)
+            pods = await asyncio.to_thread(cluster.serving_pods, namespace, name)  # a candidate's too
             return await asyncio.to_thread(fallbacks.from_pods, pods, self._evidence.timeout)
         except Exception as error:  # a monitoring outage hides a fallback for a while; it changes no decision
             LOG.warning("cannot read the engine fallbacks of %s/%s: %s", namespace, name, error)

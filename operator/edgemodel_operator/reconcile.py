@@ -151,6 +151,11 @@ def _is_of(pod: Obj, revision: str, key: str) -> bool:
     return labels.get(LABEL_REVISION) == revision and labels.get(LABEL_CLASS) == key
 
 
+def _fallback_of(fallback: Fallback | None, revision: str) -> str | None:
+    """Why `revision`'s pods of a class serve their fallback; None when none of them does."""
+    return fallback.reason if fallback is not None and revision in fallback.revisions else None
+
+
 def _job_state(job: Obj) -> str:
     for item in job.get("status", {}).get("conditions", []) or []:
         if item.get("status") == "True" and item.get("type") in {"Complete", "Failed"}:
@@ -263,6 +268,7 @@ class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps, HandoffSteps):
             mine=_track(mine) if mine else None,
             mine_ready=_ready(mine) if mine else 0,
             mine_since=mine["metadata"].get("creationTimestamp") if mine else None,
+            fallback=_fallback_of(self.observed.fallbacks.get(hardware.key), self.revision),
             samples=self.observed.evidence.get(hardware.key),
             job_uid=uid,
             problem=pod_problem(p for p in self.observed.serving_pods if _is_of(p, self.revision, hardware.key)),

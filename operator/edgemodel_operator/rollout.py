@@ -50,6 +50,7 @@ RETRY_LIMIT = 5  # automatic retries of one attempt
 INFRASTRUCTURE = 4  # the build's exit code when something around it failed (see runtime build/errors.py)
 SHADOW_TIMEOUT_SECONDS = 3600.0  # shadow.timeout when unset, unless twice shadow.duration is longer
 WARNINGS = frozenset({"BuildFailed", "RolledBack", "ShadowTimeout"})  # Event reasons posted as type Warning
+FALLBACK_REASON = "EngineFallback"  # a candidate whose pods serve the fallback (see `reject_fallback`)
 # The situations after the build in which edgeml.dev/rollback takes effect, as the status message says them.
 REJECTABLE = (
     "candidate starting",  # Built, no candidate workload yet
@@ -82,6 +83,7 @@ class ClassView:
     job_uid: str | None = None  # the build Job's UID
     problem: str | None = None  # why this revision's candidate pods are not Ready (see `progress.pod_problem`)
     mine_since: str | None = None  # when this revision's workload was created (RFC 3339)
+    fallback: str | None = None  # why this revision's pods of the class serve their fallback (see `fallbacks`)
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,18 @@ def reject_candidate(attempt: Attempt, view: ClassView, context: Context) -> tup
     return moved, Step("RolledBack", f"{attempt.key}: {attempt.revision} {why}")
 
 
+def reject_fallback(attempt: Attempt, view: ClassView, context: Context) -> tuple[Attempt, Step | None]:
+    """Built or Shadowing -> RolledBack when the candidate's own pods could not load its engine and serve the
+    fallback (the original model on ONNX Runtime fp32): what they answer is the fallback's, which agrees with
+    the stable revision whatever the engine is worth, so no evidence from them may promote it."""
+    if view.fallback is None or not (_is_candidate(attempt, view) or attempt.state == "Shadowing"):
+        return attempt, None
+    why = (f"{FALLBACK_REASON}: its pods cannot load the engine and serve the fallback ({view.fallback}); "
+           "their answers would judge the fallback, not the engine")  # fmt: skip
+    moved = attempt.moved("RolledBack", decision="Rollback", reason=why, decided=context.now)
+    return moved, Step("RolledBack", f"{attempt.key}: {attempt.revision} rolled back: {why}")
+
+
 def deadline_seconds(rollout: Rollout) -> float:
     return parse_duration(rollout.progress_deadline)
 
@@ -402,6 +416,7 @@ def advance(attempt: Attempt, view: ClassView, context: Context) -> tuple[Attemp
     attempt = took(reject_candidate(attempt, view, context))
     attempt = took(progress_deadline(attempt, view, context))
     attempt = took(start_shadow(attempt, view, context.now, context.rollout))
+    attempt = took(reject_fallback(attempt, view, context))
     attempt, step, verdict = decide(attempt, view, context)
     steps += [step] if step else []
     attempt = took(shadow_timeout(attempt, view, context, verdict))

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 
 from edgemodel_operator import conditions as cond
-from edgemodel_operator.builders import Images
+from edgemodel_operator.api.spec import EdgeModelSpec
+from edgemodel_operator.builders import Images, revision_of
 from edgemodel_operator.fallbacks import ENGINE_FALLBACK, Fallback, degrade_on_fallback, from_samples
 from edgemodel_operator.reconcile import Observed, Plan, plan
 from edgemodel_operator.records import parse
+from edgemodel_operator.rollout import FALLBACK_REASON
 from tests.unit.test_operator_pure import DIGEST
-from tests.unit.test_rollout import T0, Cluster, _serving_first_revision
+from tests.unit.test_rollout import T0, Cluster, _counters, _serving_first_revision, _shadowing
 
 Obj = dict[str, Any]
 T1 = "2026-11-26T13:00:00Z"
@@ -217,3 +219,50 @@ def test_the_condition_names_five_classes_and_counts_the_rest() -> None:
     assert message.count("serve the fallback") == 5
     assert message.endswith("and 995 more classes")
     assert len(message) < 4096
+
+
+# ---------------------------------------------------------------- a candidate whose own pods fall back
+
+
+def _candidate_cluster() -> tuple[FallingBack, str, str, str]:
+    """A cluster serving its first revision, with a second revision's spec applied (not yet planned)."""
+    cluster, first = _serving_first_revision()
+    falling = FallingBack(cluster.body, cluster.objects, records=cluster.records, versions=cluster.versions,
+                          nodes=cluster.nodes)  # fmt: skip
+    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    return falling, first, second, cluster.body["status"]["classes"][0]["key"]
+
+
+@pytest.mark.parametrize("when", ["starting", "shadowing"])
+def test_a_candidate_whose_pods_serve_the_fallback_is_rolled_back_not_judged_on_the_fallbacks_answers(
+    when: str,
+) -> None:
+    cluster, first, second, key = _candidate_cluster()
+    if when == "shadowing":
+        _shadowing(cluster)
+    else:
+        cluster.step("2026-11-26T12:01:00Z")
+        cluster.finish_builds()
+        cluster.step("2026-11-26T12:01:10Z")
+        assert cluster.workloads() == {first: "stable", second: "candidate"}
+    # The fallback agrees with stable on everything: evidence from it would pass any analysis.
+    cluster.evidence = {key: {"pod-1": _counters(200, 200, 200)}}
+    cluster.fallbacks = {key: Fallback((second,), "InvalidModel", ("pod-c",))}
+    result = cluster.step("2026-11-26T12:03:00Z")
+    entry = result.status["classes"][0]
+    assert entry["state"] == "RolledBack"
+    assert entry["message"].startswith(f"{FALLBACK_REASON}: its pods cannot load the engine")
+    assert "InvalidModel" in entry["message"]
+    assert not any(e.reason == "Promoted" for e in result.events)
+    assert any(e.reason == "RolledBack" and FALLBACK_REASON in e.message for e in result.events)
+    cluster.step("2026-11-26T12:03:10Z")
+    assert cluster.workloads() == {first: "stable"}  # the stable revision serves on
+
+
+def test_the_stable_revisions_fallback_does_not_roll_a_candidate_back() -> None:
+    cluster, first, second, key = _candidate_cluster()
+    _shadowing(cluster)
+    cluster.fallbacks = {key: Fallback((first,), "InvalidModel", ("pod-s",))}
+    result = cluster.step("2026-11-26T12:01:30Z")
+    assert result.status["classes"][0]["state"] == "Shadowing"
+    assert cluster.workloads() == {first: "stable", second: "candidate"}
