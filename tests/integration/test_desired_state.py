@@ -21,7 +21,8 @@ import yaml
 from kubernetes import client, config
 
 from edgemodel_operator.api.spec import EdgeModelSpec
-from edgemodel_operator.builders import build_service, revision_of
+from edgemodel_operator.builders import LABEL_COMPONENT, build_service, revision_of
+from edgemodel_operator.prefetch import COMPONENT as PREFETCH
 from edgemodel_operator.records import record_name
 from edgemodel_operator.writes import Foreign, WriteFailure, report
 from tests.helpers import eventually, get
@@ -196,10 +197,12 @@ def test_a_serving_mode_switch_starts_the_new_workload_before_the_old_one_goes(
     _ready(operator, namespace)
     name = _one(operator, namespace, "deployments")["metadata"]["name"]
 
+    serving = ("-l", f"{LABEL_COMPONENT}!={PREFETCH}")  # not the DaemonSets that pull engines onto the nodes
+
     def ready_pods() -> int:
         ready = 0
         for kind in ("deployments", "daemonsets"):
-            for item in get(operator, kind, "-n", namespace)["items"]:
+            for item in get(operator, kind, "-n", namespace, *serving)["items"]:
                 status = item.get("status") or {}
                 ready += int(status.get("readyReplicas") or status.get("numberReady") or 0)
         return ready
@@ -209,8 +212,8 @@ def test_a_serving_mode_switch_starts_the_new_workload_before_the_old_one_goes(
 
         def switched(new: str = new, old: str = old) -> bool:
             assert ready_pods() >= 1  # something serves at every moment of the switch
-            names = [i["metadata"]["name"] for i in get(operator, new, "-n", namespace)["items"]]
-            return names == [name] and not get(operator, old, "-n", namespace)["items"]
+            names = [i["metadata"]["name"] for i in get(operator, new, "-n", namespace, *serving)["items"]]
+            return names == [name] and not get(operator, old, "-n", namespace, *serving)["items"]
 
         eventually(switched, what=f"serving by a {mode} only")
         _ready(operator, namespace)
