@@ -123,17 +123,7 @@ def tolerance_load(comparison: compare.Comparison, tolerance: compare.Tolerance 
             return math.inf
         if figures.uninformative is not None:
             continue
-        limit = tolerances.of(figures.name)
-        for value, bound, at_least in (
-            (figures.max_abs_error, limit.max_abs_error, False),
-            (figures.max_relative_error, limit.max_relative_error, False),
-            (figures.cosine, limit.min_cosine, True),
-            (figures.top1_agreement, limit.min_top1_agreement, True),
-        ):
-            if value is None or bound is None:
-                continue
-            used, allowed = (1.0 - value, 1.0 - bound) if at_least else (value, bound)
-            load = max(load, max(used, 0.0) / allowed if allowed > 0 else (0.0 if used <= 0 else math.inf))
+        load = max(load, _figures_load(figures, tolerances.of(figures.name), over_zero=math.inf))
     return load
 
 
@@ -143,19 +133,25 @@ def mean_sample_load(comparison: compare.Comparison, tolerance: compare.Toleranc
     limit = tolerance.default if isinstance(tolerance, compare.Tolerances) else tolerance
     loads = []
     for figures in comparison.per_sample:
-        load = 0.0
-        for value, bound, at_least in (
-            (figures.max_abs_error, limit.max_abs_error, False),
-            (figures.max_relative_error, limit.max_relative_error, False),
-            (figures.cosine, limit.min_cosine, True),
-            (figures.top1_agreement, limit.min_top1_agreement, True),
-        ):
-            if value is None or bound is None:
-                continue
-            used, allowed = (1.0 - value, 1.0 - bound) if at_least else (value, bound)
-            load = max(load, max(used, 0.0) / allowed if allowed > 0 else 0.0)
-        loads.append(load)
+        loads.append(_figures_load(figures, limit, over_zero=0.0))
     return float(np.mean(loads)) if loads else 0.0
+
+
+def _figures_load(figures: Any, limit: compare.Tolerance, *, over_zero: float) -> float:
+    """The largest figure / limit of one output's (or one sample's) figures: errors as error / limit, cosine and
+    top-1 agreement as (1 - figure) / (1 - limit); `over_zero` where a limit allows nothing and some is used."""
+    load = 0.0
+    for value, bound, at_least in (
+        (figures.max_abs_error, limit.max_abs_error, False),
+        (figures.max_relative_error, limit.max_relative_error, False),
+        (figures.cosine, limit.min_cosine, True),
+        (figures.top1_agreement, limit.min_top1_agreement, True),
+    ):
+        if value is None or bound is None:
+            continue
+        used, allowed = (1.0 - value, 1.0 - bound) if at_least else (value, bound)
+        load = max(load, max(used, 0.0) / allowed if allowed > 0 else (0.0 if used <= 0 else over_zero))
+    return load
 
 
 def _figures(comparison: compare.Comparison, load: float) -> dict[str, Any]:
