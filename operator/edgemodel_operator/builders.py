@@ -351,7 +351,7 @@ def build_deployment_for_class(
         }
     )
     shadow_volume = {"name": "shadow", "configMap": {"name": shadow_configmap_name(name), "optional": True}}
-    copier = copy_init_container(artifact, RESTRICTED_CONTAINER) if images.node_cache else None
+    copier = copy_init_container(artifact, RESTRICTED_CONTAINER, spec.model.sha256) if images.node_cache else None
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet" if daemonset else "Deployment",

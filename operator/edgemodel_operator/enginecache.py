@@ -22,15 +22,18 @@ CACHE_DIR = "/cache"  # the serving pod's emptyDir; EDGEMODEL_ARTIFACT_CACHE poi
 INIT_CONTAINER = "engine"
 COPIER = "/busybox"  # in the engine image (engineimage.COPIER)
 ENGINE_DIR = "/engine"  # in the engine image (engineimage.ENGINE_DIR)
+FALLBACK_DIR = "/fallback"  # in the engine image (engineimage.FALLBACK_DIR), when the build put the model there
 DIGEST_PREFIX = "@sha256:"
-# $1: the cache directory. A copy cut short (the container killed mid-way) is never mistaken for an engine:
-# files land in a staging directory that is renamed into place whole; an existing engine is kept.
+# $1: the engine's cache directory; $2: the fallback model's (or empty). A copy cut short (the container
+# killed mid-way) is never mistaken for a whole one: files land in a staging directory that is renamed into
+# place whole; an existing copy is kept. The server verifies every file by digest before it loads it.
 COPY_SCRIPT = (
-    'set -eu; target="$1"; staging="$1.partial"; '
-    'if [ -d "$target" ]; then echo "engine already in $target"; exit 0; fi; '
-    f'{COPIER} rm -rf "$staging"; {COPIER} mkdir -p "$staging"; '
-    f'{COPIER} cp {ENGINE_DIR}/* "$staging/"; {COPIER} mv "$staging" "$target"; '
-    'echo "engine copied to $target"'
+    "set -eu; "
+    'copy() { if [ -d "$2" ]; then echo "$3 already in $2"; return 0; fi; '
+    f'{COPIER} rm -rf "$2.partial"; {COPIER} mkdir -p "$2.partial"; '
+    f'{COPIER} cp "$1"/* "$2.partial/"; {COPIER} mv "$2.partial" "$2"; echo "$3 copied to $2"; }}; '
+    f'copy {ENGINE_DIR} "$1" engine; '
+    f'if [ -n "${{2:-}}" ] && [ -d {FALLBACK_DIR} ]; then copy {FALLBACK_DIR} "$2" "fallback model"; fi'
 )
 
 
@@ -47,21 +50,32 @@ def cache_directory(artifact: str) -> str:
     return f"{CACHE_DIR}/{artifact.rsplit(DIGEST_PREFIX, 1)[1][:16]}"
 
 
-def copy_init_container(artifact: str, security_context: dict[str, Any]) -> dict[str, Any] | None:
+def fallback_directory(model_sha256: str) -> str:
+    """Where `edgemodel serve --fallback-sha256 HEX` looks for its fallback model before it fetches it:
+    /cache/fallback-<first 16 hex digits> (the runtime's `serve.fallback`)."""
+    return f"{CACHE_DIR}/fallback-{model_sha256.lower()[:16]}"
+
+
+def copy_init_container(
+    artifact: str, security_context: dict[str, Any], fallback_sha256: str | None = None
+) -> dict[str, Any] | None:
     """The init container that copies the engine from its image on the node into the cache emptyDir.
 
-    None when `artifact` is not an image pinned by digest. `security_context` is the restricted one
-    every container of the operator's pods gets.
+    With `fallback_sha256` (the EdgeModel's model digest) it also copies the original model the image
+    carries (its fallback layer) to where the server finds its fallback, so that an engine the server
+    cannot load falls back without the registry. None when `artifact` is not an image pinned by digest.
+    `security_context` is the restricted one every container of the operator's pods gets.
     """
     image = engine_image(artifact)
     if image is None:
         return None
+    fallback = fallback_directory(fallback_sha256) if fallback_sha256 else ""
     return {
         "name": INIT_CONTAINER,
         "image": image,
         # Pinned by digest: present on the node means this very engine; the registry is asked only when absent.
         "imagePullPolicy": "IfNotPresent",
-        "command": [COPIER, "sh", "-c", COPY_SCRIPT, "engine-copy", cache_directory(artifact)],
+        "command": [COPIER, "sh", "-c", COPY_SCRIPT, "engine-copy", cache_directory(artifact), fallback],
         "securityContext": security_context,
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
         "terminationMessagePolicy": "FallbackToLogsOnError",

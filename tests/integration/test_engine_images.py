@@ -4,8 +4,11 @@ cache read back, and what they refuse."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import tarfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,7 @@ def test_a_pushed_engine_is_an_image_a_node_can_run_and_serve_reads_back(
     assert manifest["mediaType"] == engineimage.MANIFEST_MEDIA_TYPE
     assert manifest["config"]["mediaType"] == engineimage.CONFIG_MEDIA_TYPE
     kinds = [layer["annotations"][engineimage.LAYER_ANNOTATION] for layer in manifest["layers"]]
-    assert kinds == ["copier", "engine"]
+    assert kinds == ["copier", "engine", "fallback"]
     assert {layer["mediaType"] for layer in manifest["layers"]} == {engineimage.LAYER_MEDIA_TYPE}
     assert oci.is_engine_image(oci.parse_reference(reference), digest)
 
@@ -130,3 +133,96 @@ def test_an_engine_layer_with_anything_but_plain_files_in_engine_is_refused(
         oci.pull_artifact(reference.with_digest(digest))
     assert refused.value.reason == "InvalidArtifact"
     assert not (tmp_path.parent / "escape").exists()
+
+
+def _blob(registry: Registry, repository: str, digest: str) -> bytes:
+    with urllib.request.urlopen(f"http://{registry.address}/v2/{repository}/blobs/{digest}", timeout=10) as response:
+        data: bytes = response.read()
+    return data
+
+
+def _layer(registry: Registry, repository: str, reference: str, kind: str) -> tarfile.TarFile:
+    manifest = _manifest(registry, repository, reference.rsplit("@", 1)[1])
+    (layer,) = [x for x in manifest["layers"] if x["annotations"][engineimage.LAYER_ANNOTATION] == kind]
+    return tarfile.open(fileobj=io.BytesIO(_blob(registry, repository, layer["digest"])))
+
+
+def test_the_engine_image_carries_the_original_model_as_its_fallback_layer(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEMODEL_COPIER", str(_fake_copier(tmp_path)))
+    report = _build(tmp_path, registry, "withmodel")
+    model = tmp_path / "withmodel.onnx"
+    layer = _layer(registry, "engines/withmodel", report["artifact"]["reference"], "fallback")
+    members = {m.name: m for m in layer.getmembers()}
+    assert sorted(members) == ["fallback", "fallback/model.onnx"]
+    assert members["fallback/model.onnx"].mode == 0o444
+    assert members["fallback"].isdir()
+    kept = layer.extractfile(members["fallback/model.onnx"])
+    assert kept is not None
+    assert kept.read() == model.read_bytes()  # the model the EdgeModel names, as it is
+    # One layer per model, whatever the engine: the same bytes give the same digest, stored once.
+    first, again = (engineimage.fallback_layer(tmp_path / f"{n}.tar", model) for n in ("one", "two"))
+    manifest = _manifest(registry, "engines/withmodel", report["artifact"]["reference"].rsplit("@", 1)[1])
+    assert first == again == manifest["layers"][-1]["digest"]
+    with pytest.raises(ValueError, match="beside it"):
+        engineimage.fallback_layer(tmp_path / "bad.tar", model, [model.with_name("model.onnx")])
+
+
+def _fake_copier(directory: Path) -> Path:
+    copier = directory / "copier"
+    copier.write_bytes(b"\x7fELF stands in for the static busybox of the runtime images")
+    return copier
+
+
+def test_a_damaged_copy_in_the_cache_is_pulled_again_and_without_the_registry_the_fallback_serves(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a serving pod meets when the node's copy of an engine image is damaged (a bad disk): the copy
+    fails its digest check, so the server pulls the engine again; where the registry cannot be reached, it
+    serves the original model that the image's fallback layer brought (found by digest, nothing fetched)."""
+    monkeypatch.setenv("EDGEMODEL_COPIER", str(_fake_copier(tmp_path)))
+    report = _build(tmp_path, registry, "damaged")
+    reference, model = report["artifact"]["reference"], tmp_path / "damaged.onnx"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEMODEL_ARTIFACT_CACHE", str(cache))
+    copy = cache / reference.rsplit("@sha256:", 1)[1][:16]  # where the init container copies the engine
+
+    def damage() -> None:
+        copy.mkdir(parents=True, exist_ok=True)
+        for path in oci.pull_files(reference):
+            data = bytearray(path.read_bytes())
+            if path.name == "model.onnx":
+                data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the digest tells
+            (copy / path.name).write_bytes(bytes(data))
+
+    damage()
+    server = Server(reference, "damaged", log_dir=tmp_path)
+    try:
+        assert "edgemodel" not in json.loads(server.get("/v2/models/damaged")[1])  # its engine, not a fallback
+        assert sha256(copy / "model.onnx") == report["artifact"]["sha256"]  # pulled again, whole
+    finally:
+        assert server.stop() == 0
+    log = server.log.read_text()
+    assert "cannot be used" in log, log
+    assert "pulling it again" in log, log
+
+    shutil.rmtree(copy)
+    damage()
+    nowhere = reference.replace(registry.address, "127.0.0.1:9")  # the same engine, the registry out of reach
+    original = f"oci://127.0.0.1:9/models/damaged@sha256:{sha256(model)}"
+    kept = cache / f"fallback-{sha256(model)[:16]}"  # what the init container copies from the fallback layer
+    _layer(registry, "engines/damaged", reference, "fallback").extractall(tmp_path / "layer", filter="data")
+    shutil.copytree(tmp_path / "layer" / engineimage.FALLBACK_DIR, kept)
+    server = Server(nowhere, "damaged", "--fallback-model", original, "--fallback-sha256", sha256(model),
+                    log_dir=tmp_path)  # fmt: skip
+    try:
+        detail = json.loads(server.get("/v2/models/damaged/ready")[1])["edgemodel"]
+        assert detail["engine"] == "fallback", detail
+        assert detail["fallbackReason"] == "DigestMismatch", detail
+        assert "pulling" in detail["fallbackMessage"], detail
+        assert "127.0.0.1:9" in detail["fallbackMessage"], detail
+        assert server.metric("edgemodel_engine_fallback", reason="DigestMismatch") == 1
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()

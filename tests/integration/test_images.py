@@ -158,26 +158,36 @@ print("interpreter" if 3 in kinds else "static")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "static"
     # The serving pods' copy script (operator/edgemodel_operator/enginecache.py), with this image's paths: it
-    # copies the engine whole, and a second run keeps what is there.
+    # copies the engine whole, and the fallback model where the image has one and a target is named; a second
+    # run keeps what is there.
     from edgemodel_operator import enginecache
 
     base = "/tmp/copy"  # noqa: S108 - inside a container that is removed afterwards
     box = "/bin/busybox"
-    script = enginecache.COPY_SCRIPT.replace(enginecache.COPIER, box).replace(enginecache.ENGINE_DIR, f"{base}/engine")
+    script = (
+        enginecache.COPY_SCRIPT.replace(enginecache.COPIER, box)
+        .replace(enginecache.ENGINE_DIR, f"{base}/engine")
+        .replace(enginecache.FALLBACK_DIR, f"{base}/fallback")
+    )
     steps = [
-        f"{box} mkdir -p {base}/engine {base}/cache",
+        f"{box} mkdir -p {base}/engine {base}/fallback {base}/cache",
         f"echo engine > {base}/engine/model.onnx",
         f"echo {{}} > {base}/engine/report.json",
-        f"{box} sh -c '{script}' copy {base}/cache/e",
-        f"{box} sh -c '{script}' copy {base}/cache/e",
-        f"{box} cat {base}/cache/e/model.onnx {base}/cache/e/report.json",
+        f"echo original > {base}/fallback/model.onnx",
+        f"{box} sh -c '{script}' copy {base}/cache/e {base}/cache/f",
+        f"{box} sh -c '{script}' copy {base}/cache/e {base}/cache/f",
+        f"{box} sh -c '{script}' copy {base}/cache/e2 ''",  # no fallback target: the engine alone
+        f"{box} cat {base}/cache/e/model.onnx {base}/cache/e/report.json {base}/cache/f/model.onnx",
         f"{box} ls -a {base}/cache",
     ]
     done = run_in_image(built["runtime-cpu"], box, "sh", "-c", " && ".join(steps))
     assert done.returncode == 0, done.stderr
-    target = f"{base}/cache/e"
-    assert done.stdout.split() == ["engine", "copied", "to", target, "engine", "already", "in", target,
-                                   "engine", "{}", ".", "..", "e"]  # fmt: skip
+    e, f, e2 = (f"{base}/cache/{name}" for name in ("e", "f", "e2"))
+    assert done.stdout.splitlines() == [
+        f"engine copied to {e}", f"fallback model copied to {f}", f"engine already in {e}",
+        f"fallback model already in {f}", f"engine copied to {e2}", "engine", "{}", "original", ".", "..", "e", "e2",
+        "f",
+    ]  # fmt: skip
 
 
 def test_onnx_runtime_runs_a_model_in_the_runtime_image(built: dict[str, BuiltImage]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,19 @@ import pytest
 from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import Images, build_deployment_for_class, build_job_for_class, revision_of
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
-from edgemodel_operator.enginecache import CACHE_DIR, cache_directory, copy_init_container, engine_image
+from edgemodel_operator.enginecache import (
+    CACHE_DIR,
+    cache_directory,
+    copy_init_container,
+    engine_image,
+    fallback_directory,
+)
 from edgemodel_operator.fallbacks import Fallback
 from edgemodel_operator.prefetch import build_prefetch_daemonset, is_prefetch, prefetch_name, progress
 from edgemodel_operator.reconcile import Observed
 from edgemodel_runtime.build import engineimage
+from edgemodel_runtime.digests import sha256_file
+from tests import onnx_models
 from tests.unit import test_rollout
 from tests.unit.test_fallbacks import T1, FallingBack, _finish_rebuild
 from tests.unit.test_operator_pure import DIGEST, NODES, edgemodel
@@ -125,7 +134,10 @@ def test_a_serving_pod_copies_its_engine_from_the_image_pinned_by_the_artifact_d
         assert init["image"] == f"10.88.0.1:5000/engines/apps/ocr@sha256:{HEX}"
         assert init["imagePullPolicy"] == "IfNotPresent"  # present on the node: no registry asked
         assert init["command"][0] == f"/{engineimage.COPIER}"  # the program the engine image carries
-        assert init["command"][-1] == f"{CACHE_DIR}/{HEX[:16]}"
+        # The engine's copy, then the fallback model's, where the server looks for each (by digest).
+        sha = body["spec"]["model"]["sha256"]
+        assert init["command"][-2:] == [f"{CACHE_DIR}/{HEX[:16]}", f"{CACHE_DIR}/fallback-{sha[:16]}"]
+        assert init["command"][-1] == fallback_directory(sha)
         assert {"name": "cache", "mountPath": CACHE_DIR} in init["volumeMounts"]
         serve = pod["containers"][0]
         assert serve["args"][:2] == ["serve", ARTIFACT]  # the server still names (and checks) the artifact
@@ -154,6 +166,26 @@ def test_without_the_node_cache_serving_pods_pull_from_the_registry_as_before() 
     workload = build_deployment_for_class(body, cpu, _target(body, cpu), revision="r1", artifact=ARTIFACT,
                                           images=Images(node_cache=False))  # fmt: skip
     assert "initContainers" not in workload["spec"]["template"]["spec"]
+
+
+def test_the_fallback_directory_is_where_the_server_looks_for_its_fallback_model(tmp_path: Path) -> None:
+    """The operator's fallback copy target and the runtime's lookup agree: a model placed where the init
+    container copies it is loaded without fetching (its URI names a file that is not there), and only
+    when it matches the digest the pod was given."""
+    from edgemodel_runtime.serve.fallback import FallbackSource, load_fallback
+    from edgemodel_runtime.serve.model import ArtifactError
+
+    model = onnx_models.tiny_classifier(tmp_path / "m.onnx")
+    sha = sha256_file(model)
+    local = tmp_path / Path(fallback_directory(sha.upper())).relative_to(CACHE_DIR)
+    local.mkdir()
+    shutil.copyfile(model, local / "model.onnx")
+    source = FallbackSource(str(tmp_path / "elsewhere" / "m.onnx"), sha)  # where it is not
+    assert [t.name for t in load_fallback(source, tmp_path, 1).inputs] == ["x"]
+    (local / "model.onnx").write_bytes(model.read_bytes()[:-1])  # one byte short: not this model any more
+    with pytest.raises(ArtifactError) as refused:
+        load_fallback(source, tmp_path, 1)
+    assert "elsewhere" in str(refused.value)  # it went to fetch it instead, and could not
 
 
 def test_the_cache_directory_is_where_the_server_looks_for_the_artifact(tmp_path: Path) -> None:

@@ -5,7 +5,12 @@ A pushed engine is one OCI image manifest with uncompressed tar layers:
 - layer `copier` (annotation `dev.edgemodel.layer: copier`): `/busybox`, a statically linked busybox
   (Debian's busybox-static, shipped in the runtime images), the image's only program;
 - layer `engine` (`dev.edgemodel.layer: engine`): `/engine/<file>` for every file of the artifact (the
-  engine, its side files and report.json), read-only, owned by root.
+  engine, its side files and report.json), read-only, owned by root;
+- layer `fallback` (`dev.edgemodel.layer: fallback`), when the build names one: `/fallback/model.onnx`,
+  the original model the engine was built from (and its external-data files under their own names),
+  which a server that cannot load the engine serves instead (`edgemodel serve --fallback-model`). Its
+  bytes are the same for every class built from one model, so one copy serves every engine image of
+  that model, in the registry and in a node's content store.
 
 The config names the build node's architecture and runs as user 65532. So the engine's manifest
 digest is at once the artifact's address for `edgemodel serve oci://...@sha256:...` and an image that
@@ -27,8 +32,10 @@ from pathlib import Path
 from edgemodel_runtime.digests import sha256_file
 
 ENGINE_DIR = "engine"  # where the engine's files lie in the image
+FALLBACK_DIR = "fallback"  # where the original model lies in the image
+FALLBACK_MODEL = "model.onnx"  # its name there (external-data files keep their own names beside it)
 COPIER = "busybox"  # the copier's path in the image (`/busybox`)
-LAYER_ANNOTATION = "dev.edgemodel.layer"  # `copier` or `engine`
+LAYER_ANNOTATION = "dev.edgemodel.layer"  # `copier`, `engine` or `fallback`
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -85,6 +92,18 @@ def engine_layer(target: Path, files: Sequence[Path]) -> str:
     return write_layer(target, [(f"{ENGINE_DIR}/{file.name}", file, 0o444) for file in files], ENGINE_DIR)
 
 
+def fallback_layer(target: Path, model: Path, side_files: Sequence[Path] = ()) -> str:
+    """The fallback layer: `model` as /fallback/model.onnx and each side file (external data) under its
+    own name beside it, mode 0444; its digest. Raises ValueError when a side file is named model.onnx
+    or two share a name."""
+    names = [file.name for file in side_files]
+    if FALLBACK_MODEL in names or len(set(names)) != len(names):
+        raise ValueError(f"the model's side files cannot be kept beside it as {FALLBACK_MODEL}: {sorted(names)}")
+    files = [(f"{FALLBACK_DIR}/{FALLBACK_MODEL}", model, 0o444)]
+    files += [(f"{FALLBACK_DIR}/{file.name}", file, 0o444) for file in side_files]
+    return write_layer(target, files, FALLBACK_DIR)
+
+
 def copier_layer(target: Path, copier: Path) -> str:
     """The copier layer: `copier` as /busybox, mode 0555; its digest."""
     return write_layer(target, [(COPIER, copier, 0o555)])
@@ -102,7 +121,7 @@ def image_config(arch: str, diff_ids: Sequence[str]) -> bytes:
 
 
 def descriptor(media_type: str, digest: str, size: int, kind: str | None = None) -> dict[str, object]:
-    """An OCI descriptor; `kind` is recorded as the layer annotation (copier or engine)."""
+    """An OCI descriptor; `kind` is recorded as the layer annotation (copier, engine or fallback)."""
     entry: dict[str, object] = {"mediaType": media_type, "digest": digest, "size": size}
     if kind:
         entry["annotations"] = {LAYER_ANNOTATION: kind}

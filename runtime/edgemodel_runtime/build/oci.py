@@ -358,11 +358,18 @@ def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dic
     return digest
 
 
-def push_engine(reference: Reference, files: Sequence[Path], tag: str, annotations: dict[str, str]) -> str:
+def push_engine(
+    reference: Reference,
+    files: Sequence[Path],
+    tag: str,
+    annotations: dict[str, str],
+    fallback: Sequence[Path] = (),
+) -> str:
     """Push an engine's files as one image tagged `tag` (see engineimage); return the manifest digest.
 
     `pull_artifact` reads it back as files; a kubelet runs it as an image. The copier layer is left out
-    when this machine has no static busybox (`engineimage.find_copier`).
+    when this machine has no static busybox (`engineimage.find_copier`). `fallback`, when given, is the
+    original model followed by its external-data files: they become the image's fallback layer.
     """
     target = reference.with_tag(tag)
     copier = engineimage.find_copier()
@@ -373,6 +380,9 @@ def push_engine(reference: Reference, files: Sequence[Path], tag: str, annotatio
             layers.append((path, engineimage.copier_layer(path, copier), "copier"))
         path = Path(scratch) / "engine.tar"
         layers.append((path, engineimage.engine_layer(path, files), "engine"))
+        if fallback:
+            path = Path(scratch) / "fallback.tar"
+            layers.append((path, engineimage.fallback_layer(path, fallback[0], fallback[1:]), "fallback"))
         config = engineimage.image_config(engineimage.architecture(), [digest for _, digest, _ in layers])
         (Path(scratch) / "config.json").write_bytes(config)
         descriptors = [

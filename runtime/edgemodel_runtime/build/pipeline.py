@@ -19,6 +19,7 @@ import numpy as np
 from edgemodel_runtime.build import (
     auto,
     compare,
+    engineimage,
     fetch,
     hardware,
     measure,
@@ -61,6 +62,7 @@ class _Build:
         self.request = request
         self.identity = identity
         self.external = False  # whether the model keeps weights in external-data files
+        self.source: list[Path] = []  # the fetched model, then its external-data files: the image's fallback layer
         self.work = request.output / ".work"
         self.reference_path: Path | None = None  # the fetched reference .npz, if one was given
         self.labels: tasks.Labels | None = None  # its labels, for task-level checks
@@ -147,6 +149,10 @@ class _Build:
             expected_data=self.identity.get("externalData"),
         )
         self.external = bool(files.data)
+        # Side files in sub-directories, or one named as the fallback model, cannot lie beside it in the image's
+        # fallback layer: such a model's fallback is fetched from its URI by the server, as without the layer.
+        if all(Path(location).name == location != engineimage.FALLBACK_MODEL for location in files.data):
+            self.source = [files.path, *(files.path.parent / location for location in sorted(files.data))]
         if files.data:
             self.report["model"]["externalData"] = [{"file": f, "sha256": d} for f, d in files.data.items()]
         return files.path
@@ -521,9 +527,10 @@ class _Build:
             annotations = {oci.CACHE_KEY_ANNOTATION: self.report["cacheKey"], oci.MODEL_ANNOTATION: name}
             if self.report.get("auto"):  # so that a later cache hit can say what was chosen without pulling
                 annotations[oci.AUTO_ANNOTATION] = json.dumps(auto.annotation(self.report), separators=(",", ":"))
-            # As an image (engineimage): the kubelet of each node of the class can pull and keep it by digest.
+            # As an image (engineimage): the kubelet of each node of the class can pull and keep it by digest,
+            # with the original model beside the engine, which a server that cannot load the engine serves.
             pushed = [*files, request.output / "report.json"]
-            digest = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations)
+            digest = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations, self.source)
             self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
 
     def _write(self) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,30 @@ def _from_directory(directory: Path) -> Artifact:
     return Artifact(path, report)
 
 
+def _from_cache(location: str, target: Path) -> Artifact:
+    """The artifact kept in `target` (pulled earlier, or copied from the node's image of it); a copy that does
+    not verify (a file changed, missing, or not the build's) is a cache miss, not an engine fault: it is
+    removed and the artifact pulled again. If that pull fails too, the copy's own error is raised (exit
+    code 2: the engine cannot be served as it is here), its message naming both.
+    """
+    try:
+        return _from_directory(target)
+    except ArtifactError as error:
+        damaged = error
+    print(f"edgemodel serve: the copy of {location} in {target} cannot be used ({' '.join(str(damaged).split())}); "
+          "pulling it again", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        shutil.rmtree(target)
+        _pull(location, target)
+    except (ArtifactError, OSError) as error:
+        raise ArtifactError(
+            f"{' '.join(str(damaged).split())}; and pulling {location} again failed: {' '.join(str(error).split())}",
+            reason=damaged.reason,
+            exit_code=damaged.exit_code,
+        ) from error
+    return _from_directory(target)
+
+
 def _pull(location: str, target: Path) -> None:
     """Pull an OCI artifact into `target`, which appears whole or not at all (a failed pull leaves nothing)."""
     from edgemodel_runtime.build import oci
@@ -288,7 +313,8 @@ def resolve(location: str, cache: Path) -> Artifact:
         target = cache / location.rsplit("@sha256:", 1)[1][:16]
         if not target.is_dir():
             _pull(location, target)
-        return _from_directory(target)
+            return _from_directory(target)
+        return _from_cache(location, target)
     path = Path(location)
     if path.is_dir():
         return _from_directory(path)
