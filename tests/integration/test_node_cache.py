@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgemodel_runtime.build import oci
+from edgemodel_runtime.build import engineimage, oci
 from edgemodel_runtime.digests import sha256_file
 from tests import onnx_models
 from tests.helpers import LiveRequests, eventually, get, post_json
@@ -290,3 +290,84 @@ def _pulls(scene: Scene) -> list[dict[str, Any]]:
     listed = get(scene.bed, "daemonsets", "-n", scene.namespace, "-l", "app.kubernetes.io/component=prefetch")
     items: list[dict[str, Any]] = listed["items"]
     return items
+
+
+def _snapshot_copies(scene: Scene, engine: dict[str, bytes]) -> list[Path]:
+    """The files of the node's unpacked engine images (containerd's overlay snapshots) that hold `engine`'s
+    files (name -> bytes): what the serving pods' init container copies from."""
+    snapshots = scene.node.containerd_root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+    return [
+        path
+        for path in snapshots.glob(f"*/fs/{engineimage.ENGINE_DIR}/*")
+        if path.name in engine and path.stat().st_size == len(engine[path.name])
+        and path.read_bytes() == engine[path.name]
+    ]  # fmt: skip
+
+
+def _ready_body(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/v2/models/{NAME}/ready", timeout=10) as response:
+        body: dict[str, Any] = json.loads(response.read())
+    return body
+
+
+def _degraded(scene: Scene) -> dict[str, Any]:
+    status = get(scene.bed, "em", NAME, "-n", scene.namespace).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Degraded"), {})
+
+
+def test_an_engine_damaged_on_the_node_falls_back_to_the_model_the_image_carries_and_the_edgemodel_says_so(
+    scene: Scene,
+) -> None:
+    """The node's copy of the serving engine is damaged on disk (same size, other bytes: a bad disk), and
+    the registry is down: a new serving pod cannot load its engine, serves the original model that the
+    engine image's fallback layer brought onto the node, and the EdgeModel is Degraded (EngineFallback).
+    Once the registry is back, a new pod pulls the engine again past the damaged copy and serves it."""
+    pod = _wait(scene, lambda: _one_ready_pod(scene), "one Ready serving pod")
+    artifact = pod["spec"]["containers"][0]["args"][1]
+    model = scene.models["a-again"]  # the EdgeModel's model since the promotion above
+    engine = {path.name: path.read_bytes() for path in oci.pull_files(artifact.removeprefix("oci://"))}
+    copies = _snapshot_copies(scene, engine)
+    assert copies, f"no unpacked copy of {artifact} under {scene.node.containerd_root}"
+    originals = {path: path.read_bytes() for path in copies}
+    try:
+        for path in copies:
+            data = bytearray(originals[path])
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        _registry_down(scene)
+        scene.bed.kubectl("delete", "pod", "-n", scene.namespace, pod["metadata"]["name"], "--wait=false")
+        fallen = _wait(scene, lambda: _one_ready_pod(scene, {pod["metadata"]["uid"]}), "a new serving pod Ready")
+        url = f"http://{fallen['status']['podIP']}:{PORT}"
+        detail = _ready_body(url)["edgemodel"]
+        assert detail["engine"] == "fallback", detail
+        assert detail["fallbackReason"] == "DigestMismatch", detail
+        assert detail["fallbackModel"] == f"sha256:{sha256_file(model)}", detail
+        _answers(url, model)  # the original model's answers, with neither the engine nor the registry
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert any(line.startswith("edgemodel_engine_fallback{") and 'reason="DigestMismatch"' in line
+                   and line.endswith(" 1.0") for line in metrics.splitlines()), metrics  # fmt: skip
+        assert fallen["status"]["containerStatuses"][0]["restartCount"] == 0
+        log = scene.bed.kubectl("logs", "-n", scene.namespace, fallen["metadata"]["name"], "-c", "serve").stdout
+        assert "EngineFallback" in log, log
+        assert "Traceback" not in log, log
+        degraded = _wait(
+            scene,
+            lambda: (c := _degraded(scene)).get("status") == "True" and c.get("reason") == "EngineFallback" and c,
+            "the EdgeModel Degraded with reason EngineFallback",
+            timeout=180,
+        )
+        assert "DigestMismatch" in degraded["message"], degraded
+
+        scene.registry.start()  # the link is back: a new pod pulls the engine past the damaged copy
+        scene.bed.kubectl("delete", "pod", "-n", scene.namespace, fallen["metadata"]["name"], "--wait=false")
+        healed = _wait(scene, lambda: _one_ready_pod(scene, {fallen["metadata"]["uid"]}), "another serving pod Ready")
+        assert "edgemodel" not in _ready_body(f"http://{healed['status']['podIP']}:{PORT}"), "still the fallback"
+        log = scene.bed.kubectl("logs", "-n", scene.namespace, healed["metadata"]["name"], "-c", "serve").stdout
+        assert "pulling it again" in log, log
+        _wait(scene, lambda: _degraded(scene).get("reason") != "EngineFallback", "the EngineFallback condition gone",
+              timeout=420)  # fmt: skip
+    finally:
+        for path, kept in originals.items():
+            path.write_bytes(kept)
+        scene.registry.start()

@@ -37,6 +37,9 @@ class Registry:
         return self.directory / "registry.log"
 
     def start(self) -> Registry:
+        """Start the registry; a registry already running is left as it is."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         binary = shutil.which(REGISTRY_BINARY)
         if binary is None:
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
