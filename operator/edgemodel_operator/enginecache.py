@@ -1,11 +1,13 @@
 """The node-local engine cache: serving pods take their engine from the node's container runtime. Pure.
 
 Every engine a build pushes is also a container image (`edgemodel_runtime.build.engineimage`): one
-layer with a static busybox, one with the engine's files under /engine. Its manifest digest is the
-artifact digest the operator already serves by. A serving pod gets an init container that runs that
-image by digest with `imagePullPolicy: IfNotPresent` and copies the engine into the pod's cache
-emptyDir, where `edgemodel serve oci://...@sha256:HEX` finds it (directory HEX[:16]) without the
-registry, verifying every file against the build report's digests before it loads.
+layer with a static busybox, one with the engine's files under /engine, and one with the original model
+under /fallback. Its manifest digest is the artifact digest the operator already serves by. A serving
+pod gets an init container that runs that image by digest with `imagePullPolicy: IfNotPresent` and
+copies the engine into the pod's cache emptyDir, where `edgemodel serve oci://...@sha256:HEX` finds it
+(directory HEX[:16]) without the registry, verifying every file against the build report's digests
+before it loads; and the model to /cache/fallback-<model digest[:16]>, where the server finds its
+fallback (checked against the model's digest) if the engine cannot be loaded.
 
 So the node's containerd content store is the cache, keyed and verified by digest: it survives pod
 deletion and registry outages, the kubelet's image garbage collection sizes it, and with neither the
