@@ -17,8 +17,10 @@ from edgemodel_runtime.build import oci
 from edgemodel_runtime.build.errors import BadInputError, BuildError, ExitCode
 from edgemodel_runtime.build.pipeline import BuildRequest, Precision, build
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
+from edgemodel_runtime.serve.fallback import FallbackSource, load_fallback
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
+from tests.integration.test_engine_images import _layer
 from tests.integration.test_serve import Server
 from tests.testbed.https import HttpsFileServer
 from tests.testbed.pki import write_pki
@@ -178,6 +180,40 @@ def test_an_oci_artifact_with_model_and_data_builds_pushes_and_serves_by_digest(
         np.testing.assert_allclose(served_logits(server), expected_logits(model), rtol=1e-5, atol=1e-5)
     finally:
         assert server.stop() == 0
+    # The engine image's fallback layer holds the model with its data file beside it, as the model reads it:
+    # served as the fallback from where a serving pod's init container copies it, nothing fetched.
+    layer = _layer(registry, "engines/ext", report["artifact"]["reference"], "fallback")
+    assert sorted(layer.getnames()) == ["fallback", "fallback/model.onnx", "fallback/weights.bin"]
+    cache = tmp_path / "cache"
+    layer.extractall(tmp_path / "layer", filter="data")
+    shutil.copytree(tmp_path / "layer" / "fallback", cache / f"fallback-{sha256(model)[:16]}")
+    source = FallbackSource(f"oci://127.0.0.1:9/models/ext@{manifest}", sha256(model))  # out of reach
+    fallback = load_fallback(source, cache, 1)
+    x = {fallback.inputs[0].name: np.ones([1, 16], dtype=np.float32)}
+    np.testing.assert_allclose(
+        next(iter(fallback.predict(x).values())),
+        ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0],
+        rtol=1e-6,
+    )
+
+
+def test_a_model_whose_data_file_is_named_as_the_fallback_model_gets_no_fallback_layer(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """The fallback layer keeps the model as model.onnx with its data files beside it under their own names;
+    a model `net.onnx` whose weights are in a file called `model.onnx` cannot be laid out so, and its image
+    has no fallback layer (its pods fetch the fallback from the model's URI when they need it)."""
+    model = external_model(tmp_path / "src", location="model.onnx", name="net.onnx")
+    report = build(
+        BuildRequest(
+            model=str(model), sha256=sha256(model), output=tmp_path / "out", benchmark_seconds=0.2, samples=2,
+            push=f"oci://{registry.address}/engines/ext-clash",
+        )
+    )  # fmt: skip
+    assert report["status"] == "built"
+    with pytest.raises(ValueError, match="not enough values"):
+        _layer(registry, "engines/ext-clash", report["artifact"]["reference"], "fallback")
+    assert _layer(registry, "engines/ext-clash", report["artifact"]["reference"], "engine").getnames()
 
 
 def test_an_engine_with_its_weights_beside_it_is_pushed_and_served_with_them(
