@@ -187,8 +187,8 @@ def test_an_oci_artifact_with_model_and_data_builds_pushes_and_serves_by_digest(
     cache = tmp_path / "cache"
     layer.extractall(tmp_path / "layer", filter="data")
     shutil.copytree(tmp_path / "layer" / "fallback", cache / f"fallback-{sha256(model)[:16]}")
-    source = FallbackSource(f"oci://127.0.0.1:9/models/ext@{manifest}", sha256(model))  # out of reach
-    fallback = load_fallback(source, cache, 1)
+    pinned = FallbackSource(f"oci://127.0.0.1:9/models/ext@{manifest}", sha256(model))  # out of reach
+    fallback = load_fallback(pinned, cache, 1)
     x = {fallback.inputs[0].name: np.ones([1, 16], dtype=np.float32)}
     np.testing.assert_allclose(
         next(iter(fallback.predict(x).values())),
