@@ -143,6 +143,9 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
         if desired["kind"] == live["kind"]:
             if differs(desired, live):
                 plan.apply.append(_guarded(stamp(desired), live))
+                if (replaced := replaced_engine(observed, live)) is not None and replaced != artifact:
+                    plan.events.append(Event("ServingRebuilt", f"{subject(live)}: serving the rebuilt {artifact} "
+                                             f"in place of {replaced}", subject(live)))  # fmt: skip
             continue
         twin = twins.get(live["metadata"]["name"])  # a mode switch: the new kind first, then the old goes
         if twin is None:
@@ -160,6 +163,19 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
         desired = desired_service(body, live, by_key)
         if desired is not None and differs(desired, live):
             plan.apply.append(_guarded(stamp(desired), live))
+
+
+def replaced_engine(observed: Observed, live: Obj) -> str | None:
+    """The artifact that a rebuild of the workload's class replaced (see `rebuild`), while the workload still
+    serves it; None otherwise (no rebuild, or the workload serves another artifact)."""
+    labels = labels_of(live)
+    for found in observed.records:
+        record = parse(found)
+        attempt = record.attempts.get(labels.get(LABEL_CLASS, "")) if record else None
+        if record and attempt and attempt.rebuild and record.revision == labels.get(LABEL_REVISION):
+            old = str(attempt.rebuild.get("artifactDigest"))
+            return old if serving_artifact(live) == old else None
+    return None
 
 
 def artifact_of(observed: Observed, live: Obj) -> str | None:

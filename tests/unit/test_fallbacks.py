@@ -12,6 +12,8 @@ import pytest
 from edgemodel_operator import conditions as cond
 from edgemodel_operator.api.spec import EdgeModelSpec
 from edgemodel_operator.builders import Images, revision_of
+from edgemodel_operator.classes import discover
+from edgemodel_operator.desired import converge
 from edgemodel_operator.fallbacks import ENGINE_FALLBACK, Fallback, degrade_on_fallback, from_samples
 from edgemodel_operator.reconcile import Observed, Plan, plan
 from edgemodel_operator.records import parse
@@ -194,6 +196,39 @@ def test_a_class_whose_pods_fall_back_is_built_again_once_without_the_cache_then
     healthy = cluster.step(T1)
     assert _degraded(healthy)["status"] == "False"
     assert healthy.status["phase"] == "Ready"
+
+
+def test_a_rebuilt_engine_that_reaches_the_workload_by_its_desired_state_is_announced_once() -> None:
+    """The record may hold the rebuilt engine before the workload serves it (the two are written by different
+    reconciles): the desired state then points the workload at it, with the same Event ServingRebuilt as the
+    planner's own patch; a workload serving the rebuilt engine, or one never rebuilt, gets none."""
+    cluster, revision, key = _serving()
+    workload = next(o for (kind, _), o in cluster.objects.items() if kind == "Deployment")
+    old = workload["spec"]["template"]["spec"]["containers"][0]["args"][1]
+    cluster.fallbacks = {key: Fallback((revision,), "DigestMismatch", ("pod-1",))}
+    cluster.step(T1)
+    cluster.objects = {k: v for k, v in cluster.objects.items() if k[0] != "Pod"}
+    cluster.step(T1)
+    _finish_rebuild(cluster, "b" * 64)
+    cluster.step(T1)
+    live = cluster.objects["Deployment", workload["metadata"]["name"]]
+    new = live["spec"]["template"]["spec"]["containers"][0]["args"][1]
+    assert new != old
+    live["spec"]["template"]["spec"]["containers"][0]["args"][1] = old  # the pods still on the failed engine
+
+    def announced(deployment: Obj) -> list[str]:
+        result = Plan()
+        observed = dataclasses.replace(cluster.observed(), deployments=[deployment])
+        converge(observed, result, [discover(cluster.nodes)[0]], Images(), [])
+        applied = [a["spec"]["template"]["spec"]["containers"][0]["args"][1] for a in result.apply]
+        assert applied in ([], [new])
+        return [e.message for e in result.events if e.reason == "ServingRebuilt"]
+
+    (message,) = announced(live)
+    assert new in message
+    assert old in message
+    live["spec"]["template"]["spec"]["containers"][0]["args"][1] = new
+    assert announced(live) == []
 
 
 def test_a_fallback_of_another_revision_than_the_serving_one_starts_no_rebuild() -> None:
