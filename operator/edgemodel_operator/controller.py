@@ -303,7 +303,8 @@ class Controller:
         metrics.API_WRITES.labels(verb="delete").inc(len(done.deleted))
         metrics.API_WRITES.labels(verb="patch").inc(len(done.patched))
         metrics.API_WRITES.labels(verb="apply").inc(len(done.applied))
-        applied = done.created | done.deleted | done.recorded
+        # An Event tied to a write is sent once that write happened, whichever kind it was.
+        applied = done.created | done.deleted | done.recorded | done.patched | done.applied
         steps: dict[str, list[str]] = {}  # one Event per kind of step, naming every class it concerns
         for event in result.events:
             if event.subject is None or event.subject in applied:
