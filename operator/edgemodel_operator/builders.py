@@ -30,6 +30,8 @@ SHADOW_DIR = "/etc/edgemodel/shadow"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgemodel", "app.kubernetes.io/name": "edgemodel"}
 RUN_AS_USER = 65532
 PRESTOP_SECONDS = 5
+PROBE_SECONDS = 5
+STARTUP_SECONDS = 600  # how long a serving container may take to answer at all before it is restarted
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - inside the pod's own network namespace, reached through its Service
 
 
@@ -302,7 +304,7 @@ def build_deployment_for_class(
     resources = serving.resources.model_dump(exclude_none=True) if serving.resources else {}
     if target.engine == "tensorrt":
         resources.setdefault("limits", {})["nvidia.com/gpu"] = "1"
-    probe = {"httpGet": {"port": port}, "periodSeconds": 5}
+    probe = {"httpGet": {"port": port}, "periodSeconds": PROBE_SECONDS}
     container = {
         "name": "serve",
         "image": images.for_class(hardware),
@@ -329,6 +331,13 @@ def build_deployment_for_class(
         "ports": [{"name": "http", "containerPort": port}],
         "readinessProbe": {**probe, "httpGet": {"path": "/v2/health/ready", "port": port}},
         "livenessProbe": {**probe, "httpGet": {"path": "/v2/health/live", "port": port}, "failureThreshold": 6},
+        # Loading a large engine (or pulling one again, or fetching the fallback) may take minutes: liveness
+        # is checked only once the server has answered, for up to STARTUP_SECONDS.
+        "startupProbe": {
+            **probe,
+            "httpGet": {"path": "/v2/health/live", "port": port},
+            "failureThreshold": STARTUP_SECONDS // PROBE_SECONDS,
+        },
         "securityContext": RESTRICTED_CONTAINER,
         "resources": resources,
         "terminationMessagePolicy": "FallbackToLogsOnError",  # the server's one-line refusal, when it exits

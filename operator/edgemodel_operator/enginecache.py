@@ -27,15 +27,19 @@ ENGINE_DIR = "/engine"  # in the engine image (engineimage.ENGINE_DIR)
 FALLBACK_DIR = "/fallback"  # in the engine image (engineimage.FALLBACK_DIR), when the build put the model there
 DIGEST_PREFIX = "@sha256:"
 # $1: the engine's cache directory; $2: the fallback model's (or empty). A copy cut short (the container
-# killed mid-way) is never mistaken for a whole one: files land in a staging directory that is renamed into
-# place whole; an existing copy is kept. The server verifies every file by digest before it loads it.
+# killed mid-way, the disk full) is never mistaken for a whole one: files land in a staging directory that
+# is renamed into place whole; an existing copy is kept. The engine must be copied; the fallback model is
+# copied if it can be (a pod whose fallback copy failed still serves its engine, and fetches its fallback
+# only if it needs one). The server verifies every file by digest before it loads it.
 COPY_SCRIPT = (
     "set -eu; "
     'copy() { if [ -d "$2" ]; then echo "$3 already in $2"; return 0; fi; '
-    f'{COPIER} rm -rf "$2.partial"; {COPIER} mkdir -p "$2.partial"; '
-    f'{COPIER} cp "$1"/* "$2.partial/"; {COPIER} mv "$2.partial" "$2"; echo "$3 copied to $2"; }}; '
+    f'{COPIER} rm -rf "$2.partial" && {COPIER} mkdir -p "$2.partial" && '
+    f'{COPIER} cp "$1"/* "$2.partial/" && {COPIER} mv "$2.partial" "$2" && echo "$3 copied to $2"; }}; '
     f'copy {ENGINE_DIR} "$1" engine; '
-    f'if [ -n "${{2:-}}" ] && [ -d {FALLBACK_DIR} ]; then copy {FALLBACK_DIR} "$2" "fallback model"; fi'
+    f'if [ -n "${{2:-}}" ] && [ -d {FALLBACK_DIR} ]; then '
+    f'copy {FALLBACK_DIR} "$2" "fallback model" || {{ {COPIER} rm -rf "$2.partial"; '
+    'echo "fallback model not copied to $2: the server fetches it if it needs it"; }; fi'
 )
 
 
@@ -79,7 +83,7 @@ def copy_init_container(
         "imagePullPolicy": "IfNotPresent",
         "command": [COPIER, "sh", "-c", COPY_SCRIPT, "engine-copy", cache_directory(artifact), fallback],
         "securityContext": security_context,
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "128Mi"}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
     }

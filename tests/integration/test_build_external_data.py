@@ -18,6 +18,7 @@ from edgemodel_runtime.build.errors import BadInputError, BuildError, ExitCode
 from edgemodel_runtime.build.pipeline import BuildRequest, Precision, build
 from edgemodel_runtime.engines import onnxruntime_engine as ortx
 from edgemodel_runtime.serve.fallback import FallbackSource, load_fallback
+from edgemodel_runtime.serve.model import ArtifactError
 from tests import onnx_models
 from tests.integration.test_build import _expect_failure, edgemodel_build, report_of, sha256
 from tests.integration.test_engine_images import _layer
@@ -183,7 +184,9 @@ def test_an_oci_artifact_with_model_and_data_builds_pushes_and_serves_by_digest(
     # The engine image's fallback layer holds the model with its data file beside it, as the model reads it:
     # served as the fallback from where a serving pod's init container copies it, nothing fetched.
     layer = _layer(registry, "engines/ext", report["artifact"]["reference"], "fallback")
-    assert sorted(layer.getnames()) == ["fallback", "fallback/model.onnx", "fallback/weights.bin"]
+    assert sorted(layer.getnames()) == [
+        "fallback", "fallback/fallback.json", "fallback/model.onnx", "fallback/weights.bin"
+    ]  # fmt: skip
     cache = tmp_path / "cache"
     layer.extractall(tmp_path / "layer", filter="data")
     shutil.copytree(tmp_path / "layer" / "fallback", cache / f"fallback-{sha256(model)[:16]}")
@@ -195,6 +198,15 @@ def test_an_oci_artifact_with_model_and_data_builds_pushes_and_serves_by_digest(
         ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0],
         rtol=1e-6,
     )
+    # Other weights beside the same model file are not served: the data file is checked against the listing.
+    weights = cache / f"fallback-{sha256(model)[:16]}" / "weights.bin"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactError, match=r"weights\.bin") as refused:
+        load_fallback(pinned, cache, 1)
+    assert refused.value.reason == "DigestMismatch"
 
 
 def test_a_model_whose_data_file_is_named_as_the_fallback_model_gets_no_fallback_layer(

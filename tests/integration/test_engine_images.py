@@ -66,7 +66,7 @@ def test_a_pushed_engine_is_an_image_a_node_can_run_and_serve_reads_back(
     assert manifest["mediaType"] == engineimage.MANIFEST_MEDIA_TYPE
     assert manifest["config"]["mediaType"] == engineimage.CONFIG_MEDIA_TYPE
     kinds = [layer["annotations"][engineimage.LAYER_ANNOTATION] for layer in manifest["layers"]]
-    assert kinds == ["copier", "engine", "fallback"]
+    assert kinds == ["copier", "fallback", "engine"]  # the layers up to the engine are the same for one model
     assert {layer["mediaType"] for layer in manifest["layers"]} == {engineimage.LAYER_MEDIA_TYPE}
     assert oci.is_engine_image(oci.parse_reference(reference), digest)
 
@@ -155,18 +155,23 @@ def test_the_engine_image_carries_the_original_model_as_its_fallback_layer(
     model = tmp_path / "withmodel.onnx"
     layer = _layer(registry, "engines/withmodel", report["artifact"]["reference"], "fallback")
     members = {m.name: m for m in layer.getmembers()}
-    assert sorted(members) == ["fallback", "fallback/model.onnx"]
+    assert sorted(members) == ["fallback", "fallback/fallback.json", "fallback/model.onnx"]
     assert members["fallback/model.onnx"].mode == 0o444
     assert members["fallback"].isdir()
     kept = layer.extractfile(members["fallback/model.onnx"])
     assert kept is not None
     assert kept.read() == model.read_bytes()  # the model the EdgeModel names, as it is
+    listing = layer.extractfile(members["fallback/fallback.json"])
+    assert listing is not None
+    assert json.loads(listing.read()) == {"model.onnx": sha256(model)}
     # One layer per model, whatever the engine: the same bytes give the same digest, stored once.
     first, again = (engineimage.fallback_layer(tmp_path / f"{n}.tar", model) for n in ("one", "two"))
     manifest = _manifest(registry, "engines/withmodel", report["artifact"]["reference"].rsplit("@", 1)[1])
-    assert first == again == manifest["layers"][-1]["digest"]
-    with pytest.raises(ValueError, match="beside it"):
-        engineimage.fallback_layer(tmp_path / "bad.tar", model, [model.with_name("model.onnx")])
+    (stored,) = [x for x in manifest["layers"] if x["annotations"][engineimage.LAYER_ANNOTATION] == "fallback"]
+    assert first == again == stored["digest"]
+    for name in ("model.onnx", "fallback.json"):
+        with pytest.raises(ValueError, match="beside it"):
+            engineimage.fallback_layer(tmp_path / "bad.tar", model, [model.with_name(name)])
 
 
 def _fake_copier(directory: Path) -> Path:
@@ -214,15 +219,18 @@ def test_a_damaged_copy_in_the_cache_is_pulled_again_and_without_the_registry_th
     kept = cache / f"fallback-{sha256(model)[:16]}"  # what the init container copies from the fallback layer
     _layer(registry, "engines/damaged", reference, "fallback").extractall(tmp_path / "layer", filter="data")
     shutil.copytree(tmp_path / "layer" / engineimage.FALLBACK_DIR, kept)
-    server = Server(nowhere, "damaged", "--fallback-model", original, "--fallback-sha256", sha256(model),
-                    log_dir=tmp_path)  # fmt: skip
-    try:
-        detail = json.loads(server.get("/v2/models/damaged/ready")[1])["edgemodel"]
-        assert detail["engine"] == "fallback", detail
-        assert detail["fallbackReason"] == "DigestMismatch", detail
-        assert "pulling" in detail["fallbackMessage"], detail
-        assert "127.0.0.1:9" in detail["fallbackMessage"], detail
-        assert server.metric("edgemodel_engine_fallback", reason="DigestMismatch") == 1
-    finally:
-        assert server.stop() == 0
-    assert "Traceback" not in server.log.read_text()
+    for start in ("first", "again"):  # a server started again on the same cache (its pod's container restarted)
+        server = Server(nowhere, "damaged", "--fallback-model", original, "--fallback-sha256", sha256(model),
+                        log_dir=tmp_path)  # fmt: skip
+        try:
+            detail = json.loads(server.get("/v2/models/damaged/ready")[1])["edgemodel"]
+            assert detail["engine"] == "fallback", (start, detail)
+            assert detail["fallbackReason"] == "DigestMismatch", (start, detail)
+            assert "pulling" in detail["fallbackMessage"], (start, detail)
+            assert "127.0.0.1:9" in detail["fallbackMessage"], (start, detail)
+            assert server.metric("edgemodel_engine_fallback", reason="DigestMismatch") == 1
+        finally:
+            assert server.stop() == 0
+        assert "Traceback" not in server.log.read_text()
+        assert (copy / "model.onnx").is_file(), start  # the damaged copy stays until a whole one replaces it
+        assert sorted(p.name for p in cache.iterdir()) == sorted([copy.name, kept.name]), start

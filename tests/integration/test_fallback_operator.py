@@ -190,3 +190,7 @@ def test_an_unloadable_engine_falls_back_the_edgemodel_says_so_and_the_rebuilt_e
     assert args[1].endswith(REBUILT)
     assert "edgemodel" not in json.loads(server.get(f"/v2/models/{NAME}/ready")[1])
     assert not scene.kubelet.errors, scene.kubelet.errors
+    listed = get(scene.bed, "events", "-n", scene.namespace)["items"]
+    rebuilt = [e["message"] for e in listed if e["reason"] == "ServingRebuilt"]
+    assert len(rebuilt) == 1, [f"{e['reason']}: {e['message']}" for e in listed]
+    assert REBUILT in rebuilt[0], rebuilt

@@ -7,10 +7,12 @@ A pushed engine is one OCI image manifest with uncompressed tar layers:
 - layer `engine` (`dev.edgemodel.layer: engine`): `/engine/<file>` for every file of the artifact (the
   engine, its side files and report.json), read-only, owned by root;
 - layer `fallback` (`dev.edgemodel.layer: fallback`), when the build names one: `/fallback/model.onnx`,
-  the original model the engine was built from (and its external-data files under their own names),
-  which a server that cannot load the engine serves instead (`edgemodel serve --fallback-model`). Its
-  bytes are the same for every class built from one model, so one copy serves every engine image of
-  that model, in the registry and in a node's content store.
+  the original model the engine was built from (and its external-data files under their own names,
+  with `/fallback/fallback.json` giving every file's SHA-256), which a server that cannot load the
+  engine serves instead (`edgemodel serve --fallback-model`). Its bytes are the same for every class
+  built from one model, so one blob serves every engine image of that model in the registry and in a
+  node's content store; it comes before the engine layer, so that the unpacked copy (keyed by the
+  layers below and including it) is shared on a node too.
 
 The config names the build node's architecture and runs as user 65532. So the engine's manifest
 digest is at once the artifact's address for `edgemodel serve oci://...@sha256:...` and an image that
@@ -34,6 +36,7 @@ from edgemodel_runtime.digests import sha256_file
 ENGINE_DIR = "engine"  # where the engine's files lie in the image
 FALLBACK_DIR = "fallback"  # where the original model lies in the image
 FALLBACK_MODEL = "model.onnx"  # its name there (external-data files keep their own names beside it)
+FALLBACK_DIGESTS = "fallback.json"  # beside it: {file name: SHA-256 hex} of the model and each side file
 COPIER = "busybox"  # the copier's path in the image (`/busybox`)
 LAYER_ANNOTATION = "dev.edgemodel.layer"  # `copier`, `engine` or `fallback`
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
@@ -93,15 +96,22 @@ def engine_layer(target: Path, files: Sequence[Path]) -> str:
 
 
 def fallback_layer(target: Path, model: Path, side_files: Sequence[Path] = ()) -> str:
-    """The fallback layer: `model` as /fallback/model.onnx and each side file (external data) under its
-    own name beside it, mode 0444; its digest. Raises ValueError when a side file is named model.onnx
-    or two share a name."""
+    """The fallback layer: `model` as /fallback/model.onnx, each side file (external data) under its own
+    name beside it, and /fallback/fallback.json ({file name: SHA-256 hex} of each of them, so that the
+    server can check the side files too), mode 0444; its digest. Raises ValueError when a side file is
+    named model.onnx or fallback.json, or two share a name."""
     names = [file.name for file in side_files]
-    if FALLBACK_MODEL in names or len(set(names)) != len(names):
+    if {FALLBACK_MODEL, FALLBACK_DIGESTS} & set(names) or len(set(names)) != len(names):
         raise ValueError(f"the model's side files cannot be kept beside it as {FALLBACK_MODEL}: {sorted(names)}")
-    files = [(f"{FALLBACK_DIR}/{FALLBACK_MODEL}", model, 0o444)]
+    digests = {FALLBACK_MODEL: sha256_file(model)} | {file.name: sha256_file(file) for file in side_files}
+    listing = target.with_name(target.name + ".digests")
+    listing.write_text(json.dumps(digests, sort_keys=True, separators=(",", ":")) + "\n")
+    files = [(f"{FALLBACK_DIR}/{FALLBACK_MODEL}", model, 0o444), (f"{FALLBACK_DIR}/{FALLBACK_DIGESTS}", listing, 0o444)]
     files += [(f"{FALLBACK_DIR}/{file.name}", file, 0o444) for file in side_files]
-    return write_layer(target, files, FALLBACK_DIR)
+    try:
+        return write_layer(target, files, FALLBACK_DIR)
+    finally:
+        listing.unlink(missing_ok=True)
 
 
 def copier_layer(target: Path, copier: Path) -> str:

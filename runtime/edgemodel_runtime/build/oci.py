@@ -90,6 +90,10 @@ def _attempts() -> int:
         return 4
 
 
+# Seconds to connect, and to wait for each read of an answer (not the whole transfer), per request.
+REQUEST_TIMEOUT = (10.0, 120.0)
+
+
 def _client(registry: str) -> Any:
     """An ORAS client whose requests follow our retry policy: a few attempts, short backoff, each one logged."""
     import sys
@@ -122,6 +126,13 @@ def _client(registry: str) -> Any:
         raise AssertionError("unreachable")
 
     client.do_request = types.MethodType(do_request, client)
+    session_request = client.session.request
+
+    def bounded(method: str, url: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT)  # ORAS sets none: a registry that never answers hangs
+        return session_request(method, url, **kwargs)
+
+    client.session.request = bounded
     return client
 
 
@@ -378,11 +389,11 @@ def push_engine(
         if copier is not None:
             path = Path(scratch) / "copier.tar"
             layers.append((path, engineimage.copier_layer(path, copier), "copier"))
-        path = Path(scratch) / "engine.tar"
-        layers.append((path, engineimage.engine_layer(path, files), "engine"))
-        if fallback:
+        if fallback:  # below the engine: the layers up to it are the same for every engine of the model
             path = Path(scratch) / "fallback.tar"
             layers.append((path, engineimage.fallback_layer(path, fallback[0], fallback[1:]), "fallback"))
+        path = Path(scratch) / "engine.tar"
+        layers.append((path, engineimage.engine_layer(path, files), "engine"))
         config = engineimage.image_config(engineimage.architecture(), [digest for _, digest, _ in layers])
         (Path(scratch) / "config.json").write_bytes(config)
         descriptors = [

@@ -13,6 +13,7 @@ registry or the disk) are not engine faults and fall back to nothing: the caller
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def _fetch_fallback(source: FallbackSource, cache: Path) -> Path:
         raise ArtifactError(f"--fallback-sha256: {error}", reason="InvalidFallback") from error
     path = cache / f"fallback-{digest[:16]}" / "model.onnx"
     if path.is_file() and sha256_file(path) == digest:
+        _check_side_files(path)
         return path
     try:
         return fetch.fetch(source.uri, digest, path)
@@ -87,6 +89,41 @@ def _fetch_fallback(source: FallbackSource, cache: Path) -> Path:
         raise ArtifactError(
             f"cannot keep the fallback model in {path.parent}: {error}", reason="DiskError", exit_code=INFRASTRUCTURE
         ) from error
+
+
+def _check_side_files(model: Path) -> None:
+    """Check the external-data files a verified fallback model reads against the digests listed beside it
+    (`fallback.json`, written with the engine image's fallback layer). Raises ArtifactError (DigestMismatch)
+    for a side file that is missing, unlisted or changed: the model would load with other weights."""
+    from edgemodel_runtime.build import modelcheck
+    from edgemodel_runtime.build.engineimage import FALLBACK_DIGESTS
+    from edgemodel_runtime.build.errors import BuildError
+    from edgemodel_runtime.digests import sha256_file
+
+    try:
+        locations = modelcheck.inspect(model).external_data
+    except BuildError as error:
+        raise ArtifactError(f"the fallback model {model}: {error}", reason=error.reason) from error
+    if not locations:
+        return
+    listing = model.parent / FALLBACK_DIGESTS
+    try:
+        digests = json.loads(listing.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(
+            f"the fallback model {model} reads {len(locations)} external-data file(s), but {listing} cannot be "
+            f"read to check them: {error}",
+            reason="DigestMismatch",
+        ) from error
+    for location in locations:
+        side = model.parent / location
+        expected = digests.get(location) if isinstance(digests, dict) else None
+        if expected is None or not side.is_file() or sha256_file(side) != expected:
+            raise ArtifactError(
+                f"the fallback model's external-data file {side} is missing or does not match its digest in "
+                f"{listing}; not loaded",
+                reason="DigestMismatch",
+            )
 
 
 def load_fallback(source: FallbackSource, cache: Path, threads: int | None) -> Model:

@@ -248,25 +248,47 @@ def _from_directory(directory: Path) -> Artifact:
 
 def _from_cache(location: str, target: Path) -> Artifact:
     """The artifact kept in `target` (pulled earlier, or copied from the node's image of it); a copy that does
-    not verify (a file changed, missing, or not the build's) is a cache miss, not an engine fault: it is
-    removed and the artifact pulled again. If that pull fails too, the copy's own error is raised (exit
-    code 2: the engine cannot be served as it is here), its message naming both.
+    not verify (a file changed, missing, or not the build's) is a cache miss, not an engine fault: the
+    artifact is pulled again beside it, and only once that pull is whole does it take the copy's place (so
+    that a server started again, or another one sharing the cache, still finds the copy meanwhile). If the
+    pull fails, the copy's own error is raised (exit code 2: the engine cannot be served as it is here, so
+    a server with a fallback serves that), its message naming both.
     """
     try:
         return _from_directory(target)
     except ArtifactError as error:
         damaged = error
-    print(f"edgemodel serve: the copy of {location} in {target} cannot be used ({' '.join(str(damaged).split())}); "
-          "pulling it again", file=sys.stderr, flush=True)  # fmt: skip
+    said = " ".join(str(damaged).split())
+    print(f"edgemodel serve: the copy of {location} in {target} cannot be used ({said}); pulling it again",
+          file=sys.stderr, flush=True)  # fmt: skip
+    fresh = target.with_name(f".{target.name}-fresh-{os.getpid()}")
+    shutil.rmtree(fresh, ignore_errors=True)
     try:
-        shutil.rmtree(target)
-        _pull(location, target)
-    except (ArtifactError, OSError) as error:
+        _pull(location, fresh)
+    except ArtifactError as error:
         raise ArtifactError(
-            f"{' '.join(str(damaged).split())}; and pulling {location} again failed: {' '.join(str(error).split())}",
+            f"{said}; and pulling {location} again failed: {' '.join(str(error).split())}",
             reason=damaged.reason,
             exit_code=damaged.exit_code,
         ) from error
+    aside = target.with_name(f".{target.name}-damaged-{os.getpid()}")
+    try:
+        with contextlib.suppress(FileNotFoundError):  # another server may have moved it already
+            os.replace(target, aside)
+        try:
+            os.rename(fresh, target)
+        except OSError:
+            if not target.is_dir():  # another server put a fresh copy there meanwhile: that one is used
+                raise
+    except OSError as error:
+        raise ArtifactError(
+            f"cannot replace the copy of {location} in the artifact cache {target.parent}: {error}",
+            reason="DiskError",
+            exit_code=INFRASTRUCTURE,
+        ) from error
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(fresh, ignore_errors=True)
     return _from_directory(target)
 
 
