@@ -87,3 +87,28 @@ def test_a_paced_download_is_cut_mid_body_and_the_link_refuses_until_it_is_back(
     proxy.throttle(None)
     status, tail = _get(proxy.address, path, cut.body)
     assert (status, len(tail)) == (206, SIZE - cut.body)
+
+
+STREAM = (
+    b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n"
+    b"PUT /v2/a/blobs/uploads/1?digest=x HTTP/1.1\r\nContent-Length: 25\r\n\r\nGET /not/a/request HTTP/1"
+    b"PATCH /v2/a/blobs/uploads/2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nGET /\r\n10;ext=1\r\nGET /no HTTP/1.1\r\n0\r\n\r\n"
+    b"GET /v2/a/blobs/sha256:00 HTTP/1.1\r\nRange: bytes=7-\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, len(STREAM)])
+def test_the_proxy_finds_request_heads_across_any_split_and_never_inside_bodies(step: int) -> None:
+    from tests.testbed.linkcut import _RequestReader
+
+    reader = _RequestReader()
+    heads = [head for i in range(0, len(STREAM), step) for head in reader.feed(STREAM[i : i + step])]
+    assert [(method, path) for method, path, _ in heads] == [
+        ("GET", "/v2/"),
+        ("PUT", "/v2/a/blobs/uploads/1?digest=x"),
+        ("PATCH", "/v2/a/blobs/uploads/2"),
+        ("GET", "/v2/a/blobs/sha256:00"),
+    ]
+    assert heads[-1][2]["range"] == "bytes=7-"
+    assert not reader.buffer
