@@ -347,13 +347,21 @@ def _tar(name: str, size: int) -> bytes:
     return out.getvalue()
 
 
-def _probe(scene: Scene, number: int) -> dict[str, Any]:
-    """Pull an image of a small layer (1 MiB) and a large one (24 MiB) in a pod, the link cut for CUT_SECONDS
-    half-way through the large one, long after the small one was complete; what the link and the node's
-    content store saw (each GET as (Range header, status, body bytes)) once the pod's pull succeeded."""
+def _probe(scene: Scene, number: int, separate: bool = False) -> dict[str, Any]:
+    """Pull a small layer (1 MiB) and a large one (24 MiB) in a pod, the link cut for CUT_SECONDS half-way
+    through the large one, long after the small one was complete; what the link and the node's content store
+    saw (each GET as (Range header, status, body bytes)) once the pod's pulls succeeded. The two layers are
+    one image, or (`separate`) two images, each the image of one container of the pod."""
     small, large = _tar("small.bin", 1 << 20), _tar("large.bin", 24 << 20)
     repository = f"probe/{scene.namespace}-{number}"
-    digest, (small_digest, large_digest) = _push_image(scene.link.address, repository, [small, large])
+    if separate:
+        small_image, (small_digest,) = _push_image(scene.link.address, f"{repository}-small", [small])
+        large_image, (large_digest,) = _push_image(scene.link.address, f"{repository}-large", [large])
+        images = [f"{scene.link.address}/{repository}-small@{small_image}",
+                  f"{scene.link.address}/{repository}-large@{large_image}"]  # fmt: skip
+    else:
+        digest, (small_digest, large_digest) = _push_image(scene.link.address, repository, [small, large])
+        images = [f"{scene.link.address}/{repository}@{digest}"]
     scene.link.throttle(RATE, large_digest)
     cuts = len(scene.link.cuts)
     scene.link.cut_at(len(large) // 2, CUT_SECONDS, large_digest)
@@ -364,12 +372,18 @@ def _probe(scene: Scene, number: int) -> dict[str, Any]:
         "spec": {
             "nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION], "restartPolicy": "Never",
             "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "probe", "image": f"{scene.link.address}/{repository}@{digest}",
-                            "imagePullPolicy": "IfNotPresent", "command": ["/small.bin"],
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+            "containers": [{"name": f"probe-{index}", "image": image, "imagePullPolicy": "IfNotPresent",
+                            "command": ["/small.bin"],
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+                           for index, image in enumerate(images)],
         },
     }  # fmt: skip
     scene.bed.apply_objects([pod])
+
+    def pulled() -> bool:
+        messages = [e["message"] for e in _events(scene, name) if e["reason"] == "Pulled"]
+        return all(any(image in m for m in messages) for image in images)
+
     try:
         _wait(scene, lambda: len(scene.link.cuts) > cuts, "the link cut mid-way through the large layer", timeout=120)
         kept: list[tuple[bool, bool, int]] = []
@@ -378,7 +392,7 @@ def _probe(scene: Scene, number: int) -> dict[str, Any]:
             active = len(scene.node.ctr("content", "active").stdout.splitlines()[1:])
             kept.append((small_digest in listed, large_digest in listed, active))
             time.sleep(2)
-        _wait(scene, lambda: any(e["reason"] == "Pulled" for e in _events(scene, name)), "the probe pulled", 240)
+        _wait(scene, pulled, "the probe's images pulled", 240)
     finally:
         scene.link.throttle(None)
         scene.bed.kubectl("delete", "pod", "-n", scene.namespace, name, "--wait=false", check=False)
@@ -410,6 +424,21 @@ def test_a_cut_pull_keeps_nothing_of_the_failed_attempt_not_even_completed_layer
     download and the layers the attempt had completed: the next attempt starts over. So engine files split
     over layers of bounded size would not bound what a cut costs on this runtime."""
     _started_over(_probe(scene, number=1))
+
+
+def test_an_image_pulled_whole_before_the_cut_is_kept_while_the_cut_one_starts_over(scene: Scene) -> None:
+    """The same two layers as two images, one per container of the pod: each is its own pull, and the image
+    whose pull completed is kept (not fetched again) while the other one's is cut and starts over. So what a
+    cut can cost on containerd 1.6 is bounded by the size of one image, not of one layer."""
+    measured = _probe(scene, number=3, separate=True)
+    small, large = measured["sizes"]
+    assert measured["small"] == [(None, 200, small)], measured  # kept: not fetched again
+    (first, second) = measured["large"]
+    assert first[:2] == (None, 200), measured
+    assert large // 2 <= first[2] < large, measured
+    assert second == (None, 200, large), measured
+    assert measured["while_down"], measured
+    assert all(entry == (True, False, 0) for entry in measured["while_down"]), measured
 
 
 class DeferredCollectionNode(RealNode):
