@@ -8,6 +8,13 @@ setting and containerd's registry configuration name it, builds push through it,
 through it. It makes the one fault a real registry cannot make on demand, a link that drops mid-transfer:
 engine downloads are paced (so that one lasts about 15 s) and the link is cut (every connection reset,
 new ones refused) for CUT_SECONDS once half of the candidate's engine layer has come through.
+
+What it measures on containerd 1.6, beside what the operator and the kubelet do: whether the attempt after
+the cut resumes (a `Range` header) or starts over; and, with a probe pod and images made here (a 1 MiB and a
+24 MiB layer, cut in the second), whether the layers an attempt completed are kept, whether an image the
+pod pulled whole before the cut is kept, and whether scheduling containerd's garbage collection later
+changes any of it. Each assertion states what was measured; a containerd that behaves otherwise fails them,
+and docs/install.md ("Interrupted pulls") must then change with them.
 """
 
 from __future__ import annotations
