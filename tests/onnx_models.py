@@ -86,3 +86,25 @@ def tiny_convnet(path: Path, seed: int = 0, size: int = 32) -> Path:
         initializer=initializers,
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def wide_classifier(path: Path, seed: int = 0, hidden: int = 1 << 17, classes: int = 10) -> Path:
+    """x[1, 16] -> Gemm -> Relu -> MatMul -> logits[1, classes], `hidden` units wide: (16 + 1 + classes) * hidden
+    float32 weights (13.5 MiB at the default), so that its engine takes a while to download."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(1 / np.sqrt(hidden))
+    w1 = numpy_helper.from_array(rng.normal(size=(16, hidden)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(size=(hidden,)).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array((rng.normal(size=(hidden, classes)) * scale).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+        ],
+        "wide_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[w1, b1, w2],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

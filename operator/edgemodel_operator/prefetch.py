@@ -4,8 +4,9 @@ before the candidate serves, so that its pods, and the promoted stable ones, sta
 Per (revision, class) the operator runs a DaemonSet `<child name>-pull` on the class's nodes (its
 selector and tolerations, as the serving pods'). Its one container runs the engine image by digest
 (`imagePullPolicy: IfNotPresent`, see `enginecache`) and sleeps: the kubelet pulls the engine onto each
-node (containerd resumes an interrupted pull and the kubelet retries with backoff; its Events show the
-progress), and while the revision serves, the running container keeps the kubelet's image garbage
+node (a pull cut short fails, and the kubelet retries it with backoff, 10 s doubling to 5 min; its Events
+on the pod show each attempt; containerd 1.6 starts each attempt over, docs/install.md "Interrupted
+pulls"), and while the revision serves, the running container keeps the kubelet's image garbage
 collection off the engine. The DaemonSet goes with the revision's serving workload.
 
 The candidate's workload is created once every scheduled pull pod is ready, or once the wait is over

@@ -251,6 +251,10 @@ class RealNode:
         """Extra TOML lines for containerd's runc runtime section (none here)."""
         return ""
 
+    def _extra_config(self) -> str:
+        """Extra TOML tables for containerd's configuration, appended to it (none here)."""
+        return ""
+
     def _import_flags(self) -> tuple[str, ...]:
         """Extra flags of `ctr images import` (none here: containerd's own platform)."""
         return ()
@@ -438,7 +442,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   bin_dir = "{CNI_BIN}"
   conf_dir = "{self.directory / "cni" / "net.d"}"
   max_conf_num = 1
-"""
+{self._extra_config()}"""
         path = self.directory / "containerd.toml"
         path.write_text(config)
         name = self.spec.process("containerd")
