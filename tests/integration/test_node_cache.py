@@ -19,23 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
 from edgemodel_runtime.build import engineimage, oci
 from edgemodel_runtime.digests import sha256_file
 from tests import onnx_models
-from tests.helpers import LiveRequests, eventually, get, post_json
-from tests.integration.operators import OperatorProcess
+from tests.helpers import LiveRequests, eventually, get
+from tests.integration import tiny_edgemodel as tiny
 from tests.testbed.cluster import Testbed
-from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode, trust_registry
+from tests.testbed.node import NODE_IP, RealNode, trust_registry
 from tests.testbed.registry import Registry
 
 pytestmark = pytest.mark.testbed
 NAME = "offline"
-PORT = 8080
+PORT = tiny.PORT
 TIMEOUT = 300
 ROLLOUT = {
     # Long enough a shadow that the registry can be stopped once the candidate's engine is on the node.
@@ -68,77 +65,29 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
         trust_registry(crd, registry.address)
         patch.setenv("EDGEMODEL_INSECURE_REGISTRIES", registry.address)
         stable = onnx_models.tiny_classifier(directory / "a.onnx", seed=0)
-        again = onnx.load(str(stable))
-        again.doc_string = "re-exported: the same graph and weights, another digest"
-        onnx.save(again, str(directory / "a-again.onnx"))
-        models = {"a": stable, "a-again": directory / "a-again.onnx"}
-        uris = {}
-        for case, path in models.items():
-            digest = oci.push(oci.parse_reference(f"{registry.address}/models/{NAME}"), [path], case, {})
-            uris[case] = f"oci://{registry.address}/models/{NAME}@{digest}"
-        crd.kubectl("create", "namespace", namespace)
-        undo.callback(crd.kubectl, "delete", "namespace", namespace, "--ignore-not-found", "--timeout=120s",
-                      check=False, timeout=150)  # fmt: skip
-        crd.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-        operator = OperatorProcess(crd, directory / "operator.log", settings={
-            "image_cpu": crd.state()["images"]["runtime-cpu"], "registry": f"{registry.address}/engines",
-            "registry_insecure": "true", "analysis_seconds": "1", "namespaces": json.dumps([namespace]),
-        })  # fmt: skip
-        operator.start()
-        undo.callback(operator.stop)
+        models, uris = tiny.pushed_twice(registry.address, NAME, stable)
+        tiny.start_operator(crd, directory, namespace, registry.address, undo)
         yield Scene(crd, node, namespace, registry, models, uris)
 
 
 def _apply(scene: Scene, case: str) -> None:
-    scene.bed.apply_objects([{
-        "apiVersion": "edgeml.dev/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": NAME, "namespace": scene.namespace},
-        "spec": {
-            "model": {"uri": scene.uris[case], "sha256": sha256_file(scene.models[case])},
-            "inputs": [{"name": "x", "shape": [1, 16], "dtype": "float32"}],
-            "targets": {"nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION]},
-            "serving": {"port": PORT},
-            "rollout": ROLLOUT,
-        },
-    }])  # fmt: skip
-
-
-def _input(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(1, 16)).astype(np.float32)
-
-
-def _body(seed: int) -> bytes:
-    return json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
-                                   "data": _input(seed).ravel().tolist()}]}).encode()  # fmt: skip
+    tiny.apply(scene.bed, scene.namespace, NAME, scene.uris[case], scene.models[case], rollout=ROLLOUT)
 
 
 def _answers(url: str, model: Path, seed: int = 1) -> None:
-    status, reply = post_json(f"{url}/v2/models/{NAME}/infer", _body(seed), 60)
-    assert status == 200, reply
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": _input(seed)})[0]
-    np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(expected.shape), expected, rtol=1e-5)
+    tiny.check_answer(url, NAME, model, seed, rtol=1e-5)
 
 
 def _entry(scene: Scene) -> dict[str, Any]:
-    status = get(scene.bed, "em", NAME, "-n", scene.namespace).get("status") or {}
-    return next(iter(status.get("classes") or []), {})
+    return tiny.class_entry(scene.bed, scene.namespace, NAME)
 
 
 def _pods(scene: Scene) -> list[dict[str, Any]]:
-    listed = get(scene.bed, "pods", "-n", scene.namespace, "-l", "app.kubernetes.io/component=serve")
-    return [pod for pod in listed["items"] if not pod["metadata"].get("deletionTimestamp")]
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return tiny.live_pods(scene.bed, scene.namespace, "serve")
 
 
 def _pod_events(scene: Scene, pod: str) -> list[dict[str, Any]]:
-    listed = get(scene.bed, "events", "-n", scene.namespace, "--field-selector", f"involvedObject.name={pod}")
-    items: list[dict[str, Any]] = listed["items"]
-    return items
+    return tiny.pod_events(scene.bed, scene.namespace, pod)
 
 
 def _diagnosis(scene: Scene) -> str:
@@ -156,7 +105,7 @@ def _wait(scene: Scene, check: Callable[[], Any], what: str, timeout: float = TI
 
 def _one_ready_pod(scene: Scene, other_than: set[str] = frozenset()) -> dict[str, Any] | None:  # type: ignore[assignment]
     pods = [p for p in _pods(scene) if p["metadata"]["uid"] not in other_than]
-    return pods[0] if len(pods) == 1 and _ready(pods[0]) and len(_pods(scene)) == 1 else None
+    return pods[0] if len(pods) == 1 and tiny.ready(pods[0]) and len(_pods(scene)) == 1 else None
 
 
 def _registry_down(scene: Scene) -> None:
@@ -246,7 +195,7 @@ def test_a_candidate_whose_engine_is_on_the_node_is_shadowed_and_promoted_with_t
     before = _entry(scene)["revision"]
     service = get(scene.bed, "service", NAME, "-n", scene.namespace)
     url = f"http://{service['spec']['clusterIP']}:{PORT}"
-    clients = LiveRequests(f"{url}/v2/models/{NAME}/infer", _body, pause=0.05)
+    clients = LiveRequests(f"{url}/v2/models/{NAME}/infer", tiny.body, pause=0.05)
     clients.start()
     try:
         _apply(scene, "a-again")

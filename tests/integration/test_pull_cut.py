@@ -28,16 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
-from edgemodel_runtime.build import oci
-from edgemodel_runtime.digests import sha256_file
 from tests import onnx_models
-from tests.helpers import LiveRequests, eventually, get, post_json
-from tests.integration.operators import OperatorProcess
+from tests.helpers import LiveRequests, eventually, get
+from tests.integration import tiny_edgemodel as tiny
 from tests.testbed.cluster import Testbed
 from tests.testbed.linkcut import LinkCut, Transfer
 from tests.testbed.node import LABEL, NODE_IP, TOLERATION, RealNode, trust_registry
@@ -45,7 +40,7 @@ from tests.testbed.registry import Registry
 
 pytestmark = pytest.mark.testbed
 NAME = "pullcut"
-PORT = 8080
+PORT = tiny.PORT
 TIMEOUT = 300
 HIDDEN = 1 << 18  # the model's width: 27 MiB of weights, so a 27 MiB engine layer
 RATE = 2 * 1024 * 1024  # bytes/s of engine downloads through the link: about 14 s for the layer
@@ -83,77 +78,29 @@ def scene(crd: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sc
         trust_registry(crd, link.address)
         patch.setenv("EDGEMODEL_INSECURE_REGISTRIES", link.address)
         stable = onnx_models.wide_classifier(directory / "a.onnx", seed=0, hidden=HIDDEN)
-        again = onnx.load(str(stable))
-        again.doc_string = "re-exported: the same graph and weights, another digest"
-        onnx.save(again, str(directory / "a-again.onnx"))
-        models = {"a": stable, "a-again": directory / "a-again.onnx"}
-        uris = {}
-        for case, path in models.items():
-            digest = oci.push(oci.parse_reference(f"{link.address}/models/{NAME}"), [path], case, {})
-            uris[case] = f"oci://{link.address}/models/{NAME}@{digest}"
-        crd.kubectl("create", "namespace", namespace)
-        undo.callback(crd.kubectl, "delete", "namespace", namespace, "--ignore-not-found", "--timeout=120s",
-                      check=False, timeout=150)  # fmt: skip
-        crd.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-        operator = OperatorProcess(crd, directory / "operator.log", settings={
-            "image_cpu": crd.state()["images"]["runtime-cpu"], "registry": f"{link.address}/engines",
-            "registry_insecure": "true", "analysis_seconds": "1", "namespaces": json.dumps([namespace]),
-        })  # fmt: skip
-        operator.start()
-        undo.callback(operator.stop)
+        models, uris = tiny.pushed_twice(link.address, NAME, stable)
+        tiny.start_operator(crd, directory, namespace, link.address, undo)
         yield Scene(crd, node, namespace, link, models, uris, directory)
 
 
 def _apply(scene: Scene, case: str) -> None:
-    scene.bed.apply_objects([{
-        "apiVersion": "edgeml.dev/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": NAME, "namespace": scene.namespace},
-        "spec": {
-            "model": {"uri": scene.uris[case], "sha256": sha256_file(scene.models[case])},
-            "inputs": [{"name": "x", "shape": [1, 16], "dtype": "float32"}],
-            "targets": {"nodeSelector": {LABEL: "true"}, "tolerations": [TOLERATION]},
-            "serving": {"port": PORT},
-            "rollout": ROLLOUT,
-        },
-    }])  # fmt: skip
-
-
-def _input(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(1, 16)).astype(np.float32)
-
-
-def _body(seed: int) -> bytes:
-    return json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
-                                   "data": _input(seed).ravel().tolist()}]}).encode()  # fmt: skip
+    tiny.apply(scene.bed, scene.namespace, NAME, scene.uris[case], scene.models[case], rollout=ROLLOUT)
 
 
 def _answers(url: str, model: Path, seed: int = 1) -> None:
-    status, reply = post_json(f"{url}/v2/models/{NAME}/infer", _body(seed), 60)
-    assert status == 200, reply
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": _input(seed)})[0]
-    np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(expected.shape), expected, rtol=1e-4)
+    tiny.check_answer(url, NAME, model, seed, rtol=1e-4)
 
 
 def _entry(scene: Scene) -> dict[str, Any]:
-    status = get(scene.bed, "em", NAME, "-n", scene.namespace).get("status") or {}
-    return next(iter(status.get("classes") or []), {})
+    return tiny.class_entry(scene.bed, scene.namespace, NAME)
 
 
 def _pods(scene: Scene, component: str) -> list[dict[str, Any]]:
-    listed = get(scene.bed, "pods", "-n", scene.namespace, "-l", f"app.kubernetes.io/component={component}")
-    return [pod for pod in listed["items"] if not pod["metadata"].get("deletionTimestamp")]
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return tiny.live_pods(scene.bed, scene.namespace, component)
 
 
 def _events(scene: Scene, pod: str) -> list[dict[str, Any]]:
-    listed = get(scene.bed, "events", "-n", scene.namespace, "--field-selector", f"involvedObject.name={pod}")
-    items: list[dict[str, Any]] = listed["items"]
-    return items
+    return tiny.pod_events(scene.bed, scene.namespace, pod)
 
 
 def _diagnosis(scene: Scene) -> str:
@@ -172,7 +119,7 @@ def _wait(scene: Scene, check: Any, what: str, timeout: float = TIMEOUT, interva
 
 def _one_ready_pod(scene: Scene) -> dict[str, Any] | None:
     pods = _pods(scene, "serve")
-    return pods[0] if len(pods) == 1 and _ready(pods[0]) else None
+    return pods[0] if len(pods) == 1 and tiny.ready(pods[0]) else None
 
 
 def _transfers(scene: Scene) -> list[dict[str, Any]]:
@@ -194,7 +141,9 @@ def test_an_engine_pull_cut_mid_layer_backs_off_and_completes_while_the_stable_s
     stable = _wait(scene, lambda: _one_ready_pod(scene), "one Ready serving pod")
     before = stable["metadata"]["labels"]["edgeml.dev/revision"]
     service = get(scene.bed, "service", NAME, "-n", scene.namespace)
-    clients = LiveRequests(f"http://{service['spec']['clusterIP']}:{PORT}/v2/models/{NAME}/infer", _body, pause=0.05)
+    clients = LiveRequests(
+        f"http://{service['spec']['clusterIP']}:{PORT}/v2/models/{NAME}/infer", tiny.body, pause=0.05
+    )
     clients.start()
     layer_size = scene.models["a"].stat().st_size  # the engine's file dominates its layer
     scene.link.throttle(RATE, ENGINES)
@@ -294,7 +243,7 @@ def _candidate_pods(scene: Scene, component: str, stable: str) -> list[dict[str,
 
 
 def _ready_pull(scene: Scene, name: str) -> bool:
-    return any(p["metadata"]["name"] == name and _ready(p) for p in _pods(scene, "prefetch"))
+    return any(p["metadata"]["name"] == name and tiny.ready(p) for p in _pods(scene, "prefetch"))
 
 
 def _push_image(registry: str, repository: str, layers: list[bytes]) -> tuple[str, list[str]]:
