@@ -90,6 +90,10 @@ def _attempts() -> int:
         return 4
 
 
+# Blobs over CHUNKED_ABOVE bytes are pushed in chunks of CHUNK_BYTES (the OCI distribution spec's chunked
+# upload), so that memory stays bounded whatever the engine's size.
+CHUNKED_ABOVE = 64 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 # Seconds to connect, and to wait for each read of an answer (not the whole transfer), per request.
 REQUEST_TIMEOUT = (10.0, 120.0)
 
@@ -410,7 +414,10 @@ def push_engine(
                 *zip([p for p, _, _ in layers], descriptors, strict=True),
             ]
             for path, entry in blobs:
-                response = client.upload_blob(str(path), container, entry)
+                # A large blob goes up in chunks (POST, PATCH per chunk, PUT), so that pushing a large engine or
+                # model never holds it in memory whole, as ORAS's single PUT does.
+                chunked = path.stat().st_size > CHUNKED_ABOVE
+                response = client.upload_blob(str(path), container, entry, do_chunked=chunked, chunk_size=CHUNK_BYTES)
                 if response.status_code not in {200, 201, 202}:
                     raise InfrastructureError(
                         f"push {target}: blob: HTTP {response.status_code}", reason="RegistryError"
