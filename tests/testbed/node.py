@@ -37,7 +37,7 @@ import yaml
 
 from edgemodel_runtime.packaged import cache_root
 from tests.testbed import binaries
-from tests.testbed.cluster import Testbed, _free_port, _ours, _terminate
+from tests.testbed.cluster import Testbed, _alive, _free_port, _ours, _terminate
 from tests.testbed.cluster import _log as _testbed_log
 from tests.testbed.hostparts import (
     kill_cgroup,
@@ -217,6 +217,9 @@ def trust_registry(bed: Testbed, address: str) -> None:
     )
 
 
+CRI_NOT_READY = "server is not initialized yet"  # the kubelet's exit message while containerd's CRI loads
+
+
 class RealNode:
     """The real node of one test bed: its files, processes and teardown (the amd64 node; see node_arm64.py)."""
 
@@ -226,6 +229,7 @@ class RealNode:
     commands: tuple[str, ...] = ("containerd", "kubelet", "kube-proxy")
     containerd_timeout: float = 60  # seconds until containerd answers
     ready_timeout: float = 120  # seconds from the kubelet's start until the node is Ready
+    kubelet_settle: float = 2  # seconds within which a kubelet that meets an uninitialized CRI service exits
 
     def __init__(self, bed: Testbed) -> None:
         self.bed = bed
@@ -533,7 +537,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 f"--node-ip={spec.node_ip}", f"--root-dir={self.directory / 'kubelet'}",
                 f"--cert-dir={self.directory / 'kubelet-pki'}",
                 "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())), "--v=2"]  # fmt: skip
-        self.bed._spawn(state, spec.process("kubelet"), args)
+        self._spawn_kubelet(state, args)
+
+    def _spawn_kubelet(self, state: dict[str, Any], args: list[str]) -> None:
+        """Start the kubelet; started again while it exits at once because containerd's CRI service, which
+        answers only once it has loaded its state (slower with many images), is not up yet (`ctr version`,
+        what _start_containerd waits for, answers before it)."""
+        name = self.spec.process("kubelet")
+        deadline = time.monotonic() + self.containerd_timeout
+        while True:
+            self.bed._spawn(state, name, args)
+            pid = self.bed.state()["pids"][name]
+            settled = time.monotonic() + self.kubelet_settle
+            while time.monotonic() < settled and _alive(pid):
+                time.sleep(0.2)
+            early = not _alive(pid) and CRI_NOT_READY in self.bed.log_tail(name, 5)
+            if not early or time.monotonic() > deadline:
+                return  # running, or gone for another reason: the node's Ready wait reports it
+            time.sleep(1)
 
     def _start_kube_proxy(self, state: dict[str, Any], kube_proxy: Path) -> None:
         config = {

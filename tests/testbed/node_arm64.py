@@ -65,6 +65,7 @@ class Arm64Node(RealNode):
     commands = ("containerd", "kubelet")
     # Emulated Go programs start slowly: containerd's plugins load in ~10-30 s, the kubelet registers in ~1 min.
     containerd_timeout = 240
+    kubelet_settle = 10  # the kubelet runs emulated: it reaches its CRI check later
     ready_timeout = 400
 
     def check(self) -> None:
