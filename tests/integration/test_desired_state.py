@@ -199,9 +199,13 @@ def test_a_serving_mode_switch_starts_the_new_workload_before_the_old_one_goes(
 
     serving = ("-l", f"{LABEL_COMPONENT}!={PREFETCH}")  # not the DaemonSets that pull engines onto the nodes
 
-    def ready_pods() -> int:
+    def ready_pods(first: str, then: str) -> int:
+        """Ready pods of the `first` kind's workloads, then of the `then` kind's, read one after the other.
+        Read the old kind first: if it has gone meanwhile, the new one was ready before it went and still is
+        when it is read (in the other order, a new workload read just before it was ready and an old one read
+        just after it went would add up to none, though a pod served throughout)."""
         ready = 0
-        for kind in ("deployments", "daemonsets"):
+        for kind in (first, then):
             for item in get(operator, kind, "-n", namespace, *serving)["items"]:
                 status = item.get("status") or {}
                 ready += int(status.get("readyReplicas") or status.get("numberReady") or 0)
@@ -211,7 +215,7 @@ def test_a_serving_mode_switch_starts_the_new_workload_before_the_old_one_goes(
         _serving(operator, namespace, mode=mode)
 
         def switched(new: str = new, old: str = old) -> bool:
-            assert ready_pods() >= 1  # something serves at every moment of the switch
+            assert ready_pods(old, new) >= 1  # something serves at every moment of the switch
             names = [i["metadata"]["name"] for i in get(operator, new, "-n", namespace, *serving)["items"]]
             return names == [name] and not get(operator, old, "-n", namespace, *serving)["items"]
 
