@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from edgemodel_operator.api.spec import EdgeModelSpec
@@ -33,7 +34,7 @@ from edgemodel_operator.builders import (
 from edgemodel_operator.buildreport import kept_outcome, serving_artifact
 from edgemodel_operator.classes import HardwareClass, engine_for
 from edgemodel_operator.handoff import LABEL_YIELDED
-from edgemodel_operator.records import parse
+from edgemodel_operator.records import Attempt, parse
 from edgemodel_operator.workloads import Event, labels_of, ref_of, rolled_out, subject, track_of
 
 if TYPE_CHECKING:
@@ -165,29 +166,32 @@ def converge(observed: Observed, plan: Plan, classes: list[HardwareClass], image
             plan.apply.append(_guarded(stamp(desired), live))
 
 
-def replaced_engine(observed: Observed, live: Obj) -> str | None:
-    """The artifact that a rebuild of the workload's class replaced (see `rebuild`), while the workload still
-    serves it; None otherwise (no rebuild, or the workload serves another artifact)."""
+def _attempts_of(observed: Observed, live: Obj) -> Iterator[Attempt]:
+    """The attempts of a serving workload's class in the decision records of its revision."""
     labels = labels_of(live)
     for found in observed.records:
         record = parse(found)
         attempt = record.attempts.get(labels.get(LABEL_CLASS, "")) if record else None
-        if record and attempt and attempt.rebuild and record.revision == labels.get(LABEL_REVISION):
-            old = str(attempt.rebuild.get("artifactDigest"))
-            return old if serving_artifact(live) == old else None
-    return None
+        if record and attempt and record.revision == labels.get(LABEL_REVISION):
+            yield attempt
+
+
+def replaced_engine(observed: Observed, live: Obj) -> str | None:
+    """The artifact that a rebuild of the workload's class replaced (see `rebuild`), while the workload still
+    serves it; None otherwise (no rebuild, or the workload serves another artifact)."""
+    rebuilt = next((attempt for attempt in _attempts_of(observed, live) if attempt.rebuild), None)
+    if rebuilt is None or rebuilt.rebuild is None:
+        return None
+    old = str(rebuilt.rebuild.get("artifactDigest"))
+    return old if serving_artifact(live) == old else None
 
 
 def artifact_of(observed: Observed, live: Obj) -> str | None:
     """The engine artifact a serving workload is for, as the operator knows it: its attempt's build in the
     revision's decision record, else the outcome kept on its build Job; only a workload that neither knows
     (made before records) is taken at its word (its serve argument), which a hand edit could have changed."""
-    labels = labels_of(live)
-    for found in observed.records:
-        record = parse(found)
-        attempt = record.attempts.get(labels.get(LABEL_CLASS, "")) if record else None
-        built = (attempt.build or {}).get("artifactDigest") if attempt else None
-        if record and built and record.revision == labels.get(LABEL_REVISION):
+    for attempt in _attempts_of(observed, live):
+        if built := (attempt.build or {}).get("artifactDigest"):
             return str(built)
     job = next((j for j in observed.jobs if j["metadata"]["name"] == live["metadata"]["name"]), None)
     kept = kept_outcome(job) if job else None
