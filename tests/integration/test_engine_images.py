@@ -117,7 +117,8 @@ def test_an_engine_layer_with_anything_but_plain_files_in_engine_is_refused(
 ) -> None:
     # `edgemodel build` writes only plain files; a registry holding another kind of layer is a fault that the
     # real writer cannot produce, so the layer writer is replaced for this push (on purpose).
-    def hostile_layer(target: Path, files: list[Path]) -> str:
+    def hostile_layers(scratch: Path, files: list[Path]) -> list[engineimage.Layer]:
+        target = scratch / "engine.tar"
         with tarfile.open(target, "w") as tar:
             info = tarfile.TarInfo(member)
             info.type = kind
@@ -127,12 +128,12 @@ def test_an_engine_layer_with_anything_but_plain_files_in_engine_is_refused(
             else:
                 info.linkname = "/etc/passwd"
                 tar.addfile(info)
-        return "sha256:" + sha256(target)
+        return [engineimage.Layer(target, "sha256:" + sha256(target), "engine")]
 
-    monkeypatch.setattr(engineimage, "engine_layer", hostile_layer)
+    monkeypatch.setattr(engineimage, "engine_layers", hostile_layers)
     (tmp_path / "model.onnx").write_bytes(b"x")
     reference = oci.parse_reference(f"{registry.address}/engines/hostile")
-    digest = oci.push_engine(reference, [tmp_path / "model.onnx"], "bad", {})
+    digest = oci.push_engine(reference, [tmp_path / "model.onnx"], "bad", {}).digest
     with pytest.raises(BadInputError, match="not a plain file") as refused:
         oci.pull_artifact(reference.with_digest(digest))
     assert refused.value.reason == "InvalidArtifact"
@@ -243,10 +244,12 @@ def test_a_damaged_copy_in_the_cache_is_pulled_again_and_without_the_registry_th
 PUSH_AND_MEASURE = """
 import sys, tracemalloc
 from pathlib import Path
-from edgemodel_runtime.build import oci
+from edgemodel_runtime.build import engineimage, oci
 reference = oci.parse_reference(sys.argv[1])
+# Slices off: the engine's one layer is then over CHUNKED_ABOVE, as each slice of a file over 512 MiB is.
+engineimage.SLICE_BYTES = 1 << 40
 tracemalloc.start()
-digest = oci.push_engine(reference, [Path(sys.argv[2])], "big", {})
+digest = oci.push_engine(reference, [Path(sys.argv[2])], "big", {}).digest
 print(digest, tracemalloc.get_traced_memory()[1])
 """
 
@@ -277,3 +280,93 @@ def test_a_large_engine_is_pushed_in_chunks_with_bounded_memory(registry: Regist
     assert int(peak) < 4 * oci.CHUNK_BYTES, f"{int(peak) >> 20} MiB of Python memory at the peak of the push"
     pulled = {p.name: p for p in oci.pull_files(f"{registry.address}/engines/big@{digest}")}
     assert sha256(pulled["model.onnx"]) == sha256(engine)
+
+
+def _random_file(path: Path, mebibytes: int, seed: int) -> Path:
+    """A file of `mebibytes` MiB of bytes that differ from block to block (so that no slice equals another)."""
+    with path.open("wb") as sink:
+        for block in range(mebibytes):
+            sink.write(hashlib.sha256(f"{seed}-{block}".encode()).digest() * (1 << 15))
+    return path
+
+
+def test_files_over_the_slice_size_go_in_slices_with_part_images_that_are_prefixes_of_the_engine_image(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40 MiB engine and a 20 MiB model: each file over engineimage.SLICE_BYTES goes in slices, one layer
+    each after its directory's layer; each part image is the engine image's layers up to a slice (so a node
+    that pulls the parts in order fetches each layer once, and keeps what it completed); the engine image
+    names its parts; pulling the engine joins its slices back into the file."""
+    monkeypatch.setenv("EDGEMODEL_COPIER", str(_fake_copier(tmp_path)))
+    engine = _random_file(tmp_path / "model.onnx", 40, seed=1)
+    model = _random_file(tmp_path / "original.onnx", 20, seed=2)
+    (tmp_path / "report.json").write_text("{}\n")
+    reference = oci.parse_reference(f"{registry.address}/engines/sliced")
+    pushed = oci.push_engine(reference, [engine, tmp_path / "report.json"], "big", {"a": "b"}, fallback=[model])
+    manifest = _manifest(registry, "engines/sliced", pushed.digest)
+    layers = manifest["layers"]
+    kinds = [layer["annotations"][engineimage.LAYER_ANNOTATION] for layer in layers]
+    assert kinds == ["copier", "fallback", *["fallback-slice"] * 2, "engine", *["engine-slice"] * 3]
+    slices = [_tar(_blob(registry, "engines/sliced", x["digest"])) for x in layers[2:]]
+    files = [[m for m in layer.getmembers() if m.isfile()] for layer in slices]
+    assert [[(m.name, m.size >> 20) for m in members] for members in files] == [
+        [("slices/fallback/model.onnx/0000", 16)], [("slices/fallback/model.onnx/0001", 4)],
+        [("engine/report.json", 0)],
+        [("slices/engine/model.onnx/0000", 16)], [("slices/engine/model.onnx/0001", 16)],
+        [("slices/engine/model.onnx/0002", 8)],
+    ]  # fmt: skip
+    joined = b"".join(_read(slices[i], files[i][0]) for i in (0, 1))
+    assert joined == model.read_bytes()
+
+    # The parts end after each layer of 1 MiB or more, but the last: the image itself.
+    assert manifest["annotations"] == {"a": "b", engineimage.PARTS_ANNOTATION: ",".join(pushed.parts)}
+    assert [len(_manifest(registry, "engines/sliced", part)["layers"]) for part in pushed.parts] == [3, 4, 6, 7]
+    for number, part in enumerate(pushed.parts, start=1):
+        image = _manifest(registry, "engines/sliced", part)
+        assert image["layers"] == layers[: len(image["layers"])]
+        assert image["annotations"] == {engineimage.PART_ANNOTATION: f"{number} of 4"}
+        config = json.loads(_blob(registry, "engines/sliced", image["config"]["digest"]))
+        assert config["rootfs"]["diff_ids"] == [x["digest"] for x in image["layers"]]
+        assert config["config"]["Entrypoint"] == ["/busybox"]
+    assert oci.parts_of(oci.manifest_annotations(reference, pushed.digest)) == list(pushed.parts)  # cache hits
+
+    pulled = {path.name: path for path in oci.pull_files(reference.with_digest(pushed.digest))}
+    assert set(pulled) == {"model.onnx", "report.json"}
+    assert sha256(pulled["model.onnx"]) == sha256(engine)
+    # The same files give the same images.
+    assert oci.push_engine(reference, [engine, tmp_path / "report.json"], "big", {"a": "b"}, [model]) == pushed
+
+
+def _tar(blob: bytes) -> tarfile.TarFile:
+    return tarfile.open(fileobj=io.BytesIO(blob))
+
+
+def _read(layer: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    source = layer.extractfile(member)
+    assert source is not None
+    return source.read()
+
+
+@pytest.mark.parametrize("fault", ["swapped", "missing", "named twice"])
+def test_slices_out_of_order_missing_or_named_twice_are_refused(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # The writer puts slices in order, once; a registry holding them otherwise is a fault it cannot produce,
+    # so the layer list is rearranged for this push (on purpose).
+    real = engineimage.engine_layers
+
+    def rearranged(scratch: Path, files: list[Path]) -> list[engineimage.Layer]:
+        layers = real(scratch, files)
+        if fault == "swapped":
+            return [layers[0], layers[2], layers[1], *layers[3:]]
+        if fault == "missing":
+            return [layers[0], *layers[2:]]
+        return [*layers, layers[1]]
+
+    monkeypatch.setattr(engineimage, "engine_layers", rearranged)
+    engine = _random_file(tmp_path / "model.onnx", 20, seed=3)
+    reference = oci.parse_reference(f"{registry.address}/engines/rearranged")
+    digest = oci.push_engine(reference, [engine], fault.replace(" ", "-"), {}).digest
+    with pytest.raises(BadInputError, match=r"out of order or names model\.onnx twice") as refused:
+        oci.pull_artifact(reference.with_digest(digest))
+    assert refused.value.reason == "InvalidArtifact"

@@ -83,6 +83,33 @@ def test_cache_key_changes_with_every_input_and_only_then() -> None:
         assert report.cache_key(**{**base, field: other}) != key, field  # type: ignore[arg-type]
 
 
+def test_the_compact_report_names_the_part_images_and_gives_them_up_before_the_artifact() -> None:
+    parts = [f"sha256:{n:064x}" for n in range(16)]
+    full = {
+        "version": 1, "status": "built", "exitCode": 0, "message": "built " + "x" * 3000, "cacheKey": DIGEST,
+        "artifact": {"reference": f"oci://r/e@sha256:{DIGEST}", "parts": parts},
+    }  # fmt: skip
+    kept = json.loads(report.compact(full))
+    assert kept["artifact"]["parts"] == parts  # the message is cut first
+    assert kept["message"].startswith("built x")
+    assert kept["message"].endswith("…")
+    small = json.loads(report.compact(full, limit=1000))  # 16 digests alone are 1.2 KB
+    assert small["artifact"] == {"reference": f"oci://r/e@sha256:{DIGEST}"}
+    assert small["status"] == "built"
+
+
+@pytest.mark.parametrize("parts", [None, 5, [None, "sha256:x"], {"a": 1}])
+def test_malformed_part_images_cost_the_parts_not_the_build(parts: object) -> None:
+    from edgemodel_operator.buildreport import outcome_of, parse_report
+
+    text = json.dumps({"v": 1, "status": "built", "exitCode": 0, "cacheKey": DIGEST,
+                       "artifact": {"reference": f"oci://r/e@sha256:{DIGEST}", "parts": parts}})  # fmt: skip
+    outcome = outcome_of(parse_report(text), job_succeeded=True)
+    assert outcome["status"] == "built"
+    assert outcome["artifact"] == f"oci://r/e@sha256:{DIGEST}"
+    assert outcome.get("artifactParts") == (["sha256:x"] if isinstance(parts, list) else None)
+
+
 def test_compact_report_fits_the_termination_message_limit_even_with_a_huge_message() -> None:
     full = {
         "version": 1,

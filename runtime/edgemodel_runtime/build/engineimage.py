@@ -14,6 +14,17 @@ A pushed engine is one OCI image manifest with uncompressed tar layers:
   node's content store; it comes before the engine layer, so that the unpacked copy (keyed by the
   layers below and including it) is shared on a node too.
 
+A file larger than SLICE_BYTES (16 MiB) is not put in its directory's layer whole: it is cut into at
+most MAX_SLICES slices of equal size (16 MiB at least), one layer each (`engine-slice` or
+`fallback-slice`, the file at `/slices/<engine|fallback>/<name>/<NNNN>`), right after its directory's
+layer; whoever reads the image joins them in order (the serving pod's copy script, `oci.pull_artifact`).
+With slices, every prefix of the layers that ends after a layer of PART_MIN_BYTES or more (not the
+copier, and before the last) is pushed as an image of its own, a *part* (`dev.edgemodel.part: K of N`),
+and the engine image names them in order (`dev.edgemodel.parts`). A node that pulls the parts one after
+the other keeps each part it completed, whole, and so the layers it holds: a pull cut short costs at
+most one slice, not the whole engine (containerd 1.6 keeps nothing of a pull that fails, docs/install.md
+"Interrupted pulls"). Each part is the one before it plus a layer, so the node unpacks each layer once.
+
 The config names the build node's architecture and runs as user 65532. So the engine's manifest
 digest is at once the artifact's address for `edgemodel serve oci://...@sha256:...` and an image that
 a kubelet can pull by digest: the node's containerd then keeps it as a digest-verified node-local
@@ -29,6 +40,7 @@ import os
 import platform
 import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgemodel_runtime.digests import sha256_file
@@ -38,7 +50,17 @@ FALLBACK_DIR = "fallback"  # where the original model lies in the image
 FALLBACK_MODEL = "model.onnx"  # its name there (external-data files keep their own names beside it)
 FALLBACK_DIGESTS = "fallback.json"  # beside it: {file name: SHA-256 hex} of the model and each side file
 COPIER = "busybox"  # the copier's path in the image (`/busybox`)
-LAYER_ANNOTATION = "dev.edgemodel.layer"  # `copier`, `engine` or `fallback`
+LAYER_ANNOTATION = "dev.edgemodel.layer"  # `copier`, `engine`, `fallback`, `engine-slice` or `fallback-slice`
+SLICE_KIND = "-slice"  # a layer kind's suffix for a slice of a file of that directory
+SLICES_DIR = "slices"  # /slices/<engine|fallback>/<file name>/<NNNN>: a large file's slices
+SLICE_BYTES = 16 * 1024 * 1024  # files above this size go in slices
+MAX_SLICES = 8  # at most this many slices per file: larger files get larger slices
+SLICE_LAYERS = 32  # and their slices in one directory about this many layers at most (each file adds one)
+MAX_SLICED_FILES = 32  # a directory with more large files keeps them whole (overlayfs stacks ~500 layers at most)
+PART_MIN_BYTES = 1024 * 1024  # a part image ends after each layer of at least this size
+MAX_PARTS = 16  # part images per engine image at most (the build's outcome names each, in 4 KiB)
+PART_ANNOTATION = "dev.edgemodel.part"  # on a part image: `K of N`
+PARTS_ANNOTATION = "dev.edgemodel.parts"  # on an engine image with parts: their manifest digests, comma-separated
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -87,36 +109,123 @@ def write_layer(target: Path, files: Sequence[tuple[str, Path, int]], directory:
     return "sha256:" + sha256_file(target)
 
 
-def engine_layer(target: Path, files: Sequence[Path]) -> str:
-    """The engine layer: each file as /engine/<base name>, mode 0444; its digest."""
-    names = [file.name for file in files]
+@dataclass(frozen=True)
+class Layer:
+    """A layer written to `path`: its `sha256:` digest and its kind (the layer annotation)."""
+
+    path: Path
+    digest: str
+    kind: str
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def slice_bytes(size: int) -> int:
+    """The slice size for a file of `size` bytes: SLICE_BYTES, or more so that there are at most MAX_SLICES."""
+    return max(SLICE_BYTES, -(-size // MAX_SLICES))
+
+
+def _slice_layer(target: Path, directory: str, name: str, *, index: int, source: Path, offset: int, length: int) -> str:
+    """A layer holding `length` bytes of `source` from `offset` as slices/<directory>/<name>/<index:04d>."""
+    parents = [SLICES_DIR, f"{SLICES_DIR}/{directory}", f"{SLICES_DIR}/{directory}/{name}"]
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar, source.open("rb") as handle:
+        for parent in parents:
+            tar.addfile(_info(parent, 0o755, directory=True))
+        handle.seek(offset)
+        tar.addfile(_info(f"{parents[-1]}/{index:04d}", 0o444, length), handle)
+    return "sha256:" + sha256_file(target)
+
+
+def directory_layers(scratch: Path, directory: str, files: Sequence[tuple[str, Path]]) -> list[Layer]:
+    """The layer of `directory` (kind `directory`): each (name, source) of at most SLICE_BYTES as
+    /<directory>/<name>, mode 0444; then each larger one, in name order, as its slices (kind
+    `<directory>-slice`, see `slice_bytes`). Raises ValueError when two files share a name."""
+    names = [name for name, _ in files]
     if len(set(names)) != len(names):
-        raise ValueError(f"two files of the engine have the same name: {sorted(names)}")
-    return write_layer(target, [(f"{ENGINE_DIR}/{file.name}", file, 0o444) for file in files], ENGINE_DIR)
+        raise ValueError(f"two files of the {directory} layer have the same name: {sorted(names)}")
+    large = sorted((name, path) for name, path in files if path.stat().st_size > SLICE_BYTES)
+    if len(large) > MAX_SLICED_FILES:  # so many large files (one per tensor?) stay whole: the image stays mountable
+        large = []
+    # Larger slices when the large files are many, so that they make at most SLICE_LAYERS + len(large) layers.
+    floor = -(-sum(path.stat().st_size for _, path in large) // SLICE_LAYERS)
+    whole = [(f"{directory}/{name}", path, 0o444) for name, path in files if (name, path) not in large]
+    target = scratch / f"{directory}.tar"
+    layers = [Layer(target, write_layer(target, whole, directory), directory)]
+    for number, (name, path) in enumerate(large):
+        size = path.stat().st_size
+        step = max(slice_bytes(size), floor)
+        for index, offset in enumerate(range(0, size, step)):
+            target = scratch / f"{directory}-{number}-{index}.tar"
+            length = min(step, size - offset)
+            digest = _slice_layer(target, directory, name, index=index, source=path, offset=offset, length=length)
+            layers.append(Layer(target, digest, directory + SLICE_KIND))
+    return layers
 
 
-def fallback_layer(target: Path, model: Path, side_files: Sequence[Path] = ()) -> str:
+def engine_layers(scratch: Path, files: Sequence[Path]) -> list[Layer]:
+    """The engine layer (each file as /engine/<base name>, mode 0444) and the slices of its large files."""
+    return directory_layers(scratch, ENGINE_DIR, [(file.name, file) for file in files])
+
+
+def engine_layer(target: Path, files: Sequence[Path]) -> str:
+    """The engine layer of files of at most SLICE_BYTES each, written to `target`; its digest."""
+    (layer,) = engine_layers(target.parent, files)
+    layer.path.replace(target)
+    return layer.digest
+
+
+def fallback_layers(scratch: Path, model: Path, side_files: Sequence[Path] = ()) -> list[Layer]:
     """The fallback layer: `model` as /fallback/model.onnx, each side file (external data) under its own
     name beside it, and /fallback/fallback.json ({file name: SHA-256 hex} of each of them, so that the
-    server can check the side files too), mode 0444; its digest. Raises ValueError when a side file is
-    named model.onnx or fallback.json, or two share a name."""
+    server can check the side files too), mode 0444; then the slices of its large files. Raises
+    ValueError when a side file is named model.onnx or fallback.json, or two share a name."""
     names = [file.name for file in side_files]
     if {FALLBACK_MODEL, FALLBACK_DIGESTS} & set(names) or len(set(names)) != len(names):
         raise ValueError(f"the model's side files cannot be kept beside it as {FALLBACK_MODEL}: {sorted(names)}")
     digests = {FALLBACK_MODEL: sha256_file(model)} | {file.name: sha256_file(file) for file in side_files}
-    listing = target.with_name(target.name + ".digests")
+    listing = scratch / f"{FALLBACK_DIR}.digests"
     listing.write_text(json.dumps(digests, sort_keys=True, separators=(",", ":")) + "\n")
-    files = [(f"{FALLBACK_DIR}/{FALLBACK_MODEL}", model, 0o444), (f"{FALLBACK_DIR}/{FALLBACK_DIGESTS}", listing, 0o444)]
-    files += [(f"{FALLBACK_DIR}/{file.name}", file, 0o444) for file in side_files]
+    files = [(FALLBACK_MODEL, model), (FALLBACK_DIGESTS, listing), *((file.name, file) for file in side_files)]
     try:
-        return write_layer(target, files, FALLBACK_DIR)
+        return directory_layers(scratch, FALLBACK_DIR, files)
     finally:
         listing.unlink(missing_ok=True)
+
+
+def fallback_layer(target: Path, model: Path, side_files: Sequence[Path] = ()) -> str:
+    """The fallback layer of a model whose files are at most SLICE_BYTES each, written to `target`; its digest."""
+    (layer,) = fallback_layers(target.parent, model, side_files)
+    layer.path.replace(target)
+    return layer.digest
+
+
+def part_ends(layers: Sequence[Layer]) -> list[int]:
+    """The number of layers in each part image (see the module's docstring): after each layer of at least
+    PART_MIN_BYTES but the copier and the last, at most MAX_PARTS of them (evenly spread when there would be more); none
+    when the image has no slices (it is pulled whole)."""
+    if not any(layer.kind.endswith(SLICE_KIND) for layer in layers):
+        return []
+    # Not after the copier: it is the same in every engine image, so a node has it from the first one.
+    large = [index + 1 for index, layer in enumerate(layers[:-1]) if layer.size >= PART_MIN_BYTES]
+    ends = [end for end in large if layers[end - 1].kind != "copier"]
+    if len(ends) > MAX_PARTS:
+        ends = [ends[((number + 1) * len(ends)) // MAX_PARTS - 1] for number in range(MAX_PARTS)]
+    return ends
 
 
 def copier_layer(target: Path, copier: Path) -> str:
     """The copier layer: `copier` as /busybox, mode 0555; its digest."""
     return write_layer(target, [(COPIER, copier, 0o555)])
+
+
+def copier_layers(scratch: Path, copier: Path | None) -> list[Layer]:
+    """The copier layer (kind `copier`), or none when there is no copier."""
+    if copier is None:
+        return []
+    target = scratch / "copier.tar"
+    return [Layer(target, copier_layer(target, copier), "copier")]
 
 
 def image_config(arch: str, diff_ids: Sequence[str]) -> bytes:

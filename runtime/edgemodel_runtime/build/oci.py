@@ -13,6 +13,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -224,11 +225,12 @@ def _pull_layers(parsed: Reference, reference: str, outdir: Path, files: list[Pa
     """Download each layer of the manifest into `outdir` (appending to `files`); return the manifest."""
     client = _client(parsed.registry)
     manifest = _manifest(client, parsed)
+    slices: dict[str, int] = {}  # a sliced engine file's name: how many of its slices are joined so far
     for layer in manifest.get("layers", []):
         kind = (layer.get("annotations") or {}).get(engineimage.LAYER_ANNOTATION)
-        if kind is not None:  # an engine pushed as an image (see engineimage): its files are in one tar layer
-            if kind == "engine":
-                files += _engine_files(client, parsed, reference, layer, outdir)
+        if kind is not None:  # an engine pushed as an image (see engineimage): its files are in tar layers
+            if kind in {engineimage.ENGINE_DIR, engineimage.ENGINE_DIR + engineimage.SLICE_KIND}:
+                files += _engine_files(client, parsed, reference, layer, outdir, slices=slices)
             continue
         title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
         digest = str(layer.get("digest", ""))
@@ -255,10 +257,15 @@ def _pull_layers(parsed: Reference, reference: str, outdir: Path, files: list[Pa
     return manifest
 
 
-def _engine_files(client: Any, parsed: Reference, reference: str, layer: dict[str, Any], outdir: Path) -> list[Path]:
-    """Download an engine image's engine layer, check its digest, and unpack its regular files into `outdir`.
+def _engine_files(
+    client: Any, parsed: Reference, reference: str, layer: dict[str, Any], outdir: Path, *, slices: dict[str, int]
+) -> list[Path]:
+    """Download a layer of an engine image's engine files, check its digest, and unpack it into `outdir`;
+    the files it adds.
 
-    Only regular files directly under engine/ are taken; a link, a device, an absolute or `..` name is refused.
+    The engine layer gives regular files directly under engine/; a slice layer gives the next slice of one
+    file, slices/engine/<name>/<NNNN>, which is appended to it (`slices` counts each file's slices so far).
+    A link, a device, an absolute or `..` name, a slice out of order or a file named twice is refused.
     """
     digest = str(layer.get("digest", ""))
     blob = outdir / ".engine-layer.tar"
@@ -273,27 +280,23 @@ def _engine_files(client: Any, parsed: Reference, reference: str, layer: dict[st
     try:
         with tarfile.open(blob, "r:") as tar:
             for member in tar:
-                parts = Path(member.name).parts
-                if member.isdir() and parts == (engineimage.ENGINE_DIR,):
+                if member.isdir() and _engine_directory(member.name):
                     continue
-                if (
-                    not member.isfile()
-                    or len(parts) != 2
-                    or parts[0] != engineimage.ENGINE_DIR
-                    or not _safe_title(parts[1])
-                ):
-                    raise BadInputError(
-                        f"oci://{reference}: the engine layer holds {member.name!r}, which is not a plain file "
-                        f"in {engineimage.ENGINE_DIR}/; not used",
-                        reason="InvalidArtifact",
-                    )
+                name, index, sliced = _engine_member(member, reference)
                 source = tar.extractfile(member)
                 if source is None:
                     raise BadInputError(f"oci://{reference}: {member.name} cannot be read", reason="InvalidArtifact")
-                target = outdir / parts[1]
-                with source, target.open("wb") as sink:
+                target = outdir / name
+                if index != slices.get(name, 0) or (index == 0 and target.exists()):
+                    raise BadInputError(
+                        f"oci://{reference}: {member.name} is out of order or names {name} twice; not used",
+                        reason="InvalidArtifact",
+                    )
+                with source, target.open("ab" if index else "xb") as sink:
                     shutil.copyfileobj(source, sink, 1 << 20)
-                files.append(target)
+                if sliced:
+                    slices[name] = index + 1
+                files += [] if index else [target]
     except tarfile.TarError as error:
         raise BadInputError(
             f"oci://{reference}: the engine layer is not a tar: {error}", reason="InvalidArtifact"
@@ -301,6 +304,38 @@ def _engine_files(client: Any, parsed: Reference, reference: str, layer: dict[st
     finally:
         blob.unlink(missing_ok=True)
     return files
+
+
+def _engine_directory(name: str) -> bool:
+    """Whether `name` is one of the directories an engine layer or an engine slice layer may hold."""
+    parts = Path(name).parts
+    slices = (engineimage.SLICES_DIR, engineimage.ENGINE_DIR)
+    return (
+        parts == (engineimage.ENGINE_DIR,)
+        or parts in {slices[:1], slices}
+        or (len(parts) == 3 and parts[:2] == slices and _safe_title(parts[2]))
+    )
+
+
+def _engine_member(member: tarfile.TarInfo, reference: str) -> tuple[str, int, bool]:
+    """(file name, slice index: 0 for a whole file, whether a slice) of a regular file engine/<name> or
+    slices/engine/<name>/<NNNN>; BadInputError for anything else."""
+    parts = Path(member.name).parts
+    if member.isfile() and len(parts) == 2 and parts[0] == engineimage.ENGINE_DIR and _safe_title(parts[1]):
+        return parts[1], 0, False
+    if (
+        member.isfile()
+        and len(parts) == 4
+        and parts[:2] == (engineimage.SLICES_DIR, engineimage.ENGINE_DIR)
+        and _safe_title(parts[2])
+        and re.fullmatch(r"[0-9]{4}", parts[3])
+    ):
+        return parts[2], int(parts[3]), True
+    raise BadInputError(
+        f"oci://{reference}: the engine layer holds {member.name!r}, which is not a plain file "
+        f"in {engineimage.ENGINE_DIR}/; not used",
+        reason="InvalidArtifact",
+    )
 
 
 def pull_single_file(reference: str) -> Path:
@@ -344,6 +379,13 @@ def manifest_annotations(reference: Reference, digest: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}
 
 
+def parts_of(annotations: dict[str, str]) -> list[str]:
+    """The part images' digests an engine image's annotations name (see engineimage), in pull order; only
+    well-formed `sha256:` digests."""
+    listed = [entry.strip() for entry in annotations.get(engineimage.PARTS_ANNOTATION, "").split(",")]
+    return [entry for entry in listed if re.fullmatch(r"sha256:[0-9a-f]{64}", entry)]
+
+
 def is_engine_image(reference: Reference, digest: str) -> bool:
     """Whether the manifest `digest` in the repository is an engine image (see engineimage), which nodes can pull."""
     with _registry_errors("look up", reference.with_digest(digest)):
@@ -373,61 +415,85 @@ def push(reference: Reference, files: Sequence[Path], tag: str, annotations: dic
     return digest
 
 
+@dataclass(frozen=True)
+class PushedEngine:
+    """An engine image pushed: its manifest digest, and its part images' (see engineimage), in pull order."""
+
+    digest: str
+    parts: tuple[str, ...] = ()
+
+
 def push_engine(
     reference: Reference,
     files: Sequence[Path],
     tag: str,
     annotations: dict[str, str],
     fallback: Sequence[Path] = (),
-) -> str:
-    """Push an engine's files as one image tagged `tag` (see engineimage); return the manifest digest.
+) -> PushedEngine:
+    """Push an engine's files as one image tagged `tag` (see engineimage), after its part images if it has
+    slices (tagged `tag`-partNN); return their digests.
 
     `pull_artifact` reads it back as files; a kubelet runs it as an image. The copier layer is left out
-    when this machine has no static busybox (`engineimage.find_copier`). `fallback`, when given, is the
-    original model followed by its external-data files: they become the image's fallback layer.
+    when this machine has no static busybox (`engineimage.find_copier`), and then there are no parts (a
+    node cannot run them). `fallback`, when given, is the original model followed by its external-data
+    files: they become the image's fallback layer.
     """
     target = reference.with_tag(tag)
     copier = engineimage.find_copier()
     with tempfile.TemporaryDirectory() as scratch:
-        layers: list[tuple[Path, str, str]] = []
-        if copier is not None:
-            path = Path(scratch) / "copier.tar"
-            layers.append((path, engineimage.copier_layer(path, copier), "copier"))
+        layers = engineimage.copier_layers(Path(scratch), copier)
         if fallback:  # below the engine: the layers up to it are the same for every engine of the model
-            path = Path(scratch) / "fallback.tar"
-            layers.append((path, engineimage.fallback_layer(path, fallback[0], fallback[1:]), "fallback"))
-        path = Path(scratch) / "engine.tar"
-        layers.append((path, engineimage.engine_layer(path, files), "engine"))
-        config = engineimage.image_config(engineimage.architecture(), [digest for _, digest, _ in layers])
-        (Path(scratch) / "config.json").write_bytes(config)
-        descriptors = [
-            engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, digest, path.stat().st_size, kind)
-            for path, digest, kind in layers
-        ]
-        manifest = engineimage.image_manifest(config, descriptors, annotations)
-        config_descriptor = json.loads(manifest)["config"]
+            layers += engineimage.fallback_layers(Path(scratch), fallback[0], fallback[1:])
+        layers += engineimage.engine_layers(Path(scratch), files)
+        ends = engineimage.part_ends(layers) if copier is not None else []
         with _registry_errors("push", target):
             client = _client(reference.registry)
             container = client.get_container(target)
-            blobs = [
-                (Path(scratch) / "config.json", config_descriptor),
-                *zip([p for p, _, _ in layers], descriptors, strict=True),
-            ]
-            for path, entry in blobs:
-                # A large blob goes up in chunks (POST, PATCH per chunk, PUT), so that pushing a large engine or
-                # model never holds it in memory whole, as ORAS's single PUT does.
-                chunked = path.stat().st_size > CHUNKED_ABOVE
-                response = client.upload_blob(str(path), container, entry, do_chunked=chunked, chunk_size=CHUNK_BYTES)
-                if response.status_code not in {200, 201, 202}:
-                    raise InfrastructureError(
-                        f"push {target}: blob: HTTP {response.status_code}", reason="RegistryError"
-                    )
-            response = client.do_request(
-                f"{client.prefix}://{container.manifest_url()}",
-                "PUT",
-                headers={"Content-Type": engineimage.MANIFEST_MEDIA_TYPE},
-                data=manifest,
-            )
+            for layer in layers:
+                _upload(client, container, target, layer.path, layer.digest)
+            parts = tuple(
+                _push_image(client, container, target, f"{tag}-part{number:02d}", layers[:end],
+                            annotations={engineimage.PART_ANNOTATION: f"{number} of {len(ends)}"})
+                for number, end in enumerate(ends, start=1)
+            )  # fmt: skip
+            if parts:
+                annotations = {**annotations, engineimage.PARTS_ANNOTATION: ",".join(parts)}
+            digest = _push_image(client, container, target, tag, layers, annotations=annotations)
+    return PushedEngine(digest, parts)
+
+
+def _upload(client: Any, container: Any, target: str, path: Path, digest: str) -> None:
+    """Upload one blob, unless the registry has it. A large one goes up in chunks (POST, PATCH per chunk,
+    PUT), so that pushing a large engine or model never holds it in memory whole, as ORAS's single PUT does."""
+    size = path.stat().st_size
+    entry = engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, digest, size)
+    chunked = size > CHUNKED_ABOVE
+    response = client.upload_blob(str(path), container, entry, do_chunked=chunked, chunk_size=CHUNK_BYTES)
+    if response.status_code not in {200, 201, 202}:
+        raise InfrastructureError(f"push {target}: blob: HTTP {response.status_code}", reason="RegistryError")
+
+
+def _push_image(
+    client: Any,
+    container: Any,
+    target: str,
+    tag: str,
+    layers: Sequence[engineimage.Layer],
+    *,
+    annotations: dict[str, str],
+) -> str:
+    """Push the config and manifest of an image of `layers` (already uploaded), tagged `tag`; its digest."""
+    config = engineimage.image_config(engineimage.architecture(), [layer.digest for layer in layers])
+    descriptors = [
+        engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, layer.digest, layer.size, layer.kind) for layer in layers
+    ]
+    manifest = engineimage.image_manifest(config, descriptors, annotations)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "config.json"
+        path.write_bytes(config)
+        _upload(client, container, target, path, "sha256:" + hashlib.sha256(config).hexdigest())
+    url = f"{client.prefix}://{container.manifest_url(tag)}"
+    response = client.do_request(url, "PUT", headers={"Content-Type": engineimage.MANIFEST_MEDIA_TYPE}, data=manifest)
     if response.status_code not in {200, 201}:
         raise InfrastructureError(f"push {target}: HTTP {response.status_code}", reason="RegistryError")
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()

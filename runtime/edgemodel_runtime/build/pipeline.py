@@ -530,8 +530,10 @@ class _Build:
             # As an image (engineimage): the kubelet of each node of the class can pull and keep it by digest,
             # with the original model beside the engine, which a server that cannot load the engine serves.
             pushed = [*files, request.output / "report.json"]
-            digest = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations, self.source)
-            self.report["artifact"]["reference"] = f"oci://{reference.with_digest(digest)}"
+            image = oci.push_engine(reference, pushed, self.report["cacheKey"], annotations, self.source)
+            self.report["artifact"]["reference"] = f"oci://{reference.with_digest(image.digest)}"
+            if image.parts:  # pulled one after the other, a cut pull costs at most one of them (engineimage)
+                self.report["artifact"]["parts"] = list(image.parts)
 
     def _write(self) -> None:
         self.request.output.mkdir(parents=True, exist_ok=True)
@@ -578,7 +580,9 @@ def build(request: BuildRequest) -> dict[str, Any]:
             digest = None
         if digest is not None:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
-            chosen = auto.from_annotations(oci.manifest_annotations(reference, digest)) if auto.is_auto(request) else {}
+            found = oci.manifest_annotations(reference, digest)
+            chosen = auto.from_annotations(found) if auto.is_auto(request) else {}
+            parts = oci.parts_of(found)
             return {
                 "version": report.REPORT_VERSION,
                 "status": "cached",
@@ -587,7 +591,8 @@ def build(request: BuildRequest) -> dict[str, Any]:
                 "engine": request.engine,
                 "precision": request.precision,
                 "classKey": class_key,
-                "artifact": {"reference": f"oci://{reference.with_digest(digest)}"},
+                "artifact": {"reference": f"oci://{reference.with_digest(digest)}"}
+                | ({"parts": parts} if parts else {}),
                 "message": f"cache hit for {key}; nothing rebuilt",
                 **chosen,
             }

@@ -174,6 +174,11 @@ def compact(report: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         "int8": compact_int8(report.get("int8")),
     }
     text = json.dumps(essentials, separators=(",", ":"))
+    quiet = json.dumps(essentials | {"message": ""}, separators=(",", ":"))
+    if len(quiet.encode()) > limit and (essentials["artifact"] or {}).get("parts"):
+        # The part images only make a cut pull cheaper (engineimage): without them the engine is pulled whole.
+        essentials["artifact"] = {k: v for k, v in essentials["artifact"].items() if k != "parts"}
+        text = json.dumps(essentials, separators=(",", ":"))
     while len(text.encode()) > limit:
         message = essentials["message"]
         if not message:
