@@ -37,6 +37,12 @@ def _finite_or_none(value: Any) -> Any:
 Figure = Annotated[float | None, BeforeValidator(_finite_or_none)]
 
 
+def _strings(value: Any) -> list[str]:
+    """A list's strings (at most 64), else none: part images only make pulls cheaper, so a malformed list
+    costs them, not the whole report."""
+    return [item for item in value if isinstance(item, str)][:64] if isinstance(value, list) else []
+
+
 class _Report(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
 
@@ -45,6 +51,9 @@ class Artifact(_Report):
     """Where the engine was pushed, by digest."""
 
     reference: str | None = Field(default=None, max_length=2048)  # none when the build pushed nothing
+    # The engine image's part images (manifest digests in its repository, in pull order), when it has slices:
+    # the pull DaemonSet pulls them one after the other, so that a pull cut short costs one part (`prefetch`).
+    parts: Annotated[list[str], BeforeValidator(_strings)] = Field(default_factory=list)  # checked in `prefetch`
 
 
 class Comparison(_Report):
@@ -146,6 +155,7 @@ def outcome_of(report: BuildReport | str, *, job_succeeded: bool) -> Obj:
         "cacheKey": report.cache_key,
         "precision": report.precision,
         "artifact": (report.artifact.reference or None) if report.artifact else None,
+        "artifactParts": (report.artifact.parts or None) if report.artifact and report.artifact.reference else None,
         "buildSeconds": report.build_seconds,
         "metrics": _metrics(report),
         **_auto(report),

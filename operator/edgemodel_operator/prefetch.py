@@ -5,9 +5,12 @@ Per (revision, class) the operator runs a DaemonSet `<child name>-pull` on the c
 selector and tolerations, as the serving pods'). Its one container runs the engine image by digest
 (`imagePullPolicy: IfNotPresent`, see `enginecache`) and sleeps: the kubelet pulls the engine onto each
 node (a pull cut short fails, and the kubelet retries it with backoff, 10 s doubling to 5 min; its Events
-on the pod show each attempt; containerd 1.6 starts each attempt over, docs/install.md "Interrupted
-pulls"), and while the revision serves, the running container keeps the kubelet's image garbage
-collection off the engine. The DaemonSet goes with the revision's serving workload.
+on the pod show each attempt), and while the revision serves, the running container keeps the kubelet's
+image garbage collection off the engine. containerd 1.6 starts an attempt over from its first byte and
+keeps nothing of it (docs/install.md "Interrupted pulls"), but keeps every image pulled whole: so an
+engine image with part images (files over 16 MiB, see `edgemodel_runtime.build.engineimage`) is pulled
+part by part first, one init container each, and a cut costs one part. The DaemonSet goes with the
+revision's serving workload.
 
 The candidate's workload is created once every scheduled pull pod is ready, or once the wait is over
 (`Images.prefetch_timeout`, seconds from the DaemonSet's creation): a node that stays NotReady must not
@@ -19,7 +22,9 @@ DaemonSet is patched to pull and keep that one.
 from __future__ import annotations
 
 import datetime
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgemodel_operator.api.spec import EdgeModelSpec
@@ -58,10 +63,31 @@ def prefetch_name(edgemodel: str, revision: str, hardware: HardwareClass) -> str
     return child_name(edgemodel, revision, hardware) + SUFFIX
 
 
-def build_prefetch_daemonset(body: Obj, hardware: HardwareClass, revision: str, artifact: str) -> Obj | None:
+def part_images(artifact: str, parts: Sequence[str]) -> list[str]:
+    """The image references of an engine image's parts (manifest digests in its repository, from the build's
+    outcome; see `edgemodel_runtime.build.engineimage`), in pull order; none unless every one is a well-formed
+    `sha256:` digest and the artifact an image pinned by digest."""
+    image = engine_image(artifact)
+    digest = re.compile(r"sha256:[0-9a-f]{64}")
+    if (
+        image is None
+        or not isinstance(parts, list | tuple)
+        or not all(isinstance(part, str) and digest.fullmatch(part) for part in parts)
+    ):
+        return []
+    repository = image.rsplit("@", 1)[0]
+    return [f"{repository}@{part}" for part in parts]
+
+
+def build_prefetch_daemonset(
+    body: Obj, hardware: HardwareClass, revision: str, artifact: str, parts: Sequence[str] = ()
+) -> Obj | None:
     """The DaemonSet that pulls one revision's engine image onto every node of `hardware` and keeps it there.
 
-    None when the artifact is no image pinned by digest (then nothing can be pulled ahead).
+    With `parts` (the engine image's part images, see `part_images`), its pods first pull each part, one
+    init container each, in order: a node keeps each part it pulled whole, so a pull cut short costs one
+    part, and `kubectl get pods` shows how far each node is (`Init:2/5`). None when the artifact is no
+    image pinned by digest (then nothing can be pulled ahead).
     """
     image = engine_image(artifact)
     if image is None:
@@ -79,6 +105,11 @@ def build_prefetch_daemonset(body: Obj, hardware: HardwareClass, revision: str, 
         "resources": {"requests": {"cpu": "1m", "memory": "4Mi"}, "limits": {"cpu": "10m", "memory": "16Mi"}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    # Each part holds the copier and a prefix of the engine image's layers: running it is the pull's end.
+    pulls = [
+        container | {"name": f"part-{number}", "image": reference, "command": [COPIER, "true"]}
+        for number, reference in enumerate(part_images(artifact, parts), start=1)
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -100,11 +131,23 @@ def build_prefetch_daemonset(body: Obj, hardware: HardwareClass, revision: str, 
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 1,  # sleep ignores SIGTERM as PID 1; nothing to drain
+                    **({"initContainers": pulls} if pulls else {}),
                     "containers": [container],
                 },
             },
         },
     }
+
+
+def retarget_patch(daemonset: Obj) -> Obj:
+    """The strategic merge patch that turns an existing pull DaemonSet into `daemonset` (its pod template and
+    applied hash), leaving none of the old pod's init containers behind: such a patch merges them by name,
+    so the list is marked to be replaced whole, or removed when empty (an artifact with fewer parts, or none)."""
+    template = daemonset["spec"]["template"]
+    spec = template["spec"]
+    pulls = spec.get("initContainers") or []
+    whole = template | {"spec": spec | {"initContainers": [*pulls, {"$patch": "replace"}] if pulls else None}}
+    return {"metadata": {"annotations": {ANNOTATION_APPLIED: applied_hash(daemonset)}}, "spec": {"template": whole}}
 
 
 def is_prefetch(workload: Obj) -> bool:
@@ -157,7 +200,8 @@ class PrefetchSteps(ABC):
             return None
         name = prefetch_name(self.body["metadata"]["name"], self.revision, slot.hardware)
         found = next((d for d in self.observed.prefetches if d["metadata"]["name"] == name), None)
-        daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact)
+        parts = (slot.attempt.build or {}).get("artifactParts") or []
+        daemonset = build_prefetch_daemonset(self.body, slot.hardware, self.revision, slot.artifact, parts)
         if found is None:
             if daemonset is None:
                 return None
@@ -168,9 +212,7 @@ class PrefetchSteps(ABC):
         written = (found["metadata"].get("annotations") or {}).get(ANNOTATION_APPLIED)
         if daemonset is not None and written is not None and written != applied_hash(daemonset):
             # The revision serves another artifact (a rebuild, see `rebuild`): pull that one and keep it.
-            patch = {"metadata": {"annotations": {ANNOTATION_APPLIED: applied_hash(daemonset)}},
-                     "spec": {"template": daemonset["spec"]["template"]}}  # fmt: skip
-            self.plan.patch.append(_ref(found | {"kind": "DaemonSet"}) | {"patch": patch})
+            self.plan.patch.append(_ref(found | {"kind": "DaemonSet"}) | {"patch": retarget_patch(daemonset)})
             self._event("EnginePrefetch", f"{slot.hardware.key}: pulling {slot.artifact} onto the class's nodes",
                         found)  # fmt: skip
             return "pulling the engine onto the class's nodes"

@@ -71,6 +71,7 @@ from edgemodel_operator.workloads import ref_of as _ref
 from edgemodel_operator.workloads import track_of as _track
 
 Obj = dict[str, Any]
+NOT_SHOWN = frozenset({"artifactParts"})  # what an attempt's build keeps that its class status leaves out
 __all__ = ["APPROVE", "REJECT", "Event", "Observed", "Plan", "evidence_wanted", "plan", "subject"]
 
 
@@ -285,7 +286,9 @@ class _Planner(PrefetchSteps, ServingSteps, ArrivalSteps, HandoffSteps):
         live = shadow_figures(evidence) if evidence is not None else {}
         if attempt.build:
             # The engine the target names, unless auto chose one (then the build says which).
-            entry |= {k: v for k, v in attempt.build.items() if k != "engine" or attempt.build.get("chosen")}
+            # Not the part images (kept for the pull DaemonSet, see `prefetch`): the status has no such field.
+            shown = {k: v for k, v in attempt.build.items() if k not in NOT_SHOWN}
+            entry |= {k: v for k, v in shown.items() if k != "engine" or attempt.build.get("chosen")}
         if attempt.state in {"Building", "Failed"}:
             if job is not None and uid is not None and attempt.state == "Building" and uid == attempt.replaced_job:
                 self.plan.delete.append(_ref(job | {"kind": "Job"}))  # the new build starts once it is gone

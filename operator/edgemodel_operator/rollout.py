@@ -137,6 +137,7 @@ def build_finished(attempt: Attempt, view: ClassView) -> tuple[Attempt, Step | N
         "precision": outcome.get("precision"),
         "cacheKey": outcome.get("cacheKey"),
         "artifactDigest": artifact,
+        "artifactParts": outcome.get("artifactParts"),  # see prefetch: pulled one by one before the engine
         "buildSeconds": outcome.get("buildSeconds"),
         "metrics": outcome.get("metrics"),  # see buildreport.outcome_of: figures, worstSample, validation
     }

@@ -158,20 +158,27 @@ print("interpreter" if 3 in kinds else "static")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "static"
     # The serving pods' copy script (operator/edgemodel_operator/enginecache.py), with this image's paths: it
-    # copies the engine whole, and the fallback model where the image has one and a target is named; a second
-    # run keeps what is there.
+    # copies the engine whole (joining a file the image holds in slices, in order), and the fallback model
+    # where the image has one and a target is named; a second run keeps what is there.
     from edgemodel_operator import enginecache
 
     base = "/tmp/copy"  # noqa: S108 - inside a container that is removed afterwards
     box = "/bin/busybox"
+    sliced = enginecache.SLICES_DIR + enginecache.ENGINE_DIR
     script = (
         enginecache.COPY_SCRIPT.replace(enginecache.COPIER, box)
+        .replace(sliced, "@SLICED@")
+        .replace(enginecache.SLICES_DIR, f"{base}/slices")
         .replace(enginecache.ENGINE_DIR, f"{base}/engine")
         .replace(enginecache.FALLBACK_DIR, f"{base}/fallback")
+        .replace("@SLICED@", f"{base}/slices/engine")
     )
     steps = [
-        f"{box} mkdir -p {base}/engine {base}/fallback {base}/cache",
-        f"echo engine > {base}/engine/model.onnx",
+        f"{box} mkdir -p {base}/engine {base}/fallback {base}/cache {base}/slices/engine/model.onnx",
+        *(
+            f"{box} printf {part} > {base}/slices/engine/model.onnx/{n:04d}"
+            for n, part in enumerate(["en", "gi", "ne", "'\\n'"])
+        ),
         f"echo {{}} > {base}/engine/report.json",
         f"echo original > {base}/fallback/model.onnx",
         f"{box} sh -c '{script}' copy {base}/cache/e {base}/cache/f",

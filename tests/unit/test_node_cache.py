@@ -4,6 +4,8 @@ container, pull policy, digest pinning), the pull DaemonSet, its progress, and t
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import json
 import shutil
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from edgemodel_operator.api.spec import EdgeModelSpec
+from edgemodel_operator.api.status import EdgeModelStatus
 from edgemodel_operator.builders import Images, build_deployment_for_class, build_job_for_class, revision_of
 from edgemodel_operator.classes import HardwareClass, discover, engine_for
 from edgemodel_operator.enginecache import (
@@ -35,6 +38,7 @@ from tests.unit.test_operator_pure import DIGEST, NODES, edgemodel
 Obj = dict[str, Any]
 HEX = "ab" * 32
 ARTIFACT = f"oci://10.88.0.1:5000/engines/apps/ocr@sha256:{HEX}"
+PARTS = ("sha256:" + "01" * 32, "sha256:" + "02" * 32)  # an engine image's part images (see engineimage)
 # What the restricted Pod Security Standard allows (Kubernetes 1.33+: `image` volumes too).
 ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                    "projected", "secret", "image"}  # fmt: skip
@@ -92,7 +96,7 @@ def _pods(mode: str, images: Images, artifact: str) -> list[tuple[str, Obj]]:
         workload = build_deployment_for_class(body, hardware, target, revision="r1", artifact=artifact, images=images)
         pods += [(f"build {hardware.key}", job["spec"]["template"]["spec"]),
                  (f"serve {hardware.key}", workload["spec"]["template"]["spec"])]  # fmt: skip
-        pull = build_prefetch_daemonset(body, hardware, "r1", artifact)
+        pull = build_prefetch_daemonset(body, hardware, "r1", artifact, PARTS)
         if pull is not None:
             pods.append((f"pull {hardware.key}", pull["spec"]["template"]["spec"]))
     return pods
@@ -229,6 +233,51 @@ def test_the_pull_daemonset_runs_the_engine_image_on_the_classs_nodes_only(kind:
     assert restricted_violations(pod) == []
 
 
+def test_an_engine_with_part_images_is_pulled_part_by_part_before_the_engine_itself() -> None:
+    body = edgemodel()
+    hardware = _classes()[0]
+    pull = build_prefetch_daemonset(body, hardware, "r1", ARTIFACT, PARTS)
+    assert pull is not None
+    pod = pull["spec"]["template"]["spec"]
+    repository = ARTIFACT.removeprefix("oci://").rsplit("@", 1)[0]
+    assert [(c["name"], c["image"], c["command"]) for c in pod["initContainers"]] == [
+        ("part-1", f"{repository}@{PARTS[0]}", ["/busybox", "true"]),
+        ("part-2", f"{repository}@{PARTS[1]}", ["/busybox", "true"]),
+    ]  # in order: each part is the one before it plus a layer, so each layer is fetched once
+    assert {c["imagePullPolicy"] for c in pod["initContainers"]} == {"IfNotPresent"}
+    (container,) = pod["containers"]
+    assert container["image"] == ARTIFACT.removeprefix("oci://")
+    assert restricted_violations(pod) == []
+    # Without parts, or with any part that is not a digest (a record edited by hand), the engine image is pulled
+    # whole.
+    bad: list[Any] = [(), (PARTS[0], "sha256:short"), (PARTS[0], "latest"), [PARTS[0], 5], [None], "sha256:" + "0" * 64]
+    for parts in bad:
+        whole = build_prefetch_daemonset(body, hardware, "r1", ARTIFACT, parts)
+        assert whole is not None
+        assert "initContainers" not in whole["spec"]["template"]["spec"], parts
+
+
+def test_the_part_images_a_build_reports_reach_the_candidates_pull_daemonset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
+    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
+    cluster, first = test_rollout._serving_first_revision()
+    assert isinstance(cluster, _Cluster)
+    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    cluster.parts = PARTS
+    cluster.step("2026-11-26T12:01:00Z")
+    cluster.finish_builds()
+    cluster.step("2026-11-26T12:01:10Z")
+    images = [c["image"] for c in _started(cluster, second)["spec"]["template"]["spec"]["initContainers"]]
+    assert images == [f"r/e@{part}" for part in PARTS]
+    record = json.dumps(cluster.records)
+    assert all(part in record for part in PARTS)  # kept with the attempt's build, for every later plan
+    assert "initContainers" not in _started(cluster, first)["spec"]["template"]["spec"]  # built without parts
+    # Not in the status, whose schema has no such field (the API server would prune it, and every status
+    # written would then differ from the one read back).
+    status = EdgeModelStatus.model_validate(cluster.body["status"])
+    assert "artifactParts" not in json.dumps(status.model_dump(mode="json"))
+
+
 def _daemonset(desired: int, ready: int, *, observed: int = 1, created: str | None = "2026-11-26T12:00:00Z") -> Obj:
     meta: Obj = {"name": "d", "generation": 1} | ({"creationTimestamp": created} if created else {})
     status = {"desiredNumberScheduled": desired, "numberReady": ready, "observedGeneration": observed}
@@ -358,6 +407,88 @@ def test_engine_image_layers_are_deterministic_and_hold_only_plain_files(tmp_pat
         engineimage.engine_layer(tmp_path / "c.tar", [tmp_path / "model.onnx", tmp_path / "model.onnx"])
 
 
+def _layers(tmp_path: Path, spec: list[tuple[str, int]]) -> list[engineimage.Layer]:
+    """Layers of the given kinds and sizes (bytes), written as plain files (part_ends reads kind and size)."""
+    layers = []
+    for index, (kind, size) in enumerate(spec):
+        path = tmp_path / f"{index}.tar"
+        path.write_bytes(b"\0" * size)
+        layers.append(engineimage.Layer(path, f"sha256:{index:064x}", kind))
+    return layers
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("spec", "ends"),
+    [
+        ([("copier", MIB), ("fallback", 2 * MIB), ("engine", 20 * MIB)], []),  # no slices: pulled whole
+        ([("copier", 100), ("fallback", 10), ("fallback-slice", 16 * MIB), ("fallback-slice", 4 * MIB),
+          ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", MIB - 1)], [3, 4, 6]),
+        ([("copier", 100), ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", 16 * MIB)], [3]),
+        ([("copier", 2 * MIB), ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", MIB)], [3]),
+    ],
+    ids=["whole", "small layers join the next part, the last is the image", "one part", "not after the copier"],
+)  # fmt: skip
+def test_part_images_end_after_each_large_layer_but_the_last(
+    tmp_path: Path, spec: list[tuple[str, int]], ends: list[int]
+) -> None:
+    assert engineimage.part_ends(_layers(tmp_path, spec)) == ends
+
+
+def test_part_images_are_at_most_max_parts_evenly_spread(tmp_path: Path) -> None:
+    count = 3 * engineimage.MAX_PARTS
+    layers = _layers(tmp_path, [("copier", 10), *[("engine-slice", MIB)] * count])
+    ends = engineimage.part_ends(layers)
+    assert len(ends) == engineimage.MAX_PARTS
+    assert ends == sorted(set(ends))
+    assert ends[-1] == count  # the last part ends right before the image's last layer
+    assert max(b - a for a, b in itertools.pairwise([1, *ends, count + 1])) <= 3  # evenly: each part 3 at most
+
+
+@pytest.mark.parametrize(
+    ("size", "slices"),
+    [(16 * MIB, [16 * MIB]), (16 * MIB + 1, [16 * MIB, 1]), (40 * MIB, [16 * MIB, 16 * MIB, 8 * MIB]),
+     (800 * MIB, [100 * MIB] * 8), (800 * MIB + 1, [100 * MIB + 1] * 7 + [100 * MIB - 6])],
+    ids=["at the limit: whole", "one byte over", "40 MiB", "800 MiB: 8 slices", "800 MiB and a byte"],
+)  # fmt: skip
+def test_a_file_is_cut_into_at_most_max_slices_of_at_least_the_slice_size(size: int, slices: list[int]) -> None:
+    if size <= engineimage.SLICE_BYTES:
+        assert slices == [size]
+        return
+    step = engineimage.slice_bytes(size)
+    assert [min(step, size - offset) for offset in range(0, size, step)] == slices
+    assert len(slices) <= engineimage.MAX_SLICES
+
+
+def test_a_slice_layer_holds_its_bytes_under_slices_with_its_directories(tmp_path: Path) -> None:
+    import tarfile
+
+    data = bytes(range(256)) * (17 * MIB // 256 + 1)
+    (tmp_path / "model.plan").write_bytes(data)
+    layers = engineimage.engine_layers(tmp_path, [tmp_path / "model.plan"])
+    assert [layer.kind for layer in layers] == ["engine", "engine-slice", "engine-slice"]
+    joined = b""
+    for layer in layers[1:]:
+        with tarfile.open(layer.path) as tar:
+            members = tar.getmembers()
+            assert [(m.name, m.isdir(), m.mode) for m in members[:3]] == [
+                ("slices", True, 0o755), ("slices/engine", True, 0o755), ("slices/engine/model.plan", True, 0o755)
+            ]  # fmt: skip
+            (member,) = members[3:]
+            assert member.name == f"slices/engine/model.plan/{layers.index(layer) - 1:04d}"
+            source = tar.extractfile(member)
+            assert source is not None
+            joined += source.read()
+    assert joined == data
+    with tarfile.open(layers[0].path) as tar:
+        assert tar.getnames() == ["engine"]  # the large file is not in the directory's layer
+    (tmp_path / "again").mkdir()
+    again = engineimage.engine_layers(tmp_path / "again", [tmp_path / "model.plan"])
+    assert [layer.digest for layer in again] == [layer.digest for layer in layers]
+
+
 @pytest.mark.parametrize(("machine", "arch"), [("x86_64", "amd64"), ("aarch64", "arm64"), ("AMD64", "amd64")])
 def test_engine_images_name_the_architecture_as_oci_does(machine: str, arch: str) -> None:
     assert engineimage.architecture(machine) == arch
@@ -392,11 +523,15 @@ def test_a_rebuilt_engine_is_the_one_the_pull_daemonset_keeps_on_the_nodes(monke
     DaemonSet follows it, or it keeps the engine the pods could not load on every node and leaves the rebuilt
     one to the image garbage collection."""
 
+    @dataclasses.dataclass
+    class WithParts(_Cluster):
+        parts: tuple[str, ...] = PARTS  # the first engine comes with part images; the rebuilt one without
+
     class Pulls(_Cluster, FallingBack):
         pass
 
     monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
-    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
+    monkeypatch.setattr(test_rollout, "Cluster", WithParts)
     plain, first = test_rollout._serving_first_revision()
     body = plain.body
     body["spec"]["model"]["sha256"] = DIGEST  # no second revision: the first one is rebuilt
@@ -406,6 +541,7 @@ def test_a_rebuilt_engine_is_the_one_the_pull_daemonset_keeps_on_the_nodes(monke
         obj["metadata"].setdefault("uid", f"uid-{kind}-{name}")
     pull = _started(cluster, first)
     assert "a" * 64 in pull["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert [c["image"] for c in pull["spec"]["template"]["spec"]["initContainers"]] == [f"r/e@{p}" for p in PARTS]
     key = body["status"]["classes"][0]["key"]
     cluster.fallbacks = {key: Fallback((first,), "InvalidModel", ("pod-1",))}
     cluster.step(T1)
@@ -417,4 +553,28 @@ def test_a_rebuilt_engine_is_the_one_the_pull_daemonset_keeps_on_the_nodes(monke
     cluster.step(T1)
     pull = _started(cluster, first)
     assert "b" * 64 in pull["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert "initContainers" not in pull["spec"]["template"]["spec"]  # none of the old engine's parts is left
     assert cluster.step(T1).patch == []  # and then it is left alone
+
+
+@pytest.mark.parametrize("count", [3, 20, 33])
+def test_many_large_files_make_a_bounded_number_of_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """External data kept one file per tensor can mean hundreds of large files: their slices grow so that a
+    directory makes at most SLICE_LAYERS + one layer per file, and past MAX_SLICED_FILES files they stay
+    whole (an image of too many layers cannot be mounted). Sizes scaled down: a 1 KiB slice size."""
+    monkeypatch.setattr(engineimage, "SLICE_BYTES", 1024)
+    files = []
+    for index in range(count):
+        path = tmp_path / f"tensor-{index:03d}.bin"
+        path.write_bytes(bytes([index]) * 8000)  # 8 slices each at the 1 KiB slice size alone
+        files.append(path)
+    (tmp_path / "out").mkdir()
+    layers = engineimage.engine_layers(tmp_path / "out", files)
+    slices = [layer for layer in layers if layer.kind == "engine-slice"]
+    if count > engineimage.MAX_SLICED_FILES:
+        assert slices == []
+        return
+    assert len(slices) <= min(8 * count, engineimage.SLICE_LAYERS + count)
+    assert len(slices) == 8 * count if count == 3 else len(slices) < 8 * count

@@ -68,6 +68,7 @@ class Cluster:
     records: dict[str, Obj] = field(default_factory=dict)  # record ConfigMaps by name
     versions: int = 0
     nodes: list[Obj] = field(default_factory=lambda: list(CPU_ONLY))
+    parts: tuple[str, ...] = ()  # the part images the builds report (see engineimage)
 
     def observed(self) -> Observed:
         kinds: dict[str, list[Obj]] = {}
@@ -120,7 +121,8 @@ class Cluster:
             "status": "built",
             "exitCode": 0,
             "cacheKey": "k",
-            "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64},
+            "artifact": {"reference": "oci://r/e@sha256:" + "a" * 64}
+            | ({"parts": list(self.parts)} if self.parts else {}),
         }
         for (kind, name), job in list(self.objects.items()):
             if kind == "Job" and not job.get("status"):
@@ -152,13 +154,20 @@ class Cluster:
 
 
 def _merge(target: Obj, patch: Obj) -> None:
+    """Apply a merge patch as the API server does for the lists this operator patches: lists are replaced,
+    as a strategic merge patch does only with its `$patch: replace` directive (lists of containers are
+    otherwise merged by name), so a list without it must be the whole list of containers."""
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
         elif isinstance(value, dict) and isinstance(target.get(key), dict):
             _merge(target[key], value)
+        elif key == "initContainers" and {"$patch": "replace"} not in value:
+            merged = {c["name"]: c for c in target.get(key) or []} | {c["name"]: c for c in value}
+            target[key] = copy.deepcopy(list(merged.values()))  # merged by name: what is left out stays
         else:
-            target[key] = copy.deepcopy(value)
+            target[key] = copy.deepcopy([v for v in value if v != {"$patch": "replace"}] if isinstance(value, list)
+                                        else value)  # fmt: skip
 
 
 def _counters(mirrored: float, compared: float, agreed: float, *, errors: float = 0, ratio: float = 1.0,
