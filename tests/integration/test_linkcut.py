@@ -97,6 +97,23 @@ def test_a_paced_download_is_cut_mid_body_and_the_link_refuses_until_it_is_back(
     assert (status, len(tail)) == (206, SIZE - cut.body)
 
 
+def test_a_cut_counted_over_several_downloads_falls_in_the_one_that_crosses_the_total(
+    link: tuple[LinkCut, str],
+) -> None:
+    proxy, layer = link
+    path = f"/v2/models/cut/blobs/{layer}"
+    proxy.cut_at(SIZE + SIZE // 2, down=1, path_contains=path, total=True)
+    status, whole = _get(proxy.address, path)  # the first one is not cut: it carries SIZE of the total
+    assert (status, len(whole)) == (200, SIZE)
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        _get(proxy.address, path)  # the second one crosses it
+    first, second = proxy.gets(path)
+    assert first.complete
+    assert not second.complete
+    assert SIZE // 2 <= second.body < SIZE
+    assert len(proxy.cuts) == 1
+
+
 STREAM = (
     b"GET /v2/ HTTP/1.1\r\nHost: r\r\n\r\n"
     b"PUT /v2/a/blobs/uploads/1?digest=x HTTP/1.1\r\nContent-Length: 25\r\n\r\nGET /not/a/request HTTP/1"

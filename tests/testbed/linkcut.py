@@ -131,7 +131,8 @@ class LinkCut:
         self.refused: list[float] = []  # time.time() of each connection reset while the link was down
         self.cuts: list[tuple[float, float]] = []  # (when, seconds down)
         self._rate: tuple[float, str] | None = None
-        self._trigger: tuple[int, float, str] | None = None
+        self._trigger: tuple[int, float, str, bool] | None = None
+        self._counted = 0  # body bytes of matching GET responses since `cut_at(..., total=True)`
         self._down_until = 0.0
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
@@ -178,9 +179,12 @@ class LinkCut:
         for connection in connections:
             connection.close(reset=True)
 
-    def cut_at(self, bytes_: int, down: float, path_contains: str = "/blobs/") -> None:
-        """Cut (see `cut`) once, when a response to a matching GET has carried `bytes_` bytes of body."""
-        self._trigger = (bytes_, down, path_contains)
+    def cut_at(self, bytes_: int, down: float, path_contains: str = "/blobs/", *, total: bool = False) -> None:
+        """Cut (see `cut`) once, when a response to a matching GET has carried `bytes_` bytes of body; with
+        `total`, when the responses to matching GETs since this call have carried `bytes_` bytes together."""
+        with self._lock:
+            self._trigger = (bytes_, down, path_contains, total)
+            self._counted = 0
 
     @property
     def down(self) -> bool:
@@ -268,15 +272,19 @@ class LinkCut:
             if transfer is not None and body:
                 transfer.body += body
                 transfer.ended = time.time()
-                self._maybe_cut(transfer)
+                self._maybe_cut(transfer, body)
         self._finish(connection)
 
-    def _maybe_cut(self, transfer: Transfer) -> None:
-        trigger = self._trigger
-        matches = trigger is not None and transfer.method == "GET" and trigger[2] in transfer.path
-        if trigger is not None and matches and transfer.body >= trigger[0]:
+    def _maybe_cut(self, transfer: Transfer, body: int) -> None:
+        with self._lock:
+            trigger = self._trigger
+            if trigger is None or transfer.method != "GET" or trigger[2] not in transfer.path:
+                return
+            self._counted += body
+            if (self._counted if trigger[3] else transfer.body) < trigger[0]:
+                return
             self._trigger = None
-            self.cut(trigger[1])
+        self.cut(trigger[1])
 
     def _receive(self, connection: _Connection, sock: socket.socket, size: int = CHUNK) -> bytes | None:
         """The next bytes from `sock`; None once it closed or the connection was cut."""
