@@ -258,11 +258,7 @@ def test_an_engine_with_part_images_is_pulled_part_by_part_before_the_engine_its
 
 
 def test_the_part_images_a_build_reports_reach_the_candidates_pull_daemonset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
-    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
-    cluster, first = test_rollout._serving_first_revision()
-    assert isinstance(cluster, _Cluster)
-    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    cluster, first, second = _serving_with_prefetch(monkeypatch)
     cluster.parts = PARTS
     cluster.step("2026-11-26T12:01:00Z")
     cluster.finish_builds()
@@ -315,6 +311,15 @@ class _Cluster(test_rollout.Cluster):
         return {name: obj for (kind, name), obj in self.objects.items() if kind == "DaemonSet" and is_prefetch(obj)}
 
 
+def _serving_with_prefetch(monkeypatch: pytest.MonkeyPatch) -> tuple[_Cluster, str, str]:
+    """test_rollout's cluster with prefetch on, serving its first revision, and the spec's (second) revision."""
+    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
+    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
+    cluster, first = test_rollout._serving_first_revision()
+    assert isinstance(cluster, _Cluster)
+    return cluster, first, revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+
+
 def _started(cluster: _Cluster, revision: str) -> Obj:
     (pull,) = [d for name, d in cluster.pulls().items() if revision[:8] in name]
     return pull
@@ -323,12 +328,8 @@ def _started(cluster: _Cluster, revision: str) -> Obj:
 def test_a_candidate_starts_only_once_its_engine_is_on_every_node_of_the_class(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
-    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
-    cluster, first = test_rollout._serving_first_revision()
-    assert isinstance(cluster, _Cluster)
+    cluster, first, second = _serving_with_prefetch(monkeypatch)
     assert _started(cluster, first)  # the stable revision's engine is kept on the nodes too
-    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
     cluster.step("2026-11-26T12:01:00Z")
     cluster.finish_builds()
     built = cluster.step("2026-11-26T12:01:10Z")
@@ -365,11 +366,7 @@ def test_a_candidate_starts_only_once_its_engine_is_on_every_node_of_the_class(
 def test_a_node_that_never_gets_the_engine_holds_the_candidate_back_only_until_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
-    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
-    cluster, first = test_rollout._serving_first_revision()
-    assert isinstance(cluster, _Cluster)
-    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    cluster, first, second = _serving_with_prefetch(monkeypatch)
     cluster.step("2026-11-26T12:01:00Z")
     cluster.finish_builds()
     cluster.step("2026-11-26T12:01:10Z")
@@ -495,11 +492,7 @@ def test_engine_images_name_the_architecture_as_oci_does(machine: str, arch: str
 
 
 def test_a_rolled_back_candidate_takes_its_pull_daemonset_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(test_rollout, "Images", lambda: Images(prefetch=True))
-    monkeypatch.setattr(test_rollout, "Cluster", _Cluster)
-    cluster, first = test_rollout._serving_first_revision()
-    assert isinstance(cluster, _Cluster)
-    second = revision_of(EdgeModelSpec.model_validate(cluster.body["spec"]))
+    cluster, first, second = _serving_with_prefetch(monkeypatch)
     cluster.step("2026-11-26T12:01:00Z")
     cluster.finish_builds()
     cluster.step("2026-11-26T12:01:10Z")
