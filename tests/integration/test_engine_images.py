@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,3 +371,53 @@ def test_slices_out_of_order_missing_or_named_twice_are_refused(
     with pytest.raises(BadInputError, match=r"out of order or names model\.onnx twice") as refused:
         oci.pull_artifact(reference.with_digest(digest))
     assert refused.value.reason == "InvalidArtifact"
+
+
+def _has_manifest(registry: Registry, repository: str, digest: str) -> bool:
+    request = urllib.request.Request(
+        f"http://{registry.address}/v2/{repository}/manifests/{digest}",
+        headers={"Accept": engineimage.MANIFEST_MEDIA_TYPE},
+        method="HEAD",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return True
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return False
+        raise
+
+
+def test_a_cache_hit_names_no_part_image_the_registry_has_lost(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that lost a part image (deleted by hand, by a tag retention policy that counts the
+    `-partNN` tags, or by garbage collection) still has the engine image: a build of the same inputs is a
+    cache hit. The parts its report names go to the pull DaemonSet as init containers, and an init container
+    whose image the registry does not have waits in ImagePullBackOff for ever, so the pull pod never runs.
+    So every part a cache hit names must be in the registry (or the hit names none, or pushes them again)."""
+    monkeypatch.setenv("EDGEMODEL_COPIER", str(_fake_copier(tmp_path)))
+    model = onnx_models.wide_classifier(tmp_path / "wide.onnx", hidden=1 << 18)  # 27 MiB: its files go in slices
+    push = f"oci://{registry.address}/engines/lostpart"
+
+    def build_once(name: str) -> dict[str, Any]:
+        request = BuildRequest(
+            model=str(model), sha256=sha256(model), output=tmp_path / name, push=push, benchmark_seconds=0.2, samples=2
+        )
+        return build(request)
+
+    first = build_once("first")
+    parts = first["artifact"]["parts"]
+    assert first["status"] == "built"
+    assert len(parts) >= 2
+    lost = parts[1]
+    request = urllib.request.Request(f"http://{registry.address}/v2/engines/lostpart/manifests/{lost}", method="DELETE")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+    assert not _has_manifest(registry, "engines/lostpart", lost)
+
+    again = build_once("again")
+    missing = [p for p in again["artifact"].get("parts", []) if not _has_manifest(registry, "engines/lostpart", p)]
+    assert missing == [], f"the {again['status']} report names part images the registry does not have: {missing}"
+    assert again["status"] == "cached"
+    assert again["artifact"]["parts"] == parts  # pushed again from the engine image's layers, the same digests

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import shutil
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -404,40 +405,31 @@ def test_engine_image_layers_are_deterministic_and_hold_only_plain_files(tmp_pat
         engineimage.engine_layer(tmp_path / "c.tar", [tmp_path / "model.onnx", tmp_path / "model.onnx"])
 
 
-def _layers(tmp_path: Path, spec: list[tuple[str, int]]) -> list[engineimage.Layer]:
-    """Layers of the given kinds and sizes (bytes), written as plain files (part_ends reads kind and size)."""
-    layers = []
-    for index, (kind, size) in enumerate(spec):
-        path = tmp_path / f"{index}.tar"
-        path.write_bytes(b"\0" * size)
-        layers.append(engineimage.Layer(path, f"sha256:{index:064x}", kind))
-    return layers
-
-
 MIB = 1 << 20
 
 
 @pytest.mark.parametrize(
     ("spec", "ends"),
     [
-        ([("copier", MIB), ("fallback", 2 * MIB), ("engine", 20 * MIB)], []),  # no slices: pulled whole
+        ([("copier", MIB), ("fallback", 2 * MIB), ("engine", 10 * MIB)], []),  # 16 MiB at most: pulled whole
+        ([("copier", MIB), ("fallback", 15 * MIB), ("engine", 15 * MIB)], [2]),  # no slices, but large layers
         ([("copier", 100), ("fallback", 10), ("fallback-slice", 16 * MIB), ("fallback-slice", 4 * MIB),
           ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", MIB - 1)], [3, 4, 6]),
         ([("copier", 100), ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", 16 * MIB)], [3]),
         ([("copier", 2 * MIB), ("engine", 10), ("engine-slice", 16 * MIB), ("engine-slice", MIB)], [3]),
     ],
-    ids=["whole", "small layers join the next part, the last is the image", "one part", "not after the copier"],
+    ids=["whole", "large layers", "small layers join the next part, the last is the image", "one part",
+         "not after the copier"],
 )  # fmt: skip
 def test_part_images_end_after_each_large_layer_but_the_last(
     tmp_path: Path, spec: list[tuple[str, int]], ends: list[int]
 ) -> None:
-    assert engineimage.part_ends(_layers(tmp_path, spec)) == ends
+    assert engineimage.part_ends(spec) == ends
 
 
 def test_part_images_are_at_most_max_parts_evenly_spread(tmp_path: Path) -> None:
     count = 3 * engineimage.MAX_PARTS
-    layers = _layers(tmp_path, [("copier", 10), *[("engine-slice", MIB)] * count])
-    ends = engineimage.part_ends(layers)
+    ends = engineimage.part_ends([("copier", 10), *[("engine-slice", MIB)] * count])
     assert len(ends) == engineimage.MAX_PARTS
     assert ends == sorted(set(ends))
     assert ends[-1] == count  # the last part ends right before the image's last layer
@@ -550,24 +542,41 @@ def test_a_rebuilt_engine_is_the_one_the_pull_daemonset_keeps_on_the_nodes(monke
     assert cluster.step(T1).patch == []  # and then it is left alone
 
 
-@pytest.mark.parametrize("count", [3, 20, 33])
-def test_many_large_files_make_a_bounded_number_of_layers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+@pytest.mark.parametrize("count", [1, 3, 12, 17, 40])
+@pytest.mark.parametrize("size", [800, 8000], ids=["medium files", "large files"])
+def test_many_files_make_a_bounded_number_of_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int, size: int
 ) -> None:
-    """External data kept one file per tensor can mean hundreds of large files: their slices grow so that a
-    directory makes at most SLICE_LAYERS + one layer per file, and past MAX_SLICED_FILES files they stay
-    whole (an image of too many layers cannot be mounted). Sizes scaled down: a 1 KiB slice size."""
+    """External data kept one file per tensor can mean hundreds of files. Files up to the slice size are
+    grouped into layers of at most that size together (GROUPS layers at most: larger ones when they are
+    many); larger files are sliced (larger slices when they are many, and past MAX_SLICED_FILES they are
+    grouped whole), so that an image stays within what container runtimes mount. Sizes scaled down: a
+    1 KiB slice size."""
     monkeypatch.setattr(engineimage, "SLICE_BYTES", 1024)
     files = []
     for index in range(count):
         path = tmp_path / f"tensor-{index:03d}.bin"
-        path.write_bytes(bytes([index]) * 8000)  # 8 slices each at the 1 KiB slice size alone
+        path.write_bytes(bytes([index]) * size)
         files.append(path)
     (tmp_path / "out").mkdir()
     layers = engineimage.engine_layers(tmp_path / "out", files)
+    groups = [layer for layer in layers if layer.kind == "engine"]
     slices = [layer for layer in layers if layer.kind == "engine-slice"]
-    if count > engineimage.MAX_SLICED_FILES:
+    assert 1 <= len(groups) <= engineimage.GROUPS + 1
+    assert len(slices) <= engineimage.SLICE_LAYERS + min(count, engineimage.MAX_SLICED_FILES)
+    if size < 1024 or count > engineimage.MAX_SLICED_FILES:
         assert slices == []
-        return
-    assert len(slices) <= min(8 * count, engineimage.SLICE_LAYERS + count)
-    assert len(slices) == 8 * count if count == 3 else len(slices) < 8 * count
+        budget = max(1024, -(-count * size // engineimage.GROUPS))
+        for layer in groups:
+            with tarfile.open(layer.path) as tar:
+                assert sum(m.size for m in tar) <= budget + size, layer  # the budget, and one file more
+    else:
+        assert len(groups) == 1  # the directory's own layer, empty
+        assert len(slices) >= count
+    with tarfile.open(groups[0].path) as tar:
+        assert tar.getnames()[0] == "engine"
+    names = set()
+    for layer in layers:
+        with tarfile.open(layer.path) as tar:
+            names |= {Path(m.name).parts[-1 if layer.kind == "engine" else -2] for m in tar if m.isfile()}
+    assert names == {file.name for file in files}  # every file, once whole or in slices

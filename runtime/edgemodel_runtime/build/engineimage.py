@@ -14,16 +14,18 @@ A pushed engine is one OCI image manifest with uncompressed tar layers:
   node's content store; it comes before the engine layer, so that the unpacked copy (keyed by the
   layers below and including it) is shared on a node too.
 
-A file larger than SLICE_BYTES (16 MiB) is not put in its directory's layer whole: it is cut into at
-most MAX_SLICES slices of equal size (16 MiB at least), one layer each (`engine-slice` or
-`fallback-slice`, the file at `/slices/<engine|fallback>/<name>/<NNNN>`), right after its directory's
-layer; whoever reads the image joins them in order (the serving pod's copy script, `oci.pull_artifact`).
-With slices, every prefix of the layers that ends after a layer of PART_MIN_BYTES or more (not the
-copier, and before the last) is pushed as an image of its own, a *part* (`dev.edgemodel.part: K of N`),
-and the engine image names them in order (`dev.edgemodel.parts`). A node that pulls the parts one after
-the other keeps each part it completed, whole, and so the layers it holds: a pull cut short costs at
-most one slice, not the whole engine (containerd 1.6 keeps nothing of a pull that fails, docs/install.md
-"Interrupted pulls"). Each part is the one before it plus a layer, so the node unpacks each layer once.
+A file larger than SLICE_BYTES (16 MiB) is not put in its directory's layer whole: it is cut into slices
+of SLICE_BYTES, or of 1/MAX_SLICES of the file when that is larger (the last one smaller), one layer
+each (`engine-slice` or `fallback-slice`, the file at `/slices/<engine|fallback>/<name>/<NNNN>`), after
+its directory's layers; whoever reads the image joins them in order (the serving pod's copy script,
+`oci.pull_artifact`). The smaller files of a directory go together in layers of SLICE_BYTES at most
+(GROUPS layers at most). An image over SLICE_BYTES comes with *parts*: every prefix of its layers that
+ends after a layer of PART_MIN_BYTES or more (not the copier, and before the last; MAX_PARTS at most) is
+pushed as an image of its own (`dev.edgemodel.part: K of N`), and the engine image names them in order
+(`dev.edgemodel.parts`). A node that pulls the parts one after the other keeps each part it completed,
+whole, and so the layers it holds: a pull cut short costs at most one part, not the whole engine
+(containerd 1.6 keeps nothing of a pull that fails, docs/install.md "Interrupted pulls"). Each part is
+the one before it plus what it adds, so the node unpacks each layer once.
 
 The config names the build node's architecture and runs as user 65532. So the engine's manifest
 digest is at once the artifact's address for `edgemodel serve oci://...@sha256:...` and an image that
@@ -55,8 +57,11 @@ SLICE_KIND = "-slice"  # a layer kind's suffix for a slice of a file of that dir
 SLICES_DIR = "slices"  # /slices/<engine|fallback>/<file name>/<NNNN>: a large file's slices
 SLICE_BYTES = 16 * 1024 * 1024  # files above this size go in slices
 MAX_SLICES = 8  # at most this many slices per file: larger files get larger slices
-SLICE_LAYERS = 32  # and their slices in one directory about this many layers at most (each file adds one)
-MAX_SLICED_FILES = 32  # a directory with more large files keeps them whole (overlayfs stacks ~500 layers at most)
+SLICE_LAYERS = 16  # and their slices in one directory about this many layers at most (each file adds one)
+MAX_SLICED_FILES = 16  # a directory with more large files keeps them whole in its groups
+GROUPS = 8  # a directory's other files go in layers of at most SLICE_BYTES, or in GROUPS layers when more
+# So an image has at most 1 + 2 * (GROUPS + 1 + SLICE_LAYERS + MAX_SLICED_FILES) = 83 layers: CRI-O and
+# dockerd refuse more than 127, overlayfs stacks about 500.
 PART_MIN_BYTES = 1024 * 1024  # a part image ends after each layer of at least this size
 MAX_PARTS = 16  # part images per engine image at most (the build's outcome names each, in 4 KiB)
 PART_ANNOTATION = "dev.edgemodel.part"  # on a part image: `K of N`
@@ -146,13 +151,15 @@ def directory_layers(scratch: Path, directory: str, files: Sequence[tuple[str, P
     if len(set(names)) != len(names):
         raise ValueError(f"two files of the {directory} layer have the same name: {sorted(names)}")
     large = sorted((name, path) for name, path in files if path.stat().st_size > SLICE_BYTES)
-    if len(large) > MAX_SLICED_FILES:  # so many large files (one per tensor?) stay whole: the image stays mountable
+    if len(large) > MAX_SLICED_FILES:  # so many large files (one per tensor?) stay whole, in the groups
         large = []
     # Larger slices when the large files are many, so that they make at most SLICE_LAYERS + len(large) layers.
     floor = -(-sum(path.stat().st_size for _, path in large) // SLICE_LAYERS)
-    whole = [(f"{directory}/{name}", path, 0o444) for name, path in files if (name, path) not in large]
-    target = scratch / f"{directory}.tar"
-    layers = [Layer(target, write_layer(target, whole, directory), directory)]
+    layers = []
+    for index, group in enumerate(_groups(sorted((name, path) for name, path in files if (name, path) not in large))):
+        target = scratch / f"{directory}-{index}.tar"
+        whole = [(f"{directory}/{name}", path, 0o444) for name, path in group]
+        layers.append(Layer(target, write_layer(target, whole, directory), directory))
     for number, (name, path) in enumerate(large):
         size = path.stat().st_size
         step = max(slice_bytes(size), floor)
@@ -162,6 +169,19 @@ def directory_layers(scratch: Path, directory: str, files: Sequence[tuple[str, P
             digest = _slice_layer(target, directory, name, index=index, source=path, offset=offset, length=length)
             layers.append(Layer(target, digest, directory + SLICE_KIND))
     return layers
+
+
+def _groups(files: Sequence[tuple[str, Path]]) -> list[list[tuple[str, Path]]]:
+    """`files` (in order) in groups: each file in the group where it starts, counting SLICE_BYTES per group,
+    or 1/GROUPS of their total when that is larger (so GROUPS groups at most, each at most that budget and
+    one file more); at least one group, so that the directory has its layer."""
+    budget = max(SLICE_BYTES, -(-sum(path.stat().st_size for _, path in files) // GROUPS))
+    groups: dict[int, list[tuple[str, Path]]] = {0: []}
+    start = 0
+    for name, path in files:
+        groups.setdefault(start // budget, []).append((name, path))
+        start += path.stat().st_size
+    return [groups[index] for index in sorted(groups)]  # group 0 may be empty; the others are not
 
 
 def engine_layers(scratch: Path, files: Sequence[Path]) -> list[Layer]:
@@ -201,15 +221,14 @@ def fallback_layer(target: Path, model: Path, side_files: Sequence[Path] = ()) -
     return layer.digest
 
 
-def part_ends(layers: Sequence[Layer]) -> list[int]:
-    """The number of layers in each part image (see the module's docstring): after each layer of at least
-    PART_MIN_BYTES but the copier and the last, at most MAX_PARTS of them (evenly spread when there would be more); none
-    when the image has no slices (it is pulled whole)."""
-    if not any(layer.kind.endswith(SLICE_KIND) for layer in layers):
+def part_ends(layers: Sequence[tuple[str, int]]) -> list[int]:
+    """The number of layers in each part image, for an image's layers as (kind, size in bytes) (see the
+    module's docstring): after each layer of at least PART_MIN_BYTES but the copier and the last, at most
+    MAX_PARTS of them (evenly spread when there would be more); none for an image of SLICE_BYTES or less."""
+    if len(layers) < 3 or sum(size for _, size in layers) <= SLICE_BYTES:  # pulled whole
         return []
     # Not after the copier: it is the same in every engine image, so a node has it from the first one.
-    large = [index + 1 for index, layer in enumerate(layers[:-1]) if layer.size >= PART_MIN_BYTES]
-    ends = [end for end in large if layers[end - 1].kind != "copier"]
+    ends = [index + 1 for index, (kind, size) in enumerate(layers[:-1]) if size >= PART_MIN_BYTES and kind != "copier"]
     if len(ends) > MAX_PARTS:
         ends = [ends[((number + 1) * len(ends)) // MAX_PARTS - 1] for number in range(MAX_PARTS)]
     return ends

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -445,21 +446,87 @@ def push_engine(
         if fallback:  # below the engine: the layers up to it are the same for every engine of the model
             layers += engineimage.fallback_layers(Path(scratch), fallback[0], fallback[1:])
         layers += engineimage.engine_layers(Path(scratch), files)
-        ends = engineimage.part_ends(layers) if copier is not None else []
+        descriptors = [
+            engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, layer.digest, layer.size, layer.kind)
+            for layer in layers
+        ]
+        arch = engineimage.architecture()
         with _registry_errors("push", target):
             client = _client(reference.registry)
             container = client.get_container(target)
             for layer in layers:
                 _upload(client, container, target, layer.path, layer.digest)
             parts = tuple(
-                _push_image(client, container, target, f"{tag}-part{number:02d}", layers[:end],
-                            annotations={engineimage.PART_ANNOTATION: f"{number} of {len(ends)}"})
-                for number, end in enumerate(ends, start=1)
-            )  # fmt: skip
+                _push_parts(client, container, target, tag, descriptors, arch=arch) if copier is not None else []
+            )
             if parts:
                 annotations = {**annotations, engineimage.PARTS_ANNOTATION: ",".join(parts)}
-            digest = _push_image(client, container, target, tag, layers, annotations=annotations)
+            digest = _push_image(client, container, target, tag, descriptors, arch=arch, annotations=annotations)
     return PushedEngine(digest, parts)
+
+
+def _push_parts(
+    client: Any, container: Any, target: str, tag: str, descriptors: Sequence[dict[str, Any]], *, arch: str
+) -> list[str]:
+    """Push the part images of an image of `descriptors` (its layers, uploaded), tagged `tag`-partNN; their
+    digests, in pull order (see engineimage.part_ends)."""
+    ends = engineimage.part_ends([(str(d["annotations"][engineimage.LAYER_ANNOTATION]), int(d["size"]))
+                                  for d in descriptors])  # fmt: skip
+    return [
+        _push_image(
+            client,
+            container,
+            target,
+            f"{tag}-part{number:02d}",
+            descriptors[:end],
+            arch=arch,
+            annotations={engineimage.PART_ANNOTATION: f"{number} of {len(ends)}"},
+        )
+        for number, end in enumerate(ends, start=1)
+    ]
+
+
+def cached_parts(reference: Reference, digest: str, tag: str) -> list[str]:
+    """The part images of the engine image `digest` in the repository (see engineimage), each one in the
+    registry: those its annotation names, pushed again from its layers when the registry lost some (a
+    tag retention policy that counts the `-partNN` tags, a garbage collection). Only those the engine
+    image names, and none when they cannot all be made again (an image pushed by another version)."""
+    target = reference.with_digest(digest)
+    with _registry_errors("look up", target):
+        client = _client(reference.registry)
+        manifest = _manifest(client, parse_reference(target))
+        listed = parts_of({str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()})
+        missing = [part for part in listed if not _has_manifest(client, reference, part)]
+        if not missing:
+            return listed
+        container = client.get_container(reference.with_tag(tag))
+        config = json.loads(_blob(client, reference, str(manifest["config"]["digest"])))
+        descriptors = manifest.get("layers") or []
+        if any(engineimage.LAYER_ANNOTATION not in (d.get("annotations") or {}) for d in descriptors):
+            return []
+        made = _push_parts(client, container, target, tag, descriptors, arch=str(config.get("architecture")))
+    print(f"{len(missing)} of the {len(listed)} part images of {target} were missing: pushed again", file=sys.stderr)
+    return listed if made == listed else []
+
+
+def _has_manifest(client: Any, reference: Reference, digest: str) -> bool:
+    url = f"{client.prefix}://{reference.registry}/v2/{reference.repository}/manifests/{digest}"
+    response = client.do_request(url, "HEAD", headers={"Accept": MANIFEST_MEDIA_TYPES})
+    if response.status_code not in {200, 404}:
+        raise InfrastructureError(f"look up {reference.with_digest(digest)}: HTTP {response.status_code}",
+                                  reason="RegistryError")  # fmt: skip
+    return bool(response.status_code == 200)
+
+
+def _blob(client: Any, reference: Reference, digest: str) -> bytes:
+    """A small blob (a config), checked against its digest."""
+    url = f"{client.prefix}://{reference.registry}/v2/{reference.repository}/blobs/{digest}"
+    response = client.do_request(url, "GET")
+    if response.status_code != 200 or "sha256:" + hashlib.sha256(response.content).hexdigest() != digest:
+        raise InfrastructureError(f"read {reference.with_digest(digest)}: HTTP {response.status_code}",
+                                  reason="RegistryError")  # fmt: skip
+    data: bytes = response.content
+    return data
 
 
 def _upload(client: Any, container: Any, target: str, path: Path, digest: str) -> None:
@@ -478,15 +545,14 @@ def _push_image(
     container: Any,
     target: str,
     tag: str,
-    layers: Sequence[engineimage.Layer],
+    descriptors: Sequence[dict[str, Any]],
     *,
+    arch: str,
     annotations: dict[str, str],
 ) -> str:
-    """Push the config and manifest of an image of `layers` (already uploaded), tagged `tag`; its digest."""
-    config = engineimage.image_config(engineimage.architecture(), [layer.digest for layer in layers])
-    descriptors = [
-        engineimage.descriptor(engineimage.LAYER_MEDIA_TYPE, layer.digest, layer.size, layer.kind) for layer in layers
-    ]
+    """Push the config and manifest of an image for `arch` of the layers `descriptors` (already uploaded),
+    tagged `tag`; its digest."""
+    config = engineimage.image_config(arch, [str(d["digest"]) for d in descriptors])
     manifest = engineimage.image_manifest(config, descriptors, annotations)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "config.json"
