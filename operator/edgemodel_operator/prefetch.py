@@ -8,7 +8,7 @@ node (a pull cut short fails, and the kubelet retries it with backoff, 10 s doub
 on the pod show each attempt), and while the revision serves, the running container keeps the kubelet's
 image garbage collection off the engine. containerd 1.6 starts an attempt over from its first byte and
 keeps nothing of it (docs/install.md "Interrupted pulls"), but keeps every image pulled whole: so an
-engine image with part images (files over 16 MiB, see `edgemodel_runtime.build.engineimage`) is pulled
+engine image with part images (one over 16 MiB, see `edgemodel_runtime.build.engineimage`) is pulled
 part by part first, one init container each, and a cut costs one part. The DaemonSet goes with the
 revision's serving workload.
 
