@@ -48,6 +48,9 @@ TIMEOUT = 300
 HIDDEN = 1 << 18  # the model's width: 27 MiB of weights, so a 27 MiB engine layer
 RATE = 2 * 1024 * 1024  # bytes/s of engine downloads through the link: about 14 s for the layer
 CUT_SECONDS = 20
+# Seconds after a cut before the node's content store is read: containerd notices the reset connection and
+# drops its partial download within a moment (measured: a download still listed right at the cut, once).
+SETTLE = 3
 ENGINES = "/v2/engines/"
 ROLLOUT = {
     "shadow": {"mirrorPercent": 100, "minRequests": 20, "duration": "10s"},
@@ -236,7 +239,7 @@ def _until_pulled(scene: Scene, pull: str, stable: str, started: float) -> dict[
     while not _ready_pull(scene, pull):
         assert not _candidate_pods(scene, "serve", stable), f"a candidate pod before its engine\n{_diagnosis(scene)}"
         messages.append(_entry(scene).get("message", ""))
-        if scene.link.down:
+        if scene.link.down and time.time() - scene.link.cuts[-1][0] >= SETTLE:
             active += [line for line in scene.node.ctr("content", "active").stdout.splitlines()[1:] if line]
         assert time.monotonic() - started < 900, _diagnosis(scene)
         time.sleep(1)
@@ -379,6 +382,7 @@ def _probe(scene: Scene, number: int, separate: bool = False) -> dict[str, Any]:
     try:
         _wait(scene, lambda: len(scene.link.cuts) > cuts, "the link cut mid-way through the large layer", timeout=120)
         kept: list[tuple[bool, bool, int]] = []
+        time.sleep(SETTLE)
         while scene.link.down:
             listed = scene.node.ctr("content", "ls").stdout
             active = len(scene.node.ctr("content", "active").stdout.splitlines()[1:])
