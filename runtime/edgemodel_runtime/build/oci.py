@@ -431,8 +431,8 @@ def push_engine(
     annotations: dict[str, str],
     fallback: Sequence[Path] = (),
 ) -> PushedEngine:
-    """Push an engine's files as one image tagged `tag` (see engineimage), after its part images if it has
-    slices (tagged `tag`-partNN); return their digests.
+    """Push an engine's files as one image tagged `tag` (see engineimage), after its part images if it is
+    over engineimage.SLICE_BYTES (tagged `tag`-partNN); return their digests.
 
     `pull_artifact` reads it back as files; a kubelet runs it as an image. The copier layer is left out
     when this machine has no static busybox (`engineimage.find_copier`), and then there are no parts (a
@@ -486,19 +486,22 @@ def _push_parts(
     ]
 
 
-def cached_parts(reference: Reference, digest: str, tag: str) -> list[str]:
-    """The part images of the engine image `digest` in the repository (see engineimage), each one in the
-    registry: those its annotation names, pushed again from its layers when the registry lost some (a
-    tag retention policy that counts the `-partNN` tags, a garbage collection). Only those the engine
-    image names, and none when they cannot all be made again (an image pushed by another version)."""
+def cached_parts(reference: Reference, digest: str, tag: str, annotations: dict[str, str]) -> list[str]:
+    """The part images of the engine image `digest` in the repository (see engineimage), whose manifest has
+    `annotations`, each one in the registry: those its annotation names, pushed again from its layers when
+    the registry lost some (a tag retention policy that counts the `-partNN` tags, a garbage collection).
+    Only those the engine image names, and none when they cannot all be made again (an image pushed by
+    another version)."""
+    listed = parts_of(annotations)
+    if not listed:
+        return []
     target = reference.with_digest(digest)
     with _registry_errors("look up", target):
         client = _client(reference.registry)
-        manifest = _manifest(client, parse_reference(target))
-        listed = parts_of({str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()})
         missing = [part for part in listed if not _has_manifest(client, reference, part)]
         if not missing:
             return listed
+        manifest = _manifest(client, parse_reference(target))
         container = client.get_container(reference.with_tag(tag))
         config = json.loads(_blob(client, reference, str(manifest["config"]["digest"])))
         descriptors = manifest.get("layers") or []

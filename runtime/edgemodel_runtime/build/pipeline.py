@@ -582,7 +582,7 @@ def build(request: BuildRequest) -> dict[str, Any]:
             _log(f"cache hit: {reference.with_tag(key[:16])}… exists in the registry; nothing to do")
             found = oci.manifest_annotations(reference, digest)
             chosen = auto.from_annotations(found) if auto.is_auto(request) else {}
-            parts = oci.cached_parts(reference, digest, key)
+            parts = oci.cached_parts(reference, digest, key, found)
             return {
                 "version": report.REPORT_VERSION,
                 "status": "cached",
